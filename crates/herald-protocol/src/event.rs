@@ -1,0 +1,259 @@
+//! Server events: everything the server writes to a client.
+//!
+//! The server encodes each event once ([`ServerEvent::encode`]) and shares the bytes between all
+//! recipients. Clients decode with [`ServerEvent::decode`], which reads `type` first and then
+//! the matching struct, so that `content` stays raw JSON text on both sides.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::binary;
+use crate::codes::ErrorCode;
+
+/// First frame on every authenticated connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// This connection's id, unique across nodes.
+    pub conn: String,
+    /// The authenticated user (the token's `sub`).
+    pub user: String,
+    /// The node the connection landed on.
+    pub node: String,
+    /// Seconds between the server's Ping frames; silence for twice this closes the connection.
+    pub heartbeat: u64,
+}
+
+/// A delivered message: direct (`to` set), room (`room` set) or broadcast (neither).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Message {
+    /// Server-assigned id, unique across nodes and time-ordered (UUIDv7).
+    pub id: String,
+    /// The authenticated sender; never taken from the client.
+    pub from: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+    /// The sender's JSON content, verbatim. Absent in the header of a binary message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Box<RawValue>>,
+    /// Unix time in milliseconds when the server accepted the message.
+    pub ts: u64,
+}
+
+/// Someone entered (`joined`) or left (`left`) a room; `count` is the number of users now in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceChange {
+    pub room: String,
+    pub user: String,
+    pub count: u64,
+}
+
+/// The answer to a request that carried an `id`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    /// The id the server gave the message (`send`, `publish`, `broadcast`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Recipients with at least one open connection when the message was sent (`send`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online: Option<Vec<String>>,
+    /// Recipients with no open connection (`send`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline: Option<Vec<String>>,
+    /// The room joined or left (`join`, `leave`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+    /// Users in that room afterwards (`join`, `leave`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+}
+
+/// The answer to `members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Members {
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    pub room: String,
+    pub count: u64,
+    /// Users in the room, sorted.
+    pub users: Vec<String>,
+}
+
+/// A refused request. The connection stays open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorEvent {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+}
+
+/// The answer to an application-level `ping`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}
+
+/// Every event the server sends, tagged by `type` on the wire.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerEvent {
+    Welcome(Welcome),
+    Message(Message),
+    Joined(PresenceChange),
+    Left(PresenceChange),
+    Ack(Ack),
+    Members(Members),
+    Error(ErrorEvent),
+    Pong(Pong),
+}
+
+#[derive(Deserialize)]
+struct TypeTag<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+}
+
+impl ServerEvent {
+    /// The JSON text of this event, ready to be written as a text frame.
+    pub fn encode(&self) -> Bytes {
+        // Serializing these types cannot fail: every map key is a string and RawValue holds
+        // already-validated JSON.
+        Bytes::from(serde_json::to_vec(self).expect("server events always serialize"))
+    }
+
+    /// Builds the binary frame for a message whose payload is raw bytes.
+    pub fn encode_binary(header: &Message, payload: &[u8]) -> Bytes {
+        let header = ServerEvent::Message(Message {
+            content: None,
+            ..header.clone()
+        })
+        .encode();
+        binary::join(&header, payload)
+    }
+
+    /// Reads a text frame sent by the server.
+    pub fn decode(text: &str) -> Result<ServerEvent, serde_json::Error> {
+        let tag: TypeTag = serde_json::from_str(text)?;
+        Ok(match tag.kind.as_ref() {
+            "welcome" => ServerEvent::Welcome(serde_json::from_str(text)?),
+            "message" => ServerEvent::Message(serde_json::from_str(text)?),
+            "joined" => ServerEvent::Joined(serde_json::from_str(text)?),
+            "left" => ServerEvent::Left(serde_json::from_str(text)?),
+            "ack" => ServerEvent::Ack(serde_json::from_str(text)?),
+            "members" => ServerEvent::Members(serde_json::from_str(text)?),
+            "error" => ServerEvent::Error(serde_json::from_str(text)?),
+            "pong" => ServerEvent::Pong(serde_json::from_str(text)?),
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "unknown event type {other:?}"
+                )));
+            }
+        })
+    }
+
+    /// Reads a binary frame sent by the server: the message header and its payload.
+    pub fn decode_binary(frame: &Bytes) -> Result<(Message, Bytes), serde_json::Error> {
+        let (header, payload) =
+            binary::split(frame).map_err(|e| serde::de::Error::custom(e.describe()))?;
+        Ok((serde_json::from_slice(header)?, payload))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn message_encodes_content_verbatim_with_its_tag() {
+        let event = ServerEvent::Message(Message {
+            id: "m1".into(),
+            from: "carol".into(),
+            to: Some(vec!["alice".into()]),
+            room: None,
+            content: Some(raw(r#"{"text": "hi"}"#)),
+            ts: 5,
+        });
+        let text = String::from_utf8(event.encode().to_vec()).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"message","id":"m1","from":"carol","to":["alice"],"content":{"text": "hi"},"ts":5}"#
+        );
+        let ServerEvent::Message(decoded) = ServerEvent::decode(&text).unwrap() else {
+            panic!("not a message")
+        };
+        assert_eq!(decoded.content.unwrap().get(), r#"{"text": "hi"}"#);
+    }
+
+    #[test]
+    fn every_event_round_trips_through_decode() {
+        let events = [
+            ServerEvent::Welcome(Welcome {
+                conn: "c".into(),
+                user: "u".into(),
+                node: "n".into(),
+                heartbeat: 25,
+            }),
+            ServerEvent::Joined(PresenceChange {
+                room: "r".into(),
+                user: "u".into(),
+                count: 2,
+            }),
+            ServerEvent::Left(PresenceChange {
+                room: "r".into(),
+                user: "u".into(),
+                count: 1,
+            }),
+            ServerEvent::Ack(Ack {
+                reference: Some("1".into()),
+                online: Some(vec!["a".into()]),
+                ..Ack::default()
+            }),
+            ServerEvent::Members(Members {
+                reference: None,
+                room: "r".into(),
+                count: 1,
+                users: vec!["u".into()],
+            }),
+            ServerEvent::Error(ErrorEvent {
+                code: ErrorCode::Forbidden,
+                message: "no".into(),
+                reference: None,
+            }),
+            ServerEvent::Pong(Pong { reference: None }),
+        ];
+        for event in events {
+            let text = String::from_utf8(event.encode().to_vec()).unwrap();
+            let again = ServerEvent::decode(&text).unwrap();
+            assert_eq!(again.encode(), event.encode(), "{text}");
+        }
+    }
+
+    #[test]
+    fn binary_message_header_has_no_content() {
+        let header = Message {
+            id: "m".into(),
+            from: "a".into(),
+            to: None,
+            room: Some("r".into()),
+            content: None,
+            ts: 1,
+        };
+        let frame = ServerEvent::encode_binary(&header, &[9, 9]);
+        let (decoded, payload) = ServerEvent::decode_binary(&frame).unwrap();
+        assert_eq!(decoded.room.as_deref(), Some("r"));
+        assert!(decoded.content.is_none());
+        assert_eq!(&payload[..], &[9, 9]);
+    }
+}

@@ -1,0 +1,368 @@
+//! Client requests and their strict parser.
+//!
+//! A frame is first read as a flat JSON object of raw values, then each field the request type
+//! needs is decoded on its own, so that an error names the field (`"to" must be an array of
+//! user ids`) and still carries the request `id` back to the client as `ref`. The `content` of a
+//! message is kept as raw JSON text and never re-encoded: the server copies it into the outgoing
+//! event verbatim.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+
+use crate::binary;
+use crate::codes::ErrorCode;
+use crate::names::check_name;
+
+/// Longest request `id`, in bytes. The id is echoed in acks and errors, so it is kept short.
+pub const MAX_ID_BYTES: usize = 64;
+
+/// A validated client request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The client's request id, echoed as `ref` in the `ack` or `error` that answers it.
+    pub id: Option<String>,
+    pub body: RequestBody,
+}
+
+/// What the client asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequestBody {
+    /// A direct message to every connection of each listed user.
+    Send { to: Vec<String>, content: Payload },
+    /// Join a room; `since` asks for recovery from that offset (durable delivery).
+    Join { room: String, since: Option<u64> },
+    Leave { room: String },
+    /// Publish to a room the connection has joined. `echo` sends it back to the publisher's own
+    /// connection too; `persist: false` marks an ephemeral message (typing indicators).
+    Publish { room: String, content: Payload, echo: bool, persist: bool },
+    /// The users in a room and their count.
+    Members { room: String },
+    /// A message to every connection on every node; needs an admin token.
+    Broadcast { content: Payload },
+    /// Application-level ping for browsers, which cannot send WebSocket Ping frames.
+    Ping,
+    /// Authenticate a connection accepted without a token.
+    Auth { token: String },
+    /// Replace the connection's token before it expires.
+    Refresh { token: String },
+}
+
+impl RequestBody {
+    /// The wire name of the request type.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RequestBody::Send { .. } => "send",
+            RequestBody::Join { .. } => "join",
+            RequestBody::Leave { .. } => "leave",
+            RequestBody::Publish { .. } => "publish",
+            RequestBody::Members { .. } => "members",
+            RequestBody::Broadcast { .. } => "broadcast",
+            RequestBody::Ping => "ping",
+            RequestBody::Auth { .. } => "auth",
+            RequestBody::Refresh { .. } => "refresh",
+        }
+    }
+}
+
+/// A message body: JSON (from a text frame) or raw bytes (from a binary frame).
+#[derive(Debug, Clone)]
+pub enum Payload {
+    Json(Box<RawValue>),
+    Binary(Bytes),
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Payload::Json(a), Payload::Json(b)) => a.get() == b.get(),
+            (Payload::Binary(a), Payload::Binary(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// A request the server refuses, with everything needed for the `error` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The request id, when it could be read.
+    pub id: Option<String>,
+}
+
+impl ProtocolError {
+    pub fn new(code: ErrorCode, message: impl Into<String>, id: Option<String>) -> Self {
+        ProtocolError {
+            code,
+            message: message.into(),
+            id,
+        }
+    }
+}
+
+/// Request types that carry a `content` and so may arrive as binary frames.
+const KINDS_WITH_CONTENT: [&str; 3] = ["send", "publish", "broadcast"];
+
+/// Parses a text frame.
+pub fn parse_text(frame: &[u8]) -> Result<Request, ProtocolError> {
+    let fields = RawFields::parse(frame)?;
+    fields.into_request(None)
+}
+
+/// Parses a binary frame: a JSON header without `content`, then the payload (see [`binary`]).
+pub fn parse_binary(frame: &Bytes) -> Result<Request, ProtocolError> {
+    let (header, payload) = binary::split(frame)
+        .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, e.describe(), None))?;
+    let fields = RawFields::parse(header)?;
+    fields.into_request(Some(payload))
+}
+
+/// The top-level fields of a request object, each still raw JSON.
+struct RawFields<'a> {
+    fields: BTreeMap<Cow<'a, str>, &'a RawValue>,
+    id: Option<String>,
+}
+
+impl<'a> RawFields<'a> {
+    fn parse(frame: &'a [u8]) -> Result<Self, ProtocolError> {
+        let fields: BTreeMap<Cow<'a, str>, &'a RawValue> = serde_json::from_slice(frame)
+            .map_err(|e| {
+                ProtocolError::new(
+                    ErrorCode::InvalidJson,
+                    format!("frame is not a JSON object: {e}"),
+                    None,
+                )
+            })?;
+        let mut parsed = RawFields { fields, id: None };
+        parsed.id = parsed.id_field()?;
+        Ok(parsed)
+    }
+
+    fn id_field(&self) -> Result<Option<String>, ProtocolError> {
+        let Some(raw) = self.fields.get("id") else {
+            return Ok(None);
+        };
+        match serde_json::from_str::<String>(raw.get()) {
+            Ok(id) if id.len() <= MAX_ID_BYTES => Ok(Some(id)),
+            Ok(_) => Err(self.invalid("\"id\" is longer than 64 bytes")),
+            Err(_) => Err(self.invalid("\"id\" must be a string")),
+        }
+    }
+
+    fn invalid(&self, message: impl Into<String>) -> ProtocolError {
+        ProtocolError::new(ErrorCode::InvalidField, message, self.id.clone())
+    }
+
+    fn optional<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        expected: &str,
+    ) -> Result<Option<T>, ProtocolError> {
+        match self.fields.get(name) {
+            None => Ok(None),
+            Some(raw) if raw.get() == "null" => Ok(None),
+            Some(raw) => serde_json::from_str(raw.get())
+                .map(Some)
+                .map_err(|_| self.invalid(format!("\"{name}\" must be {expected}"))),
+        }
+    }
+
+    fn required<T: DeserializeOwned>(&self, name: &str, expected: &str) -> Result<T, ProtocolError> {
+        self.optional(name, expected)?
+            .ok_or_else(|| self.invalid(format!("\"{name}\" is required ({expected})")))
+    }
+
+    fn room(&self) -> Result<String, ProtocolError> {
+        let room: String = self.required("room", "a room name")?;
+        check_name(&room).map_err(|why| self.invalid(format!("\"room\" {why}")))?;
+        Ok(room)
+    }
+
+    fn token(&self) -> Result<String, ProtocolError> {
+        self.required("token", "a JWT string")
+    }
+
+    fn content(&self, binary: Option<Bytes>) -> Result<Payload, ProtocolError> {
+        match (binary, self.fields.get("content")) {
+            (Some(_), Some(_)) => Err(self.invalid(
+                "a binary frame carries its content after the header, not in \"content\"",
+            )),
+            (Some(bytes), None) => Ok(Payload::Binary(bytes)),
+            (None, Some(raw)) => Ok(Payload::Json((*raw).to_owned())),
+            (None, None) => Err(self.invalid("\"content\" is required (any JSON value)")),
+        }
+    }
+
+    fn into_request(self, binary: Option<Bytes>) -> Result<Request, ProtocolError> {
+        let kind: String = match self.fields.get("type") {
+            None => {
+                return Err(ProtocolError::new(
+                    ErrorCode::UnknownType,
+                    "\"type\" is required",
+                    self.id.clone(),
+                ));
+            }
+            Some(raw) => serde_json::from_str(raw.get()).map_err(|_| {
+                ProtocolError::new(
+                    ErrorCode::UnknownType,
+                    "\"type\" must be a string",
+                    self.id.clone(),
+                )
+            })?,
+        };
+        if binary.is_some() && !KINDS_WITH_CONTENT.contains(&kind.as_str()) {
+            return Err(self.invalid(format!(
+                "\"{kind}\" cannot be sent as a binary frame; only send, publish and broadcast can"
+            )));
+        }
+        let body = match kind.as_str() {
+            "send" => {
+                let to: Vec<String> = self.required("to", "an array of user ids")?;
+                if to.is_empty() {
+                    return Err(self.invalid("\"to\" must name at least one user"));
+                }
+                for user in &to {
+                    check_name(user).map_err(|why| {
+                        self.invalid(format!("\"to\" entry {user:?} {why}"))
+                    })?;
+                }
+                RequestBody::Send {
+                    to,
+                    content: self.content(binary)?,
+                }
+            }
+            "join" => RequestBody::Join {
+                room: self.room()?,
+                since: self.optional("since", "a non-negative integer offset")?,
+            },
+            "leave" => RequestBody::Leave { room: self.room()? },
+            "publish" => RequestBody::Publish {
+                room: self.room()?,
+                content: self.content(binary)?,
+                echo: self.optional("echo", "true or false")?.unwrap_or(true),
+                persist: self.optional("persist", "true or false")?.unwrap_or(true),
+            },
+            "members" => RequestBody::Members { room: self.room()? },
+            "broadcast" => RequestBody::Broadcast {
+                content: self.content(binary)?,
+            },
+            "ping" => RequestBody::Ping,
+            "auth" => RequestBody::Auth {
+                token: self.token()?,
+            },
+            "refresh" => RequestBody::Refresh {
+                token: self.token()?,
+            },
+            other => {
+                return Err(ProtocolError::new(
+                    ErrorCode::UnknownType,
+                    format!("unknown request type {other:?}"),
+                    self.id.clone(),
+                ));
+            }
+        };
+        Ok(Request { id: self.id, body })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(frame: &str) -> ProtocolError {
+        parse_text(frame.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn send_keeps_content_verbatim() {
+        let request =
+            parse_text(br#"{"type":"send","to":["alice","bob"],"content":{"a": [1, 2]},"id":"c1"}"#)
+                .unwrap();
+        assert_eq!(request.id.as_deref(), Some("c1"));
+        let RequestBody::Send { to, content } = request.body else {
+            panic!("not a send");
+        };
+        assert_eq!(to, ["alice", "bob"]);
+        let Payload::Json(raw) = content else {
+            panic!("not json")
+        };
+        assert_eq!(raw.get(), r#"{"a": [1, 2]}"#);
+    }
+
+    #[test]
+    fn publish_defaults_to_echo_and_persist() {
+        let request = parse_text(br#"{"type":"publish","room":"lobby","content":"hi"}"#).unwrap();
+        assert!(matches!(
+            request.body,
+            RequestBody::Publish {
+                echo: true,
+                persist: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn errors_name_the_field_and_keep_the_id() {
+        let error = error_of(r#"{"type":"send","to":"alice","content":1,"id":"x"}"#);
+        assert_eq!(error.code, ErrorCode::InvalidField);
+        assert!(error.message.contains("\"to\""), "{}", error.message);
+        assert_eq!(error.id.as_deref(), Some("x"));
+
+        let error = error_of(r#"{"type":"join","id":"j"}"#);
+        assert!(error.message.contains("\"room\" is required"));
+
+        let error = error_of(r#"{"type":"publish","room":"a b","content":1}"#);
+        assert!(error.message.contains("whitespace"));
+    }
+
+    #[test]
+    fn unknown_and_missing_types_are_distinguished_from_bad_json() {
+        assert_eq!(error_of("not json").code, ErrorCode::InvalidJson);
+        assert_eq!(error_of("[1,2]").code, ErrorCode::InvalidJson);
+        assert_eq!(error_of(r#"{"id":"1"}"#).code, ErrorCode::UnknownType);
+        let error = error_of(r#"{"type":"teleport","id":"t"}"#);
+        assert_eq!(error.code, ErrorCode::UnknownType);
+        assert_eq!(error.id.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn empty_recipient_list_is_refused() {
+        let error = error_of(r#"{"type":"send","to":[],"content":1}"#);
+        assert_eq!(error.code, ErrorCode::InvalidField);
+    }
+
+    #[test]
+    fn binary_frames_carry_content_after_the_header() {
+        let frame = binary::join(br#"{"type":"publish","room":"r","id":"b"}"#, b"\x00\x01");
+        let request = parse_binary(&frame).unwrap();
+        let RequestBody::Publish { content, .. } = request.body else {
+            panic!("not a publish")
+        };
+        assert_eq!(content, Payload::Binary(Bytes::from_static(b"\x00\x01")));
+
+        let frame = binary::join(br#"{"type":"join","room":"r"}"#, b"");
+        assert_eq!(parse_binary(&frame).unwrap_err().code, ErrorCode::InvalidField);
+    }
+
+    #[test]
+    fn hostile_input_never_panics() {
+        let inputs: [&[u8]; 8] = [
+            b"",
+            b"{",
+            b"{\"type\":",
+            b"\xff\xfe",
+            b"{\"type\":\"send\",\"to\":[1,2],\"content\":null}",
+            b"{\"type\":\"join\",\"room\":\"\",\"since\":-1}",
+            b"{\"type\":\"join\",\"room\":\"r\",\"since\":1e400}",
+            b"{\"\\ud800\":1}",
+        ];
+        for input in inputs {
+            assert!(parse_text(input).is_err());
+        }
+    }
+}
