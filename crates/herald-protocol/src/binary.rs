@@ -45,10 +45,7 @@ pub fn split(frame: &Bytes) -> Result<(&[u8], Bytes), SplitError> {
         .checked_add(header_len)
         .filter(|end| *end <= frame.len())
         .ok_or(SplitError::HeaderTruncated)?;
-    Ok((
-        &frame[PREFIX_BYTES..header_end],
-        frame.slice(header_end..),
-    ))
+    Ok((&frame[PREFIX_BYTES..header_end], frame.slice(header_end..)))
 }
 
 /// Builds one binary frame from a JSON header and a payload.
@@ -75,7 +72,10 @@ mod tests {
 
     #[test]
     fn short_or_lying_frames_are_refused() {
-        assert_eq!(split(&Bytes::from_static(&[0, 0])), Err(SplitError::NoPrefix));
+        assert_eq!(
+            split(&Bytes::from_static(&[0, 0])),
+            Err(SplitError::NoPrefix)
+        );
         assert_eq!(
             split(&Bytes::from_static(&[0, 0, 0, 9, b'{'])),
             Err(SplitError::HeaderTruncated)

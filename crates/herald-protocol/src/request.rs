@@ -32,23 +32,44 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RequestBody {
     /// A direct message to every connection of each listed user.
-    Send { to: Vec<String>, content: Payload },
+    Send {
+        to: Vec<String>,
+        content: Payload,
+    },
     /// Join a room; `since` asks for recovery from that offset (durable delivery).
-    Join { room: String, since: Option<u64> },
-    Leave { room: String },
+    Join {
+        room: String,
+        since: Option<u64>,
+    },
+    Leave {
+        room: String,
+    },
     /// Publish to a room the connection has joined. `echo` sends it back to the publisher's own
     /// connection too; `persist: false` marks an ephemeral message (typing indicators).
-    Publish { room: String, content: Payload, echo: bool, persist: bool },
+    Publish {
+        room: String,
+        content: Payload,
+        echo: bool,
+        persist: bool,
+    },
     /// The users in a room and their count.
-    Members { room: String },
+    Members {
+        room: String,
+    },
     /// A message to every connection on every node; needs an admin token.
-    Broadcast { content: Payload },
+    Broadcast {
+        content: Payload,
+    },
     /// Application-level ping for browsers, which cannot send WebSocket Ping frames.
     Ping,
     /// Authenticate a connection accepted without a token.
-    Auth { token: String },
+    Auth {
+        token: String,
+    },
     /// Replace the connection's token before it expires.
-    Refresh { token: String },
+    Refresh {
+        token: String,
+    },
 }
 
 impl RequestBody {
@@ -129,8 +150,8 @@ struct RawFields<'a> {
 
 impl<'a> RawFields<'a> {
     fn parse(frame: &'a [u8]) -> Result<Self, ProtocolError> {
-        let fields: BTreeMap<Cow<'a, str>, &'a RawValue> = serde_json::from_slice(frame)
-            .map_err(|e| {
+        let fields: BTreeMap<Cow<'a, str>, &'a RawValue> =
+            serde_json::from_slice(frame).map_err(|e| {
                 ProtocolError::new(
                     ErrorCode::InvalidJson,
                     format!("frame is not a JSON object: {e}"),
@@ -171,7 +192,11 @@ impl<'a> RawFields<'a> {
         }
     }
 
-    fn required<T: DeserializeOwned>(&self, name: &str, expected: &str) -> Result<T, ProtocolError> {
+    fn required<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        expected: &str,
+    ) -> Result<T, ProtocolError> {
         self.optional(name, expected)?
             .ok_or_else(|| self.invalid(format!("\"{name}\" is required ({expected})")))
     }
@@ -226,9 +251,8 @@ impl<'a> RawFields<'a> {
                     return Err(self.invalid("\"to\" must name at least one user"));
                 }
                 for user in &to {
-                    check_name(user).map_err(|why| {
-                        self.invalid(format!("\"to\" entry {user:?} {why}"))
-                    })?;
+                    check_name(user)
+                        .map_err(|why| self.invalid(format!("\"to\" entry {user:?} {why}")))?;
                 }
                 RequestBody::Send {
                     to,
@@ -279,9 +303,10 @@ mod tests {
 
     #[test]
     fn send_keeps_content_verbatim() {
-        let request =
-            parse_text(br#"{"type":"send","to":["alice","bob"],"content":{"a": [1, 2]},"id":"c1"}"#)
-                .unwrap();
+        let request = parse_text(
+            br#"{"type":"send","to":["alice","bob"],"content":{"a": [1, 2]},"id":"c1"}"#,
+        )
+        .unwrap();
         assert_eq!(request.id.as_deref(), Some("c1"));
         let RequestBody::Send { to, content } = request.body else {
             panic!("not a send");
@@ -346,7 +371,10 @@ mod tests {
         assert_eq!(content, Payload::Binary(Bytes::from_static(b"\x00\x01")));
 
         let frame = binary::join(br#"{"type":"join","room":"r"}"#, b"");
-        assert_eq!(parse_binary(&frame).unwrap_err().code, ErrorCode::InvalidField);
+        assert_eq!(
+            parse_binary(&frame).unwrap_err().code,
+            ErrorCode::InvalidField
+        );
     }
 
     #[test]

@@ -1,0 +1,345 @@
+//! Configuration: defaults, then a TOML file, then `HERALD_*` environment variables, then flags.
+//!
+//! Every key is documented in `herald.example.toml`. Environment variables map to keys by
+//! splitting at the first underscore after the prefix: `HERALD_AUTH_SECRET` is `auth.secret`,
+//! `HERALD_LIMITS_MAX_MESSAGE_BYTES` is `limits.max_message_bytes`. Lists accept a TOML array
+//! or a comma-separated string (`HERALD_LIMITS_ALLOWED_ORIGINS=https://a.example,https://b.example`).
+//! Loading fails with a message naming the offending key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The sections of the configuration, also the only `HERALD_*` prefixes read as keys.
+const SECTIONS: [&str; 5] = ["server", "auth", "heartbeat", "limits", "log"];
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub heartbeat: HeartbeatConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address for HTTP and WebSocket.
+    pub listen: SocketAddr,
+    /// Name of this node in `welcome` and logs; a random one when empty.
+    pub node_id: String,
+    /// Time allowed for the HTTP request head and the WebSocket upgrade.
+    #[serde(with = "duration")]
+    pub handshake_timeout: Duration,
+    /// On shutdown, how long writers get to flush and send their close frames.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            node_id: String::new(),
+            handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 shared secret. When neither this nor `public_key` is set, `serve` generates one.
+    pub secret: Option<String>,
+    /// PEM public key file for RS256 or ES256 tokens.
+    pub public_key: Option<PathBuf>,
+    /// `HS256`, `RS256` or `ES256`; defaults to HS256 with a secret, RS256 with a public key.
+    pub algorithm: Option<String>,
+    /// Development only: accept `?user=NAME` without a token.
+    pub anonymous: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    /// Interval between server Ping frames; a connection silent for twice this is closed.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            interval: Duration::from_secs(25),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest message a client may send (after reassembly of fragments); larger closes 1009.
+    pub max_message_bytes: usize,
+    /// Sustained messages per second per connection (token bucket refill rate).
+    pub messages_per_second: u32,
+    /// Messages a connection may send in a burst above the sustained rate.
+    pub burst: u32,
+    /// Rate-limited frames in a row after which the connection is closed with 1008.
+    pub abuse_threshold: u32,
+    /// Rooms one connection may be in at once.
+    pub max_rooms_per_connection: usize,
+    /// Open connections one user may hold.
+    pub max_connections_per_user: usize,
+    /// Open WebSocket connections on this node.
+    pub max_connections: usize,
+    /// Recipients of one direct message.
+    pub max_recipients: usize,
+    /// Messages queued for one connection before it is cut off as a slow consumer.
+    pub send_queue: usize,
+    /// Origins allowed to open WebSockets besides the server's own; `*` allows any.
+    #[serde(deserialize_with = "list")]
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_bytes: 64 * 1024,
+            messages_per_second: 50,
+            burst: 100,
+            abuse_threshold: 100,
+            max_rooms_per_connection: 100,
+            max_connections_per_user: 32,
+            max_connections: 100_000,
+            max_recipients: 100,
+            send_queue: 1024,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (human) or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `herald_server=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A configuration that could not be loaded; the message names the key or file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path} does not exist")]
+    MissingFile { path: PathBuf },
+    #[error("invalid configuration: {0}")]
+    Invalid(Box<figment::Error>),
+    #[error("invalid configuration: {key}: {reason}")]
+    Key { key: &'static str, reason: String },
+}
+
+impl Config {
+    /// Loads defaults < `file` < environment < `overrides` (flags, as `section.key` pairs).
+    pub fn load(
+        file: Option<&Path>,
+        overrides: impl IntoIterator<Item = (&'static str, figment::value::Value)>,
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile {
+                    path: path.to_owned(),
+                });
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(
+            Env::prefixed("HERALD_")
+                .filter(|key| {
+                    let key = key.as_str().to_ascii_lowercase();
+                    SECTIONS
+                        .iter()
+                        .any(|section| key.starts_with(&format!("{section}_")))
+                })
+                .map(|key| key.as_str().replacen('_', ".", 1).into()),
+        );
+        for (key, value) in overrides {
+            figment = figment.merge(Serialized::default(key, value));
+        }
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        fn positive(key: &'static str, value: usize) -> Result<(), ConfigError> {
+            if value == 0 {
+                return Err(ConfigError::Key {
+                    key,
+                    reason: "must be greater than zero".into(),
+                });
+            }
+            Ok(())
+        }
+        if self.heartbeat.interval.is_zero() {
+            return Err(ConfigError::Key {
+                key: "heartbeat.interval",
+                reason: "must be greater than zero".into(),
+            });
+        }
+        let limits = &self.limits;
+        positive("limits.max_message_bytes", limits.max_message_bytes)?;
+        positive(
+            "limits.messages_per_second",
+            limits.messages_per_second as usize,
+        )?;
+        positive("limits.burst", limits.burst as usize)?;
+        positive("limits.abuse_threshold", limits.abuse_threshold as usize)?;
+        positive(
+            "limits.max_rooms_per_connection",
+            limits.max_rooms_per_connection,
+        )?;
+        positive(
+            "limits.max_connections_per_user",
+            limits.max_connections_per_user,
+        )?;
+        positive("limits.max_connections", limits.max_connections)?;
+        positive("limits.max_recipients", limits.max_recipients)?;
+        positive("limits.send_queue", limits.send_queue)?;
+        if let Some(algorithm) = &self.auth.algorithm
+            && !["HS256", "RS256", "ES256"].contains(&algorithm.as_str())
+        {
+            return Err(ConfigError::Key {
+                key: "auth.algorithm",
+                reason: format!("{algorithm:?} is not one of HS256, RS256, ES256"),
+            });
+        }
+        if let Some(secret) = &self.auth.secret
+            && secret.len() < 16
+        {
+            return Err(ConfigError::Key {
+                key: "auth.secret",
+                reason: "must be at least 16 bytes long".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Durations as human strings (`25s`, `500ms`, `1h`) in files and the environment.
+mod duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!("{text:?} is not a duration like \"25s\": {e}"))
+        })
+    }
+}
+
+/// A list given as an array or as one comma-separated string.
+fn list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Text(String),
+        Items(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::Items(items) => items,
+        OneOrMany::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn file_values_are_read_and_flags_override_them() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "[heartbeat]\ninterval = \"3s\"\n[limits]\nallowed_origins = \"https://a.example, https://b.example\"\n[server]\nlisten = \"127.0.0.1:9000\""
+        )
+        .unwrap();
+        let config = Config::load(
+            Some(file.path()),
+            [("server.listen", "127.0.0.1:9100".into())],
+        )
+        .unwrap();
+        assert_eq!(config.heartbeat.interval, Duration::from_secs(3));
+        assert_eq!(
+            config.limits.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        assert_eq!(config.server.listen.port(), 9100);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[limits]\nmax_message_bytes = \"lots\"").unwrap();
+        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        assert!(error.contains("max_message_bytes"), "{error}");
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[heartbeat]\ninterval = \"0s\"").unwrap();
+        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        assert!(error.contains("heartbeat.interval"), "{error}");
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[limits]\nmax_mesage_bytes = 1").unwrap();
+        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        assert!(error.contains("max_mesage_bytes"), "{error}");
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let error = Config::load(Some(Path::new("/nonexistent/herald.toml")), [])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("/nonexistent/herald.toml"));
+    }
+}

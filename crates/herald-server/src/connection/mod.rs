@@ -1,0 +1,112 @@
+//! One client connection after the upgrade: a reader task (this one) and a writer task.
+//!
+//! ```text
+//! socket ─▶ reader ─▶ session ─▶ node ─▶ broker ─▶ node ─▶ hub ─▶ outbox ─▶ writer ─▶ socket
+//! ```
+//!
+//! The reader owns the [`session::Session`]; the writer owns the sending half and the heartbeat
+//! deadline; they share a [`control::ConnControl`] through which either side (or the hub, for a
+//! slow consumer, or the node, at shutdown) ends the connection. Cleanup (rooms, presence, hub)
+//! runs once, in the reader, after the writer has sent its Close frame.
+
+pub mod control;
+pub mod session;
+pub mod writer;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use herald_protocol::{CloseCode, ServerEvent, Welcome};
+use tokio::sync::mpsc;
+use yawc::{HttpStream, OpCode, WebSocket};
+
+use crate::auth::Identity;
+use crate::delivery::OutFrame;
+use crate::hub::ConnHandle;
+use crate::node::{ConnectError, Node};
+use control::{CloseReason, ConnControl};
+use session::{Flow, Session};
+
+/// Serves an upgraded WebSocket until it closes.
+pub async fn serve(
+    ws: WebSocket<HttpStream>,
+    node: Arc<Node>,
+    identity: Identity,
+    rooms: Vec<String>,
+) {
+    let control = Arc::new(ConnControl::new(node.shutdown.child_token()));
+    let (outbox, outbox_rx) = mpsc::channel(node.config.limits.send_queue);
+    let handle = ConnHandle::new(
+        node.next_conn_id(),
+        identity.user.clone(),
+        outbox,
+        control.clone(),
+    );
+    let (sink, mut stream) = ws.split();
+    let heartbeat = node.config.heartbeat.interval;
+    let writer = tokio::spawn(writer::run(sink, outbox_rx, control.clone(), heartbeat));
+
+    // The welcome goes first: the outbox is empty until the connection is registered.
+    let welcome = ServerEvent::Welcome(Welcome {
+        conn: handle.id().to_string(),
+        user: identity.user.to_string(),
+        node: node.id.to_string(),
+        heartbeat: heartbeat.as_secs().max(1),
+    });
+    handle.offer(OutFrame::Text(welcome.encode()));
+    if let Err(error) = node.connect(&handle).await {
+        let code = match error {
+            ConnectError::Limit(_) => {
+                CloseCode::new(1013, "connection limit reached, try again later")
+            }
+            ConnectError::Engine(_) => CloseCode::INTERNAL_ERROR,
+        };
+        tracing::info!(user = %identity.user, %error, "connection refused after upgrade");
+        control.close(CloseReason::Send(code));
+        let _ = writer.await;
+        return;
+    }
+    tracing::debug!(conn = %handle.id(), user = %identity.user, "connected");
+    metrics::counter!("herald_connects_total").increment(1);
+
+    let mut session = Session::new(node.clone(), handle.clone(), identity);
+    session.join_initial(rooms).await;
+
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = control.closed() => break,
+            frame = stream.next() => frame,
+        };
+        let Some(frame) = frame else {
+            // The library already answered a protocol error with its own Close frame.
+            control.close(CloseReason::PeerGone);
+            break;
+        };
+        control.touch();
+        let flow = match frame.opcode() {
+            OpCode::Text => session.on_text(frame.payload()).await,
+            OpCode::Binary => session.on_binary(frame.payload()).await,
+            OpCode::Close => {
+                control.close(CloseReason::PeerGone);
+                break;
+            }
+            // Ping is answered by the library; Pong only proves liveness (touched above).
+            _ => Flow::Continue,
+        };
+        if let Flow::Close(code) = flow {
+            control.close(CloseReason::Send(code));
+            break;
+        }
+    }
+
+    let reason = control.reason();
+    let _ = writer.await;
+    session.finish().await;
+    let reason_label = match reason {
+        Some(CloseReason::Send(code)) => code.reason,
+        Some(CloseReason::PeerGone) | None => "peer closed",
+    };
+    metrics::counter!("herald_disconnects_total", "reason" => reason_label).increment(1);
+    tracing::debug!(conn = %handle.id(), reason = reason_label, "disconnected");
+}

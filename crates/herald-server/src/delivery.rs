@@ -1,0 +1,91 @@
+//! What travels from a publisher to the writers: an encoded frame, where it goes, and whom to
+//! skip. These types are shared by the hub, the engines and the connections.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+/// A connection id, unique across nodes: a random per-process base plus a counter, so two nodes
+/// collide only if their 2^64 ranges overlap within the counter's reach (negligible).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Hands out [`ConnId`]s for one process.
+pub struct ConnIds {
+    next: AtomicU64,
+}
+
+impl ConnIds {
+    pub fn new() -> Self {
+        ConnIds {
+            next: AtomicU64::new(rand::random()),
+        }
+    }
+
+    pub fn next(&self) -> ConnId {
+        ConnId(self.next.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl Default for ConnIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One encoded WebSocket message. Cloning shares the bytes: the same allocation goes to every
+/// recipient's writer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutFrame {
+    Text(Bytes),
+    Binary(Bytes),
+}
+
+impl OutFrame {
+    pub fn len(&self) -> usize {
+        match self {
+            OutFrame::Text(bytes) | OutFrame::Binary(bytes) => bytes.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A fan-out destination, shared by every node through the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// Every connection that joined the room.
+    Room(Arc<str>),
+    /// Every connection of one user.
+    User(Arc<str>),
+    /// Every connection.
+    All,
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Channel::Room(room) => write!(f, "room:{room}"),
+            Channel::User(user) => write!(f, "user:{user}"),
+            Channel::All => f.write_str("all"),
+        }
+    }
+}
+
+/// A frame on its way to a channel's connections.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub frame: OutFrame,
+    /// A connection that must not receive it (the publisher, when it asked for no echo).
+    pub except: Option<ConnId>,
+}

@@ -1,0 +1,37 @@
+//! The broker carries encoded frames from the node where a message is accepted to every node
+//! with connections on its channel.
+//!
+//! # Contract
+//! - Delivery is at-most-once and unordered across channels; within one channel, frames
+//!   published from one node arrive at each node in publish order.
+//! - A node receives only channels it subscribed to (a backend may deliver more; the hub drops
+//!   frames for channels without local members). The node subscribes on a channel's first local
+//!   member and unsubscribes after its last.
+//! - Frames arrive through the one [`DeliveryHandler`] given to [`Broker::start`], the node's,
+//!   which routes them to local connections without blocking.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::EngineError;
+use crate::delivery::{Channel, Delivery};
+
+/// Receives frames from the broker; implemented by the node, which hands them to the hub.
+pub trait DeliveryHandler: Send + Sync {
+    /// Must not block: it runs on the broker's receive path.
+    fn deliver(&self, channel: &Channel, delivery: &Delivery);
+}
+
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Connects the broker to the node. Called once, before any other method.
+    fn start(&self, handler: Arc<dyn DeliveryHandler>);
+    async fn subscribe(&self, channel: &Channel) -> Result<(), EngineError>;
+    async fn unsubscribe(&self, channel: &Channel) -> Result<(), EngineError>;
+    async fn publish(&self, channel: &Channel, delivery: Delivery) -> Result<(), EngineError>;
+    /// Whether the backend is reachable (for readiness checks).
+    async fn ready(&self) -> bool {
+        true
+    }
+}

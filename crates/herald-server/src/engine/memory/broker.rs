@@ -1,0 +1,48 @@
+//! In-process broker: with one node, publishing is handing the frame straight to the node.
+
+use std::sync::{Arc, OnceLock, Weak};
+
+use async_trait::async_trait;
+
+use crate::delivery::{Channel, Delivery};
+use crate::engine::EngineError;
+use crate::engine::broker::{Broker, DeliveryHandler};
+
+/// Delivers every publish synchronously to the local node. Subscriptions are implicit: the hub
+/// already drops frames for channels without local members.
+#[derive(Default)]
+pub struct MemoryBroker {
+    // Weak: the node owns the broker, so a strong reference back would leak both.
+    handler: OnceLock<Weak<dyn DeliveryHandler>>,
+}
+
+impl MemoryBroker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn start(&self, handler: Arc<dyn DeliveryHandler>) {
+        let _ = self.handler.set(Arc::downgrade(&handler));
+    }
+
+    async fn subscribe(&self, _channel: &Channel) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, _channel: &Channel) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    async fn publish(&self, channel: &Channel, delivery: Delivery) -> Result<(), EngineError> {
+        let handler = self
+            .handler
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| EngineError::new("broker", "not started"))?;
+        handler.deliver(channel, &delivery);
+        Ok(())
+    }
+}

@@ -1,0 +1,38 @@
+//! Presence: which users are in which room and which users are online, across all nodes.
+//!
+//! # Contract
+//! - Membership is per connection; a user is *in* a room while at least one of their
+//!   connections is, and *online* while at least one connection is open anywhere.
+//! - `join` and `leave` report whether the user entered or left the room with this call (their
+//!   first connection in, their last out) and the number of users in the room afterwards, so
+//!   that exactly one `joined`/`left` event is sent per user.
+//! - Calls for one connection are made in order by its own task; a backend shared by nodes keeps
+//!   entries alive only while their node refreshes them (entries of a dead node expire).
+
+use async_trait::async_trait;
+
+use super::EngineError;
+use crate::delivery::ConnId;
+
+/// The effect of a `join` or `leave` on a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomChange {
+    /// The user entered (first connection) or left (last connection) the room with this call.
+    pub user_changed: bool,
+    /// Users in the room afterwards.
+    pub count: u64,
+}
+
+#[async_trait]
+pub trait Presence: Send + Sync {
+    async fn join(&self, room: &str, user: &str, conn: ConnId) -> Result<RoomChange, EngineError>;
+    async fn leave(&self, room: &str, user: &str, conn: ConnId) -> Result<RoomChange, EngineError>;
+    /// Users in the room, sorted.
+    async fn members(&self, room: &str) -> Result<Vec<String>, EngineError>;
+    async fn connect(&self, user: &str, conn: ConnId) -> Result<(), EngineError>;
+    async fn disconnect(&self, user: &str, conn: ConnId) -> Result<(), EngineError>;
+    /// For each user, whether they have an open connection anywhere.
+    async fn online(&self, users: &[String]) -> Result<Vec<bool>, EngineError>;
+    /// Open connections of one user, on every node.
+    async fn connections(&self, user: &str) -> Result<Vec<ConnId>, EngineError>;
+}

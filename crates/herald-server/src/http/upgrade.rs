@@ -1,0 +1,197 @@
+//! `GET /ws` and `GET /ws/{room}`: the WebSocket handshake.
+//!
+//! Checks run before the upgrade, so a refused client gets a plain HTTP status with a JSON
+//! reason and no WebSocket: Origin (403), token (401), rooms asked for at connect (400/403),
+//! the per-user connection limit (429). The connection itself is served in a task tracked by
+//! the node, so shutdown waits for its Close frame.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde::Deserialize;
+
+use super::HttpError;
+use crate::auth::{self, AuthError, Identity};
+use crate::connection;
+use crate::node::Node;
+use crate::transport;
+use herald_protocol::names::check_name;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct HandshakeParams {
+    token: Option<String>,
+    /// Development only (`auth.anonymous`): the user name.
+    user: Option<String>,
+    /// Rooms to join at connect, comma-separated.
+    rooms: Option<String>,
+}
+
+pub async fn websocket(
+    State(node): State<Arc<Node>>,
+    Query(params): Query<HandshakeParams>,
+    request: Request,
+) -> Response {
+    accept(node, params, None, request).unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn websocket_in_room(
+    State(node): State<Arc<Node>>,
+    Path(room): Path<String>,
+    Query(params): Query<HandshakeParams>,
+    request: Request,
+) -> Response {
+    accept(node, params, Some(room), request).unwrap_or_else(IntoResponse::into_response)
+}
+
+fn accept(
+    node: Arc<Node>,
+    params: HandshakeParams,
+    path_room: Option<String>,
+    mut request: Request,
+) -> Result<Response, HttpError> {
+    let headers = request.headers();
+    check_origin(headers, &node.config.limits.allowed_origins)?;
+    let identity = authenticate(&node, &params, headers).map_err(|error| {
+        metrics::counter!("herald_handshakes_refused_total", "reason" => "auth").increment(1);
+        HttpError::new(StatusCode::UNAUTHORIZED, error.to_string())
+    })?;
+    let rooms = rooms_at_connect(&identity, params.rooms.as_deref(), path_room)?;
+    if node.hub.user_connection_count(&identity.user) >= node.config.limits.max_connections_per_user
+    {
+        return Err(HttpError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "this user has reached limits.max_connections_per_user",
+        ));
+    }
+    let offers_subprotocol = auth::offered_subprotocols(headers).any(|p| p == auth::SUBPROTOCOL);
+
+    let options = transport::server_options(node.config.limits.max_message_bytes);
+    let (response, upgrade) = transport::upgrade(&mut request, options).map_err(|error| {
+        HttpError::new(
+            StatusCode::BAD_REQUEST,
+            format!("not a WebSocket upgrade: {error}"),
+        )
+    })?;
+    let mut response = response.map(axum::body::Body::new);
+    if offers_subprotocol {
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(auth::SUBPROTOCOL),
+        );
+    }
+
+    let handshake_timeout = node.config.server.handshake_timeout;
+    let tasks = node.tasks.clone();
+    tasks.spawn(async move {
+        match tokio::time::timeout(handshake_timeout, upgrade).await {
+            Ok(Ok(ws)) => connection::serve(ws, node, identity, rooms).await,
+            Ok(Err(error)) => tracing::debug!(%error, "upgrade failed"),
+            Err(_) => tracing::debug!("upgrade timed out"),
+        }
+    });
+    Ok(response)
+}
+
+fn authenticate(
+    node: &Node,
+    params: &HandshakeParams,
+    headers: &HeaderMap,
+) -> Result<Identity, AuthError> {
+    match auth::token_from_request(params.token.as_deref(), headers) {
+        Some(token) => node.auth.verify(token),
+        None => match (&params.user, node.auth.anonymous_allowed()) {
+            (Some(user), true) => node.auth.anonymous(user),
+            _ => Err(AuthError::Missing),
+        },
+    }
+}
+
+/// Browsers always send `Origin`; other clients usually do not, and are not subject to
+/// cross-site attacks. A browser page may connect from the server's own origin or from one
+/// listed in `limits.allowed_origins` (`*` allows any).
+fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), HttpError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or_default();
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    {
+        return Ok(());
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let origin_host = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .unwrap_or_default();
+    if !host.is_empty() && origin_host.eq_ignore_ascii_case(host) {
+        return Ok(());
+    }
+    metrics::counter!("herald_handshakes_refused_total", "reason" => "origin").increment(1);
+    Err(HttpError::new(
+        StatusCode::FORBIDDEN,
+        format!("origin {origin:?} is not allowed (see limits.allowed_origins)"),
+    ))
+}
+
+fn rooms_at_connect(
+    identity: &Identity,
+    query_rooms: Option<&str>,
+    path_room: Option<String>,
+) -> Result<Vec<String>, HttpError> {
+    let mut rooms: Vec<String> = path_room.into_iter().collect();
+    rooms.extend(
+        query_rooms
+            .unwrap_or_default()
+            .split(',')
+            .filter(|room| !room.is_empty())
+            .map(str::to_owned),
+    );
+    for room in &rooms {
+        check_name(room).map_err(|why| {
+            HttpError::new(StatusCode::BAD_REQUEST, format!("room {room:?} {why}"))
+        })?;
+        if !identity.may_use_room(room) {
+            return Err(HttpError::new(
+                StatusCode::FORBIDDEN,
+                format!("the token does not allow room {room:?}"),
+            ));
+        }
+    }
+    rooms.dedup();
+    Ok(rooms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(origin: &str, host: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ORIGIN, origin.parse().unwrap());
+        headers.insert(header::HOST, host.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn same_origin_and_listed_origins_pass_others_are_refused() {
+        assert!(
+            check_origin(
+                &headers("http://chat.example:8080", "chat.example:8080"),
+                &[]
+            )
+            .is_ok()
+        );
+        assert!(check_origin(&headers("https://evil.example", "chat.example"), &[]).is_err());
+        let allowed = vec!["https://app.example".to_owned()];
+        assert!(check_origin(&headers("https://app.example", "chat.example"), &allowed).is_ok());
+        assert!(check_origin(&headers("https://evil.example", "x"), &["*".to_owned()]).is_ok());
+        assert!(check_origin(&HeaderMap::new(), &[]).is_ok());
+    }
+}

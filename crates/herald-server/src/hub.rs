@@ -1,0 +1,329 @@
+//! The hub: this node's connections, indexed by id, by user and by room.
+//!
+//! It only routes: a frame arrives already encoded (once, by the node) and the same bytes are
+//! queued on every recipient's bounded outbox with `try_send`. A full outbox means the consumer
+//! is too slow: it is cut off with [`CloseCode::SLOW_CONSUMER`] instead of growing memory or
+//! stalling everyone else. Nothing here awaits, so no lock is ever held across an `.await`.
+//!
+//! # Invariants
+//! - A connection is in `rooms[r]` only while it is in `conns` (the node removes it from its
+//!   rooms before unregistering it).
+//! - `users[u]` holds exactly the registered connections of `u`; empty entries are removed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::sync::mpsc::{self, error::TrySendError};
+
+use crate::connection::control::{CloseReason, ConnControl};
+use crate::delivery::{ConnId, OutFrame};
+use herald_protocol::CloseCode;
+
+/// The hub's handle on one connection: its outbox and its close signal. Cheap to clone.
+#[derive(Clone)]
+pub struct ConnHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    id: ConnId,
+    user: Arc<str>,
+    outbox: mpsc::Sender<OutFrame>,
+    control: Arc<ConnControl>,
+}
+
+impl ConnHandle {
+    pub fn new(
+        id: ConnId,
+        user: Arc<str>,
+        outbox: mpsc::Sender<OutFrame>,
+        control: Arc<ConnControl>,
+    ) -> Self {
+        ConnHandle {
+            inner: Arc::new(HandleInner {
+                id,
+                user,
+                outbox,
+                control,
+            }),
+        }
+    }
+
+    pub fn id(&self) -> ConnId {
+        self.inner.id
+    }
+
+    pub fn user(&self) -> &Arc<str> {
+        &self.inner.user
+    }
+
+    /// Queues a frame without waiting. Returns false when the connection is gone or was cut off
+    /// because its outbox is full.
+    pub fn offer(&self, frame: OutFrame) -> bool {
+        match self.inner.outbox.try_send(frame) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                if self
+                    .inner
+                    .control
+                    .close(CloseReason::Send(CloseCode::SLOW_CONSUMER))
+                {
+                    metrics::counter!("herald_slow_consumers_total").increment(1);
+                    tracing::info!(conn = %self.inner.id, user = %self.inner.user, "slow consumer cut off");
+                }
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+
+    pub fn close(&self, reason: CloseReason) {
+        self.inner.control.close(reason);
+    }
+}
+
+/// Why a connection could not be registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    #[error("this node is at limits.max_connections")]
+    NodeFull,
+    #[error("this user is at limits.max_connections_per_user")]
+    UserFull,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    conns: DashMap<ConnId, ConnHandle>,
+    users: DashMap<Arc<str>, Vec<ConnHandle>>,
+    rooms: DashMap<Arc<str>, HashMap<ConnId, ConnHandle>>,
+    /// Registered connections; kept beside `conns` so the limit check is one atomic step.
+    open: AtomicUsize,
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a connection, enforcing the node and per-user limits atomically. Returns whether it
+    /// is the user's first connection on this node.
+    pub fn register(
+        &self,
+        handle: ConnHandle,
+        max_connections: usize,
+        max_per_user: usize,
+    ) -> Result<bool, RegisterError> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(RegisterError::NodeFull);
+        }
+        let mut conns = self.users.entry(handle.user().clone()).or_default();
+        if conns.len() >= max_per_user {
+            let empty = conns.is_empty();
+            drop(conns);
+            if empty {
+                self.users.remove_if(handle.user(), |_, c| c.is_empty());
+            }
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(RegisterError::UserFull);
+        }
+        let first = conns.is_empty();
+        conns.push(handle.clone());
+        drop(conns);
+        self.conns.insert(handle.id(), handle);
+        Ok(first)
+    }
+
+    /// Removes a connection. Returns whether it was the user's last connection on this node.
+    pub fn unregister(&self, id: ConnId, user: &Arc<str>) -> bool {
+        if self.conns.remove(&id).is_none() {
+            return false;
+        }
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        match self.users.entry(user.clone()) {
+            Entry::Occupied(mut conns) => {
+                conns.get_mut().retain(|c| c.id() != id);
+                if conns.get().is_empty() {
+                    conns.remove();
+                    true
+                } else {
+                    false
+                }
+            }
+            Entry::Vacant(_) => true,
+        }
+    }
+
+    /// Adds a registered connection to a room. Returns whether it is the room's first local
+    /// member (the node then subscribes the room's channel).
+    pub fn join(&self, room: &Arc<str>, handle: &ConnHandle) -> bool {
+        let mut members = self.rooms.entry(room.clone()).or_default();
+        let first = members.is_empty();
+        members.insert(handle.id(), handle.clone());
+        first
+    }
+
+    /// Removes a connection from a room. Returns whether the room has no local member left.
+    pub fn leave(&self, room: &str, id: ConnId) -> bool {
+        match self.rooms.entry(Arc::from(room)) {
+            Entry::Occupied(mut members) => {
+                members.get_mut().remove(&id);
+                if members.get().is_empty() {
+                    members.remove();
+                    true
+                } else {
+                    false
+                }
+            }
+            Entry::Vacant(_) => false,
+        }
+    }
+
+    /// Open connections of one user on this node.
+    pub fn user_connection_count(&self, user: &str) -> usize {
+        self.users.get(user).map_or(0, |conns| conns.len())
+    }
+
+    pub fn has_room(&self, room: &str) -> bool {
+        self.rooms.contains_key(room)
+    }
+
+    pub fn has_user(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
+    /// Queues a frame for every local member of a room but `except`. Returns how many took it.
+    pub fn deliver_to_room(&self, room: &str, frame: &OutFrame, except: Option<ConnId>) -> usize {
+        let Some(members) = self.rooms.get(room) else {
+            return 0;
+        };
+        members
+            .values()
+            .filter(|handle| Some(handle.id()) != except)
+            .filter(|handle| handle.offer(frame.clone()))
+            .count()
+    }
+
+    /// Queues a frame for every local connection of a user but `except`.
+    pub fn deliver_to_user(&self, user: &str, frame: &OutFrame, except: Option<ConnId>) -> usize {
+        let Some(conns) = self.users.get(user) else {
+            return 0;
+        };
+        conns
+            .iter()
+            .filter(|handle| Some(handle.id()) != except)
+            .filter(|handle| handle.offer(frame.clone()))
+            .count()
+    }
+
+    /// Queues a frame for every local connection but `except`.
+    pub fn deliver_to_all(&self, frame: &OutFrame, except: Option<ConnId>) -> usize {
+        self.conns
+            .iter()
+            .filter(|handle| Some(handle.id()) != except)
+            .filter(|handle| handle.offer(frame.clone()))
+            .count()
+    }
+
+    /// Open connections on this node.
+    pub fn connection_count(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Every local connection, for shutdown.
+    pub fn snapshot(&self) -> Vec<ConnHandle> {
+        self.conns
+            .iter()
+            .map(|entry| entry.value().clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn handle(
+        id: u64,
+        user: &str,
+        queue: usize,
+    ) -> (ConnHandle, mpsc::Receiver<OutFrame>, Arc<ConnControl>) {
+        let (tx, rx) = mpsc::channel(queue);
+        let signal = Arc::new(ConnControl::new(tokio_util::sync::CancellationToken::new()));
+        (
+            ConnHandle::new(ConnId(id), user.into(), tx, signal.clone()),
+            rx,
+            signal,
+        )
+    }
+
+    #[test]
+    fn one_encoded_frame_reaches_every_member_but_the_excluded() {
+        let hub = Hub::new();
+        let room: Arc<str> = "r".into();
+        let (a, mut a_rx, _) = handle(1, "a", 4);
+        let (b, mut b_rx, _) = handle(2, "b", 4);
+        for h in [&a, &b] {
+            hub.register(h.clone(), 10, 10).unwrap();
+            hub.join(&room, h);
+        }
+        let frame = OutFrame::Text(Bytes::from_static(b"x"));
+        assert_eq!(hub.deliver_to_room("r", &frame, Some(ConnId(1))), 1);
+        assert!(a_rx.try_recv().is_err());
+        let OutFrame::Text(got) = b_rx.try_recv().unwrap() else {
+            panic!()
+        };
+        let OutFrame::Text(sent) = &frame else {
+            panic!()
+        };
+        assert_eq!(
+            got.as_ptr(),
+            sent.as_ptr(),
+            "recipients share the encoded bytes"
+        );
+    }
+
+    #[test]
+    fn a_full_outbox_cuts_off_only_that_consumer() {
+        let hub = Hub::new();
+        let room: Arc<str> = "r".into();
+        let (slow, _slow_rx, slow_signal) = handle(1, "slow", 1);
+        let (fast, mut fast_rx, fast_signal) = handle(2, "fast", 8);
+        for h in [&slow, &fast] {
+            hub.register(h.clone(), 10, 10).unwrap();
+            hub.join(&room, h);
+        }
+        let frame = OutFrame::Text(Bytes::from_static(b"x"));
+        for _ in 0..3 {
+            hub.deliver_to_room("r", &frame, None);
+        }
+        assert_eq!(
+            slow_signal.reason(),
+            Some(CloseReason::Send(CloseCode::SLOW_CONSUMER))
+        );
+        assert_eq!(fast_signal.reason(), None);
+        for _ in 0..3 {
+            fast_rx.try_recv().unwrap();
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced_and_released() {
+        let hub = Hub::new();
+        let (a1, _r1, _) = handle(1, "a", 1);
+        let (a2, _r2, _) = handle(2, "a", 1);
+        let (b, _r3, _) = handle(3, "b", 1);
+        assert_eq!(hub.register(a1.clone(), 2, 1), Ok(true));
+        assert_eq!(hub.register(a2, 2, 1), Err(RegisterError::UserFull));
+        assert_eq!(hub.register(b.clone(), 2, 1), Ok(true));
+        let (c, _r4, _) = handle(4, "c", 1);
+        assert_eq!(hub.register(c.clone(), 2, 1), Err(RegisterError::NodeFull));
+        assert!(hub.unregister(a1.id(), a1.user()));
+        assert_eq!(hub.register(c, 2, 1), Ok(true));
+        assert_eq!(hub.connection_count(), 2);
+    }
+}

@@ -1,0 +1,286 @@
+//! Test harness: a real Herald server on an ephemeral port and a real WebSocket client
+//! (tokio-tungstenite, an implementation independent of the server's).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use herald_protocol::{ServerEvent, Welcome};
+use herald_server::config::Config;
+use herald_server::node::Node;
+use herald_server::{embedded_node, server};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret-0123456789";
+/// Upper bound on waiting for any event the test expects; never a sleep.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server whose config the caller may adjust first.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = Config::default();
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        config.auth.secret = Some(SECRET.to_owned());
+        adjust(&mut config);
+        let node = embedded_node(config.clone(), None).expect("test config is valid");
+        let listener = server::bind(config.server.listen).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, node.clone(), async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            node,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        self.token_with(user, false, None, Duration::from_secs(3600))
+    }
+
+    pub fn token_with(
+        &self,
+        user: &str,
+        admin: bool,
+        rooms: Option<Vec<&str>>,
+        ttl: Duration,
+    ) -> String {
+        self.node
+            .auth
+            .mint(
+                user,
+                admin,
+                rooms.map(|r| r.into_iter().map(str::to_owned).collect()),
+                ttl,
+            )
+            .unwrap()
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("ws://{}{}", self.addr, path_and_query)
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Connects as `user` with a token in the query and reads the welcome.
+    pub async fn connect(&self, user: &str) -> Client {
+        let token = self.token(user);
+        Client::open(&self.url(&format!("/ws?token={token}"))).await
+    }
+
+    /// Connects with a token carrying the given claims.
+    pub async fn connect_with(&self, user: &str, admin: bool, rooms: Option<Vec<&str>>) -> Client {
+        let token = self.token_with(user, admin, rooms, Duration::from_secs(3600));
+        Client::open(&self.url(&format!("/ws?token={token}"))).await
+    }
+
+    /// Stops the server the way a signal does and waits for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct Client {
+    pub ws: Socket,
+    pub welcome: Welcome,
+    next_id: u64,
+}
+
+/// How a handshake failed: the HTTP status and the JSON `error` text.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Client {
+    pub async fn open(url: &str) -> Client {
+        Self::open_request(url.into_client_request().unwrap())
+            .await
+            .unwrap_or_else(|refusal| panic!("handshake refused: {refusal:?}"))
+    }
+
+    /// Opens a connection from a full request (custom headers), reading the welcome.
+    pub async fn open_request(
+        request: tungstenite::handshake::client::Request,
+    ) -> Result<Client, Refusal> {
+        let ws = handshake(request).await?;
+        let mut client = Client {
+            ws,
+            welcome: Welcome {
+                conn: String::new(),
+                user: String::new(),
+                node: String::new(),
+                heartbeat: 0,
+            },
+            next_id: 0,
+        };
+        match client.next_event().await {
+            ServerEvent::Welcome(welcome) => client.welcome = welcome,
+            other => panic!("expected welcome first, got {other:?}"),
+        }
+        Ok(client)
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.ws
+            .send(WsMessage::text(value.to_string()))
+            .await
+            .expect("send failed");
+    }
+
+    pub async fn send_raw(&mut self, message: WsMessage) {
+        self.ws.send(message).await.expect("send failed");
+    }
+
+    /// Sends a request with a fresh `id` and returns the `ack`, `members`, `pong` or `error`
+    /// that answers it (events arriving in between are skipped).
+    pub async fn request(&mut self, mut value: Value) -> ServerEvent {
+        self.next_id += 1;
+        let id = format!("r{}", self.next_id);
+        value["id"] = json!(id);
+        self.send_json(value).await;
+        self.next_matching(|event| reference_of(event) == Some(id.as_str()))
+            .await
+    }
+
+    /// The next text event from the server (Ping frames are answered by the library).
+    pub async fn next_event(&mut self) -> ServerEvent {
+        loop {
+            match self.next_message().await {
+                WsMessage::Text(text) => {
+                    return ServerEvent::decode(&text)
+                        .unwrap_or_else(|e| panic!("undecodable event {text}: {e}"));
+                }
+                WsMessage::Binary(bytes) => {
+                    let (header, _) = ServerEvent::decode_binary(&bytes).unwrap();
+                    return ServerEvent::Message(header);
+                }
+                WsMessage::Close(frame) => panic!("connection closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next WebSocket message of any kind but Ping/Pong.
+    pub async fn next_message(&mut self) -> WsMessage {
+        loop {
+            let message = tokio::time::timeout(EVENT_TIMEOUT, self.ws.next())
+                .await
+                .expect("timed out waiting for the server")
+                .expect("connection ended")
+                .expect("websocket error");
+            if !matches!(message, WsMessage::Ping(_) | WsMessage::Pong(_)) {
+                return message;
+            }
+        }
+    }
+
+    pub async fn next_matching(
+        &mut self,
+        mut accept: impl FnMut(&ServerEvent) -> bool,
+    ) -> ServerEvent {
+        loop {
+            let event = self.next_event().await;
+            if accept(&event) {
+                return event;
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close frame, skipping other messages.
+    pub async fn expect_close(&mut self) -> Option<CloseFrame> {
+        loop {
+            let next = tokio::time::timeout(EVENT_TIMEOUT, self.ws.next())
+                .await
+                .expect("timed out waiting for close");
+            match next {
+                Some(Ok(WsMessage::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    pub async fn join(&mut self, room: &str) -> ServerEvent {
+        self.request(json!({"type": "join", "room": room})).await
+    }
+}
+
+pub async fn handshake(
+    request: tungstenite::handshake::client::Request,
+) -> Result<Socket, Refusal> {
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _response)) => Ok(ws),
+        Err(tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = response
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            Err(Refusal { status, body })
+        }
+        Err(other) => panic!("handshake failed: {other}"),
+    }
+}
+
+pub fn reference_of(event: &ServerEvent) -> Option<&str> {
+    match event {
+        ServerEvent::Ack(ack) => ack.reference.as_deref(),
+        ServerEvent::Members(members) => members.reference.as_deref(),
+        ServerEvent::Error(error) => error.reference.as_deref(),
+        ServerEvent::Pong(pong) => pong.reference.as_deref(),
+        _ => None,
+    }
+}
+
+/// The content of a message event as JSON.
+pub fn content_of(event: &ServerEvent) -> Value {
+    match event {
+        ServerEvent::Message(message) => {
+            serde_json::from_str(message.content.as_ref().expect("content").get()).unwrap()
+        }
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
