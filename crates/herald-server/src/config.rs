@@ -53,7 +53,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// HS256 shared secret. When neither this nor `public_key` is set, `serve` generates one.
@@ -64,6 +64,32 @@ pub struct AuthConfig {
     pub algorithm: Option<String>,
     /// Development only: accept `?user=NAME` without a token.
     pub anonymous: bool,
+    /// Accept a handshake without a token in a pending state; the first message must be
+    /// `{"type":"auth","token":…}`.
+    pub message_auth: bool,
+    /// How long a pending connection has to authenticate.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Invalid `auth` messages before a pending connection is closed.
+    pub max_attempts: u32,
+    /// How long before the token's `exp` the server asks the client to refresh it.
+    #[serde(with = "duration")]
+    pub refresh_notice: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            secret: None,
+            public_key: None,
+            algorithm: None,
+            anonymous: false,
+            message_auth: true,
+            timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            refresh_notice: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,6 +132,10 @@ pub struct LimitsConfig {
     /// Origins allowed to open WebSockets besides the server's own; `*` allows any.
     #[serde(deserialize_with = "list")]
     pub allowed_origins: Vec<String>,
+    /// Connections still waiting for their `auth` message, on this node.
+    pub max_pending_auth: usize,
+    /// Connections waiting for their `auth` message from one IP address.
+    pub max_pending_auth_per_ip: usize,
 }
 
 impl Default for LimitsConfig {
@@ -121,6 +151,8 @@ impl Default for LimitsConfig {
             max_recipients: 100,
             send_queue: 1024,
             allowed_origins: Vec::new(),
+            max_pending_auth: 10_000,
+            max_pending_auth_per_ip: 100,
         }
     }
 }
@@ -231,6 +263,15 @@ impl Config {
         positive("limits.max_connections", limits.max_connections)?;
         positive("limits.max_recipients", limits.max_recipients)?;
         positive("limits.send_queue", limits.send_queue)?;
+        positive("limits.max_pending_auth", limits.max_pending_auth)?;
+        positive("limits.max_pending_auth_per_ip", limits.max_pending_auth_per_ip)?;
+        positive("auth.max_attempts", self.auth.max_attempts as usize)?;
+        if self.auth.timeout.is_zero() {
+            return Err(ConfigError::Key {
+                key: "auth.timeout",
+                reason: "must be greater than zero".into(),
+            });
+        }
         if let Some(algorithm) = &self.auth.algorithm
             && !["HS256", "RS256", "ES256"].contains(&algorithm.as_str())
         {
