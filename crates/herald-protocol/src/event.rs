@@ -5,6 +5,7 @@
 //! the matching struct, so that `content` stays raw JSON text on both sides.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,24 @@ pub struct Message {
     pub content: Option<Box<RawValue>>,
     /// Unix time in milliseconds when the server accepted the message.
     pub ts: u64,
+    /// Position of a stored message in its stream: the room for room messages, the recipient's
+    /// inbox for live and offline direct messages, the conversation in a `history` reply with
+    /// `with`. Absent on ephemeral (`persist: false`) messages, broadcasts and the sender's own
+    /// copies of a direct message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// Set when `content` is not the message itself but an encoding of it: binary messages in a
+    /// `history` reply carry their bytes as a base64 string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<ContentEncoding>,
+}
+
+/// How `content` encodes a binary payload inside a JSON event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentEncoding {
+    /// Standard base64 with padding (RFC 4648 §4).
+    Base64,
 }
 
 /// Someone entered (`joined`) or left (`left`) a room; `count` is the number of users now in it.
@@ -72,6 +91,40 @@ pub struct Ack {
     /// Users in that room afterwards (`join`, `leave`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// The message's offset in its room (`publish` of a stored message); the room's newest
+    /// offset (`join`): every message after it reaches the connection live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// The room stream's epoch (`join`, `publish`); offsets compare only within one epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    /// The message's offset in each recipient's inbox (`send`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offsets: Option<BTreeMap<String, u64>>,
+    /// Whether the messages after `since` were all replayed (`join` with `since`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+    /// The inbox offset acknowledged so far (client `ack`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbox: Option<u64>,
+}
+
+/// The answer to `history`: one page of stored messages, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct History {
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub with: Option<String>,
+    /// The epoch of the stream the offsets belong to (absent while the stream is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    /// Ascending by offset; the page holds the newest messages older than `before`.
+    pub messages: Vec<Message>,
+    /// Whether older messages exist: ask again with `before` = the first message's offset.
+    pub more: bool,
 }
 
 /// The answer to `members`.
@@ -113,6 +166,7 @@ pub enum ServerEvent {
     Members(Members),
     Error(ErrorEvent),
     Pong(Pong),
+    History(History),
 }
 
 #[derive(Deserialize)]
@@ -151,6 +205,7 @@ impl ServerEvent {
             "members" => ServerEvent::Members(serde_json::from_str(text)?),
             "error" => ServerEvent::Error(serde_json::from_str(text)?),
             "pong" => ServerEvent::Pong(serde_json::from_str(text)?),
+            "history" => ServerEvent::History(serde_json::from_str(text)?),
             other => {
                 return Err(serde::de::Error::custom(format!(
                     "unknown event type {other:?}"
@@ -184,6 +239,8 @@ mod tests {
             room: None,
             content: Some(raw(r#"{"text": "hi"}"#)),
             ts: 5,
+            offset: None,
+            encoding: None,
         });
         let text = String::from_utf8(event.encode().to_vec()).unwrap();
         assert_eq!(
@@ -232,12 +289,62 @@ mod tests {
                 reference: None,
             }),
             ServerEvent::Pong(Pong { reference: None }),
+            ServerEvent::Ack(Ack {
+                reference: Some("j".into()),
+                room: Some("r".into()),
+                count: Some(2),
+                offset: Some(41),
+                epoch: Some("e".into()),
+                recovered: Some(false),
+                ..Ack::default()
+            }),
+            ServerEvent::Ack(Ack {
+                reference: Some("s".into()),
+                offsets: Some([("bob".to_owned(), 7)].into()),
+                ..Ack::default()
+            }),
+            ServerEvent::History(History {
+                reference: Some("h".into()),
+                room: None,
+                with: Some("bob".into()),
+                epoch: Some("e".into()),
+                messages: vec![Message {
+                    id: "m".into(),
+                    from: "bob".into(),
+                    to: Some(vec!["alice".into()]),
+                    room: None,
+                    content: Some(raw(r#""AAE=""#)),
+                    ts: 9,
+                    offset: Some(4),
+                    encoding: Some(ContentEncoding::Base64),
+                }],
+                more: true,
+            }),
         ];
         for event in events {
             let text = String::from_utf8(event.encode().to_vec()).unwrap();
             let again = ServerEvent::decode(&text).unwrap();
             assert_eq!(again.encode(), event.encode(), "{text}");
         }
+    }
+
+    #[test]
+    fn stored_message_carries_its_offset_and_ephemeral_one_does_not() {
+        let mut message = Message {
+            id: "m".into(),
+            from: "a".into(),
+            to: None,
+            room: Some("r".into()),
+            content: Some(raw("1")),
+            ts: 1,
+            offset: Some(12),
+            encoding: None,
+        };
+        let text = String::from_utf8(ServerEvent::Message(message.clone()).encode().to_vec());
+        assert!(text.unwrap().contains(r#""offset":12"#));
+        message.offset = None;
+        let text = String::from_utf8(ServerEvent::Message(message).encode().to_vec()).unwrap();
+        assert!(!text.contains("offset"), "{text}");
     }
 
     #[test]
@@ -249,10 +356,13 @@ mod tests {
             room: Some("r".into()),
             content: None,
             ts: 1,
+            offset: Some(3),
+            encoding: None,
         };
         let frame = ServerEvent::encode_binary(&header, &[9, 9]);
         let (decoded, payload) = ServerEvent::decode_binary(&frame).unwrap();
         assert_eq!(decoded.room.as_deref(), Some("r"));
+        assert_eq!(decoded.offset, Some(3));
         assert!(decoded.content.is_none());
         assert_eq!(&payload[..], &[9, 9]);
     }

@@ -36,10 +36,12 @@ pub enum RequestBody {
         to: Vec<String>,
         content: Payload,
     },
-    /// Join a room; `since` asks for recovery from that offset (durable delivery).
+    /// Join a room. `since` (the last offset the client saw) asks for the messages it missed;
+    /// `epoch` (from an earlier ack) lets the server tell a recreated stream from a gap.
     Join {
         room: String,
         since: Option<u64>,
+        epoch: Option<String>,
     },
     Leave {
         room: String,
@@ -70,6 +72,25 @@ pub enum RequestBody {
     Refresh {
         token: String,
     },
+    /// A page of stored messages older than `before` (newest page when absent).
+    History {
+        target: HistoryTarget,
+        before: Option<u64>,
+        limit: Option<u32>,
+    },
+    /// The client has received its inbox up to and including this offset.
+    Ack {
+        inbox: u64,
+    },
+}
+
+/// What a `history` request pages through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryTarget {
+    /// A room's messages.
+    Room(String),
+    /// The direct conversation between the caller and this user, both directions.
+    With(String),
 }
 
 impl RequestBody {
@@ -85,6 +106,8 @@ impl RequestBody {
             RequestBody::Ping => "ping",
             RequestBody::Auth { .. } => "auth",
             RequestBody::Refresh { .. } => "refresh",
+            RequestBody::History { .. } => "history",
+            RequestBody::Ack { .. } => "ack",
         }
     }
 }
@@ -222,6 +245,38 @@ impl<'a> RawFields<'a> {
         }
     }
 
+    fn history(&self) -> Result<RequestBody, ProtocolError> {
+        let room: Option<String> = self.optional("room", "a room name")?;
+        let with: Option<String> = self.optional("with", "a user id")?;
+        let target = match (room, with) {
+            (Some(room), None) => {
+                check_name(&room).map_err(|why| self.invalid(format!("\"room\" {why}")))?;
+                HistoryTarget::Room(room)
+            }
+            (None, Some(user)) => {
+                check_name(&user).map_err(|why| self.invalid(format!("\"with\" {why}")))?;
+                HistoryTarget::With(user)
+            }
+            (Some(_), Some(_)) => {
+                return Err(self.invalid("give either \"room\" or \"with\", not both"));
+            }
+            (None, None) => {
+                return Err(
+                    self.invalid("\"room\" (a room name) or \"with\" (a user id) is required")
+                );
+            }
+        };
+        let limit: Option<u32> = self.optional("limit", "a positive integer")?;
+        if limit == Some(0) {
+            return Err(self.invalid("\"limit\" must be a positive integer"));
+        }
+        Ok(RequestBody::History {
+            target,
+            before: self.optional("before", "a non-negative integer offset")?,
+            limit,
+        })
+    }
+
     fn into_request(self, binary: Option<Bytes>) -> Result<Request, ProtocolError> {
         let kind: String = match self.fields.get("type") {
             None => {
@@ -262,6 +317,7 @@ impl<'a> RawFields<'a> {
             "join" => RequestBody::Join {
                 room: self.room()?,
                 since: self.optional("since", "a non-negative integer offset")?,
+                epoch: self.optional("epoch", "the epoch string from an earlier ack")?,
             },
             "leave" => RequestBody::Leave { room: self.room()? },
             "publish" => RequestBody::Publish {
@@ -280,6 +336,10 @@ impl<'a> RawFields<'a> {
             },
             "refresh" => RequestBody::Refresh {
                 token: self.token()?,
+            },
+            "history" => self.history()?,
+            "ack" => RequestBody::Ack {
+                inbox: self.required("inbox", "a non-negative integer offset")?,
             },
             other => {
                 return Err(ProtocolError::new(
@@ -375,6 +435,79 @@ mod tests {
             parse_binary(&frame).unwrap_err().code,
             ErrorCode::InvalidField
         );
+    }
+
+    #[test]
+    fn join_reads_since_and_epoch_and_stays_compatible_without_them() {
+        let request =
+            parse_text(br#"{"type":"join","room":"lobby","since":41,"epoch":"e1"}"#).unwrap();
+        assert_eq!(
+            request.body,
+            RequestBody::Join {
+                room: "lobby".into(),
+                since: Some(41),
+                epoch: Some("e1".into()),
+            }
+        );
+        let request = parse_text(br#"{"type":"join","room":"lobby"}"#).unwrap();
+        assert_eq!(
+            request.body,
+            RequestBody::Join {
+                room: "lobby".into(),
+                since: None,
+                epoch: None,
+            }
+        );
+        let error = error_of(r#"{"type":"join","room":"lobby","since":"7"}"#);
+        assert!(error.message.contains("\"since\""), "{}", error.message);
+    }
+
+    #[test]
+    fn history_names_a_room_or_a_user_and_checks_its_numbers() {
+        let request =
+            parse_text(br#"{"type":"history","room":"lobby","before":10,"limit":5}"#).unwrap();
+        assert_eq!(
+            request.body,
+            RequestBody::History {
+                target: HistoryTarget::Room("lobby".into()),
+                before: Some(10),
+                limit: Some(5),
+            }
+        );
+        let request = parse_text(br#"{"type":"history","with":"bob"}"#).unwrap();
+        assert_eq!(
+            request.body,
+            RequestBody::History {
+                target: HistoryTarget::With("bob".into()),
+                before: None,
+                limit: None,
+            }
+        );
+        for (frame, field) in [
+            (r#"{"type":"history"}"#, "\"with\""),
+            (r#"{"type":"history","room":"a","with":"b"}"#, "not both"),
+            (r#"{"type":"history","room":"a","limit":0}"#, "\"limit\""),
+            (r#"{"type":"history","room":"a","limit":-3}"#, "\"limit\""),
+            (
+                r#"{"type":"history","room":"a","before":1.5}"#,
+                "\"before\"",
+            ),
+            (r#"{"type":"history","with":"b c"}"#, "\"with\""),
+        ] {
+            let error = error_of(frame);
+            assert_eq!(error.code, ErrorCode::InvalidField, "{frame}");
+            assert!(error.message.contains(field), "{frame}: {}", error.message);
+        }
+    }
+
+    #[test]
+    fn inbox_ack_needs_an_offset() {
+        let request = parse_text(br#"{"type":"ack","inbox":12,"id":"a"}"#).unwrap();
+        assert_eq!(request.body, RequestBody::Ack { inbox: 12 });
+        let error = error_of(r#"{"type":"ack"}"#);
+        assert!(error.message.contains("\"inbox\" is required"));
+        let error = error_of(r#"{"type":"ack","inbox":-1}"#);
+        assert_eq!(error.code, ErrorCode::InvalidField);
     }
 
     #[test]
