@@ -14,8 +14,10 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use crate::engine::sqlite::Synchronous;
+
 /// The sections of the configuration, also the only `HERALD_*` prefixes read as keys.
-const SECTIONS: [&str; 5] = ["server", "auth", "heartbeat", "limits", "log"];
+const SECTIONS: [&str; 6] = ["server", "auth", "heartbeat", "limits", "log", "store"];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -25,6 +27,7 @@ pub struct Config {
     pub heartbeat: HeartbeatConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub store: StoreConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -157,6 +160,59 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Message storage: history, offline inboxes, recovery. See `docs/delivery.md`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Data folder; the database is `herald.db` inside it. Created if missing.
+    pub path: PathBuf,
+    /// `full` (fsync each commit: survives power loss) or `normal` (survives a crash or
+    /// `kill -9` of the process, not a power loss; faster).
+    pub synchronous: Synchronous,
+    /// Messages kept per room; older ones are pruned. 0 keeps all.
+    pub room_max_messages: u64,
+    /// Age after which room messages are pruned. `0s` keeps them forever.
+    #[serde(with = "duration")]
+    pub room_max_age: Duration,
+    /// Age after which direct messages (inbox entries and conversation history) are pruned.
+    /// `0s` keeps them forever.
+    #[serde(with = "duration")]
+    pub inbox_max_age: Duration,
+    /// How often the background pruning pass runs.
+    #[serde(with = "duration")]
+    pub prune_interval: Duration,
+    /// Largest `limit` a `history` request may ask for; larger ones are capped to it.
+    pub history_max_limit: usize,
+    /// Most messages replayed to a `join` with `since`; a larger gap is answered with
+    /// `recovered: false` and the newest page.
+    pub max_recovery: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("./data"),
+            synchronous: Synchronous::Full,
+            room_max_messages: 10_000,
+            room_max_age: Duration::from_secs(30 * 24 * 3600),
+            inbox_max_age: Duration::from_secs(30 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
+            history_max_limit: 100,
+            max_recovery: 1000,
+        }
+    }
+}
+
+impl StoreConfig {
+    pub fn retention(&self) -> crate::engine::store::Retention {
+        crate::engine::store::Retention {
+            room_max_messages: self.room_max_messages,
+            room_max_age: self.room_max_age,
+            inbox_max_age: self.inbox_max_age,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -264,8 +320,25 @@ impl Config {
         positive("limits.max_recipients", limits.max_recipients)?;
         positive("limits.send_queue", limits.send_queue)?;
         positive("limits.max_pending_auth", limits.max_pending_auth)?;
-        positive("limits.max_pending_auth_per_ip", limits.max_pending_auth_per_ip)?;
+        positive(
+            "limits.max_pending_auth_per_ip",
+            limits.max_pending_auth_per_ip,
+        )?;
         positive("auth.max_attempts", self.auth.max_attempts as usize)?;
+        positive("store.history_max_limit", self.store.history_max_limit)?;
+        positive("store.max_recovery", self.store.max_recovery)?;
+        if self.store.prune_interval.is_zero() {
+            return Err(ConfigError::Key {
+                key: "store.prune_interval",
+                reason: "must be greater than zero".into(),
+            });
+        }
+        if self.store.path.as_os_str().is_empty() {
+            return Err(ConfigError::Key {
+                key: "store.path",
+                reason: "must name a folder".into(),
+            });
+        }
         if self.auth.timeout.is_zero() {
             return Err(ConfigError::Key {
                 key: "auth.timeout",
@@ -374,6 +447,27 @@ mod tests {
         writeln!(file, "[limits]\nmax_mesage_bytes = 1").unwrap();
         let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
         assert!(error.contains("max_mesage_bytes"), "{error}");
+    }
+
+    #[test]
+    fn store_keys_are_read_from_file_and_environment() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "[store]\npath = \"/var/lib/herald\"\nsynchronous = \"normal\"\nroom_max_age = \"0s\"\nroom_max_messages = 50"
+        )
+        .unwrap();
+        let config = Config::load(Some(file.path()), []).unwrap();
+        assert_eq!(config.store.path, PathBuf::from("/var/lib/herald"));
+        assert_eq!(config.store.synchronous, Synchronous::Normal);
+        assert_eq!(config.store.room_max_messages, 50);
+        assert!(config.store.room_max_age.is_zero());
+        assert_eq!(Config::default().store.path, PathBuf::from("./data"));
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[store]\nsynchronous = \"sometimes\"").unwrap();
+        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        assert!(error.contains("synchronous"), "{error}");
     }
 
     #[test]

@@ -88,4 +88,7 @@ pub struct Delivery {
     pub frame: OutFrame,
     /// A connection that must not receive it (the publisher, when it asked for no echo).
     pub except: Option<ConnId>,
+    /// The message's offset in the channel's stream (the room, or the user's inbox) when it was
+    /// stored: a connection catching up on that stream drops what it has already replayed.
+    pub offset: Option<u64>,
 }

@@ -5,21 +5,28 @@
 //! is too slow: it is cut off with [`CloseCode::SLOW_CONSUMER`] instead of growing memory or
 //! stalling everyone else. Nothing here awaits, so no lock is ever held across an `.await`.
 //!
+//! A connection catching up on a stream (a room joined with `since`, its inbox at connect)
+//! holds that stream's live frames in a bounded buffer of its handle while the node replays
+//! stored messages; the node then drains the buffer, dropping frames at or below the last
+//! replayed offset, and the handle goes live. Whichever side of the switch a live frame lands
+//! on, it is delivered once and after the replayed messages.
+//!
 //! # Invariants
 //! - A connection is in `rooms[r]` only while it is in `conns` (the node removes it from its
 //!   rooms before unregistering it).
 //! - `users[u]` holds exactly the registered connections of `u`; empty entries are removed.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::connection::control::{CloseReason, ConnControl};
-use crate::delivery::{ConnId, OutFrame};
+use crate::delivery::{ConnId, Delivery, OutFrame};
 use herald_protocol::CloseCode;
 
 /// The hub's handle on one connection: its outbox and its close signal. Cheap to clone.
@@ -33,6 +40,28 @@ struct HandleInner {
     user: Arc<str>,
     outbox: mpsc::Sender<OutFrame>,
     control: Arc<ConnControl>,
+    /// Streams being caught up on, with their held live frames. std Mutex: held to push or
+    /// take frames only, never across an `.await`.
+    catching_up: Mutex<Vec<CatchUp>>,
+    /// `catching_up.len()`, read without the lock on the delivery path.
+    catching_up_count: AtomicUsize,
+}
+
+/// A stream a connection can catch up on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamKey {
+    /// The user's inbox (direct messages), replayed at connect.
+    Inbox,
+    /// A room joined with `since`.
+    Room(Arc<str>),
+}
+
+/// Live frames held while a stream is replayed: (offset in the stream, frame).
+pub type HeldFrames = Vec<(Option<u64>, OutFrame)>;
+
+struct CatchUp {
+    key: StreamKey,
+    held: HeldFrames,
 }
 
 impl ConnHandle {
@@ -48,6 +77,8 @@ impl ConnHandle {
                 user,
                 outbox,
                 control,
+                catching_up: Mutex::new(Vec::new()),
+                catching_up_count: AtomicUsize::new(0),
             }),
         }
     }
@@ -66,14 +97,7 @@ impl ConnHandle {
         match self.inner.outbox.try_send(frame) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
-                if self
-                    .inner
-                    .control
-                    .close(CloseReason::Send(CloseCode::SLOW_CONSUMER))
-                {
-                    metrics::counter!("herald_slow_consumers_total").increment(1);
-                    tracing::info!(conn = %self.inner.id, user = %self.inner.user, "slow consumer cut off");
-                }
+                self.cut_off_slow();
                 false
             }
             Err(TrySendError::Closed(_)) => false,
@@ -82,6 +106,119 @@ impl ConnHandle {
 
     pub fn close(&self, reason: CloseReason) {
         self.inner.control.close(reason);
+    }
+
+    /// Queues a frame, waiting up to `wait` for room in the outbox (replays send more than an
+    /// outbox holds). Returns false when the connection is gone or was cut off as too slow.
+    pub async fn send(&self, frame: OutFrame, wait: Duration) -> bool {
+        match self.inner.outbox.send_timeout(frame, wait).await {
+            Ok(()) => true,
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                self.cut_off_slow();
+                false
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+        }
+    }
+
+    fn cut_off_slow(&self) {
+        if self
+            .inner
+            .control
+            .close(CloseReason::Send(CloseCode::SLOW_CONSUMER))
+        {
+            metrics::counter!("herald_slow_consumers_total").increment(1);
+            tracing::info!(conn = %self.inner.id, user = %self.inner.user, "slow consumer cut off");
+        }
+    }
+
+    /// From now on, live frames of `key` are held instead of queued (see the module doc).
+    pub fn begin_catch_up(&self, key: StreamKey) {
+        let mut catching_up = self.lock_catching_up();
+        if catching_up.iter().any(|c| c.key == key) {
+            return;
+        }
+        catching_up.push(CatchUp {
+            key,
+            held: Vec::new(),
+        });
+        self.inner
+            .catching_up_count
+            .store(catching_up.len(), Ordering::Release);
+    }
+
+    /// Takes the frames held for `key` so far. When none are held the stream goes live and
+    /// this returns `None`: from then on its frames are queued directly.
+    pub fn take_held(&self, key: &StreamKey) -> Option<HeldFrames> {
+        let mut catching_up = self.lock_catching_up();
+        let index = catching_up.iter().position(|c| &c.key == key)?;
+        if catching_up[index].held.is_empty() {
+            catching_up.swap_remove(index);
+            self.inner
+                .catching_up_count
+                .store(catching_up.len(), Ordering::Release);
+            return None;
+        }
+        Some(std::mem::take(&mut catching_up[index].held))
+    }
+
+    /// Ends a catch-up that will not replay: queues whatever was held and goes live.
+    pub fn end_catch_up(&self, key: &StreamKey) {
+        let mut catching_up = self.lock_catching_up();
+        let Some(index) = catching_up.iter().position(|c| &c.key == key) else {
+            return;
+        };
+        let ended = catching_up.swap_remove(index);
+        self.inner
+            .catching_up_count
+            .store(catching_up.len(), Ordering::Release);
+        for (_, frame) in ended.held {
+            if !self.offer(frame) {
+                break;
+            }
+        }
+    }
+
+    /// Queues a live frame of one stream, or holds it while that stream is caught up on.
+    fn deliver(&self, key: StreamKeyRef<'_>, frame: &OutFrame, offset: Option<u64>) -> bool {
+        if self.inner.catching_up_count.load(Ordering::Acquire) > 0 {
+            let mut catching_up = self.lock_catching_up();
+            if let Some(catch_up) = catching_up.iter_mut().find(|c| key.matches(&c.key)) {
+                // Held frames count against the same bound as the outbox.
+                if catch_up.held.len() >= self.inner.outbox.max_capacity() {
+                    drop(catching_up);
+                    self.cut_off_slow();
+                    return false;
+                }
+                catch_up.held.push((offset, frame.clone()));
+                return true;
+            }
+        }
+        self.offer(frame.clone())
+    }
+
+    fn lock_catching_up(&self) -> std::sync::MutexGuard<'_, Vec<CatchUp>> {
+        self.inner
+            .catching_up
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A [`StreamKey`] borrowed from a delivery, so the hot path allocates nothing.
+#[derive(Clone, Copy)]
+enum StreamKeyRef<'a> {
+    Inbox,
+    Room(&'a str),
+}
+
+impl StreamKeyRef<'_> {
+    fn matches(self, key: &StreamKey) -> bool {
+        match (self, key) {
+            (StreamKeyRef::Inbox, StreamKey::Inbox) => true,
+            (StreamKeyRef::Room(room), StreamKey::Room(held)) => room == &**held,
+            _ => false,
+        }
     }
 }
 
@@ -196,26 +333,28 @@ impl Hub {
     }
 
     /// Queues a frame for every local member of a room but `except`. Returns how many took it.
-    pub fn deliver_to_room(&self, room: &str, frame: &OutFrame, except: Option<ConnId>) -> usize {
+    pub fn deliver_to_room(&self, room: &str, delivery: &Delivery) -> usize {
         let Some(members) = self.rooms.get(room) else {
             return 0;
         };
         members
             .values()
-            .filter(|handle| Some(handle.id()) != except)
-            .filter(|handle| handle.offer(frame.clone()))
+            .filter(|handle| Some(handle.id()) != delivery.except)
+            .filter(|handle| {
+                handle.deliver(StreamKeyRef::Room(room), &delivery.frame, delivery.offset)
+            })
             .count()
     }
 
     /// Queues a frame for every local connection of a user but `except`.
-    pub fn deliver_to_user(&self, user: &str, frame: &OutFrame, except: Option<ConnId>) -> usize {
+    pub fn deliver_to_user(&self, user: &str, delivery: &Delivery) -> usize {
         let Some(conns) = self.users.get(user) else {
             return 0;
         };
         conns
             .iter()
-            .filter(|handle| Some(handle.id()) != except)
-            .filter(|handle| handle.offer(frame.clone()))
+            .filter(|handle| Some(handle.id()) != delivery.except)
+            .filter(|handle| handle.deliver(StreamKeyRef::Inbox, &delivery.frame, delivery.offset))
             .count()
     }
 
@@ -272,7 +411,12 @@ mod tests {
             hub.join(&room, h);
         }
         let frame = OutFrame::Text(Bytes::from_static(b"x"));
-        assert_eq!(hub.deliver_to_room("r", &frame, Some(ConnId(1))), 1);
+        let delivery = Delivery {
+            frame: frame.clone(),
+            except: Some(ConnId(1)),
+            offset: None,
+        };
+        assert_eq!(hub.deliver_to_room("r", &delivery), 1);
         assert!(a_rx.try_recv().is_err());
         let OutFrame::Text(got) = b_rx.try_recv().unwrap() else {
             panic!()
@@ -297,9 +441,13 @@ mod tests {
             hub.register(h.clone(), 10, 10).unwrap();
             hub.join(&room, h);
         }
-        let frame = OutFrame::Text(Bytes::from_static(b"x"));
+        let delivery = Delivery {
+            frame: OutFrame::Text(Bytes::from_static(b"x")),
+            except: None,
+            offset: None,
+        };
         for _ in 0..3 {
-            hub.deliver_to_room("r", &frame, None);
+            hub.deliver_to_room("r", &delivery);
         }
         assert_eq!(
             slow_signal.reason(),
@@ -309,6 +457,69 @@ mod tests {
         for _ in 0..3 {
             fast_rx.try_recv().unwrap();
         }
+    }
+
+    fn text(frame: OutFrame) -> Bytes {
+        match frame {
+            OutFrame::Text(bytes) | OutFrame::Binary(bytes) => bytes,
+        }
+    }
+
+    #[test]
+    fn frames_of_a_stream_being_caught_up_on_are_held_until_drained() {
+        let hub = Hub::new();
+        let room: Arc<str> = "r".into();
+        let (a, mut a_rx, _) = handle(1, "a", 8);
+        hub.register(a.clone(), 10, 10).unwrap();
+        a.begin_catch_up(StreamKey::Room(room.clone()));
+        hub.join(&room, &a);
+        let live = |offset: u64, body: &'static [u8]| Delivery {
+            frame: OutFrame::Text(Bytes::from_static(body)),
+            except: None,
+            offset: Some(offset),
+        };
+        hub.deliver_to_room("r", &live(5, b"five"));
+        // Other streams are not held.
+        hub.deliver_to_user("a", &live(1, b"inbox"));
+        assert_eq!(text(a_rx.try_recv().unwrap()), "inbox");
+        assert!(a_rx.try_recv().is_err(), "the room frame is held");
+
+        let held = a.take_held(&StreamKey::Room(room.clone())).unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].0, Some(5));
+        hub.deliver_to_room("r", &live(6, b"six"));
+        assert_eq!(
+            a.take_held(&StreamKey::Room(room.clone())).unwrap().len(),
+            1
+        );
+        assert!(
+            a.take_held(&StreamKey::Room(room.clone())).is_none(),
+            "now live"
+        );
+        hub.deliver_to_room("r", &live(7, b"seven"));
+        assert_eq!(text(a_rx.try_recv().unwrap()), "seven");
+    }
+
+    #[test]
+    fn an_overfull_catch_up_buffer_cuts_the_connection_off() {
+        let hub = Hub::new();
+        let room: Arc<str> = "r".into();
+        let (a, _a_rx, signal) = handle(1, "a", 2);
+        hub.register(a.clone(), 10, 10).unwrap();
+        a.begin_catch_up(StreamKey::Room(room.clone()));
+        hub.join(&room, &a);
+        let delivery = Delivery {
+            frame: OutFrame::Text(Bytes::from_static(b"x")),
+            except: None,
+            offset: None,
+        };
+        for _ in 0..3 {
+            hub.deliver_to_room("r", &delivery);
+        }
+        assert_eq!(
+            signal.reason(),
+            Some(CloseReason::Send(CloseCode::SLOW_CONSUMER))
+        );
     }
 
     #[test]

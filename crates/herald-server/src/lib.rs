@@ -8,14 +8,18 @@
 //! - [`transport`]: how a request becomes a WebSocket, with which limits.
 //! - [`connection`]: one client: reader, session (requests), writer (bounded outbox, batching,
 //!   heartbeat deadline), and the control block they share.
-//! - [`node`]: every operation (send, publish, join, …) joining the hub to the engines;
-//!   messages are encoded once here.
+//! - [`node`]: every operation (send, publish, join, history, …) joining the hub to the
+//!   engines; messages are encoded once here, stored ones after their commit.
+//! - [`catch_up`]: replaying stored messages to one connection (inbox at connect, `join` with
+//!   `since`) with no gap and no duplicate at the seam with live ones.
 //! - [`hub`]: this node's connections by id, user and room; fans out shared bytes.
-//! - [`engine`]: `Broker` and `Presence` traits with their in-memory backends.
+//! - [`engine`]: `Broker`, `Presence` and `Store` traits with their embedded backends
+//!   (in-memory broker and presence, SQLite store).
 //! - [`delivery`]: the types that travel between them (encoded frames, channels, ids).
 //! - [`telemetry`]: logging setup.
 
 pub mod auth;
+pub mod catch_up;
 pub mod config;
 pub mod connection;
 pub mod delivery;
@@ -32,18 +36,32 @@ use std::sync::Arc;
 use crate::auth::{AuthSetupError, Authenticator};
 use crate::config::Config;
 use crate::engine::memory::{MemoryBroker, MemoryPresence};
+use crate::engine::sqlite::SqliteStore;
+use crate::engine::store::StoreError;
 use crate::node::Node;
 
-/// Builds a node on the embedded in-memory engines.
+/// Why a node could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Auth(#[from] AuthSetupError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Builds a node on the embedded engines: in-memory broker and presence, and the SQLite store
+/// in `store.path`. Must run inside a tokio runtime (the node starts its background tasks).
 pub fn embedded_node(
     config: Config,
     generated_secret: Option<&str>,
-) -> Result<Arc<Node>, AuthSetupError> {
+) -> Result<Arc<Node>, SetupError> {
     let auth = Authenticator::from_config(&config.auth, generated_secret)?;
+    let store = SqliteStore::open(&config.store.path, config.store.synchronous)?;
     Ok(Node::new(
         Arc::new(config),
         auth,
         Arc::new(MemoryBroker::new()),
         Arc::new(MemoryPresence::new()),
+        Arc::new(store),
     ))
 }

@@ -131,9 +131,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     let listen = config.server.listen;
-    let node = embedded_node(config, generated.as_deref())?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        let node = embedded_node(config, generated.as_deref())?;
         let listener =
             server::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
         tracing::info!(

@@ -7,21 +7,45 @@
 //! Subscriptions follow local membership: the node subscribes a room's channel when its first
 //! local connection joins and unsubscribes after the last one leaves (rolling the join back if
 //! the subscription fails); likewise for each user's channel.
+//!
+//! Stored messages (room messages unless `persist: false`, and direct messages) go to the store
+//! first. Their frames, which carry the assigned offsets, are built in the store's commit
+//! callback and queued, in commit order, for one fan-out task that hands them to the broker:
+//! so every stream's messages reach the hub in offset order and only after their commit, which
+//! is what lets [`crate::catch_up`] replay stored messages with no gap and no duplicate. The
+//! sender's ack is sent after the commit too. Ephemeral messages, presence events and
+//! broadcasts skip the store and go to the broker at once.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_protocol::{Message, Payload, PresenceChange, ServerEvent};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
+use crate::catch_up::{Replay, history_message};
 use crate::config::Config;
 use crate::delivery::{Channel, ConnId, ConnIds, Delivery, OutFrame};
 use crate::engine::EngineError;
 use crate::engine::broker::{Broker, DeliveryHandler};
 use crate::engine::presence::{Presence, RoomChange};
-use crate::hub::{ConnHandle, Hub, RegisterError};
+use crate::engine::store::{
+    Append, Appended, Epoch, NewMessage, Offset, PruneReport, Store, StoreError, StreamPosition,
+};
+use crate::hub::{ConnHandle, Hub, RegisterError, StreamKey};
+
+/// Committed messages waiting for the fan-out task.
+const FANOUT_QUEUE: usize = 8192;
+
+/// Inbox entries read per page while replaying an inbox at connect.
+const INBOX_PAGE: usize = 500;
+
+/// Messages in a `history` page when the request names no limit (capped by
+/// `store.history_max_limit`), and in the page sent with `recovered: false`.
+pub const DEFAULT_HISTORY_LIMIT: usize = 50;
 
 pub struct Node {
     pub id: Arc<str>,
@@ -30,6 +54,11 @@ pub struct Node {
     pub hub: Hub,
     broker: Arc<dyn Broker>,
     presence: Arc<dyn Presence>,
+    store: Arc<dyn Store>,
+    /// Frames of committed messages, in commit order, for the fan-out task.
+    fanout: mpsc::Sender<Fanout>,
+    /// The last pruning pass's report.
+    pruned: watch::Sender<PruneReport>,
     conn_ids: ConnIds,
     /// Cancelled when the node shuts down; every connection's token is a child of it.
     pub shutdown: CancellationToken,
@@ -43,6 +72,53 @@ pub struct DirectOutcome {
     pub id: String,
     pub online: Vec<String>,
     pub offline: Vec<String>,
+    /// Each recipient's inbox offset of the message.
+    pub offsets: BTreeMap<String, u64>,
+}
+
+/// What the publisher of a room message learns.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub id: String,
+    /// Where it was stored; `None` for an ephemeral message.
+    pub position: Option<StreamPosition>,
+}
+
+/// A join's request to replay what the client missed.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// The last offset the client saw.
+    pub since: Offset,
+    /// The epoch that offset belongs to, when the client kept it.
+    pub epoch: Option<Epoch>,
+}
+
+/// The result of a join.
+pub struct Joined {
+    pub change: RoomChange,
+    /// The room's newest offset at the join: every later message reaches the connection live.
+    pub position: StreamPosition,
+    /// With a recovery: whether every message after `since` is replayed.
+    pub recovered: Option<bool>,
+    /// With a recovery: what to send after the join's ack ([`Replay::run`]); dropping it
+    /// instead releases the held live frames.
+    pub replay: Option<Replay>,
+}
+
+/// One page of a room's or a conversation's history, oldest first.
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    /// Empty while the stream has no message.
+    pub epoch: Epoch,
+    pub messages: Vec<Message>,
+    /// Older messages exist: ask again with `before` = the first message's offset.
+    pub more: bool,
+}
+
+/// A frame on its way from the store's commit to the broker.
+struct Fanout {
+    channel: Channel,
+    delivery: Delivery,
 }
 
 /// Why a connection could not be attached to the node.
@@ -60,12 +136,14 @@ impl Node {
         auth: Authenticator,
         broker: Arc<dyn Broker>,
         presence: Arc<dyn Presence>,
+        store: Arc<dyn Store>,
     ) -> Arc<Node> {
         let id: Arc<str> = if config.server.node_id.is_empty() {
             format!("node-{:08x}", rand::random::<u32>()).into()
         } else {
             config.server.node_id.as_str().into()
         };
+        let (fanout, fanout_queue) = mpsc::channel(FANOUT_QUEUE);
         let node = Arc::new(Node {
             id,
             config,
@@ -73,20 +151,89 @@ impl Node {
             hub: Hub::new(),
             broker,
             presence,
+            store,
+            fanout,
+            pruned: watch::Sender::new(PruneReport::default()),
             conn_ids: ConnIds::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
         node.broker.start(node.clone());
+        tokio::spawn(fan_out(node.broker.clone(), fanout_queue));
+        tokio::spawn(prune_periodically(
+            Arc::downgrade(&node),
+            node.config.store.prune_interval,
+            node.shutdown.clone(),
+        ));
         node
+    }
+
+    /// How long one replayed frame may wait for room in a connection's outbox.
+    fn replay_wait(&self) -> Duration {
+        self.config.heartbeat.interval * 2
     }
 
     pub fn next_conn_id(&self) -> ConnId {
         self.conn_ids.next()
     }
 
-    /// Registers an open connection: hub (with limits), user channel, presence.
+    /// Registers an open connection (hub with limits, user channel, presence) and sends it the
+    /// inbox entries its user has not acknowledged, before any live message.
     pub async fn connect(&self, handle: &ConnHandle) -> Result<(), ConnectError> {
+        handle.begin_catch_up(StreamKey::Inbox);
+        if let Err(error) = self.attach(handle).await {
+            handle.end_catch_up(&StreamKey::Inbox);
+            return Err(error);
+        }
+        metrics::gauge!("herald_connections").increment(1.0);
+        if let Err(error) = self.replay_inbox(handle).await {
+            self.disconnect(handle).await;
+            return Err(error.into());
+        }
+        Ok(())
+    }
+
+    async fn replay_inbox(&self, handle: &ConnHandle) -> Result<(), EngineError> {
+        let mut replay: Option<Replay> = None;
+        let mut after = Offset(0);
+        loop {
+            let read = match self
+                .store
+                .read_inbox(handle.user(), after, INBOX_PAGE)
+                .await
+            {
+                Ok(read) => read,
+                Err(error) => {
+                    if replay.is_none() {
+                        handle.end_catch_up(&StreamKey::Inbox);
+                    }
+                    return Err(error.into());
+                }
+            };
+            let replay = replay.get_or_insert_with(|| {
+                Replay::new(
+                    handle.clone(),
+                    StreamKey::Inbox,
+                    read.acked,
+                    self.replay_wait(),
+                )
+            });
+            let full_page = read.messages.len() == INBOX_PAGE;
+            if let Some(last) = read.messages.last() {
+                after = last.offset;
+            }
+            metrics::counter!("herald_inbox_replayed_total").increment(read.messages.len() as u64);
+            if !replay.send(read.messages).await || !full_page {
+                break;
+            }
+        }
+        if let Some(replay) = replay {
+            replay.run().await;
+        }
+        Ok(())
+    }
+
+    async fn attach(&self, handle: &ConnHandle) -> Result<(), ConnectError> {
         let limits = &self.config.limits;
         let first_local = self.hub.register(
             handle.clone(),
@@ -105,7 +252,6 @@ impl Node {
             self.release(handle).await;
             return Err(error.into());
         }
-        metrics::gauge!("herald_connections").increment(1.0);
         Ok(())
     }
 
@@ -127,18 +273,95 @@ impl Node {
         }
     }
 
-    /// Adds a connection to a room and tells the other members if the user is new to it.
+    /// Adds a connection to a room and tells the other members if the user is new to it. With
+    /// a `recovery`, also reads what the client missed; the caller runs the returned replay
+    /// after answering the join.
     pub async fn join(
+        &self,
+        handle: &ConnHandle,
+        room: &Arc<str>,
+        recovery: Option<Recovery>,
+    ) -> Result<Joined, EngineError> {
+        let key = StreamKey::Room(room.clone());
+        if recovery.is_some() {
+            handle.begin_catch_up(key.clone());
+        }
+        let change = match self.join_room(handle, room).await {
+            Ok(change) => change,
+            Err(error) => {
+                handle.end_catch_up(&key);
+                return Err(error);
+            }
+        };
+        match self.read_missed(handle, room, recovery).await {
+            Ok((position, recovered, replay)) => Ok(Joined {
+                change,
+                position,
+                recovered,
+                replay,
+            }),
+            Err(error) => {
+                handle.end_catch_up(&key);
+                if let Err(leave_error) = self.leave(handle, room).await {
+                    tracing::warn!(%room, error = %leave_error, "rolling back a join failed");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// The room's position and, with a recovery, the messages to replay. Runs after the
+    /// connection is in the room, so every message after the read reaches it live (held).
+    async fn read_missed(
+        &self,
+        handle: &ConnHandle,
+        room: &Arc<str>,
+        recovery: Option<Recovery>,
+    ) -> Result<(StreamPosition, Option<bool>, Option<Replay>), EngineError> {
+        let Some(recovery) = recovery else {
+            let bounds = self.store.room_bounds(room).await?;
+            return Ok((bounds.top, None, None));
+        };
+        let max = self.config.store.max_recovery;
+        let read = self.store.read_room(room, recovery.since, max + 1).await?;
+        let mut top = read.bounds.top;
+        let epoch_matches = match &recovery.epoch {
+            Some(epoch) if !epoch.is_unset() && !top.epoch.is_unset() => *epoch == top.epoch,
+            _ => true,
+        };
+        let covered = recovery.since <= top.offset && recovery.since.next() >= read.bounds.first;
+        let recovered = epoch_matches && covered && read.messages.len() <= max;
+        let key = StreamKey::Room(room.clone());
+        let mut replay;
+        if recovered {
+            replay = Replay::new(handle.clone(), key, recovery.since, self.replay_wait());
+            replay.queue(read.messages);
+            metrics::counter!("herald_recoveries_total", "outcome" => "recovered").increment(1);
+        } else {
+            let limit = DEFAULT_HISTORY_LIMIT.min(self.config.store.history_max_limit);
+            let page = self.store.room_history(room, None, limit).await?;
+            if let Some(last) = page.messages.last() {
+                top.offset = top.offset.max(last.offset);
+                top.epoch = page.epoch.clone();
+            }
+            replay = Replay::new(handle.clone(), key, Offset(0), self.replay_wait());
+            replay.queue(page.messages);
+            metrics::counter!("herald_recoveries_total", "outcome" => "not_recovered").increment(1);
+        }
+        Ok((top, Some(recovered), Some(replay)))
+    }
+
+    async fn join_room(
         &self,
         handle: &ConnHandle,
         room: &Arc<str>,
     ) -> Result<RoomChange, EngineError> {
         let channel = Channel::Room(room.clone());
-        if self.hub.join(room, handle) {
-            if let Err(error) = self.broker.subscribe(&channel).await {
-                self.hub.leave(room, handle.id());
-                return Err(error);
-            }
+        if self.hub.join(room, handle)
+            && let Err(error) = self.broker.subscribe(&channel).await
+        {
+            self.hub.leave(room, handle.id());
+            return Err(error);
         }
         let change = match self.presence.join(room, handle.user(), handle.id()).await {
             Ok(change) => change,
@@ -214,30 +437,75 @@ impl Node {
         let online: Vec<String> = online.into_iter().map(|(user, _)| user.clone()).collect();
         let offline: Vec<String> = offline.into_iter().map(|(user, _)| user.clone()).collect();
 
-        let mut recipients: Vec<&str> = to.iter().map(String::as_str).collect();
-        recipients.push(from);
-        recipients.sort_unstable();
-        recipients.dedup();
-
-        let (id, frame) = encode_message(from, Some(to.clone()), None, content);
-        for user in recipients {
-            let delivery = Delivery {
-                frame: frame.clone(),
-                except: from_conn,
-            };
-            self.broker
-                .publish(&Channel::User(user.into()), delivery)
-                .await?;
+        let mut recipients: Vec<String> = Vec::with_capacity(to.len());
+        for user in &to {
+            if !recipients.contains(user) {
+                recipients.push(user.clone());
+            }
         }
+        let message = NewMessage {
+            id: uuid::Uuid::now_v7().to_string(),
+            from: from.clone(),
+            ts: unix_millis(),
+            content,
+        };
+        let fanout = self.fanout.clone();
+        let appended = self
+            .append(
+                Append::Direct {
+                    to,
+                    recipients,
+                    message,
+                },
+                move |appended| {
+                    for item in direct_fanout(appended, from_conn) {
+                        // Closed only when the node is gone: nobody is left to deliver to.
+                        let _ = fanout.blocking_send(item);
+                    }
+                },
+            )
+            .await?;
+        let Appended::Direct { message, inbox, .. } = appended else {
+            return Err(EngineError::new("store", "a direct append returned a room"));
+        };
         metrics::counter!("herald_messages_accepted_total", "kind" => "direct").increment(1);
         Ok(DirectOutcome {
-            id,
+            id: message.id,
             online,
             offline,
+            offsets: inbox
+                .into_iter()
+                .map(|(user, offset)| (user, offset.0))
+                .collect(),
         })
     }
 
-    /// Publishes to a room. With `echo` false the publishing connection is skipped.
+    /// Appends to the store and waits for the commit. `fan_out` runs on the store's writer in
+    /// commit order (see the module doc); it must only queue.
+    async fn append(
+        &self,
+        append: Append,
+        fan_out: impl FnOnce(&Appended) + Send + 'static,
+    ) -> Result<Appended, EngineError> {
+        let (done, committed) = oneshot::channel();
+        self.store
+            .append(
+                append,
+                Box::new(move |result: Result<Appended, StoreError>| {
+                    if let Ok(appended) = &result {
+                        fan_out(appended);
+                    }
+                    let _ = done.send(result);
+                }),
+            )
+            .await?;
+        let appended = committed.await.map_err(|_| StoreError::Closed)??;
+        metrics::counter!("herald_messages_stored_total").increment(1);
+        Ok(appended)
+    }
+
+    /// Publishes to a room. With `echo` false the publishing connection is skipped. With
+    /// `persist` the message is stored first and gets an offset; without, it is only relayed.
     pub async fn publish(
         &self,
         from: &Arc<str>,
@@ -245,13 +513,134 @@ impl Node {
         room: &Arc<str>,
         content: Payload,
         echo: bool,
-    ) -> Result<String, EngineError> {
-        let (id, frame) = encode_message(from, None, Some(room.to_string()), content);
+        persist: bool,
+    ) -> Result<Published, EngineError> {
         let except = if echo { None } else { from_conn };
-        self.publish_frame(Channel::Room(room.clone()), frame, except)
+        let message = NewMessage {
+            id: uuid::Uuid::now_v7().to_string(),
+            from: from.clone(),
+            ts: unix_millis(),
+            content,
+        };
+        if !persist {
+            let frame = encode(room_header(&message, room, None), message.content);
+            self.publish_frame(Channel::Room(room.clone()), frame, except)
+                .await?;
+            metrics::counter!("herald_messages_accepted_total", "kind" => "ephemeral").increment(1);
+            return Ok(Published {
+                id: message.id,
+                position: None,
+            });
+        }
+        let fanout = self.fanout.clone();
+        let appended = self
+            .append(
+                Append::Room {
+                    room: room.clone(),
+                    message,
+                },
+                move |appended| {
+                    if let Appended::Room {
+                        room,
+                        message,
+                        position,
+                    } = appended
+                    {
+                        let offset = position.offset.0;
+                        let frame = encode(
+                            room_header(message, room, Some(offset)),
+                            message.content.clone(),
+                        );
+                        let _ = fanout.blocking_send(Fanout {
+                            channel: Channel::Room(room.clone()),
+                            delivery: Delivery {
+                                frame,
+                                except,
+                                offset: Some(offset),
+                            },
+                        });
+                    }
+                },
+            )
             .await?;
+        let Appended::Room {
+            message, position, ..
+        } = appended
+        else {
+            return Err(EngineError::new("store", "a room append returned a direct"));
+        };
         metrics::counter!("herald_messages_accepted_total", "kind" => "room").increment(1);
-        Ok(id)
+        Ok(Published {
+            id: message.id,
+            position: Some(position),
+        })
+    }
+
+    /// A page of a room's history: the newest `limit` messages older than `before`. The limit
+    /// defaults to [`DEFAULT_HISTORY_LIMIT`] and is capped at `store.history_max_limit`.
+    pub async fn room_history(
+        &self,
+        room: &str,
+        before: Option<Offset>,
+        limit: Option<usize>,
+    ) -> Result<HistoryPage, EngineError> {
+        let page = self
+            .store
+            .room_history(room, before, self.history_limit(limit))
+            .await?;
+        Ok(history_page(page))
+    }
+
+    /// A page of the direct conversation between `user` and `with`, both directions, with the
+    /// conversation's own offsets.
+    pub async fn conversation_history(
+        &self,
+        user: &str,
+        with: &str,
+        before: Option<Offset>,
+        limit: Option<usize>,
+    ) -> Result<HistoryPage, EngineError> {
+        let page = self
+            .store
+            .conversation_history(user, with, before, self.history_limit(limit))
+            .await?;
+        Ok(history_page(page))
+    }
+
+    fn history_limit(&self, asked: Option<usize>) -> usize {
+        asked
+            .unwrap_or(DEFAULT_HISTORY_LIMIT)
+            .clamp(1, self.config.store.history_max_limit)
+    }
+
+    /// Records that `user` received their inbox up to `offset`; returns the mark after.
+    pub async fn ack_inbox(&self, user: &str, offset: Offset) -> Result<Offset, StoreError> {
+        self.store.ack_inbox(user, offset).await
+    }
+
+    /// Runs one retention pass now (the background task runs one every
+    /// `store.prune_interval`).
+    pub async fn prune(&self) -> Result<PruneReport, EngineError> {
+        let report = self
+            .store
+            .prune(self.config.store.retention(), unix_millis())
+            .await?;
+        metrics::counter!("herald_store_pruned_total").increment(report.total());
+        if report.total() > 0 {
+            tracing::debug!(?report, "retention pass");
+        }
+        self.pruned.send_replace(report);
+        Ok(report)
+    }
+
+    /// The last retention pass's report, updated after every pass.
+    pub fn pruned(&self) -> watch::Receiver<PruneReport> {
+        self.pruned.subscribe()
+    }
+
+    /// Flushes and closes the store. Called once the connections are gone.
+    pub async fn close(&self) {
+        self.store.close().await;
     }
 
     /// Sends a message to every connection on every node (the sender's included).
@@ -260,8 +649,19 @@ impl Node {
         from: &Arc<str>,
         content: Payload,
     ) -> Result<String, EngineError> {
-        let (id, frame) = encode_message(from, None, None, content);
-        self.publish_frame(Channel::All, frame, None).await?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let header = Message {
+            id: id.clone(),
+            from: from.to_string(),
+            to: None,
+            room: None,
+            content: None,
+            ts: unix_millis(),
+            offset: None,
+            encoding: None,
+        };
+        self.publish_frame(Channel::All, encode(header, content), None)
+            .await?;
         metrics::counter!("herald_messages_accepted_total", "kind" => "broadcast").increment(1);
         Ok(id)
     }
@@ -273,7 +673,14 @@ impl Node {
         except: Option<ConnId>,
     ) -> Result<(), EngineError> {
         self.broker
-            .publish(&channel, Delivery { frame, except })
+            .publish(
+                &channel,
+                Delivery {
+                    frame,
+                    except,
+                    offset: None,
+                },
+            )
             .await
     }
 
@@ -286,12 +693,8 @@ impl Node {
 impl DeliveryHandler for Node {
     fn deliver(&self, channel: &Channel, delivery: &Delivery) {
         let delivered = match channel {
-            Channel::Room(room) => self
-                .hub
-                .deliver_to_room(room, &delivery.frame, delivery.except),
-            Channel::User(user) => self
-                .hub
-                .deliver_to_user(user, &delivery.frame, delivery.except),
+            Channel::Room(room) => self.hub.deliver_to_room(room, delivery),
+            Channel::User(user) => self.hub.deliver_to_user(user, delivery),
             Channel::All => self.hub.deliver_to_all(&delivery.frame, delivery.except),
         };
         metrics::counter!("herald_messages_queued_total").increment(delivered as u64);
@@ -299,30 +702,108 @@ impl DeliveryHandler for Node {
 }
 
 /// Encodes a message once, in its wire form: a text frame for JSON content, a binary frame for
-/// bytes. Returns the message id with the frame.
-fn encode_message(
-    from: &str,
-    to: Option<Vec<String>>,
-    room: Option<String>,
-    content: Payload,
-) -> (String, OutFrame) {
-    let mut message = Message {
-        id: uuid::Uuid::now_v7().to_string(),
-        from: from.to_owned(),
-        to,
-        room,
-        content: None,
-        ts: unix_millis(),
-    };
-    let id = message.id.clone();
-    let frame = match content {
+/// bytes. `header` carries everything but the content.
+pub(crate) fn encode(mut header: Message, content: Payload) -> OutFrame {
+    match content {
         Payload::Json(raw) => {
-            message.content = Some(raw);
-            OutFrame::Text(ServerEvent::Message(message).encode())
+            header.content = Some(raw);
+            OutFrame::Text(ServerEvent::Message(header).encode())
         }
-        Payload::Binary(bytes) => OutFrame::Binary(ServerEvent::encode_binary(&message, &bytes)),
+        Payload::Binary(bytes) => OutFrame::Binary(ServerEvent::encode_binary(&header, &bytes)),
+    }
+}
+
+fn room_header(message: &NewMessage, room: &str, offset: Option<u64>) -> Message {
+    Message {
+        id: message.id.clone(),
+        from: message.from.to_string(),
+        to: None,
+        room: Some(room.to_owned()),
+        content: None,
+        ts: message.ts,
+        offset,
+        encoding: None,
+    }
+}
+
+/// The frames of a committed direct message: one per recipient with its inbox offset, and a
+/// copy without offset for the sender's other connections (unless the sender is a recipient).
+fn direct_fanout(appended: &Appended, from_conn: Option<ConnId>) -> Vec<Fanout> {
+    let Appended::Direct { to, message, inbox } = appended else {
+        return Vec::new();
     };
-    (id, frame)
+    let header = |offset: Option<u64>| Message {
+        id: message.id.clone(),
+        from: message.from.to_string(),
+        to: Some(to.clone()),
+        room: None,
+        content: None,
+        ts: message.ts,
+        offset,
+        encoding: None,
+    };
+    let mut items = Vec::with_capacity(inbox.len() + 1);
+    for (user, offset) in inbox {
+        items.push(Fanout {
+            channel: Channel::User(user.as_str().into()),
+            delivery: Delivery {
+                frame: encode(header(Some(offset.0)), message.content.clone()),
+                except: from_conn,
+                offset: Some(offset.0),
+            },
+        });
+    }
+    if !inbox.iter().any(|(user, _)| *user == *message.from) {
+        items.push(Fanout {
+            channel: Channel::User(message.from.clone()),
+            delivery: Delivery {
+                frame: encode(header(None), message.content.clone()),
+                except: from_conn,
+                offset: None,
+            },
+        });
+    }
+    items
+}
+
+fn history_page(page: crate::engine::store::Page) -> HistoryPage {
+    HistoryPage {
+        epoch: page.epoch,
+        messages: page.messages.into_iter().map(history_message).collect(),
+        more: page.more,
+    }
+}
+
+/// Hands committed frames to the broker, one at a time, in commit order.
+async fn fan_out(broker: Arc<dyn Broker>, mut queue: mpsc::Receiver<Fanout>) {
+    while let Some(item) = queue.recv().await {
+        if let Err(error) = broker.publish(&item.channel, item.delivery).await {
+            // The message is stored: clients get it through recovery or history.
+            tracing::warn!(channel = %item.channel, %error, "fan-out of a stored message failed");
+        }
+    }
+}
+
+/// Runs a retention pass every `interval` until shutdown.
+async fn prune_periodically(
+    node: std::sync::Weak<Node>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: let the server start first.
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Some(node) = node.upgrade() else { return };
+        if let Err(error) = node.prune().await {
+            tracing::warn!(%error, "retention pass failed");
+        }
+    }
 }
 
 fn unix_millis() -> u64 {

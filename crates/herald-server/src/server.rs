@@ -4,7 +4,7 @@
 //! socket is served by hyper in its own tracked task, with a deadline on the request head; the
 //! accept loop never awaits a handshake. On shutdown the listener closes, every WebSocket gets
 //! Close 1001 from its own writer, and `run` waits (at most `server.shutdown_grace`) for the
-//! connection tasks to finish.
+//! connection tasks to finish, then closes the node's store.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -93,4 +93,5 @@ pub async fn run(listener: TcpListener, node: Arc<Node>, shutdown: impl Future<O
             "shutdown grace period over; dropping remaining connections"
         );
     }
+    node.close().await;
 }

@@ -10,15 +10,16 @@ use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use herald_protocol::request::{parse_binary, parse_text};
 use herald_protocol::{
-    Ack, CloseCode, ErrorCode, ErrorEvent, Members, Payload, Pong, ProtocolError, Request,
-    RequestBody, ServerEvent,
+    Ack, CloseCode, ErrorCode, ErrorEvent, History, HistoryTarget, Members, Payload, Pong,
+    ProtocolError, Request, RequestBody, ServerEvent,
 };
 
 use crate::auth::Identity;
 use crate::delivery::OutFrame;
 use crate::engine::EngineError;
+use crate::engine::store::{Epoch, Offset, StoreError};
 use crate::hub::ConnHandle;
-use crate::node::Node;
+use crate::node::{Node, Recovery};
 
 /// What the reader does after a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,17 +105,29 @@ impl Session {
         let id = request.id;
         match request.body {
             RequestBody::Send { to, content } => self.send(id, to, content).await,
-            RequestBody::Join { room, since: _ } => self.join(id, room).await,
+            RequestBody::Join { room, since, epoch } => {
+                let recovery = since.map(|since| Recovery {
+                    since: Offset(since),
+                    epoch: epoch.map(Epoch),
+                });
+                self.join(id, room, recovery).await
+            }
             RequestBody::Leave { room } => self.leave(id, room).await,
             RequestBody::Publish {
                 room,
                 content,
                 echo,
-                persist: _,
-            } => self.publish(id, room, content, echo).await,
+                persist,
+            } => self.publish(id, room, content, echo, persist).await,
             RequestBody::Members { room } => self.members(id, room).await,
             RequestBody::Broadcast { content } => self.broadcast(id, content).await,
             RequestBody::Ping => Ok(Some(ServerEvent::Pong(Pong { reference: id }))),
+            RequestBody::History {
+                target,
+                before,
+                limit,
+            } => self.history(id, target, before, limit).await,
+            RequestBody::Ack { inbox } => self.ack_inbox(id, inbox).await,
             RequestBody::Auth { .. } => Err(ProtocolError::new(
                 ErrorCode::Forbidden,
                 "this connection is already authenticated",
@@ -131,7 +144,7 @@ impl Session {
     /// Joins the rooms named at connect (`?rooms=` and `/ws/ROOM`), with no acks.
     pub async fn join_initial(&mut self, rooms: Vec<String>) {
         for room in rooms {
-            if let Err(error) = self.join(None, room).await {
+            if let Err(error) = self.join(None, room, None).await {
                 self.reply_error(error);
             }
         }
@@ -157,16 +170,33 @@ impl Session {
                 id: Some(outcome.id),
                 online: Some(outcome.online),
                 offline: Some(outcome.offline),
+                offsets: Some(outcome.offsets),
                 ..Ack::default()
             })
         }))
     }
 
-    async fn join(&mut self, id: Option<String>, room: String) -> Outcome {
+    /// Joins a room. With a recovery the ack goes out first, then the missed messages, then
+    /// the live ones.
+    async fn join(
+        &mut self,
+        id: Option<String>,
+        room: String,
+        recovery: Option<Recovery>,
+    ) -> Outcome {
         if !self.identity.may_use_room(&room) {
             return Err(forbidden_room(&room, id));
         }
         let room: Arc<str> = room.into();
+        if self.rooms.contains(&room) && recovery.is_some() {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                format!(
+                    "\"since\" applies to a new join; this connection is already in room {room:?}"
+                ),
+                id,
+            ));
+        }
         let count = if self.rooms.contains(&room) {
             // Joining twice is harmless: answer with the current count.
             self.node
@@ -183,15 +213,26 @@ impl Session {
                     id,
                 ));
             }
-            let change = self
+            let joined = self
                 .node
-                .join(&self.handle, &room)
+                .join(&self.handle, &room, recovery)
                 .await
                 .map_err(|e| internal(e, &id))?;
             self.rooms.insert(room.clone());
-            change.count
+            if let Some(reference) = id {
+                self.reply(&ServerEvent::Ack(Ack {
+                    offset: Some(joined.position.offset.0),
+                    epoch: Some(joined.position.epoch.0),
+                    recovered: joined.recovered,
+                    ..room_ack_fields(reference, &room, joined.change.count)
+                }));
+            }
+            if let Some(replay) = joined.replay {
+                replay.run().await;
+            }
+            return Ok(None);
         };
-        Ok(id.map(|reference| room_ack(reference, &room, count)))
+        Ok(id.map(|reference| ServerEvent::Ack(room_ack_fields(reference, &room, count))))
     }
 
     async fn leave(&mut self, id: Option<String>, room: String) -> Outcome {
@@ -203,7 +244,7 @@ impl Session {
             .leave(&self.handle, &room)
             .await
             .map_err(|e| internal(e, &id))?;
-        Ok(id.map(|reference| room_ack(reference, &room, change.count)))
+        Ok(id.map(|reference| ServerEvent::Ack(room_ack_fields(reference, &room, change.count))))
     }
 
     async fn publish(
@@ -212,6 +253,7 @@ impl Session {
         room: String,
         content: Payload,
         echo: bool,
+        persist: bool,
     ) -> Outcome {
         let Some(room) = self.rooms.get(room.as_str()).cloned() else {
             return Err(not_member(&room, id));
@@ -220,7 +262,7 @@ impl Session {
         if !self.identity.may_use_room(&room) {
             return Err(forbidden_room(&room, id));
         }
-        let message_id = self
+        let published = self
             .node
             .publish(
                 &self.identity.user,
@@ -228,10 +270,84 @@ impl Session {
                 &room,
                 content,
                 echo,
+                persist,
             )
             .await
             .map_err(|e| internal(e, &id))?;
-        Ok(id.map(|reference| message_ack(reference, message_id)))
+        Ok(id.map(|reference| {
+            let (offset, epoch) = match published.position {
+                Some(position) => (Some(position.offset.0), Some(position.epoch.0)),
+                None => (None, None),
+            };
+            ServerEvent::Ack(Ack {
+                reference: Some(reference),
+                id: Some(published.id),
+                offset,
+                epoch,
+                ..Ack::default()
+            })
+        }))
+    }
+
+    /// A page of a room's history (the token must allow the room; membership is not needed)
+    /// or of the caller's conversation with another user.
+    async fn history(
+        &mut self,
+        id: Option<String>,
+        target: HistoryTarget,
+        before: Option<u64>,
+        limit: Option<u32>,
+    ) -> Outcome {
+        let before = before.map(Offset);
+        let limit = limit.map(|limit| limit as usize);
+        let (room, with, page) = match target {
+            HistoryTarget::Room(room) => {
+                if !self.identity.may_use_room(&room) {
+                    return Err(forbidden_room(&room, id));
+                }
+                let page = self.node.room_history(&room, before, limit).await;
+                (Some(room), None, page)
+            }
+            HistoryTarget::With(user) => {
+                let page = self
+                    .node
+                    .conversation_history(&self.identity.user, &user, before, limit)
+                    .await;
+                (None, Some(user), page)
+            }
+        };
+        let page = page.map_err(|e| internal(e, &id))?;
+        Ok(Some(ServerEvent::History(History {
+            reference: id,
+            room,
+            with,
+            epoch: (!page.epoch.is_unset()).then_some(page.epoch.0),
+            messages: page.messages,
+            more: page.more,
+        })))
+    }
+
+    /// The client received its inbox up to `offset`.
+    async fn ack_inbox(&mut self, id: Option<String>, offset: u64) -> Outcome {
+        match self
+            .node
+            .ack_inbox(&self.identity.user, Offset(offset))
+            .await
+        {
+            Ok(acked) => Ok(id.map(|reference| {
+                ServerEvent::Ack(Ack {
+                    reference: Some(reference),
+                    inbox: Some(acked.0),
+                    ..Ack::default()
+                })
+            })),
+            Err(StoreError::AckBeyondInbox { requested, newest }) => Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                format!("\"inbox\" {requested} is beyond the newest inbox offset {newest}"),
+                id,
+            )),
+            Err(error) => Err(internal(error.into(), &id)),
+        }
     }
 
     async fn members(&mut self, id: Option<String>, room: String) -> Outcome {
@@ -292,13 +408,13 @@ impl Session {
     }
 }
 
-fn room_ack(reference: String, room: &str, count: u64) -> ServerEvent {
-    ServerEvent::Ack(Ack {
+fn room_ack_fields(reference: String, room: &str, count: u64) -> Ack {
+    Ack {
         reference: Some(reference),
         room: Some(room.to_owned()),
         count: Some(count),
         ..Ack::default()
-    })
+    }
 }
 
 fn message_ack(reference: String, message_id: String) -> ServerEvent {

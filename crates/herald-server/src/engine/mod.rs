@@ -1,15 +1,19 @@
-//! Engines: the parts of Herald that span nodes, each a trait with swappable backends.
+//! Engines: the parts of Herald that span nodes or outlive the process, each a trait with
+//! swappable backends.
 //!
 //! - [`broker::Broker`]: fan-out of encoded frames to every node with interested connections.
 //! - [`presence::Presence`]: who is in which room and who is online, across nodes.
+//! - [`store::Store`]: room history, offline inboxes and conversations, with offsets.
 //!
-//! `memory/` holds the embedded single-process backends that `herald serve` uses by default.
-//! A Redis backend (another issue) implements the same traits; the hub never sees an engine, so
-//! adding one changes no routing code. A `Store` (history, offline inbox) joins them later.
+//! `memory/` holds the embedded single-process broker and presence, `sqlite/` the embedded
+//! store; `herald serve` uses them by default. A Redis backend (another issue) implements the
+//! same traits; the hub never sees an engine, so adding one changes no routing code.
 
 pub mod broker;
 pub mod memory;
 pub mod presence;
+pub mod sqlite;
+pub mod store;
 
 /// An engine that could not do its job (a backend unreachable, a command refused).
 #[derive(Debug, thiserror::Error)]
@@ -25,5 +29,11 @@ impl EngineError {
             engine,
             message: message.into(),
         }
+    }
+}
+
+impl From<store::StoreError> for EngineError {
+    fn from(error: store::StoreError) -> Self {
+        EngineError::new("store", error.to_string())
     }
 }

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use herald_protocol::{ServerEvent, Welcome};
+use herald_protocol::{Ack, History, Message, ServerEvent, Welcome};
 use herald_server::config::Config;
 use herald_server::node::Node;
 use herald_server::{embedded_node, server};
 use serde_json::{Value, json};
+use tempfile::TempDir;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -29,6 +30,8 @@ pub struct TestServer {
     pub node: Arc<Node>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// The server's own data folder (`store.path`), removed when the server is dropped.
+    _data: TempDir,
 }
 
 impl TestServer {
@@ -36,11 +39,14 @@ impl TestServer {
         Self::start_with(|_| {}).await
     }
 
-    /// Starts a server whose config the caller may adjust first.
+    /// Starts a server whose config the caller may adjust first. It stores its data in a
+    /// fresh temporary folder unless `adjust` names another `store.path`.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let data = tempfile::tempdir().expect("a temporary data folder");
         let mut config = Config::default();
         config.server.listen = "127.0.0.1:0".parse().unwrap();
         config.auth.secret = Some(SECRET.to_owned());
+        config.store.path = data.path().to_owned();
         adjust(&mut config);
         let node = embedded_node(config.clone(), None).expect("test config is valid");
         let listener = server::bind(config.server.listen).unwrap();
@@ -54,6 +60,7 @@ impl TestServer {
             node,
             stop: Some(stop),
             task: Some(task),
+            _data: data,
         }
     }
 
@@ -245,6 +252,59 @@ impl Client {
     pub async fn join(&mut self, room: &str) -> ServerEvent {
         self.request(json!({"type": "join", "room": room})).await
     }
+
+    /// Sends a request and returns its `ack`, panicking on anything else.
+    pub async fn ack(&mut self, value: Value) -> Ack {
+        match self.request(value).await {
+            ServerEvent::Ack(ack) => ack,
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+
+    /// Publishes a stored message and returns its offset.
+    pub async fn publish(&mut self, room: &str, content: Value) -> u64 {
+        let ack = self
+            .ack(json!({"type": "publish", "room": room, "content": content}))
+            .await;
+        ack.offset.expect("a stored message has an offset")
+    }
+
+    /// Asks for a page of history.
+    pub async fn history(&mut self, value: Value) -> History {
+        let mut request = value;
+        request["type"] = json!("history");
+        match self.request(request).await {
+            ServerEvent::History(history) => history,
+            other => panic!("expected history, got {other:?}"),
+        }
+    }
+
+    /// The next message event, skipping presence and other events.
+    pub async fn next_message_event(&mut self) -> Message {
+        match self
+            .next_matching(|event| matches!(event, ServerEvent::Message(_)))
+            .await
+        {
+            ServerEvent::Message(message) => message,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Proves that nothing is queued for this client: a ping's pong is the next event.
+    pub async fn expect_nothing_queued(&mut self) {
+        self.send_json(json!({"type": "ping", "id": "nothing-queued"}))
+            .await;
+        let next = self.next_event().await;
+        assert!(
+            matches!(&next, ServerEvent::Pong(pong) if pong.reference.as_deref() == Some("nothing-queued")),
+            "expected nothing before the pong, got {next:?}"
+        );
+    }
+}
+
+/// The JSON content of a message.
+pub fn content_json(message: &Message) -> Value {
+    serde_json::from_str(message.content.as_ref().expect("content").get()).unwrap()
 }
 
 pub async fn handshake(
@@ -271,6 +331,7 @@ pub fn reference_of(event: &ServerEvent) -> Option<&str> {
         ServerEvent::Members(members) => members.reference.as_deref(),
         ServerEvent::Error(error) => error.reference.as_deref(),
         ServerEvent::Pong(pong) => pong.reference.as_deref(),
+        ServerEvent::History(history) => history.reference.as_deref(),
         _ => None,
     }
 }

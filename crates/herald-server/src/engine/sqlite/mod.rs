@@ -1,0 +1,241 @@
+//! The embedded store: one SQLite file in WAL mode, `herald.db` in the data folder.
+//!
+//! One writer thread ([`writer`]) owns the only writing connection and group-commits; reads run
+//! on their own connections ([`read`]). A `herald.lock` file beside the database, locked for
+//! the writer's life, keeps a second process from writing the same folder.
+
+mod read;
+pub mod schema;
+mod writer;
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::store::{
+    Append, InboxRead, Offset, OnCommit, Page, PruneReport, Retention, Store, StoreError,
+    StreamBounds, StreamRead,
+};
+use read::ReaderPool;
+pub use schema::Synchronous;
+pub use writer::WriterStats;
+use writer::{Command, Writer};
+
+/// The database file inside the data folder.
+pub const DATABASE_FILE: &str = "herald.db";
+const LOCK_FILE: &str = "herald.lock";
+
+/// Commands the writer's queue holds before `append` waits (backpressure on publishers).
+const WRITER_QUEUE: usize = 16 * 1024;
+
+/// Reader connections: reads are short, and the machine's cores are shared with the writer.
+const READERS: usize = 4;
+
+pub struct SqliteStore {
+    commands: mpsc::Sender<Command>,
+    readers: ReaderPool,
+    path: PathBuf,
+    stats: Arc<WriterStats>,
+    /// The writer thread, joined by `close`. std Mutex: taken once, never across an `.await`.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `folder`. Every failure names the path.
+    pub fn open(folder: &Path, synchronous: Synchronous) -> Result<SqliteStore, StoreError> {
+        let open_error = |path: &Path, reason: String| StoreError::Open {
+            path: path.display().to_string(),
+            reason,
+        };
+        std::fs::create_dir_all(folder)
+            .map_err(|e| open_error(folder, format!("cannot create the data folder: {e}")))?;
+        let lock_path = folder.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| open_error(&lock_path, format!("cannot write in the data folder: {e}")))?;
+        lock_exclusively(&lock).map_err(|reason| open_error(folder, reason))?;
+
+        let path = folder.join(DATABASE_FILE);
+        let connect = || -> Result<Connection, StoreError> {
+            let conn = Connection::open(&path).map_err(|e| open_error(&path, e.to_string()))?;
+            schema::configure(&conn, synchronous).map_err(|e| open_error(&path, e.to_string()))?;
+            Ok(conn)
+        };
+        let writer_conn = connect()?;
+        schema::prepare(&writer_conn).map_err(|reason| open_error(&path, reason))?;
+        let readers = (0..READERS)
+            .map(|_| {
+                let conn = connect()?;
+                conn.execute_batch("PRAGMA query_only = ON;")
+                    .map_err(|e| open_error(&path, e.to_string()))?;
+                Ok(conn)
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+
+        let stats = Arc::new(WriterStats::default());
+        let (commands, receiver) = mpsc::channel(WRITER_QUEUE);
+        let writer = Writer::new(writer_conn, lock, stats.clone());
+        let thread = std::thread::Builder::new()
+            .name("herald-store-writer".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(|e| open_error(&path, format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteStore {
+            commands,
+            readers: ReaderPool::new(readers),
+            path,
+            stats,
+            writer: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where the writer's time went so far (for benchmarks).
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+
+    async fn command(&self, command: Command) -> Result<(), StoreError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+}
+
+fn lock_exclusively(lock: &File) -> Result<(), String> {
+    match lock.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err("the data folder is in use by another herald process".into())
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock the data folder: {e}")),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn append(&self, append: Append, on_commit: OnCommit) -> Result<(), StoreError> {
+        self.command(Command::Append(append, on_commit)).await
+    }
+
+    async fn read_room(
+        &self,
+        room: &str,
+        after: Offset,
+        limit: usize,
+    ) -> Result<StreamRead, StoreError> {
+        let room = room.to_owned();
+        self.readers
+            .read("read room", move |tx| {
+                read::read_room(tx, &room, after, limit)
+            })
+            .await
+    }
+
+    async fn room_bounds(&self, room: &str) -> Result<StreamBounds, StoreError> {
+        let room = room.to_owned();
+        self.readers
+            .read("room bounds", move |tx| {
+                read::room_bounds(tx, &room).map_err(|e| read::backend("room bounds", e))
+            })
+            .await
+    }
+
+    async fn room_history(
+        &self,
+        room: &str,
+        before: Option<Offset>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let room = room.to_owned();
+        self.readers
+            .read("room history", move |tx| {
+                read::room_history(tx, &room, before, limit)
+            })
+            .await
+    }
+
+    async fn conversation_history(
+        &self,
+        user: &str,
+        with: &str,
+        before: Option<Offset>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let (user, with) = (user.to_owned(), with.to_owned());
+        self.readers
+            .read("conversation history", move |tx| {
+                read::conversation_history(tx, &user, &with, before, limit)
+            })
+            .await
+    }
+
+    async fn read_inbox(
+        &self,
+        user: &str,
+        after: Offset,
+        limit: usize,
+    ) -> Result<InboxRead, StoreError> {
+        let user = user.to_owned();
+        self.readers
+            .read("read inbox", move |tx| {
+                read::read_inbox(tx, &user, after, limit)
+            })
+            .await
+    }
+
+    async fn ack_inbox(&self, user: &str, offset: Offset) -> Result<Offset, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Ack {
+            user: user.to_owned(),
+            offset,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn prune(&self, retention: Retention, now_ms: u64) -> Result<PruneReport, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Prune {
+            retention,
+            now_ms,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn close(&self) {
+        let (reply, answer) = oneshot::channel();
+        if self.command(Command::Close(reply)).await.is_ok() {
+            let _ = answer.await;
+        }
+        let thread = self
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(thread) = thread {
+            // The writer has replied, so it is at its last instruction: joining is immediate.
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        tracing::debug!(
+            path = %self.path.display(),
+            batches = self.stats.batches.load(Ordering::Relaxed),
+            "store closed"
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! Readers: a few connections of their own, so reads never queue behind the writer (WAL lets
+//! them read the last committed state while it writes). Each read runs on tokio's blocking
+//! pool inside one read transaction, so bounds and rows come from the same snapshot.
+
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use herald_protocol::Payload;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::value::RawValue;
+use tokio::sync::Semaphore;
+
+use super::schema::{conversation_key, inbox_key, pair, room_key};
+use crate::engine::store::{
+    Epoch, InboxRead, Offset, Page, StoreError, StoredMessage, StreamBounds, StreamPosition,
+    StreamRead,
+};
+
+/// Connections for reads. The semaphore counts idle connections; a read holds one permit and
+/// one connection for its duration.
+pub struct ReaderPool {
+    /// std Mutex: held only to push or pop a connection, never across an `.await`.
+    idle: Mutex<Vec<Connection>>,
+    permits: Semaphore,
+}
+
+impl ReaderPool {
+    pub fn new(connections: Vec<Connection>) -> ReaderPool {
+        ReaderPool {
+            permits: Semaphore::new(connections.len()),
+            idle: Mutex::new(connections),
+        }
+    }
+
+    /// Runs `read` on an idle connection inside a read transaction.
+    pub async fn read<T, F>(&self, operation: &'static str, read: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let conn = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop();
+        let Some(mut conn) = conn else {
+            // Permits and connections are kept equal, so this is not reached.
+            return Err(StoreError::Backend {
+                operation,
+                reason: "no reader connection available".into(),
+            });
+        };
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = conn
+                .transaction()
+                .map_err(|e| backend(operation, e))
+                .and_then(|tx| read(&tx));
+            (conn, result)
+        })
+        .await;
+        match joined {
+            Ok((conn, result)) => {
+                self.idle
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push(conn);
+                drop(permit);
+                result
+            }
+            Err(error) => {
+                // The connection went down with the task: retire its permit with it.
+                permit.forget();
+                Err(StoreError::Backend {
+                    operation,
+                    reason: error.to_string(),
+                })
+            }
+        }
+    }
+}
+
+pub fn backend(operation: &'static str, error: rusqlite::Error) -> StoreError {
+    StoreError::Backend {
+        operation,
+        reason: error.to_string(),
+    }
+}
+
+/// A stream's epoch, newest offset and acked mark; zeros and an unset epoch when it has none.
+fn stream_state(
+    tx: &rusqlite::Transaction<'_>,
+    key: &str,
+) -> rusqlite::Result<(StreamPosition, Offset)> {
+    let state = tx
+        .prepare_cached("SELECT epoch, last_pos, acked FROM streams WHERE stream = ?1")?
+        .query_row([key], |row| {
+            Ok((
+                StreamPosition {
+                    epoch: Epoch(row.get(0)?),
+                    offset: Offset(row.get::<_, i64>(1)? as u64),
+                },
+                Offset(row.get::<_, i64>(2)? as u64),
+            ))
+        })
+        .optional()?;
+    Ok(state.unwrap_or_default())
+}
+
+pub fn room_bounds(tx: &rusqlite::Transaction<'_>, room: &str) -> rusqlite::Result<StreamBounds> {
+    let (top, _) = stream_state(tx, &room_key(room))?;
+    let first: Option<i64> = tx
+        .prepare_cached("SELECT min(pos) FROM room_messages WHERE room = ?1")?
+        .query_row([room], |row| row.get(0))?;
+    let first = first.map_or(top.offset.next(), |pos| Offset(pos as u64));
+    Ok(StreamBounds { top, first })
+}
+
+const ROOM_COLUMNS: &str = "pos, id, sender, ts, is_binary, content, room";
+const DIRECT_COLUMNS: &str = "pos, id, sender, ts, is_binary, content, recipients";
+
+pub fn read_room(
+    tx: &rusqlite::Transaction<'_>,
+    room: &str,
+    after: Offset,
+    limit: usize,
+) -> Result<StreamRead, StoreError> {
+    let bounds = room_bounds(tx, room).map_err(|e| backend("read room", e))?;
+    let messages = tx
+        .prepare_cached(&format!(
+            "SELECT {ROOM_COLUMNS} FROM room_messages WHERE room = ?1 AND pos > ?2
+             ORDER BY pos LIMIT ?3"
+        ))
+        .and_then(|mut statement| {
+            statement
+                .query_map(params![room, after.0 as i64, limit as i64], room_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(|e| backend("read room", e))?;
+    Ok(StreamRead {
+        bounds,
+        messages: messages.into_iter().collect::<Result<_, _>>()?,
+    })
+}
+
+pub fn room_history(
+    tx: &rusqlite::Transaction<'_>,
+    room: &str,
+    before: Option<Offset>,
+    limit: usize,
+) -> Result<Page, StoreError> {
+    let (top, _) = stream_state(tx, &room_key(room)).map_err(|e| backend("room history", e))?;
+    let rows = tx
+        .prepare_cached(&format!(
+            "SELECT {ROOM_COLUMNS} FROM room_messages WHERE room = ?1 AND pos < ?2
+             ORDER BY pos DESC LIMIT ?3"
+        ))
+        .and_then(|mut statement| {
+            statement
+                .query_map(params![room, upper(before), limit as i64 + 1], room_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(|e| backend("room history", e))?;
+    page(top.epoch, rows, limit)
+}
+
+pub fn conversation_history(
+    tx: &rusqlite::Transaction<'_>,
+    user: &str,
+    with: &str,
+    before: Option<Offset>,
+    limit: usize,
+) -> Result<Page, StoreError> {
+    let pair = pair(user, with);
+    let (top, _) = stream_state(tx, &conversation_key(&pair))
+        .map_err(|e| backend("conversation history", e))?;
+    let rows = tx
+        .prepare_cached(&format!(
+            "SELECT {DIRECT_COLUMNS} FROM direct_messages WHERE pair = ?1 AND pos < ?2
+             ORDER BY pos DESC LIMIT ?3"
+        ))
+        .and_then(|mut statement| {
+            statement
+                .query_map(params![pair, upper(before), limit as i64 + 1], direct_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(|e| backend("conversation history", e))?;
+    page(top.epoch, rows, limit)
+}
+
+pub fn read_inbox(
+    tx: &rusqlite::Transaction<'_>,
+    user: &str,
+    after: Offset,
+    limit: usize,
+) -> Result<InboxRead, StoreError> {
+    let (_, acked) = stream_state(tx, &inbox_key(user)).map_err(|e| backend("read inbox", e))?;
+    let from = after.max(acked);
+    let rows = tx
+        .prepare_cached(
+            "SELECT i.pos, d.id, d.sender, d.ts, d.is_binary, d.content, d.recipients
+             FROM inbox i JOIN direct_messages d ON d.pair = i.pair AND d.pos = i.pair_pos
+             WHERE i.user = ?1 AND i.pos > ?2 ORDER BY i.pos LIMIT ?3",
+        )
+        .and_then(|mut statement| {
+            statement
+                .query_map(params![user, from.0 as i64, limit as i64], direct_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(|e| backend("read inbox", e))?;
+    Ok(InboxRead {
+        acked,
+        messages: rows.into_iter().collect::<Result<_, _>>()?,
+    })
+}
+
+/// SQLite integers are signed: "no upper bound" is the largest one.
+fn upper(before: Option<Offset>) -> i64 {
+    before.map_or(i64::MAX, |offset| offset.0.min(i64::MAX as u64) as i64)
+}
+
+/// Rows come newest first with one extra row that only tells whether there are more.
+fn page(
+    epoch: Epoch,
+    rows: Vec<Result<StoredMessage, StoreError>>,
+    limit: usize,
+) -> Result<Page, StoreError> {
+    let more = rows.len() > limit;
+    let mut messages = rows
+        .into_iter()
+        .take(limit)
+        .collect::<Result<Vec<_>, _>>()?;
+    messages.reverse();
+    Ok(Page {
+        epoch,
+        messages,
+        more,
+    })
+}
+
+type Decoded = Result<StoredMessage, StoreError>;
+
+fn room_row(row: &Row<'_>) -> rusqlite::Result<Decoded> {
+    let room: String = row.get(6)?;
+    common_row(row, None, Some(room))
+}
+
+fn direct_row(row: &Row<'_>) -> rusqlite::Result<Decoded> {
+    let recipients: String = row.get(6)?;
+    let to = serde_json::from_str::<Vec<String>>(&recipients).unwrap_or_default();
+    common_row(row, Some(to), None)
+}
+
+/// Columns 0..6: pos, id, sender, ts, is_binary, content. A row whose content does not decode
+/// becomes an error value rather than failing the whole read's SQL.
+fn common_row(
+    row: &Row<'_>,
+    to: Option<Vec<String>>,
+    room: Option<String>,
+) -> rusqlite::Result<Decoded> {
+    let offset = Offset(row.get::<_, i64>(0)? as u64);
+    let id: String = row.get(1)?;
+    let from: String = row.get(2)?;
+    let ts = row.get::<_, i64>(3)? as u64;
+    let is_binary: bool = row.get(4)?;
+    let bytes: Vec<u8> = row.get(5)?;
+    let content = if is_binary {
+        Ok(Payload::Binary(Bytes::from(bytes)))
+    } else {
+        String::from_utf8(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|text| RawValue::from_string(text).map_err(|e| e.to_string()))
+            .map(Payload::Json)
+    };
+    Ok(content
+        .map(|content| StoredMessage {
+            id,
+            from,
+            to,
+            room,
+            ts,
+            content,
+            offset,
+        })
+        .map_err(|reason| StoreError::Backend {
+            operation: "decode message",
+            reason: format!("stored message at offset {offset} is damaged: {reason}"),
+        }))
+}

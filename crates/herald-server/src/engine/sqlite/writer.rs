@@ -1,0 +1,559 @@
+//! The writer: one thread owns the only writing connection and commits in groups.
+//!
+//! It blocks for the first queued command, then takes every command already queued (up to
+//! [`MAX_BATCH`]) into one transaction, commits once, and only then runs each append's
+//! `on_commit` in queue order. Under load a commit carries hundreds of messages, so the cost of
+//! a commit (an fsync with `synchronous = FULL`) is shared by all of them; with one message
+//! waiting it commits at once, so an idle server adds no latency.
+//!
+//! Pruning runs here too, as small steps (each its own short transaction) taken only while no
+//! command waits: an append never waits for more than one step.
+//!
+//! # Invariants
+//! - `streams` mirrors the committed `streams` table for the keys it holds, except during a
+//!   batch; a failed batch clears it, so it is reloaded from the file.
+//! - Offsets are assigned here and nowhere else, one stream at a time, each exactly once.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use herald_protocol::Payload;
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::schema::{self, conversation_key, inbox_key, room_key};
+use crate::engine::store::{
+    Append, Appended, Epoch, Offset, OnCommit, PruneReport, Retention, StoreError, StreamPosition,
+};
+
+/// Most commands in one transaction.
+const MAX_BATCH: usize = 4096;
+
+/// Streams whose state is cached; past this the cache is dropped and refilled from the file.
+const MAX_CACHED_STREAMS: usize = 100_000;
+
+/// Most rows one pruning step deletes, and most streams it looks at.
+const PRUNE_STEP_ROWS: u64 = 1000;
+const PRUNE_STEP_STREAMS: i64 = 64;
+
+pub enum Command {
+    Append(Append, OnCommit),
+    Ack {
+        user: String,
+        offset: Offset,
+        reply: oneshot::Sender<Result<Offset, StoreError>>,
+    },
+    Prune {
+        retention: Retention,
+        now_ms: u64,
+        reply: oneshot::Sender<Result<PruneReport, StoreError>>,
+    },
+    Close(oneshot::Sender<()>),
+}
+
+/// Counters for measuring where the writer's time goes.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub batches: AtomicU64,
+    pub appends: AtomicU64,
+    /// Nanoseconds spent executing statements (inserts, stream updates).
+    pub statement_ns: AtomicU64,
+    /// Nanoseconds spent in COMMIT (the WAL write and, with FULL, the fsync).
+    pub commit_ns: AtomicU64,
+    /// Nanoseconds spent in `on_commit` callbacks.
+    pub callback_ns: AtomicU64,
+}
+
+struct StreamState {
+    epoch: String,
+    last: u64,
+    acked: u64,
+}
+
+struct PruneJob {
+    retention: Retention,
+    now_ms: u64,
+    /// The last stream key fully pruned in this pass.
+    cursor: String,
+    report: PruneReport,
+    reply: oneshot::Sender<Result<PruneReport, StoreError>>,
+}
+
+pub struct Writer {
+    conn: Connection,
+    /// Held for the writer's life: a second herald on the same data folder is refused.
+    _lock: File,
+    streams: HashMap<String, StreamState>,
+    prune: VecDeque<PruneJob>,
+    stats: Arc<WriterStats>,
+}
+
+impl Writer {
+    pub fn new(conn: Connection, lock: File, stats: Arc<WriterStats>) -> Writer {
+        Writer {
+            conn,
+            _lock: lock,
+            streams: HashMap::new(),
+            prune: VecDeque::new(),
+            stats,
+        }
+    }
+
+    /// Runs until a `Close` command or until every sender is gone.
+    pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut closed_by = None;
+        'serve: loop {
+            let first = if self.prune.is_empty() {
+                match commands.blocking_recv() {
+                    Some(command) => command,
+                    None => break,
+                }
+            } else {
+                match commands.try_recv() {
+                    Ok(command) => command,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        self.prune_step();
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match commands.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            let mut writes = Vec::with_capacity(batch.len());
+            for command in batch {
+                match command {
+                    Command::Prune {
+                        retention,
+                        now_ms,
+                        reply,
+                    } => self.prune.push_back(PruneJob {
+                        retention,
+                        now_ms,
+                        cursor: String::new(),
+                        report: PruneReport::default(),
+                        reply,
+                    }),
+                    Command::Close(reply) => closed_by = Some(reply),
+                    write => writes.push(write),
+                }
+            }
+            if !writes.is_empty() {
+                self.write_batch(writes);
+            }
+            if closed_by.is_some() {
+                break 'serve;
+            }
+        }
+        // Queued commands fail with `Closed` when their reply channels drop with the receiver.
+        drop(commands);
+        drop(self);
+        if let Some(reply) = closed_by {
+            let _ = reply.send(());
+        }
+    }
+
+    fn write_batch(&mut self, writes: Vec<Command>) {
+        if self.streams.len() > MAX_CACHED_STREAMS {
+            self.streams.clear();
+        }
+        let mut appends = Vec::new();
+        let mut callbacks = Vec::new();
+        let mut acks = Vec::new();
+        for write in writes {
+            match write {
+                Command::Append(append, on_commit) => {
+                    appends.push(append);
+                    callbacks.push(on_commit);
+                }
+                Command::Ack {
+                    user,
+                    offset,
+                    reply,
+                } => acks.push((user, offset, reply)),
+                Command::Prune { .. } | Command::Close(_) => {}
+            }
+        }
+        let started = Instant::now();
+        let outcome = self.transact(appends, &acks);
+        match outcome {
+            Ok((appended, acked)) => {
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .appends
+                    .fetch_add(appended.len() as u64, Ordering::Relaxed);
+                let callbacks_started = Instant::now();
+                for (on_commit, appended) in callbacks.into_iter().zip(appended) {
+                    on_commit(Ok(appended));
+                }
+                for ((_, _, reply), result) in acks.into_iter().zip(acked) {
+                    let _ = reply.send(result);
+                }
+                add_elapsed(&self.stats.callback_ns, callbacks_started);
+            }
+            Err(error) => {
+                // Whatever the batch assigned was rolled back: forget it.
+                self.streams.clear();
+                tracing::error!(%error, "store write failed; the batch was rolled back");
+                let error = StoreError::Backend {
+                    operation: "write",
+                    reason: error.to_string(),
+                };
+                for on_commit in callbacks {
+                    on_commit(Err(error.clone()));
+                }
+                for (_, _, reply) in acks {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+        metrics::histogram!("herald_store_commit_seconds").record(started.elapsed());
+    }
+
+    /// One transaction for the whole batch. SQL errors abort it; an invalid ack only fails
+    /// itself.
+    #[allow(clippy::type_complexity)]
+    fn transact(
+        &mut self,
+        appends: Vec<Append>,
+        acks: &[(String, Offset, oneshot::Sender<Result<Offset, StoreError>>)],
+    ) -> rusqlite::Result<(Vec<Appended>, Vec<Result<Offset, StoreError>>)> {
+        let started = Instant::now();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut batch = Batch {
+            tx: &tx,
+            streams: &mut self.streams,
+            dirty: Vec::new(),
+        };
+        let mut appended = Vec::with_capacity(appends.len());
+        for append in appends {
+            appended.push(batch.append(append)?);
+        }
+        let mut acked = Vec::with_capacity(acks.len());
+        for (user, offset, _) in acks {
+            acked.push(batch.ack(user, *offset)?);
+        }
+        batch.flush()?;
+        add_elapsed(&self.stats.statement_ns, started);
+        let committing = Instant::now();
+        tx.commit()?;
+        add_elapsed(&self.stats.commit_ns, committing);
+        Ok((appended, acked))
+    }
+
+    fn prune_step(&mut self) {
+        let Some(job) = self.prune.front_mut() else {
+            return;
+        };
+        match prune_some(&mut self.conn, job) {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Some(job) = self.prune.pop_front() {
+                    let _ = job.reply.send(Ok(job.report));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "pruning failed; will retry at the next pass");
+                if let Some(job) = self.prune.pop_front() {
+                    let _ = job.reply.send(Err(StoreError::Backend {
+                        operation: "prune",
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+fn add_elapsed(counter: &AtomicU64, since: Instant) {
+    counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+}
+
+/// The writes of one transaction.
+struct Batch<'a> {
+    tx: &'a Transaction<'a>,
+    streams: &'a mut HashMap<String, StreamState>,
+    /// Streams changed in this batch, written back before the commit.
+    dirty: Vec<String>,
+}
+
+impl Batch<'_> {
+    fn state(&mut self, key: &str) -> rusqlite::Result<&mut StreamState> {
+        if !self.streams.contains_key(key) {
+            let stored = self
+                .tx
+                .prepare_cached("SELECT epoch, last_pos, acked FROM streams WHERE stream = ?1")?
+                .query_row([key], |row| {
+                    Ok(StreamState {
+                        epoch: row.get(0)?,
+                        last: row.get::<_, i64>(1)? as u64,
+                        acked: row.get::<_, i64>(2)? as u64,
+                    })
+                })
+                .optional()?;
+            let state = stored.unwrap_or_else(|| StreamState {
+                epoch: Epoch::random().0,
+                last: 0,
+                acked: 0,
+            });
+            self.streams.insert(key.to_owned(), state);
+        }
+        // Present: inserted just above when it was missing.
+        Ok(self
+            .streams
+            .get_mut(key)
+            .expect("stream state was just loaded"))
+    }
+
+    /// Assigns the next offset of a stream.
+    fn bump(&mut self, key: String) -> rusqlite::Result<(u64, String)> {
+        let state = self.state(&key)?;
+        state.last += 1;
+        let assigned = (state.last, state.epoch.clone());
+        self.dirty.push(key);
+        Ok(assigned)
+    }
+
+    fn append(&mut self, append: Append) -> rusqlite::Result<Appended> {
+        match append {
+            Append::Room { room, message } => {
+                let (pos, epoch) = self.bump(room_key(&room))?;
+                let (is_binary, content) = content_bytes(&message.content);
+                self.tx
+                    .prepare_cached(
+                        "INSERT INTO room_messages (room, pos, id, sender, ts, is_binary, content)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )?
+                    .execute(params![
+                        &*room,
+                        pos as i64,
+                        message.id,
+                        &*message.from,
+                        message.ts as i64,
+                        is_binary,
+                        content
+                    ])?;
+                Ok(Appended::Room {
+                    room,
+                    message,
+                    position: StreamPosition {
+                        offset: Offset(pos),
+                        epoch: Epoch(epoch),
+                    },
+                })
+            }
+            Append::Direct {
+                to,
+                recipients,
+                message,
+            } => {
+                // A list of plain strings always serializes.
+                let to_json = serde_json::to_string(&to).unwrap_or_default();
+                let (is_binary, content) = content_bytes(&message.content);
+                let mut inbox = Vec::with_capacity(recipients.len());
+                for recipient in recipients {
+                    let pair = schema::pair(&message.from, &recipient);
+                    let (pair_pos, _) = self.bump(conversation_key(&pair))?;
+                    self.tx
+                        .prepare_cached(
+                            "INSERT INTO direct_messages
+                             (pair, pos, id, sender, recipients, ts, is_binary, content)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        )?
+                        .execute(params![
+                            pair,
+                            pair_pos as i64,
+                            message.id,
+                            &*message.from,
+                            to_json,
+                            message.ts as i64,
+                            is_binary,
+                            content
+                        ])?;
+                    let (inbox_pos, _) = self.bump(inbox_key(&recipient))?;
+                    self.tx
+                        .prepare_cached(
+                            "INSERT INTO inbox (user, pos, pair, pair_pos, ts)
+                             VALUES (?1, ?2, ?3, ?4, ?5)",
+                        )?
+                        .execute(params![
+                            recipient,
+                            inbox_pos as i64,
+                            pair,
+                            pair_pos as i64,
+                            message.ts as i64
+                        ])?;
+                    inbox.push((recipient, Offset(inbox_pos)));
+                }
+                Ok(Appended::Direct { to, message, inbox })
+            }
+        }
+    }
+
+    fn ack(&mut self, user: &str, offset: Offset) -> rusqlite::Result<Result<Offset, StoreError>> {
+        let key = inbox_key(user);
+        let state = self.state(&key)?;
+        if offset.0 > state.last {
+            return Ok(Err(StoreError::AckBeyondInbox {
+                requested: offset.0,
+                newest: state.last,
+            }));
+        }
+        let raised = offset.0 > state.acked;
+        if raised {
+            state.acked = offset.0;
+        }
+        let acked = Offset(state.acked);
+        if raised {
+            self.dirty.push(key);
+        }
+        Ok(Ok(acked))
+    }
+
+    /// Writes every changed stream's state.
+    fn flush(&mut self) -> rusqlite::Result<()> {
+        self.dirty.sort_unstable();
+        self.dirty.dedup();
+        let mut upsert = self.tx.prepare_cached(
+            "INSERT INTO streams (stream, epoch, last_pos, acked) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (stream) DO UPDATE SET last_pos = excluded.last_pos, acked = excluded.acked",
+        )?;
+        for key in &self.dirty {
+            if let Some(state) = self.streams.get(key) {
+                upsert.execute(params![
+                    key,
+                    state.epoch,
+                    state.last as i64,
+                    state.acked as i64
+                ])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn content_bytes(content: &Payload) -> (bool, &[u8]) {
+    match content {
+        Payload::Json(raw) => (false, raw.get().as_bytes()),
+        Payload::Binary(bytes) => (true, &bytes[..]),
+    }
+}
+
+/// One pruning step: looks at up to [`PRUNE_STEP_STREAMS`] streams after the job's cursor and
+/// deletes at most [`PRUNE_STEP_ROWS`] rows. Returns whether the pass is complete.
+fn prune_some(conn: &mut Connection, job: &mut PruneJob) -> rusqlite::Result<bool> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let streams: Vec<(String, u64, u64)> = tx
+        .prepare_cached(
+            "SELECT stream, last_pos, acked FROM streams WHERE stream > ?1 ORDER BY stream LIMIT ?2",
+        )?
+        .query_map(params![job.cursor, PRUNE_STEP_STREAMS], |row| {
+            Ok((
+                row.get(0)?,
+                row.get::<_, i64>(1)? as u64,
+                row.get::<_, i64>(2)? as u64,
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    if streams.is_empty() {
+        tx.commit()?;
+        return Ok(true);
+    }
+    let mut budget = PRUNE_STEP_ROWS;
+    for (key, last, acked) in streams {
+        let finished = prune_stream(&tx, job, &key, last, acked, &mut budget)?;
+        if !finished {
+            break;
+        }
+        job.cursor = key;
+        if budget == 0 {
+            break;
+        }
+    }
+    tx.commit()?;
+    Ok(false)
+}
+
+/// Deletes the prefix of one stream that retention no longer covers, within `budget` rows.
+/// Returns whether nothing more is left to delete in it.
+fn prune_stream(
+    tx: &Transaction<'_>,
+    job: &mut PruneJob,
+    key: &str,
+    last: u64,
+    acked: u64,
+    budget: &mut u64,
+) -> rusqlite::Result<bool> {
+    let retention = job.retention;
+    let older_than = |age: Duration| {
+        (!age.is_zero()).then(|| job.now_ms.saturating_sub(age.as_millis() as u64) as i64)
+    };
+    let (table, column, cut_by_rule, age_limit) = if let Some(room) = key.strip_prefix("r/") {
+        let by_count = if retention.room_max_messages > 0 {
+            last.saturating_sub(retention.room_max_messages)
+        } else {
+            0
+        };
+        (
+            "room_messages",
+            room,
+            by_count,
+            older_than(retention.room_max_age),
+        )
+    } else if let Some(user) = key.strip_prefix("u/") {
+        // Acknowledged entries were delivered: the conversation keeps the message itself.
+        ("inbox", user, acked, older_than(retention.inbox_max_age))
+    } else if let Some(pair) = key.strip_prefix("c/") {
+        (
+            "direct_messages",
+            pair,
+            0,
+            older_than(retention.inbox_max_age),
+        )
+    } else {
+        return Ok(true);
+    };
+    let key_column = match table {
+        "room_messages" => "room",
+        "inbox" => "user",
+        _ => "pair",
+    };
+    let mut cut = cut_by_rule;
+    if let Some(limit) = age_limit {
+        // Timestamps follow offsets (both come from the accepting node in order), so the old
+        // messages are the oldest offsets: look at the oldest `budget` rows only.
+        let by_age: Option<i64> = tx
+            .prepare_cached(&format!(
+                "SELECT max(pos) FROM (SELECT pos, ts FROM {table} WHERE {key_column} = ?1
+                 ORDER BY pos LIMIT ?2) WHERE ts < ?3"
+            ))?
+            .query_row(params![column, *budget as i64, limit], |row| row.get(0))?;
+        cut = cut.max(by_age.unwrap_or(0) as u64);
+    }
+    if cut == 0 || *budget == 0 {
+        return Ok(cut == 0);
+    }
+    let deleted = tx
+        .prepare_cached(&format!(
+            "DELETE FROM {table} WHERE {key_column} = ?1 AND pos IN
+             (SELECT pos FROM {table} WHERE {key_column} = ?1 AND pos <= ?2 ORDER BY pos LIMIT ?3)"
+        ))?
+        .execute(params![column, cut as i64, *budget as i64])? as u64;
+    *budget -= deleted;
+    match table {
+        "room_messages" => job.report.room_messages += deleted,
+        "inbox" => job.report.inbox_entries += deleted,
+        _ => job.report.direct_messages += deleted,
+    }
+    Ok(*budget > 0)
+}

@@ -1,0 +1,258 @@
+//! The store keeps messages: room history, each user's inbox of direct messages, and the
+//! direct conversation between two users.
+//!
+//! # Contract
+//! - Streams: every room has one, every user an inbox, every pair of users a conversation.
+//!   Offsets in a stream start at 1 and grow by exactly 1 per stored message, with no gap and
+//!   no reuse, for as long as the stream's [`Epoch`] lasts. A new epoch (a recreated database)
+//!   restarts the offsets, so a client's `(offset, epoch)` position from another epoch is
+//!   reported as not recoverable instead of being silently misread.
+//! - Appends are durable before they are acknowledged: `on_commit` runs after the transaction
+//!   holding the message has committed, and only then may the sender be told.
+//! - `on_commit` callbacks run in commit order, one at a time, on the store's writer. So a
+//!   caller that fans messages out from its callback publishes each stream's messages in offset
+//!   order; a callback may block briefly (a bounded queue's backpressure) and that slows the
+//!   writer, never reorders it.
+//! - A direct message is stored in the conversation of the sender with each recipient and
+//!   appended to each recipient's inbox. An inbox keeps an acknowledged mark: the highest offset
+//!   the user confirmed; pending entries are those above it. Acknowledging never moves the mark
+//!   backwards nor past the inbox's newest offset.
+//! - Reads see a consistent snapshot of committed data; pages come oldest first.
+//! - Pruning removes whole prefixes of streams (oldest first), in small steps between appends,
+//!   so retention never leaves a hole in the middle of a stream nor stalls the writer for long.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use herald_protocol::Payload;
+
+/// A position in one stream. Starts at 1; 0 means "before the first message".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Offset(pub u64);
+
+impl Offset {
+    pub fn next(self) -> Offset {
+        Offset(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Identifies one life of a stream: chosen at random when the stream is created.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Epoch(pub String);
+
+impl Epoch {
+    pub fn random() -> Epoch {
+        Epoch(format!("{:016x}", rand::random::<u64>()))
+    }
+
+    /// The epoch of a stream that has never stored a message.
+    pub fn is_unset(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An offset with the epoch it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StreamPosition {
+    pub offset: Offset,
+    pub epoch: Epoch,
+}
+
+/// A message accepted by the node, before it has a position.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: String,
+    pub from: Arc<str>,
+    /// Unix milliseconds.
+    pub ts: u64,
+    pub content: Payload,
+}
+
+/// What to append.
+#[derive(Debug, Clone)]
+pub enum Append {
+    Room {
+        room: Arc<str>,
+        message: NewMessage,
+    },
+    /// `recipients` are distinct; `to` is the recipient list as the sender wrote it, which every
+    /// copy carries.
+    Direct {
+        to: Vec<String>,
+        recipients: Vec<String>,
+        message: NewMessage,
+    },
+}
+
+/// The result of an append, handed back with the message so the caller can fan it out.
+#[derive(Debug, Clone)]
+pub enum Appended {
+    Room {
+        room: Arc<str>,
+        message: NewMessage,
+        position: StreamPosition,
+    },
+    Direct {
+        to: Vec<String>,
+        message: NewMessage,
+        /// For each recipient, in the order given: the offset in their inbox.
+        inbox: Vec<(String, Offset)>,
+    },
+}
+
+/// Runs on the writer once the append has committed (or failed); see the contract.
+pub type OnCommit = Box<dyn FnOnce(Result<Appended, StoreError>) + Send>;
+
+/// A message read back from a stream.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub id: String,
+    pub from: String,
+    /// Direct messages: the recipients as sent.
+    pub to: Option<Vec<String>>,
+    /// Room messages: the room.
+    pub room: Option<String>,
+    pub ts: u64,
+    pub content: Payload,
+    pub offset: Offset,
+}
+
+/// A stream's bounds at the moment of a read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StreamBounds {
+    /// The newest offset and the epoch (offset 0 and an unset epoch for an empty stream).
+    pub top: StreamPosition,
+    /// The oldest offset still stored; `top + 1` when nothing is.
+    pub first: Offset,
+}
+
+/// Messages read in one snapshot, with the stream's bounds in that snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct StreamRead {
+    pub bounds: StreamBounds,
+    /// Ascending by offset.
+    pub messages: Vec<StoredMessage>,
+}
+
+/// One page of history.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub epoch: Epoch,
+    /// Ascending by offset.
+    pub messages: Vec<StoredMessage>,
+    /// Older messages exist before the first one.
+    pub more: bool,
+}
+
+/// Inbox entries above the acknowledged mark.
+#[derive(Debug, Clone, Default)]
+pub struct InboxRead {
+    pub acked: Offset,
+    /// Ascending by inbox offset; each message's `offset` is its inbox offset.
+    pub messages: Vec<StoredMessage>,
+}
+
+/// How long messages are kept. A zero count or duration means "no limit".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    pub room_max_messages: u64,
+    pub room_max_age: Duration,
+    /// Direct messages: the inbox entries and the conversation copies.
+    pub inbox_max_age: Duration,
+}
+
+/// What one pruning pass removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PruneReport {
+    pub room_messages: u64,
+    pub direct_messages: u64,
+    pub inbox_entries: u64,
+}
+
+impl PruneReport {
+    pub fn total(&self) -> u64 {
+        self.room_messages + self.direct_messages + self.inbox_entries
+    }
+}
+
+/// Why the store failed. Opening errors name the file; others the operation.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("store {operation} failed: {reason}")]
+    Backend {
+        operation: &'static str,
+        reason: String,
+    },
+    #[error("inbox offset {requested} is beyond the newest inbox offset {newest}")]
+    AckBeyondInbox { requested: u64, newest: u64 },
+    #[error("the store is closed")]
+    Closed,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Queues an append; `on_commit` reports its outcome. Waits only while the writer's bounded
+    /// queue is full. Fails at once (without calling `on_commit`) when the store is closed.
+    async fn append(&self, append: Append, on_commit: OnCommit) -> Result<(), StoreError>;
+
+    /// The room's messages with offsets in `after+1 ..`, at most `limit`, with the bounds.
+    async fn read_room(
+        &self,
+        room: &str,
+        after: Offset,
+        limit: usize,
+    ) -> Result<StreamRead, StoreError>;
+
+    /// The room's bounds only.
+    async fn room_bounds(&self, room: &str) -> Result<StreamBounds, StoreError>;
+
+    /// The newest `limit` messages of a room with offsets below `before` (all when `None`).
+    async fn room_history(
+        &self,
+        room: &str,
+        before: Option<Offset>,
+        limit: usize,
+    ) -> Result<Page, StoreError>;
+
+    /// Like `room_history`, for the direct conversation between two users.
+    async fn conversation_history(
+        &self,
+        user: &str,
+        with: &str,
+        before: Option<Offset>,
+        limit: usize,
+    ) -> Result<Page, StoreError>;
+
+    /// Inbox entries above `max(after, acked mark)`, at most `limit`.
+    async fn read_inbox(
+        &self,
+        user: &str,
+        after: Offset,
+        limit: usize,
+    ) -> Result<InboxRead, StoreError>;
+
+    /// Raises the acknowledged mark of the user's inbox to `offset`; returns the mark after.
+    async fn ack_inbox(&self, user: &str, offset: Offset) -> Result<Offset, StoreError>;
+
+    /// Removes what `retention` no longer covers at time `now_ms`.
+    async fn prune(&self, retention: Retention, now_ms: u64) -> Result<PruneReport, StoreError>;
+
+    /// Finishes queued appends and releases the database; later calls fail with `Closed`.
+    async fn close(&self);
+}
