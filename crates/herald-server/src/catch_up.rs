@@ -8,7 +8,10 @@
 //! 2. the stored messages are read (every message committed before the read is in it; every
 //!    one committed after reaches the hub after its commit, so it is held);
 //! 3. [`Replay::run`] sends the stored messages, then the held frames whose offset is above the
-//!    last one sent, and switches the handle to live once nothing is held.
+//!    last one sent, and switches the handle to live once nothing is held;
+//! 4. a message read in step 2 may have its fan-out still queued behind the commit: the live
+//!    handle drops frames of the stream up to the last replayed offset until a newer one
+//!    passes.
 
 use std::time::Duration;
 
@@ -74,7 +77,7 @@ impl Replay {
         if !self.send(queued).await {
             return false;
         }
-        while let Some(held) = self.handle.take_held(&self.key) {
+        while let Some(held) = self.handle.take_held(&self.key, self.last.0) {
             for (offset, frame) in held {
                 if let Some(offset) = offset {
                     if offset <= self.last.0 {

@@ -8,8 +8,11 @@
 //! A connection catching up on a stream (a room joined with `since`, its inbox at connect)
 //! holds that stream's live frames in a bounded buffer of its handle while the node replays
 //! stored messages; the node then drains the buffer, dropping frames at or below the last
-//! replayed offset, and the handle goes live. Whichever side of the switch a live frame lands
-//! on, it is delivered once and after the replayed messages.
+//! replayed offset, and the handle goes live. The fan-out of a message read from the store may
+//! still be on its way at that point, so after the switch the handle keeps dropping frames of
+//! that stream at or below the replayed offset until the first newer one passes (a stream's
+//! frames arrive in offset order). Whichever side of the switch a live frame lands on, it is
+//! delivered once and after the replayed messages.
 //!
 //! # Invariants
 //! - A connection is in `rooms[r]` only while it is in `conns` (the node removes it from its
@@ -62,6 +65,8 @@ pub type HeldFrames = Vec<(Option<u64>, OutFrame)>;
 struct CatchUp {
     key: StreamKey,
     held: HeldFrames,
+    /// Set when the stream went live: frames at or below this offset were replayed already.
+    live_above: Option<u64>,
 }
 
 impl ConnHandle {
@@ -135,12 +140,11 @@ impl ConnHandle {
     /// From now on, live frames of `key` are held instead of queued (see the module doc).
     pub fn begin_catch_up(&self, key: StreamKey) {
         let mut catching_up = self.lock_catching_up();
-        if catching_up.iter().any(|c| c.key == key) {
-            return;
-        }
+        catching_up.retain(|c| c.key != key);
         catching_up.push(CatchUp {
             key,
             held: Vec::new(),
+            live_above: None,
         });
         self.inner
             .catching_up_count
@@ -148,18 +152,18 @@ impl ConnHandle {
     }
 
     /// Takes the frames held for `key` so far. When none are held the stream goes live and
-    /// this returns `None`: from then on its frames are queued directly.
-    pub fn take_held(&self, key: &StreamKey) -> Option<HeldFrames> {
+    /// this returns `None`: from then on its frames are queued directly, except late ones at or
+    /// below `replayed`, the highest offset the connection already has.
+    pub fn take_held(&self, key: &StreamKey, replayed: u64) -> Option<HeldFrames> {
         let mut catching_up = self.lock_catching_up();
-        let index = catching_up.iter().position(|c| &c.key == key)?;
-        if catching_up[index].held.is_empty() {
-            catching_up.swap_remove(index);
-            self.inner
-                .catching_up_count
-                .store(catching_up.len(), Ordering::Release);
+        let catch_up = catching_up
+            .iter_mut()
+            .find(|c| &c.key == key && c.live_above.is_none())?;
+        if catch_up.held.is_empty() {
+            catch_up.live_above = Some(replayed);
             return None;
         }
-        Some(std::mem::take(&mut catching_up[index].held))
+        Some(std::mem::take(&mut catch_up.held))
     }
 
     /// Ends a catch-up that will not replay: queues whatever was held and goes live.
@@ -183,7 +187,24 @@ impl ConnHandle {
     fn deliver(&self, key: StreamKeyRef<'_>, frame: &OutFrame, offset: Option<u64>) -> bool {
         if self.inner.catching_up_count.load(Ordering::Acquire) > 0 {
             let mut catching_up = self.lock_catching_up();
-            if let Some(catch_up) = catching_up.iter_mut().find(|c| key.matches(&c.key)) {
+            if let Some(index) = catching_up.iter().position(|c| key.matches(&c.key)) {
+                let catch_up = &mut catching_up[index];
+                if let Some(replayed) = catch_up.live_above {
+                    match offset {
+                        // A late fan-out of a message the replay already sent.
+                        Some(offset) if offset <= replayed => return false,
+                        // Past the replayed range: nothing late can follow this one.
+                        Some(_) => {
+                            catching_up.swap_remove(index);
+                            self.inner
+                                .catching_up_count
+                                .store(catching_up.len(), Ordering::Release);
+                        }
+                        None => {}
+                    }
+                    drop(catching_up);
+                    return self.offer(frame.clone());
+                }
                 // Held frames count against the same bound as the outbox.
                 if catch_up.held.len() >= self.inner.outbox.max_capacity() {
                     drop(catching_up);
@@ -484,20 +505,19 @@ mod tests {
         assert_eq!(text(a_rx.try_recv().unwrap()), "inbox");
         assert!(a_rx.try_recv().is_err(), "the room frame is held");
 
-        let held = a.take_held(&StreamKey::Room(room.clone())).unwrap();
+        let key = StreamKey::Room(room.clone());
+        let held = a.take_held(&key, 5).unwrap();
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].0, Some(5));
         hub.deliver_to_room("r", &live(6, b"six"));
-        assert_eq!(
-            a.take_held(&StreamKey::Room(room.clone())).unwrap().len(),
-            1
-        );
-        assert!(
-            a.take_held(&StreamKey::Room(room.clone())).is_none(),
-            "now live"
-        );
-        hub.deliver_to_room("r", &live(7, b"seven"));
-        assert_eq!(text(a_rx.try_recv().unwrap()), "seven");
+        assert_eq!(a.take_held(&key, 6).unwrap().len(), 1);
+        assert!(a.take_held(&key, 7).is_none(), "now live");
+        // A late fan-out of an offset the replay covered is dropped, newer ones pass.
+        hub.deliver_to_room("r", &live(7, b"late seven"));
+        hub.deliver_to_room("r", &live(8, b"eight"));
+        hub.deliver_to_room("r", &live(8, b"not filtered any more"));
+        assert_eq!(text(a_rx.try_recv().unwrap()), "eight");
+        assert_eq!(text(a_rx.try_recv().unwrap()), "not filtered any more");
     }
 
     #[test]

@@ -410,6 +410,8 @@ impl Node {
     }
 
     async fn leave_hub(&self, handle: &ConnHandle, room: &Arc<str>) {
+        // Forget any replay state: a later join starts afresh.
+        handle.end_catch_up(&StreamKey::Room(room.clone()));
         if self.hub.leave(room, handle.id()) {
             let channel = Channel::Room(room.clone());
             if let Err(error) = self.broker.unsubscribe(&channel).await {

@@ -222,7 +222,7 @@ impl Session {
             if let Some(reference) = id {
                 self.reply(&ServerEvent::Ack(Ack {
                     offset: Some(joined.position.offset.0),
-                    epoch: Some(joined.position.epoch.0),
+                    epoch: (!joined.position.epoch.is_unset()).then_some(joined.position.epoch.0),
                     recovered: joined.recovered,
                     ..room_ack_fields(reference, &room, joined.change.count)
                 }));
