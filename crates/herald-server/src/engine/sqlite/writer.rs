@@ -65,6 +65,8 @@ pub struct WriterStats {
     pub commit_ns: AtomicU64,
     /// Nanoseconds spent in `on_commit` callbacks.
     pub callback_ns: AtomicU64,
+    /// Pruning steps taken (each one short transaction).
+    pub prune_steps: AtomicU64,
 }
 
 struct StreamState {
@@ -255,6 +257,7 @@ impl Writer {
         let Some(job) = self.prune.front_mut() else {
             return;
         };
+        self.stats.prune_steps.fetch_add(1, Ordering::Relaxed);
         match prune_some(&mut self.conn, job) {
             Ok(false) => {}
             Ok(true) => {

@@ -1,0 +1,400 @@
+//! The `Store` contract, run against every backend through a factory (one today: SQLite).
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use herald_protocol::Payload;
+use herald_server::engine::sqlite::{SqliteStore, Synchronous};
+use herald_server::engine::store::{
+    Append, Appended, NewMessage, Offset, Retention, Store, StoreError,
+};
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+
+type Factory = fn(&Path) -> Result<Arc<dyn Store>, StoreError>;
+
+fn backends() -> Vec<(&'static str, Factory)> {
+    vec![("sqlite", |folder| {
+        Ok(Arc::new(SqliteStore::open(folder, Synchronous::Normal)?) as Arc<dyn Store>)
+    })]
+}
+
+fn message(from: &str, ts: u64, text: &str) -> NewMessage {
+    NewMessage {
+        id: uuid::Uuid::now_v7().to_string(),
+        from: from.into(),
+        ts,
+        content: Payload::Json(RawValue::from_string(format!("{text:?}")).unwrap()),
+    }
+}
+
+/// Appends and waits for the commit.
+async fn append(store: &dyn Store, append: Append) -> Appended {
+    let (done, committed) = oneshot::channel();
+    store
+        .append(
+            append,
+            Box::new(move |result| {
+                let _ = done.send(result);
+            }),
+        )
+        .await
+        .unwrap();
+    committed.await.unwrap().unwrap()
+}
+
+async fn to_room(store: &dyn Store, room: &str, ts: u64, text: &str) -> u64 {
+    match append(
+        store,
+        Append::Room {
+            room: room.into(),
+            message: message("alice", ts, text),
+        },
+    )
+    .await
+    {
+        Appended::Room { position, .. } => position.offset.0,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn direct(store: &dyn Store, from: &str, to: &[&str], ts: u64, text: &str) -> Vec<u64> {
+    let to: Vec<String> = to.iter().map(|u| u.to_string()).collect();
+    match append(
+        store,
+        Append::Direct {
+            recipients: to.clone(),
+            to,
+            message: message(from, ts, text),
+        },
+    )
+    .await
+    {
+        Appended::Direct { inbox, .. } => inbox.into_iter().map(|(_, o)| o.0).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn offsets_are_dense_per_stream_and_survive_a_reopen_with_the_same_epoch() {
+    for (name, open) in backends() {
+        let folder = tempfile::tempdir().unwrap();
+        let store = open(folder.path()).unwrap();
+        for n in 1..=3 {
+            assert_eq!(to_room(&*store, "a", 1, "x").await, n, "{name}");
+        }
+        assert_eq!(
+            to_room(&*store, "b", 1, "x").await,
+            1,
+            "{name}: rooms count apart"
+        );
+        let before = store.room_bounds("a").await.unwrap();
+        store.close().await;
+        drop(store);
+
+        let store = open(folder.path()).unwrap();
+        let after = store.room_bounds("a").await.unwrap();
+        assert_eq!(after, before, "{name}");
+        assert_eq!(to_room(&*store, "a", 1, "x").await, 4, "{name}");
+        store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_callbacks_run_in_offset_order_under_concurrent_appends() {
+    for (name, open) in backends() {
+        let folder = tempfile::tempdir().unwrap();
+        let store = open(folder.path()).unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for task in 0..8 {
+            let store = store.clone();
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut waits = Vec::new();
+                for n in 0..200 {
+                    let (done, committed) = oneshot::channel();
+                    let order = order.clone();
+                    store
+                        .append(
+                            Append::Room {
+                                room: "busy".into(),
+                                message: message("p", 1, &format!("{task}-{n}")),
+                            },
+                            Box::new(move |result| {
+                                if let Ok(Appended::Room { position, .. }) = result {
+                                    order.lock().unwrap().push(position.offset.0);
+                                }
+                                let _ = done.send(());
+                            }),
+                        )
+                        .await
+                        .unwrap();
+                    waits.push(committed);
+                }
+                for wait in waits {
+                    wait.await.unwrap();
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        let expected: Vec<u64> = (1..=1600).collect();
+        assert_eq!(order, expected, "{name}");
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn history_pages_are_oldest_first_with_a_more_flag() {
+    for (name, open) in backends() {
+        let folder = tempfile::tempdir().unwrap();
+        let store = open(folder.path()).unwrap();
+        for n in 1..=5 {
+            to_room(&*store, "r", n, &format!("m{n}")).await;
+        }
+        let page = store.room_history("r", None, 2).await.unwrap();
+        let offsets: Vec<u64> = page.messages.iter().map(|m| m.offset.0).collect();
+        assert_eq!(offsets, [4, 5], "{name}");
+        assert!(page.more);
+        let page = store.room_history("r", Some(Offset(2)), 2).await.unwrap();
+        let offsets: Vec<u64> = page.messages.iter().map(|m| m.offset.0).collect();
+        assert_eq!(offsets, [1], "{name}");
+        assert!(!page.more);
+
+        let read = store.read_room("r", Offset(3), 10).await.unwrap();
+        let offsets: Vec<u64> = read.messages.iter().map(|m| m.offset.0).collect();
+        assert_eq!(offsets, [4, 5], "{name}");
+        assert_eq!(read.bounds.top.offset, Offset(5));
+        assert_eq!(read.bounds.first, Offset(1));
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_direct_message_lands_in_every_inbox_and_both_conversations() {
+    for (name, open) in backends() {
+        let folder = tempfile::tempdir().unwrap();
+        let store = open(folder.path()).unwrap();
+        assert_eq!(direct(&*store, "alice", &["bob"], 1, "one").await, [1]);
+        assert_eq!(
+            direct(&*store, "carol", &["bob", "dave"], 2, "two").await,
+            [2, 1],
+            "{name}: each recipient's inbox counts alone"
+        );
+        let inbox = store.read_inbox("bob", Offset(0), 10).await.unwrap();
+        let from: Vec<&str> = inbox.messages.iter().map(|m| m.from.as_str()).collect();
+        assert_eq!(from, ["alice", "carol"], "{name}");
+        assert_eq!(
+            inbox.messages[1].to.as_deref(),
+            Some(&["bob".to_owned(), "dave".to_owned()][..])
+        );
+        let conversation = store
+            .conversation_history("dave", "carol", None, 10)
+            .await
+            .unwrap();
+        assert_eq!(conversation.messages.len(), 1, "{name}");
+        let none = store
+            .conversation_history("alice", "dave", None, 10)
+            .await
+            .unwrap();
+        assert!(none.messages.is_empty(), "{name}");
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn the_inbox_mark_only_moves_forward_and_never_past_the_newest_entry() {
+    for (name, open) in backends() {
+        let folder = tempfile::tempdir().unwrap();
+        let store = open(folder.path()).unwrap();
+        for n in 0..3 {
+            direct(&*store, "alice", &["bob"], n, "x").await;
+        }
+        assert_eq!(store.ack_inbox("bob", Offset(2)).await.unwrap(), Offset(2));
+        assert_eq!(store.ack_inbox("bob", Offset(1)).await.unwrap(), Offset(2));
+        let error = store.ack_inbox("bob", Offset(9)).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                StoreError::AckBeyondInbox {
+                    requested: 9,
+                    newest: 3
+                }
+            ),
+            "{name}: {error}"
+        );
+        let pending = store.read_inbox("bob", Offset(0), 10).await.unwrap();
+        assert_eq!(pending.acked, Offset(2));
+        let offsets: Vec<u64> = pending.messages.iter().map(|m| m.offset.0).collect();
+        assert_eq!(offsets, [3], "{name}");
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn retention_removes_old_prefixes_by_count_and_by_age() {
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+    for (name, open) in backends() {
+        let folder = tempfile::tempdir().unwrap();
+        let store = open(folder.path()).unwrap();
+        let now = 100 * DAY_MS;
+        for n in 1..=10 {
+            to_room(&*store, "counted", now, &n.to_string()).await;
+        }
+        for age_days in [5, 4, 3, 2, 1] {
+            to_room(&*store, "aged", now - age_days * DAY_MS, "x").await;
+            direct(&*store, "alice", &["bob"], now - age_days * DAY_MS, "x").await;
+        }
+        store.ack_inbox("bob", Offset(1)).await.unwrap();
+        let retention = Retention {
+            room_max_messages: 4,
+            room_max_age: Duration::from_millis(3 * DAY_MS - 1),
+            inbox_max_age: Duration::from_millis(2 * DAY_MS - 1),
+        };
+        let report = store.prune(retention, now).await.unwrap();
+        // counted: 6 over the count; aged: the 5- 4- and 3-day-old ones (2 more over the count
+        // limit would be none: 5 - 4 = 1, already among them).
+        assert_eq!(report.room_messages, 6 + 3, "{name}: {report:?}");
+        // Direct: 5,4,3,2-day-old ones go from the conversation; the inbox loses the same
+        // four entries (the acked one among them).
+        assert_eq!(report.direct_messages, 4, "{name}: {report:?}");
+        assert_eq!(report.inbox_entries, 4, "{name}: {report:?}");
+
+        let counted = store.room_history("counted", None, 100).await.unwrap();
+        let offsets: Vec<u64> = counted.messages.iter().map(|m| m.offset.0).collect();
+        assert_eq!(offsets, [7, 8, 9, 10], "{name}");
+        let aged = store.room_bounds("aged").await.unwrap();
+        assert_eq!((aged.first, aged.top.offset), (Offset(4), Offset(5)));
+        let conversation = store
+            .conversation_history("bob", "alice", None, 100)
+            .await
+            .unwrap();
+        assert_eq!(conversation.messages.len(), 1, "{name}");
+        let inbox = store.read_inbox("bob", Offset(0), 100).await.unwrap();
+        assert_eq!(inbox.messages.len(), 1, "{name}");
+
+        // Pruning never reuses offsets: the stream continues where it was.
+        assert_eq!(to_room(&*store, "counted", now, "11").await, 11, "{name}");
+        let again = store.prune(retention, now).await.unwrap();
+        assert_eq!(again.room_messages, 1, "{name}");
+        store.close().await;
+    }
+}
+
+/// SQLite-specific: it watches the writer's step counter to append while a pass is running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_are_not_held_up_behind_a_long_pruning_pass() {
+    let folder = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(folder.path(), Synchronous::Normal).unwrap());
+    // A backlog of 30,000 messages, appended without waiting for each commit.
+    let mut waits = Vec::new();
+    for n in 0..30_000u64 {
+        let (done, committed) = oneshot::channel();
+        store
+            .append(
+                Append::Room {
+                    room: "backlog".into(),
+                    message: message("p", n, "x"),
+                },
+                Box::new(move |_| {
+                    let _ = done.send(());
+                }),
+            )
+            .await
+            .unwrap();
+        waits.push(committed);
+    }
+    for wait in waits {
+        wait.await.unwrap();
+    }
+    let retention = Retention {
+        room_max_messages: 1,
+        ..Retention::default()
+    };
+    let pruning = {
+        let store = store.clone();
+        tokio::spawn(async move { store.prune(retention, 0).await.unwrap() })
+    };
+    // Append only once the pass is under way.
+    while store.stats().prune_steps.load(Ordering::Relaxed) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let (done, committed) = oneshot::channel();
+    store
+        .append(
+            Append::Room {
+                room: "other".into(),
+                message: message("p", 0, "urgent"),
+            },
+            Box::new(move |_| {
+                let _ = done.send(());
+            }),
+        )
+        .await
+        .unwrap();
+    committed.await.unwrap();
+    // Steps delete 1,000 rows each: most of the backlog is still there when the append is done.
+    let bounds = store.room_bounds("backlog").await.unwrap();
+    assert!(
+        bounds.first.0 < 25_000,
+        "the append waited for the pruning pass (oldest kept offset {})",
+        bounds.first
+    );
+    assert_eq!(pruning.await.unwrap().room_messages, 29_999);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_second_store_on_the_same_folder_is_refused_while_the_first_is_open() {
+    let folder = tempfile::tempdir().unwrap();
+    let first = SqliteStore::open(folder.path(), Synchronous::Full).unwrap();
+    let error = SqliteStore::open(folder.path(), Synchronous::Full)
+        .err()
+        .expect("a second writer on one folder must be refused");
+    let text = error.to_string();
+    assert!(text.contains("in use by another herald process"), "{text}");
+    assert!(
+        text.contains(&folder.path().display().to_string()),
+        "{text}"
+    );
+    first.close().await;
+    SqliteStore::open(folder.path(), Synchronous::Full).expect("free again after close");
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_database_is_refused_naming_its_path() {
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("herald.db");
+    std::fs::write(
+        &path,
+        b"these are not the bytes of a SQLite database, not at all",
+    )
+    .unwrap();
+    let error = SqliteStore::open(folder.path(), Synchronous::Full)
+        .err()
+        .expect("must be refused");
+    let text = error.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("not a database"), "{text}");
+}
+
+#[tokio::test]
+async fn a_sqlite_file_of_another_application_is_refused() {
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("herald.db");
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other
+        .execute_batch("CREATE TABLE accounts (id INTEGER PRIMARY KEY);")
+        .unwrap();
+    drop(other);
+    let error = SqliteStore::open(folder.path(), Synchronous::Full)
+        .err()
+        .expect("must be refused");
+    let text = error.to_string();
+    assert!(text.contains("not a Herald store"), "{text}");
+}
