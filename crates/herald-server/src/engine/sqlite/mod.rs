@@ -1,9 +1,11 @@
 //! The embedded store: one SQLite file in WAL mode, `herald.db` in the data folder.
 //!
 //! One writer thread ([`writer`]) owns the only writing connection and group-commits; reads run
-//! on their own connections ([`read`]). A `herald.lock` file beside the database, locked for
+//! on their own connections ([`read`]); a checkpointer thread ([`checkpoint`]) copies the WAL
+//! back into the database so the writer never does. A `herald.lock` file beside the database, locked for
 //! the writer's life, keeps a second process from writing the same folder.
 
+mod checkpoint;
 mod read;
 pub mod schema;
 mod writer;
@@ -41,8 +43,9 @@ pub struct SqliteStore {
     readers: ReaderPool,
     path: PathBuf,
     stats: Arc<WriterStats>,
-    /// The writer thread, joined by `close`. std Mutex: taken once, never across an `.await`.
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The writer and checkpointer threads, joined by `close`. std Mutex: taken once, never
+    /// across an `.await`.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl SqliteStore {
@@ -70,6 +73,12 @@ impl SqliteStore {
             Ok(conn)
         };
         let writer_conn = connect()?;
+        // The writer never checkpoints: copying the WAL into the database (and its fsync)
+        // happens on the checkpointer thread, off the commit path.
+        writer_conn
+            .execute_batch("PRAGMA wal_autocheckpoint = 0;")
+            .map_err(|e| open_error(&path, e.to_string()))?;
+        let checkpointer = connect()?;
         schema::prepare(&writer_conn).map_err(|reason| open_error(&path, reason))?;
         let readers = (0..READERS)
             .map(|_| {
@@ -82,7 +91,12 @@ impl SqliteStore {
 
         let stats = Arc::new(WriterStats::default());
         let (commands, receiver) = mpsc::channel(WRITER_QUEUE);
-        let writer = Writer::new(writer_conn, lock, stats.clone());
+        let (stop_checkpoints, checkpoints_stopped) = std::sync::mpsc::channel::<()>();
+        let checkpoints = std::thread::Builder::new()
+            .name("herald-store-checkpointer".into())
+            .spawn(move || checkpoint::run(checkpointer, checkpoints_stopped))
+            .map_err(|e| open_error(&path, format!("cannot start the checkpointer thread: {e}")))?;
+        let writer = Writer::new(writer_conn, lock, stats.clone(), stop_checkpoints);
         let thread = std::thread::Builder::new()
             .name("herald-store-writer".into())
             .spawn(move || writer.run(receiver))
@@ -92,7 +106,7 @@ impl SqliteStore {
             readers: ReaderPool::new(readers),
             path,
             stats,
-            writer: Mutex::new(Some(thread)),
+            threads: Mutex::new(vec![thread, checkpoints]),
         })
     }
 
@@ -223,15 +237,20 @@ impl Store for SqliteStore {
         if self.command(Command::Close(reply)).await.is_ok() {
             let _ = answer.await;
         }
-        let thread = self
-            .writer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(thread) = thread {
-            // The writer has replied, so it is at its last instruction: joining is immediate.
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
+        let threads = std::mem::take(
+            &mut *self
+                .threads
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        // The writer has replied, so it is at its last instruction; the checkpointer folds the
+        // WAL into the database once the writer is gone, then ends.
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
         tracing::debug!(
             path = %self.path.display(),
             batches = self.stats.batches.load(Ordering::Relaxed),

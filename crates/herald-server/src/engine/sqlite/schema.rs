@@ -19,6 +19,10 @@ const SCHEMA_VERSION: &str = "1";
 /// Marks the file as Herald's in the SQLite header ("HRLD").
 const APPLICATION_ID: i64 = 0x4852_4c44;
 
+/// Page cache per connection, in KiB. A group commit touches a page per active stream; with
+/// SQLite's 2 MiB default the writer spills and re-reads pages in the middle of a batch.
+const CACHE_KIB: u32 = 64 * 1024;
+
 /// How long a connection waits for a lock held by another (a reader during a checkpoint).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -89,7 +93,9 @@ pub fn configure(conn: &Connection, synchronous: Synchronous) -> rusqlite::Resul
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
     };
-    conn.execute_batch(&format!("PRAGMA synchronous = {level};"))?;
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {level}; PRAGMA cache_size = -{CACHE_KIB};"
+    ))?;
     Ok(())
 }
 

@@ -91,16 +91,24 @@ pub struct Writer {
     streams: HashMap<String, StreamState>,
     prune: VecDeque<PruneJob>,
     stats: Arc<WriterStats>,
+    /// Dropped with the writer: the checkpointer then runs a last checkpoint and stops.
+    _checkpointer: std::sync::mpsc::Sender<()>,
 }
 
 impl Writer {
-    pub fn new(conn: Connection, lock: File, stats: Arc<WriterStats>) -> Writer {
+    pub fn new(
+        conn: Connection,
+        lock: File,
+        stats: Arc<WriterStats>,
+        checkpointer: std::sync::mpsc::Sender<()>,
+    ) -> Writer {
         Writer {
             conn,
             _lock: lock,
             streams: HashMap::new(),
             prune: VecDeque::new(),
             stats,
+            _checkpointer: checkpointer,
         }
     }
 
