@@ -216,7 +216,12 @@ impl Config {
                         .iter()
                         .any(|section| key.starts_with(&format!("{section}_")))
                 })
-                .map(|key| key.as_str().replacen('_', ".", 1).into()),
+                .map(|key| {
+                    key.as_str()
+                        .to_ascii_lowercase()
+                        .replacen('_', ".", 1)
+                        .into()
+                }),
         );
         for (key, value) in overrides {
             figment = figment.merge(Serialized::default(key, value));
@@ -264,7 +269,10 @@ impl Config {
         positive("limits.max_recipients", limits.max_recipients)?;
         positive("limits.send_queue", limits.send_queue)?;
         positive("limits.max_pending_auth", limits.max_pending_auth)?;
-        positive("limits.max_pending_auth_per_ip", limits.max_pending_auth_per_ip)?;
+        positive(
+            "limits.max_pending_auth_per_ip",
+            limits.max_pending_auth_per_ip,
+        )?;
         positive("auth.max_attempts", self.auth.max_attempts as usize)?;
         if self.auth.timeout.is_zero() {
             return Err(ConfigError::Key {

@@ -79,7 +79,8 @@ pub async fn serve(
             frame = stream.next() => frame,
         };
         let Some(frame) = frame else {
-            // The library already answered a protocol error with its own Close frame.
+            // A protocol error: the library queued its Close frame (1002, 1007, 1009, …).
+            flush_library_close(&mut stream).await;
             control.close(CloseReason::PeerGone);
             break;
         };
@@ -88,6 +89,8 @@ pub async fn serve(
             OpCode::Text => session.on_text(frame.payload()).await,
             OpCode::Binary => session.on_binary(frame.payload()).await,
             OpCode::Close => {
+                // The library queued the echo of the peer's Close frame.
+                flush_library_close(&mut stream).await;
                 control.close(CloseReason::PeerGone);
                 break;
             }
@@ -109,4 +112,10 @@ pub async fn serve(
     };
     metrics::counter!("herald_disconnects_total", "reason" => reason_label).increment(1);
     tracing::debug!(conn = %handle.id(), reason = reason_label, "disconnected");
+}
+
+/// Polls the stream once more after it ended: the library writes the Close frame it queued (its
+/// answer to a protocol error, or the echo of the peer's Close) only while being read.
+async fn flush_library_close<S: futures::Stream + Unpin>(stream: &mut S) {
+    let _ = tokio::time::timeout(writer::CLOSE_WAIT, stream.next()).await;
 }

@@ -22,7 +22,7 @@ use herald_protocol::CloseCode;
 const MAX_BATCH: usize = 256;
 
 /// How long a Close frame may take to go out before the socket is simply dropped.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
+pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 pub async fn run<S>(
     mut sink: S,
@@ -68,7 +68,7 @@ pub async fn run<S>(
     };
     // Tell the reader (and the hub) too, in case the writer decided.
     control.close(reason);
-    let _ = timeout(CLOSE_WAIT, close(&mut sink, reason)).await;
+    let _ = timeout(CLOSE_WAIT, close(&mut sink, &mut outbox, reason)).await;
 }
 
 async fn write_batch<S>(
@@ -98,19 +98,30 @@ fn to_frame(frame: OutFrame) -> Frame {
     }
 }
 
-async fn close<S>(sink: &mut S, reason: CloseReason) -> Result<(), WebSocketError>
+/// Ends the connection: what is already queued goes out first (the errors that explain a
+/// policy close, say), except for a slow consumer, whose backlog is the problem.
+async fn close<S>(
+    sink: &mut S,
+    outbox: &mut mpsc::Receiver<OutFrame>,
+    reason: CloseReason,
+) -> Result<(), WebSocketError>
 where
     S: Sink<Frame, Error = WebSocketError> + Unpin,
 {
     match reason {
         CloseReason::Send(code) => {
+            if code != CloseCode::SLOW_CONSUMER {
+                while let Ok(frame) = outbox.try_recv() {
+                    sink.feed(to_frame(frame)).await?;
+                }
+            }
             sink.send(Frame::close(
                 yawc::close::CloseCode::from(code.code),
                 code.reason,
             ))
             .await?;
         }
-        // The peer's Close may still wait in the library's queue for its echo: flush it.
+        // The reader already let the library answer the peer; just end the stream.
         CloseReason::PeerGone => sink.flush().await?,
     }
     sink.close().await

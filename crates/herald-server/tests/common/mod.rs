@@ -124,6 +124,8 @@ pub struct Client {
     pub ws: Socket,
     pub welcome: Welcome,
     next_id: u64,
+    /// Events that arrived while `request` waited for its answer, returned by `next_event`.
+    pending: std::collections::VecDeque<ServerEvent>,
 }
 
 /// How a handshake failed: the HTTP status and the JSON `error` text.
@@ -154,6 +156,7 @@ impl Client {
                 heartbeat: 0,
             },
             next_id: 0,
+            pending: Default::default(),
         };
         match client.next_event().await {
             ServerEvent::Welcome(welcome) => client.welcome = welcome,
@@ -174,18 +177,33 @@ impl Client {
     }
 
     /// Sends a request with a fresh `id` and returns the `ack`, `members`, `pong` or `error`
-    /// that answers it (events arriving in between are skipped).
+    /// that answers it. Events arriving in between are kept for `next_event`.
     pub async fn request(&mut self, mut value: Value) -> ServerEvent {
         self.next_id += 1;
         let id = format!("r{}", self.next_id);
         value["id"] = json!(id);
         self.send_json(value).await;
-        self.next_matching(|event| reference_of(event) == Some(id.as_str()))
-            .await
+        let mut skipped = Vec::new();
+        let answer = loop {
+            let event = self.read_event().await;
+            if reference_of(&event) == Some(id.as_str()) {
+                break event;
+            }
+            skipped.push(event);
+        };
+        self.pending.extend(skipped);
+        answer
     }
 
     /// The next text event from the server (Ping frames are answered by the library).
     pub async fn next_event(&mut self) -> ServerEvent {
+        match self.pending.pop_front() {
+            Some(event) => event,
+            None => self.read_event().await,
+        }
+    }
+
+    async fn read_event(&mut self) -> ServerEvent {
         loop {
             match self.next_message().await {
                 WsMessage::Text(text) => {
