@@ -101,6 +101,13 @@ pub struct Pong {
     pub reference: Option<String>,
 }
 
+/// The token expires soon: answer with `{"type":"refresh","token":…}` before it does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshNotice {
+    /// Seconds until the token expires and the connection closes with 4100.
+    pub expires_in: u64,
+}
+
 /// Every event the server sends, tagged by `type` on the wire.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -113,6 +120,7 @@ pub enum ServerEvent {
     Members(Members),
     Error(ErrorEvent),
     Pong(Pong),
+    Refresh(RefreshNotice),
 }
 
 #[derive(Deserialize)]
@@ -151,6 +159,7 @@ impl ServerEvent {
             "members" => ServerEvent::Members(serde_json::from_str(text)?),
             "error" => ServerEvent::Error(serde_json::from_str(text)?),
             "pong" => ServerEvent::Pong(serde_json::from_str(text)?),
+            "refresh" => ServerEvent::Refresh(serde_json::from_str(text)?),
             other => {
                 return Err(serde::de::Error::custom(format!(
                     "unknown event type {other:?}"
@@ -232,6 +241,7 @@ mod tests {
                 reference: None,
             }),
             ServerEvent::Pong(Pong { reference: None }),
+            ServerEvent::Refresh(RefreshNotice { expires_in: 30 }),
         ];
         for event in events {
             let text = String::from_utf8(event.encode().to_vec()).unwrap();

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::connection::pending::PendingAuth;
 use crate::delivery::{Channel, ConnId, ConnIds, Delivery, OutFrame};
 use crate::engine::EngineError;
 use crate::engine::broker::{Broker, DeliveryHandler};
@@ -35,6 +36,8 @@ pub struct Node {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for their close frames to go out.
     pub tasks: TaskTracker,
+    /// Connections accepted without a token, still waiting for their `auth` message.
+    pub pending: Arc<PendingAuth>,
 }
 
 /// What the sender of a direct message learns.
@@ -76,6 +79,7 @@ impl Node {
             conn_ids: ConnIds::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            pending: Arc::default(),
         });
         node.broker.start(node.clone());
         node

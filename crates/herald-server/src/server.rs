@@ -11,11 +11,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 
 use crate::http;
 use crate::node::Node;
@@ -45,7 +48,7 @@ pub async fn run(listener: TcpListener, node: Arc<Node>, shutdown: impl Future<O
             _ = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 // Usually out of file descriptors: back off instead of spinning.
@@ -55,7 +58,12 @@ pub async fn run(listener: TcpListener, node: Arc<Node>, shutdown: impl Future<O
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        // Handlers see the peer address (per-IP limits) through axum's `ConnectInfo`.
+        let router = router.clone();
+        let service = service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request)
+        });
         let stop = node.shutdown.clone();
         http_tasks.spawn(async move {
             let connection = http1::Builder::new()

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, SECRET, TestServer, handshake};
+use common::{Client, SECRET, TestServer, refusal};
 use herald_protocol::ServerEvent;
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::json;
@@ -18,10 +18,8 @@ fn request(url: &str) -> tokio_tungstenite::tungstenite::handshake::client::Requ
 async fn refusal_status(
     request: tokio_tungstenite::tungstenite::handshake::client::Request,
 ) -> (u16, String) {
-    match handshake(request).await {
-        Ok(_) => panic!("handshake unexpectedly accepted"),
-        Err(refusal) => (refusal.status, refusal.body),
-    }
+    let refusal = refusal(request).await;
+    (refusal.status, refusal.body)
 }
 
 #[tokio::test]

@@ -283,6 +283,14 @@ pub async fn handshake(
     }
 }
 
+/// Attempts a handshake that must be refused, and returns how.
+pub async fn refusal(request: tungstenite::handshake::client::Request) -> Refusal {
+    match handshake(request).await {
+        Ok(_) => panic!("handshake unexpectedly accepted"),
+        Err(refusal) => refusal,
+    }
+}
+
 pub fn reference_of(event: &ServerEvent) -> Option<&str> {
     match event {
         ServerEvent::Ack(ack) => ack.reference.as_deref(),
