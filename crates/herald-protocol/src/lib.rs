@@ -21,6 +21,7 @@ pub mod request;
 
 pub use codes::{CloseCode, ErrorCode};
 pub use event::{
-    Ack, ErrorEvent, Members, Message, Pong, PresenceChange, RefreshNotice, ServerEvent, Welcome,
+    Ack, ErrorEvent, Members, Message, Pong, PresenceChange, PresenceReply, RefreshNotice,
+    ServerEvent, Welcome,
 };
 pub use request::{Payload, ProtocolError, Request, RequestBody};

@@ -203,6 +203,11 @@ impl Node {
         self.presence.members(room).await
     }
 
+    /// For each user, whether they have an open connection on any node.
+    pub async fn online(&self, users: &[String]) -> Result<Vec<bool>, EngineError> {
+        self.presence.online(users).await
+    }
+
     /// Sends a direct message to every connection of each recipient and to the sender's other
     /// connections. `from_conn` (the sending connection) gets the ack instead of a copy.
     pub async fn send_direct(

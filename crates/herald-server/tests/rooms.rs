@@ -250,3 +250,39 @@ async fn broadcast_is_refused_without_admin_and_reaches_everyone_with_it() {
         assert!(message.room.is_none() && message.to.is_none());
     }
 }
+
+#[tokio::test]
+async fn presence_tells_which_users_are_online() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    let bob = server.connect("bob").await;
+    let answer = alice
+        .request(json!({"type": "presence", "users": ["bob", "carol"]}))
+        .await;
+    let ServerEvent::Presence(reply) = answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(reply.online.get("bob"), Some(&true));
+    assert_eq!(reply.online.get("carol"), Some(&false));
+    drop(bob);
+    // Once bob's connection is cleaned up he is offline; poll the event, not the clock.
+    loop {
+        let answer = alice
+            .request(json!({"type": "presence", "users": ["bob"]}))
+            .await;
+        let ServerEvent::Presence(reply) = answer else {
+            panic!("{answer:?}")
+        };
+        if reply.online.get("bob") == Some(&false) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let error = alice
+        .request(json!({"type": "presence", "users": []}))
+        .await;
+    assert!(
+        matches!(&error, ServerEvent::Error(e) if e.code == ErrorCode::InvalidField),
+        "{error:?}"
+    );
+}

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use herald_protocol::request::{parse_binary, parse_text};
 use herald_protocol::{
-    Ack, CloseCode, ErrorCode, ErrorEvent, Members, Payload, Pong, ProtocolError, Request,
-    RequestBody, ServerEvent,
+    Ack, CloseCode, ErrorCode, ErrorEvent, Members, Payload, Pong, PresenceReply, ProtocolError,
+    Request, RequestBody, ServerEvent,
 };
 
 use super::control::ConnControl;
@@ -122,6 +122,7 @@ impl Session {
                 persist: _,
             } => self.publish(id, room, content, echo).await,
             RequestBody::Members { room } => self.members(id, room).await,
+            RequestBody::Presence { users } => self.presence(id, users).await,
             RequestBody::Broadcast { content } => self.broadcast(id, content).await,
             RequestBody::Ping => Ok(Some(ServerEvent::Pong(Pong { reference: id }))),
             RequestBody::Auth { .. } => Err(ProtocolError::new(
@@ -292,6 +293,26 @@ impl Session {
             room,
             count: users.len() as u64,
             users,
+        })))
+    }
+
+    async fn presence(&mut self, id: Option<String>, users: Vec<String>) -> Outcome {
+        let max = self.node.config.limits.max_recipients;
+        if users.len() > max {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitExceeded,
+                format!("\"users\" names {} users; the limit is {max}", users.len()),
+                id,
+            ));
+        }
+        let flags = self
+            .node
+            .online(&users)
+            .await
+            .map_err(|e| internal(e, &id))?;
+        Ok(Some(ServerEvent::Presence(PresenceReply {
+            reference: id,
+            online: users.into_iter().zip(flags).collect(),
         })))
     }
 

@@ -295,6 +295,7 @@ pub fn reference_of(event: &ServerEvent) -> Option<&str> {
     match event {
         ServerEvent::Ack(ack) => ack.reference.as_deref(),
         ServerEvent::Members(members) => members.reference.as_deref(),
+        ServerEvent::Presence(reply) => reply.reference.as_deref(),
         ServerEvent::Error(error) => error.reference.as_deref(),
         ServerEvent::Pong(pong) => pong.reference.as_deref(),
         _ => None,
