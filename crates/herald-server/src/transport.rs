@@ -4,7 +4,7 @@
 //!
 //! The library is `yawc`: it validates frames, reassembles fragments, checks UTF-8, answers Ping
 //! and Close, closes with 1009 when a frame or a reassembled message reaches the size limit, and
-//! runs permessage-deflate (RFC 7692). Herald adds two things around it:
+//! runs permessage-deflate (RFC 7692). Herald adds three things around it:
 //!
 //! - **Negotiation** ([`negotiate`]). yawc reads `Sec-WebSocket-Extensions` as one offer,
 //!   declines a header holding several, and may accept a window size it cannot keep. Herald
@@ -12,6 +12,9 @@
 //!   starts yawc's codec on exactly those terms.
 //! - **[`ControlFrameGuard`]**. yawc answers a Close frame whose payload exceeds 125 bytes as an
 //!   ordinary close (1000), where RFC 6455 §5.5 requires failing the connection (1002).
+//! - **[`ServerSocket`]**, which closes as RFC 6455 §7 says: the peer's Close is echoed, and a
+//!   protocol error gets 1002, 1007 or 1009, where yawc would send 1003, nothing, or the 1000
+//!   its own `close` adds.
 //!
 //! Memory: a direction without context takeover borrows its deflate state from one process-wide
 //! [`DeflatePool`] for one message at a time, so an idle connection holds none.
@@ -23,7 +26,8 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll, ready};
 
 use futures::{Sink, SinkExt, Stream};
@@ -311,6 +315,8 @@ fn split_unquoted(text: &str, separator: char) -> Vec<&str> {
 pub struct ServerSocket<S> {
     inner: WebSocket<ControlFrameGuard<S>>,
     state: State,
+    /// The guard's flag: a protocol error is its doing.
+    oversized_control_frame: Arc<AtomicBool>,
 }
 
 enum State {
@@ -327,15 +333,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerSocket<S> {
     /// Starts the WebSocket on `io`, an upgraded connection, with the agreed `extensions`
     /// (the response's `Sec-WebSocket-Extensions`, if any).
     pub fn new(io: S, extensions: Option<&str>, options: Options) -> Result<Self, WebSocketError> {
-        let inner = WebSocket::from_stream_with_extensions(
-            ControlFrameGuard::new(io),
-            Role::Server,
-            extensions,
-            options,
-        )?;
+        let guard = ControlFrameGuard::new(io);
+        let oversized_control_frame = guard.tripped();
+        let inner =
+            WebSocket::from_stream_with_extensions(guard, Role::Server, extensions, options)?;
         Ok(ServerSocket {
             inner,
             state: State::Open,
+            oversized_control_frame,
         })
     }
 }
@@ -370,7 +375,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for ServerSocket<S> {
                     Ok(frame) => return Poll::Ready(Some(frame)),
                     Err(error) => {
                         let close = failure_code(&error).map(|code| {
-                            let reason = error.to_string();
+                            let reason = if this.oversized_control_frame.load(Ordering::Relaxed) {
+                                "control frame payload over 125 bytes".to_owned()
+                            } else {
+                                error.to_string()
+                            };
                             Frame::close(code, truncate(&reason, MAX_CLOSE_REASON_BYTES))
                         });
                         this.state = State::Failed(close);
@@ -447,6 +456,8 @@ fn truncate(text: &str, max: usize) -> &str {
 pub struct ControlFrameGuard<S> {
     inner: S,
     scanner: HeaderScanner,
+    /// Set when the guard turned a frame away, so the Close can name the real reason.
+    tripped: Arc<AtomicBool>,
 }
 
 impl<S> ControlFrameGuard<S> {
@@ -454,7 +465,13 @@ impl<S> ControlFrameGuard<S> {
         ControlFrameGuard {
             inner,
             scanner: HeaderScanner::default(),
+            tripped: Arc::default(),
         }
+    }
+
+    /// A flag that turns true once the guard has turned an oversized control frame away.
+    pub fn tripped(&self) -> Arc<AtomicBool> {
+        self.tripped.clone()
     }
 }
 
@@ -467,7 +484,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for ControlFrameGuard<S> {
         let this = &mut *self;
         let start = buf.filled().len();
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        this.scanner.scan(&mut buf.filled_mut()[start..]);
+        if this.scanner.scan(&mut buf.filled_mut()[start..]) {
+            this.tripped.store(true, Ordering::Relaxed);
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -532,12 +551,13 @@ impl Default for HeaderScanner {
 }
 
 impl HeaderScanner {
-    /// Follows `bytes`, just read, and defuses an oversized control frame among them.
-    fn scan(&mut self, bytes: &mut [u8]) {
+    /// Follows `bytes`, just read, and defuses an oversized control frame among them; true
+    /// when it did.
+    fn scan(&mut self, bytes: &mut [u8]) -> bool {
         let mut at = 0;
         while at < bytes.len() {
             match self {
-                HeaderScanner::Tripped => return,
+                HeaderScanner::Tripped => return false,
                 HeaderScanner::Payload(remaining) => {
                     let skipped = (*remaining).min((bytes.len() - at) as u64);
                     // `skipped` is at most `bytes.len() - at`, so it fits in usize.
@@ -553,7 +573,7 @@ impl HeaderScanner {
                     if *seen == 2 && is_control(head[0]) && head[1] & 0x7F > MAX_CONTROL_PAYLOAD {
                         bytes[at] = 0;
                         *self = HeaderScanner::Tripped;
-                        return;
+                        return true;
                     }
                     at += 1;
                     if *seen >= 2 && *seen == header_len(head[1]) {
@@ -567,6 +587,7 @@ impl HeaderScanner {
                 }
             }
         }
+        false
     }
 }
 
@@ -824,9 +845,9 @@ mod tests {
     }
 
     /// Runs an echo server on one end of a pipe, writes `frames` from the other, and returns
-    /// the code of the first Close frame the server sends. Text is echoed first, so every
+    /// the code and reason of the first Close frame the server sends. Text is echoed first, so every
     /// frame before the last must be accepted.
-    async fn close_code_after(frames: &[Vec<u8>]) -> u16 {
+    async fn close_after(frames: &[Vec<u8>]) -> (u16, String) {
         let (mut peer, server_side) = tokio::io::duplex(1 << 20);
         let options = server_options(1024, &CompressionConfig::default());
         let mut socket = ServerSocket::new(server_side, None, options).unwrap();
@@ -843,31 +864,31 @@ mod tests {
         for frame in frames {
             peer.write_all(frame).await.unwrap();
         }
-        let code = loop {
+        let close = loop {
             let mut head = [0; 2];
             peer.read_exact(&mut head).await.unwrap();
             assert!(head[1] < 126, "a short frame from the server: {head:?}");
             let mut payload = vec![0; usize::from(head[1])];
             peer.read_exact(&mut payload).await.unwrap();
             if head[0] == 0x80 | u8::from(OpCode::Close) {
-                break u16::from_be_bytes([payload[0], payload[1]]);
+                let reason = String::from_utf8(payload[2..].to_vec()).unwrap();
+                break (u16::from_be_bytes([payload[0], payload[1]]), reason);
             }
         };
         tokio::time::timeout(std::time::Duration::from_secs(5), server)
             .await
             .expect("the server ends the connection")
             .unwrap();
-        code
+        close
     }
 
     #[tokio::test]
     async fn a_close_frame_over_125_bytes_fails_the_connection_with_1002() {
         let mut close = client_frame(CLOSE, 126);
         close[8..10].copy_from_slice(&1000u16.to_be_bytes());
-        assert_eq!(
-            close_code_after(&[client_frame(TEXT, 5), close]).await,
-            1002
-        );
+        let (code, reason) = close_after(&[client_frame(TEXT, 5), close]).await;
+        assert_eq!(code, 1002);
+        assert_eq!(reason, "control frame payload over 125 bytes");
     }
 
     #[tokio::test]
@@ -890,11 +911,8 @@ mod tests {
             ("message over the limit", client_frame(TEXT, 1025), 1009),
         ];
         for (what, frames, code) in cases {
-            assert_eq!(
-                close_code_after(&[client_frame(TEXT, 5), frames]).await,
-                code,
-                "{what}"
-            );
+            let (sent, reason) = close_after(&[client_frame(TEXT, 5), frames]).await;
+            assert_eq!(sent, code, "{what}: {reason}");
         }
     }
 

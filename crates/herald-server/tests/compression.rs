@@ -430,3 +430,298 @@ async fn a_deflate_client_and_a_plain_client_each_get_the_same_direct_message() 
     assert_eq!(content_of(&to_deflate), json!(large));
     assert_eq!(content_of(&to_plain), json!(large));
 }
+
+/// The measurements behind `docs/conformance.md`, "Compression cost": a `herald serve` process
+/// pinned to CPU 0, and yawc clients in this process (run it on CPU 1). Slow, so by hand:
+///
+/// ```text
+/// taskset -c 1 cargo test --release -p herald-server --test compression -- \
+///     --ignored --nocapture --test-threads=1
+/// ```
+mod cost {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::SocketAddr;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+    use yawc::DeflatePool;
+
+    /// A `herald serve` process with anonymous users, compression on and no rate limit.
+    struct ServerProcess {
+        child: Child,
+        addr: SocketAddr,
+    }
+
+    impl ServerProcess {
+        fn start(settings: &[(&str, &str)]) -> ServerProcess {
+            let addr = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let mut child = Command::new("taskset")
+                .args([
+                    "-c",
+                    "0",
+                    env!("CARGO_BIN_EXE_herald"),
+                    "serve",
+                    "--anonymous",
+                ])
+                .args(["--listen", &addr.to_string()])
+                .env_remove("RUST_LOG")
+                .env("HERALD_LOG_LEVEL", "info")
+                .env("HERALD_HEARTBEAT_INTERVAL", "1h")
+                .env("HERALD_COMPRESSION_ENABLED", "true")
+                .env("HERALD_LIMITS_MESSAGES_PER_SECOND", "1000000")
+                .env("HERALD_LIMITS_BURST", "1000000")
+                .envs(settings.iter().copied())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("taskset and the herald binary");
+            // The log says when the server listens; the thread keeps draining it afterwards.
+            let (listening, ready) = mpsc::channel();
+            let log = BufReader::new(child.stderr.take().unwrap());
+            std::thread::spawn(move || {
+                for line in log.lines().map_while(Result::ok) {
+                    if line.contains("listening") {
+                        let _ = listening.send(());
+                    }
+                }
+            });
+            ready
+                .recv_timeout(EVENT_TIMEOUT)
+                .expect("herald serve did not start");
+            ServerProcess { child, addr }
+        }
+
+        fn proc_file(&self, name: &str) -> String {
+            std::fs::read_to_string(format!("/proc/{}/{name}", self.child.id())).unwrap()
+        }
+
+        fn rss_kib(&self) -> f64 {
+            let status = self.proc_file("status");
+            let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        }
+
+        /// User plus system CPU time.
+        fn cpu(&self) -> Duration {
+            let stat = self.proc_file("stat");
+            // Fields after the command name, which is in parentheses: utime is 14th, stime 15th.
+            let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+            let ticks: u64 =
+                fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+            Duration::from_millis(ticks * 1000 / clock_ticks_per_second())
+        }
+
+        /// Bytes the process has written to sockets and files.
+        fn bytes_written(&self) -> u64 {
+            let io = self.proc_file("io");
+            let line = io.lines().find(|l| l.starts_with("wchar:")).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        }
+
+        async fn connect(&self, user: &str, options: Options) -> Subscriber {
+            let url = format!("ws://{}/ws?user={user}", self.addr);
+            let ws = WebSocket::connect(url.parse().unwrap())
+                .with_options(options)
+                .await
+                .expect("connect");
+            let mut subscriber = Subscriber { ws };
+            subscriber.next_text().await; // welcome
+            subscriber
+        }
+    }
+
+    impl Drop for ServerProcess {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn clock_ticks_per_second() -> u64 {
+        let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    struct Subscriber {
+        ws: WebSocket<yawc::MaybeTlsStream<TcpStream>>,
+    }
+
+    impl Subscriber {
+        async fn next_text(&mut self) -> Frame {
+            loop {
+                let frame = tokio::time::timeout(EVENT_TIMEOUT, self.ws.next())
+                    .await
+                    .expect("timed out")
+                    .expect("connection ended");
+                match frame.opcode() {
+                    OpCode::Text => return frame,
+                    OpCode::Close => panic!("closed: {:?}", frame.close_code()),
+                    _ => {}
+                }
+            }
+        }
+
+        /// Sends a request with `id` and waits for the frame that names it.
+        async fn request(&mut self, request: Value, id: &str) {
+            self.ws
+                .send(Frame::text(request.to_string()))
+                .await
+                .unwrap();
+            while !self.next_text().await.as_str().contains(id) {}
+        }
+    }
+
+    /// Options for clients in these measurements: deflate with the client side pooled too,
+    /// so this process stays small, or no offer at all.
+    fn client_options(deflate: bool) -> Options {
+        if deflate {
+            deflate_offer()
+                .with_compression_threshold(0)
+                .client_no_context_takeover()
+                .with_deflate_pool(DeflatePool::new(8))
+        } else {
+            Options::default()
+        }
+    }
+
+    /// Opens `count` connections that each receive a compressible message and send one (a
+    /// `ping` with a long id, answered by a `pong` carrying it), then stay idle.
+    async fn open_used(
+        server: &ServerProcess,
+        first: usize,
+        count: usize,
+        options: &Options,
+    ) -> Vec<Subscriber> {
+        futures::stream::iter(first..first + count)
+            .map(|n| {
+                let options = options.clone();
+                async move {
+                    let mut client = server.connect(&format!("u{n}"), options).await;
+                    let id = format!("{n:0>60}");
+                    client.request(json!({"type": "ping", "id": id}), &id).await;
+                    client
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await
+    }
+
+    /// RSS per idle connection: `count` connections opened after a warm-up of 200.
+    async fn rss_per_connection(settings: &[(&str, &str)], options: Options, count: usize) -> f64 {
+        let server = ServerProcess::start(settings);
+        let _warm = open_used(&server, 0, 200, &options).await;
+        let before = server.rss_kib();
+        let _measured = open_used(&server, 200, count, &options).await;
+        (server.rss_kib() - before) / count as f64
+    }
+
+    #[tokio::test]
+    #[ignore = "measurement; see docs/conformance.md"]
+    async fn idle_connections_with_deflate_cost_little_more_memory_than_plain_ones() {
+        let plain = rss_per_connection(&[], client_options(false), 2000).await;
+        let pooled = rss_per_connection(&[], client_options(true), 2000).await;
+        let keeping_context = rss_per_connection(
+            &[
+                ("HERALD_COMPRESSION_SERVER_NO_CONTEXT_TAKEOVER", "false"),
+                ("HERALD_COMPRESSION_CLIENT_NO_CONTEXT_TAKEOVER", "false"),
+            ],
+            deflate_offer().with_compression_threshold(0),
+            300,
+        )
+        .await;
+        println!("RSS per idle connection (KiB), herald serve:");
+        println!("  no deflate                                   {plain:7.1}");
+        println!("  deflate, no context takeover, shared pool    {pooled:7.1}");
+        println!("  deflate, context takeover both ways          {keeping_context:7.1}");
+        assert!(
+            pooled - plain < 4.0,
+            "deflate adds {:.1} KiB to an idle connection",
+            pooled - plain
+        );
+    }
+
+    /// Chat-like text: common words in a pseudo-random order, `len` bytes long. It deflates to
+    /// about half, as real chat does, where `chatty_text` would shrink to nothing.
+    fn prose(len: usize) -> String {
+        const WORDS: [&str; 24] = [
+            "the", "meeting", "is", "moved", "to", "three", "tomorrow", "can", "you", "send", "me",
+            "latest", "draft", "thanks", "I", "think", "we", "should", "ship", "it", "after",
+            "review", "sounds", "good",
+        ];
+        let mut state = 0x9E37_79B9_u32;
+        let mut text = String::with_capacity(len + 16);
+        while text.len() < len {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            text.push_str(WORDS[(state >> 16) as usize % WORDS.len()]);
+            text.push(if state % 7 == 0 { '.' } else { ' ' });
+        }
+        text.truncate(len);
+        text
+    }
+
+    /// Server CPU per delivered message: one publisher, `subscribers` connections in one room.
+    async fn fan_out(deflate: bool, subscribers: usize, messages: usize, content: &str) -> String {
+        let server = ServerProcess::start(&[]);
+        let room = json!({"type": "join", "room": "fan", "id": "joined"});
+        let mut readers = Vec::new();
+        for n in 0..subscribers {
+            let mut client = server
+                .connect(&format!("s{n}"), client_options(deflate))
+                .await;
+            client.request(room.clone(), "joined").await;
+            readers.push(tokio::spawn(async move {
+                for _ in 0..messages {
+                    while !client
+                        .next_text()
+                        .await
+                        .as_str()
+                        .starts_with(r#"{"type":"message""#)
+                    {}
+                }
+            }));
+        }
+        let mut publisher = server.connect("publisher", client_options(false)).await;
+        publisher.request(room, "joined").await;
+
+        let (cpu, written, started) = (server.cpu(), server.bytes_written(), Instant::now());
+        for n in 0..messages {
+            let id = format!("p{n}");
+            let publish = json!({
+                "type": "publish", "room": "fan", "id": id, "echo": false,
+                "content": {"text": content, "n": n},
+            });
+            publisher.request(publish, &format!("\"{id}\"")).await;
+        }
+        for reader in readers {
+            reader.await.unwrap();
+        }
+        let deliveries = (subscribers * messages) as f64;
+        let cpu = (server.cpu() - cpu).as_secs_f64() * 1e6 / deliveries;
+        let bytes = (server.bytes_written() - written) as f64 / deliveries;
+        let rate = deliveries / started.elapsed().as_secs_f64();
+        format!("{cpu:6.2} µs  {bytes:7.0} B  {rate:9.0}/s")
+    }
+
+    #[tokio::test]
+    #[ignore = "measurement; see docs/conformance.md"]
+    async fn server_cpu_per_delivery_with_and_without_deflate() {
+        println!("server CPU and bytes written per delivery, 200 subscribers × 500 messages:");
+        for len in [100, 2000] {
+            let content = prose(len);
+            for deflate in [false, true] {
+                let figures = fan_out(deflate, 200, 500, &content).await;
+                let kind = if deflate { "deflate" } else { "plain  " };
+                println!("  {len:5} B content, {kind}  {figures}");
+            }
+        }
+    }
+}
