@@ -20,8 +20,9 @@ const DEFAULTS = {
   dedupeWindow: 2000,
 };
 
-/** Close codes after which reconnecting would not help (see docs/protocol.md). */
-const isFinal = (code) => code >= 4400 && code < 4500;
+/** Close codes after which reconnecting would not help (see docs/protocol.md): 44xx, and
+ * 1008 (policy violation), since the same client would be closed again. */
+const isFinal = (code) => (code >= 4400 && code < 4500) || code === 1008;
 
 /** An error answered by the server, or a request that could not complete. */
 export class HeraldError extends Error {

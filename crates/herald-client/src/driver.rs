@@ -225,7 +225,7 @@ async fn serve(
                         let (code, reason) = frame
                             .map(|f| (u16::from(f.code), f.reason.to_string()))
                             .unwrap_or((1005, String::new()));
-                        if (4400..4500).contains(&code) {
+                        if !herald_protocol::CloseCode::new(code, "").should_reconnect() {
                             break Ended::Final { code, reason };
                         }
                         break Ended::Lost;

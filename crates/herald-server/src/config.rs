@@ -70,6 +70,8 @@ pub struct AuthConfig {
     pub public_key: Option<PathBuf>,
     /// `HS256`, `RS256` or `ES256`; defaults to HS256 with a secret, RS256 with a public key.
     pub algorithm: Option<String>,
+    /// When set, tokens must carry this `aud`; when unset, `aud` is not checked.
+    pub audience: Option<String>,
     /// Development only: accept `?user=NAME` without a token.
     pub anonymous: bool,
     /// Development only: `POST /dev/token {"user": NAME}` hands out tokens to anyone, for the
@@ -94,6 +96,7 @@ impl Default for AuthConfig {
             secret: None,
             public_key: None,
             algorithm: None,
+            audience: None,
             anonymous: false,
             dev_login: false,
             message_auth: true,
@@ -357,13 +360,20 @@ impl Config {
                 reason: "must be greater than zero".into(),
             });
         }
-        if let Some(algorithm) = &self.auth.algorithm
-            && !["HS256", "RS256", "ES256"].contains(&algorithm.as_str())
-        {
-            return Err(ConfigError::Key {
-                key: "auth.algorithm",
-                reason: format!("{algorithm:?} is not one of HS256, RS256, ES256"),
-            });
+        if let Some(algorithm) = &self.auth.algorithm {
+            let with_key = self.auth.public_key.is_some();
+            let reason = match (algorithm.as_str(), with_key) {
+                ("HS256", false) | ("RS256" | "ES256", true) => None,
+                ("HS256", true) => Some("HS256 needs auth.secret, not auth.public_key".to_owned()),
+                ("RS256" | "ES256", false) => Some(format!("{algorithm} needs auth.public_key")),
+                _ => Some(format!("{algorithm:?} is not one of HS256, RS256, ES256")),
+            };
+            if let Some(reason) = reason {
+                return Err(ConfigError::Key {
+                    key: "auth.algorithm",
+                    reason,
+                });
+            }
         }
         if self.auth.dev_login && self.auth.public_key.is_some() {
             return Err(ConfigError::Key {

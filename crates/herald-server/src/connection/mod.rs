@@ -84,9 +84,7 @@ pub async fn serve(ws: Socket, node: Arc<Node>, admission: Admission, rooms: Vec
     handle.offer(OutFrame::Text(welcome.encode()));
     if let Err(error) = node.connect(&handle).await {
         let code = match error {
-            ConnectError::Limit(_) => {
-                CloseCode::new(1013, "connection limit reached, try again later")
-            }
+            ConnectError::Limit(_) => CloseCode::TRY_AGAIN_LATER,
             ConnectError::Engine(_) => CloseCode::INTERNAL_ERROR,
         };
         tracing::info!(user = %identity.user, %error, "connection refused after upgrade");
