@@ -15,7 +15,17 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The sections of the configuration, also the only `HERALD_*` prefixes read as keys.
-const SECTIONS: [&str; 5] = ["server", "auth", "heartbeat", "limits", "log"];
+const SECTIONS: [&str; 9] = [
+    "server",
+    "auth",
+    "heartbeat",
+    "limits",
+    "log",
+    "api",
+    "metrics",
+    "tls",
+    "static",
+];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -25,6 +35,11 @@ pub struct Config {
     pub heartbeat: HeartbeatConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub api: ApiConfig,
+    pub metrics: MetricsConfig,
+    pub tls: TlsConfig,
+    #[serde(rename = "static")]
+    pub static_files: StaticConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,6 +55,10 @@ pub struct ServerConfig {
     /// On shutdown, how long writers get to flush and send their close frames.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// On shutdown, how long the node keeps serving with `/ready` answering 503 before it
+    /// closes the listener, so load balancers stop sending it new clients first.
+    #[serde(with = "duration")]
+    pub shutdown_delay: Duration,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +68,7 @@ impl Default for ServerConfig {
             node_id: String::new(),
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            shutdown_delay: Duration::ZERO,
         }
     }
 }
@@ -175,6 +195,111 @@ impl Default for LogConfig {
     }
 }
 
+/// The server API under `/api/` and the CLI commands that call it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Keys accepted in `Authorization: Bearer <key>`; the API refuses every call while empty.
+    #[serde(deserialize_with = "list")]
+    pub keys: Vec<String>,
+    /// The key `herald publish`/`send`/`broadcast` send; the first of `keys` when unset.
+    pub key: Option<String>,
+    /// Where those commands find the server; derived from `server.listen` (and `tls`) when unset.
+    pub url: Option<String>,
+    /// Recipients of one `POST /api/send`.
+    pub max_recipients: usize,
+    /// Largest request body the API reads.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            keys: Vec::new(),
+            key: None,
+            url: None,
+            max_recipients: 1000,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// The key the CLI sends.
+    pub fn client_key(&self) -> Option<&str> {
+        self.key
+            .as_deref()
+            .or(self.keys.first().map(String::as_str))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics at `/metrics` (and record them at all).
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true }
+    }
+}
+
+/// HTTPS and WSS on the one port. Both files are PEM; set both or neither.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert: Option<PathBuf>,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// How often the files are checked for changes (they are also reloaded on SIGHUP);
+    /// `0s` turns the check off.
+    #[serde(with = "duration")]
+    pub watch_interval: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: None,
+            key: None,
+            watch_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() && self.key.is_some()
+    }
+}
+
+/// Static files served at `/` (the browser chat page lives in `web/`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StaticConfig {
+    pub enabled: bool,
+    /// The folder served; a missing folder serves nothing (404) and is not an error.
+    pub dir: PathBuf,
+    /// `Cache-Control: max-age` for files other than HTML; `0s` makes every file `no-cache`
+    /// (the browser revalidates with `If-Modified-Since`). HTML is always `no-cache`, so a new
+    /// page picks up new assets.
+    #[serde(with = "duration")]
+    pub max_age: Duration,
+}
+
+impl Default for StaticConfig {
+    fn default() -> Self {
+        StaticConfig {
+            enabled: true,
+            dir: PathBuf::from("web"),
+            max_age: Duration::ZERO,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -264,7 +389,10 @@ impl Config {
         positive("limits.max_recipients", limits.max_recipients)?;
         positive("limits.send_queue", limits.send_queue)?;
         positive("limits.max_pending_auth", limits.max_pending_auth)?;
-        positive("limits.max_pending_auth_per_ip", limits.max_pending_auth_per_ip)?;
+        positive(
+            "limits.max_pending_auth_per_ip",
+            limits.max_pending_auth_per_ip,
+        )?;
         positive("auth.max_attempts", self.auth.max_attempts as usize)?;
         if self.auth.timeout.is_zero() {
             return Err(ConfigError::Key {
@@ -287,6 +415,29 @@ impl Config {
                 key: "auth.secret",
                 reason: "must be at least 16 bytes long".into(),
             });
+        }
+        if self.api.keys.iter().any(|key| key.len() < 16) {
+            return Err(ConfigError::Key {
+                key: "api.keys",
+                reason: "every key must be at least 16 bytes long".into(),
+            });
+        }
+        positive("api.max_recipients", self.api.max_recipients)?;
+        positive("api.max_body_bytes", self.api.max_body_bytes)?;
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) => {
+                return Err(ConfigError::Key {
+                    key: "tls.key",
+                    reason: "is required when tls.cert is set".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Key {
+                    key: "tls.cert",
+                    reason: "is required when tls.key is set".into(),
+                });
+            }
+            _ => {}
         }
         Ok(())
     }

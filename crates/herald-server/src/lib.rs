@@ -22,9 +22,11 @@ pub mod delivery;
 pub mod engine;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod node;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;
 
 use std::sync::Arc;

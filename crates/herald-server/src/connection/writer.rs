@@ -4,10 +4,11 @@
 //! the WebSocket's write buffer before one flush, so a burst costs one syscall rather than one
 //! per message. It also owns the connection's single deadline: the next Ping, or the moment the
 //! peer has been silent for two heartbeat intervals. Whatever ends the connection, the writer
-//! sends the Close frame with its code, under a bounded wait.
+//! sends the Close frame with its code, under a bounded wait. After each flush it records the
+//! traffic (connection stats, metrics) and each frame's delivery latency, once per batch.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant as StdInstant};
 
 use futures::{Sink, SinkExt};
 use tokio::sync::mpsc;
@@ -15,7 +16,8 @@ use tokio::time::{Instant, sleep_until, timeout};
 use yawc::{Frame, WebSocketError};
 
 use super::control::{CloseReason, ConnControl};
-use crate::delivery::OutFrame;
+use crate::delivery::{OutFrame, Outgoing};
+use crate::metrics::HOT;
 use herald_protocol::CloseCode;
 
 /// Most frames written between two flushes.
@@ -26,7 +28,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 pub async fn run<S>(
     mut sink: S,
-    mut outbox: mpsc::Receiver<OutFrame>,
+    mut outbox: mpsc::Receiver<Outgoing>,
     control: Arc<ConnControl>,
     heartbeat: Duration,
 ) where
@@ -43,7 +45,7 @@ pub async fn run<S>(
             frame = outbox.recv() => {
                 let Some(frame) = frame else { break CloseReason::PeerGone };
                 let written = tokio::select! {
-                    written = write_batch(&mut sink, frame, &mut outbox) => written,
+                    written = write_batch(&mut sink, frame, &mut outbox, &control) => written,
                     // The socket is not draining and someone asked to close: give up on it.
                     _ = control.closed() => return,
                 };
@@ -67,27 +69,46 @@ pub async fn run<S>(
         }
     };
     // Tell the reader (and the hub) too, in case the writer decided.
-    control.close(reason);
+    control.close(reason.clone());
     let _ = timeout(CLOSE_WAIT, close(&mut sink, reason)).await;
 }
 
 async fn write_batch<S>(
     sink: &mut S,
-    first: OutFrame,
-    outbox: &mut mpsc::Receiver<OutFrame>,
+    first: Outgoing,
+    outbox: &mut mpsc::Receiver<Outgoing>,
+    control: &ConnControl,
 ) -> Result<(), WebSocketError>
 where
     S: Sink<Frame, Error = WebSocketError> + Unpin,
 {
-    let mut written = 1;
-    sink.feed(to_frame(first)).await?;
-    while written < MAX_BATCH {
-        let Ok(frame) = outbox.try_recv() else { break };
-        sink.feed(to_frame(frame)).await?;
-        written += 1;
+    // Acceptance times of the frames in this write, for the latency histogram after the flush.
+    let mut accepted: Vec<StdInstant> = Vec::with_capacity(outbox.len().min(MAX_BATCH) + 1);
+    let (mut text, mut binary, mut bytes) = (0u64, 0u64, 0usize);
+    let mut next = Some(first);
+    while let Some(item) = next.take() {
+        accepted.push(item.accepted);
+        bytes += item.frame.len();
+        match item.frame {
+            OutFrame::Text(_) => text += 1,
+            OutFrame::Binary(_) => binary += 1,
+        }
+        sink.feed(to_frame(item.frame)).await?;
+        if accepted.len() < MAX_BATCH {
+            next = outbox.try_recv().ok();
+        }
     }
+    // Counted before the flush: whoever has read these frames finds them in the stats.
+    control.stats.sent(accepted.len(), bytes);
     sink.flush().await?;
-    metrics::counter!("herald_frames_sent_total").increment(written as u64);
+    let flushed = StdInstant::now();
+    for moment in &accepted {
+        HOT.delivery_latency
+            .record(flushed.saturating_duration_since(*moment).as_secs_f64());
+    }
+    HOT.text_out.increment(text);
+    HOT.binary_out.increment(binary);
+    HOT.sent_bytes.increment(bytes as u64);
     Ok(())
 }
 
@@ -109,6 +130,10 @@ where
                 code.reason,
             ))
             .await?;
+        }
+        CloseReason::Kicked { code, reason } => {
+            sink.send(Frame::close(yawc::close::CloseCode::from(code), &*reason))
+                .await?;
         }
         // The peer's Close may still wait in the library's queue for its echo: flush it.
         CloseReason::PeerGone => sink.flush().await?,
