@@ -9,7 +9,6 @@
 //! the subscription fails); likewise for each user's channel.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use herald_protocol::{Message, Payload, PresenceChange, ServerEvent};
@@ -38,8 +37,9 @@ pub struct Node {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for their close frames to go out.
     pub tasks: TaskTracker,
-    /// Set when shutdown begins, before connections close: `/ready` answers 503 from then on.
-    draining: AtomicBool,
+    /// Cancelled when shutdown begins, before connections close: `/ready` answers 503 from
+    /// then on.
+    draining: CancellationToken,
 }
 
 /// What the sender of a direct message learns.
@@ -81,7 +81,7 @@ impl Node {
             conn_ids: ConnIds::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            draining: AtomicBool::new(false),
+            draining: CancellationToken::new(),
         });
         node.broker.start(node.clone());
         node
@@ -315,14 +315,21 @@ impl Node {
 
     /// Marks the node as shutting down: it stays up, but `/ready` fails.
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.draining.cancel();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled() || self.shutdown.is_cancelled()
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn draining(&self) {
+        self.draining.cancelled().await;
     }
 
     /// Whether every engine answers and the node is not shutting down.
     pub async fn ready(&self) -> bool {
-        !self.draining.load(Ordering::Acquire)
-            && !self.shutdown.is_cancelled()
-            && self.broker.ready().await
+        !self.is_draining() && self.broker.ready().await
     }
 }
 
