@@ -365,6 +365,7 @@ mod tests {
 
     #[test]
     fn a_full_outbox_cuts_off_only_that_consumer() {
+        crate::metrics::install();
         let hub = Hub::new();
         let room: Arc<str> = "r".into();
         let (slow, _slow_rx, slow_signal) = handle(1, "slow", 1);
@@ -385,6 +386,56 @@ mod tests {
         for _ in 0..3 {
             fast_rx.try_recv().unwrap();
         }
+        let rendered = crate::metrics::render();
+        let cut_off = rendered
+            .lines()
+            .find_map(|line| line.strip_prefix("herald_slow_consumers_total "))
+            .and_then(|value| value.parse::<f64>().ok());
+        assert!(cut_off >= Some(1.0), "{rendered}");
+    }
+
+    #[test]
+    fn closing_a_user_reaches_only_that_users_connections() {
+        let hub = Hub::new();
+        let (a1, _r1, a1_signal) = handle(1, "a", 1);
+        let (a2, _r2, a2_signal) = handle(2, "a", 1);
+        let (b, _r3, b_signal) = handle(3, "b", 1);
+        for h in [&a1, &a2, &b] {
+            hub.register(h.clone(), 10, 10).unwrap();
+        }
+        let reason = CloseReason::Kicked {
+            code: 4403,
+            reason: "banned".into(),
+        };
+        assert_eq!(hub.close_user("a", &reason), 2);
+        assert_eq!(a1_signal.reason(), Some(reason.clone()));
+        assert_eq!(a2_signal.reason(), Some(reason));
+        assert_eq!(b_signal.reason(), None);
+        assert_eq!(hub.close_user("nobody", &CloseReason::PeerGone), 0);
+    }
+
+    #[test]
+    fn rooms_are_indexed_by_connection() {
+        let hub = Hub::new();
+        let (a, _ra, _) = handle(1, "a", 1);
+        let (b, _rb, _) = handle(2, "b", 1);
+        for h in [&a, &b] {
+            hub.register(h.clone(), 10, 10).unwrap();
+        }
+        for room in ["z", "m"] {
+            hub.join(&Arc::from(room), &a);
+        }
+        hub.join(&Arc::from("m"), &b);
+        let index = hub.rooms_by_connection();
+        let names =
+            |id: u64| -> Vec<String> { index[&ConnId(id)].iter().map(|r| r.to_string()).collect() };
+        assert_eq!(names(1), ["m", "z"]);
+        assert_eq!(names(2), ["m"]);
+        assert_eq!(
+            hub.rooms_of(ConnId(1)),
+            hub.rooms_by_connection()[&ConnId(1)]
+        );
+        assert!(hub.rooms_of(ConnId(9)).is_empty());
     }
 
     #[test]

@@ -126,6 +126,31 @@ impl TestServer {
         http_request(self.http_url(path), method, body, key).await
     }
 
+    /// Reads `/metrics`.
+    pub async fn scrape(&self) -> Scrape {
+        let reply = self.http("GET", "/metrics", None, None).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        Scrape::parse(&reply.body)
+    }
+
+    /// Scrapes until `moved` holds. For effects that happen after the client has seen
+    /// everything (cleanup after a close), where the metric itself is the only event.
+    pub async fn scrape_until(&self, moved: impl Fn(&Scrape) -> bool) -> Scrape {
+        let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let scrape = self.scrape().await;
+            if moved(&scrape) {
+                return scrape;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "metrics did not move in time:\n{}",
+                scrape.text
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A request written byte for byte (no client-side path normalisation); returns the raw
     /// response head and body.
     pub async fn raw_http(&self, request_line_target: &str) -> String {
@@ -201,6 +226,45 @@ impl Drop for TestServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// One scrape of `/metrics`: each sample line by its series (`name{labels}`).
+pub struct Scrape {
+    pub text: String,
+    samples: std::collections::HashMap<String, f64>,
+}
+
+impl Scrape {
+    fn parse(text: &str) -> Scrape {
+        let samples = text
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                Some((series.to_owned(), value.parse().ok()?))
+            })
+            .collect();
+        Scrape {
+            text: text.to_owned(),
+            samples,
+        }
+    }
+
+    /// One series, e.g. `herald_messages_in_total{type="join"}`; 0 when absent.
+    pub fn value(&self, series: &str) -> f64 {
+        self.samples.get(series).copied().unwrap_or(0.0)
+    }
+
+    /// The sum of every series of a metric, whatever its labels.
+    pub fn total(&self, name: &str) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(series, _)| {
+                series.as_str() == name || series.starts_with(&format!("{name}{{"))
+            })
+            .map(|(_, value)| value)
+            .sum()
     }
 }
 
