@@ -1,6 +1,7 @@
 //! A certificate authority made in the test (rcgen), the PEM files a server loads, and a TLS
 //! client that trusts only that authority (tokio-rustls, ring).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -86,7 +87,15 @@ impl TestCa {
         &self,
         server: &TestServer,
     ) -> (TlsStream<TcpStream>, CertificateDer<'static>) {
-        let tcp = TcpStream::connect(server.addr).await.unwrap();
+        self.tls_connect_to(server.addr).await
+    }
+
+    /// Opens a TLS connection to any address.
+    pub async fn tls_connect_to(
+        &self,
+        addr: SocketAddr,
+    ) -> (TlsStream<TcpStream>, CertificateDer<'static>) {
+        let tcp = TcpStream::connect(addr).await.unwrap();
         let name = ServerName::try_from(SERVER_NAME).unwrap();
         let stream = self
             .connector()
@@ -104,12 +113,18 @@ impl TestCa {
         server: &TestServer,
         user: &str,
     ) -> (Client<TlsStream<TcpStream>>, CertificateDer<'static>) {
-        let (stream, shown) = self.tls_connect(server).await;
-        let url = format!(
-            "wss://{SERVER_NAME}:{}/ws?token={}",
-            server.addr.port(),
-            server.token(user)
-        );
+        let query = format!("/ws?token={}", server.token(user));
+        self.connect_wss_to(server.addr, &query).await
+    }
+
+    /// Opens a WSS connection to `path_and_query` at any address and reads the welcome.
+    pub async fn connect_wss_to(
+        &self,
+        addr: SocketAddr,
+        path_and_query: &str,
+    ) -> (Client<TlsStream<TcpStream>>, CertificateDer<'static>) {
+        let (stream, shown) = self.tls_connect_to(addr).await;
+        let url = format!("wss://{SERVER_NAME}:{}{path_and_query}", addr.port());
         let (ws, _) = tokio_tungstenite::client_async(url.into_client_request().unwrap(), stream)
             .await
             .expect("WebSocket handshake over TLS");
