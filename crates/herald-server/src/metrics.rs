@@ -84,7 +84,8 @@ pub static HOT: LazyLock<HotPath> = LazyLock::new(|| {
     }
 });
 
-/// `# HELP` text for every metric Herald emits; also the catalogue `docs/operations.md` mirrors.
+/// `# HELP` text for every metric Herald emits; also the catalogue in
+/// `docs/api.md#metrics`.
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
 

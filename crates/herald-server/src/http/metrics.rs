@@ -1,5 +1,5 @@
 //! `GET /metrics`: every Herald metric in the Prometheus text format (catalogue in
-//! `docs/operations.md`). 404 when `metrics.enabled` is off.
+//! `docs/api.md#metrics`). 404 when `metrics.enabled` is off.
 
 use std::sync::Arc;
 
