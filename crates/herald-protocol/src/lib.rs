@@ -20,5 +20,8 @@ pub mod names;
 pub mod request;
 
 pub use codes::{CloseCode, ErrorCode};
-pub use event::{Ack, ErrorEvent, Members, Message, Pong, PresenceChange, ServerEvent, Welcome};
+pub use event::{
+    Ack, ErrorEvent, Members, Message, Pong, PresenceChange, PresenceReply, RefreshNotice,
+    ServerEvent, Welcome,
+};
 pub use request::{Payload, ProtocolError, Request, RequestBody};

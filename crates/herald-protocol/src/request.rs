@@ -56,6 +56,10 @@ pub enum RequestBody {
     Members {
         room: String,
     },
+    /// Whether each listed user has an open connection anywhere.
+    Presence {
+        users: Vec<String>,
+    },
     /// A message to every connection on every node; needs an admin token.
     Broadcast {
         content: Payload,
@@ -81,6 +85,7 @@ impl RequestBody {
             RequestBody::Leave { .. } => "leave",
             RequestBody::Publish { .. } => "publish",
             RequestBody::Members { .. } => "members",
+            RequestBody::Presence { .. } => "presence",
             RequestBody::Broadcast { .. } => "broadcast",
             RequestBody::Ping => "ping",
             RequestBody::Auth { .. } => "auth",
@@ -207,6 +212,19 @@ impl<'a> RawFields<'a> {
         Ok(room)
     }
 
+    /// A non-empty array of valid user ids.
+    fn users(&self, name: &str) -> Result<Vec<String>, ProtocolError> {
+        let users: Vec<String> = self.required(name, "an array of user ids")?;
+        if users.is_empty() {
+            return Err(self.invalid(format!("\"{name}\" must name at least one user")));
+        }
+        for user in &users {
+            check_name(user)
+                .map_err(|why| self.invalid(format!("\"{name}\" entry {user:?} {why}")))?;
+        }
+        Ok(users)
+    }
+
     fn token(&self) -> Result<String, ProtocolError> {
         self.required("token", "a JWT string")
     }
@@ -271,6 +289,9 @@ impl<'a> RawFields<'a> {
                 persist: self.optional("persist", "true or false")?.unwrap_or(true),
             },
             "members" => RequestBody::Members { room: self.room()? },
+            "presence" => RequestBody::Presence {
+                users: self.users("users")?,
+            },
             "broadcast" => RequestBody::Broadcast {
                 content: self.content(binary)?,
             },

@@ -15,7 +15,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The sections of the configuration, also the only `HERALD_*` prefixes read as keys.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "server",
     "auth",
     "heartbeat",
@@ -25,6 +25,7 @@ const SECTIONS: [&str; 9] = [
     "metrics",
     "tls",
     "static",
+    "compression",
 ];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -40,6 +41,7 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(rename = "static")]
     pub static_files: StaticConfig,
+    pub compression: CompressionConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,6 +86,9 @@ pub struct AuthConfig {
     pub algorithm: Option<String>,
     /// Development only: accept `?user=NAME` without a token.
     pub anonymous: bool,
+    /// Development only: `POST /dev/token {"user": NAME}` hands out tokens to anyone, for the
+    /// chat page's name sign-in. Needs `auth.secret`.
+    pub dev_login: bool,
     /// Accept a handshake without a token in a pending state; the first message must be
     /// `{"type":"auth","token":…}`.
     pub message_auth: bool,
@@ -104,6 +109,7 @@ impl Default for AuthConfig {
             public_key: None,
             algorithm: None,
             anonymous: false,
+            dev_login: false,
             message_auth: true,
             timeout: Duration::from_secs(5),
             max_attempts: 3,
@@ -270,6 +276,49 @@ impl Default for TlsConfig {
     }
 }
 
+/// The LZ77 window sizes, in bits, that permessage-deflate can be configured with. RFC 7692
+/// allows 8, which zlib cannot produce for a raw deflate stream.
+pub const WINDOW_BITS: std::ops::RangeInclusive<u8> = 9..=15;
+
+/// permessage-deflate (RFC 7692), agreed per connection with clients that offer it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// Accept clients' permessage-deflate offers; off, every connection is uncompressed.
+    pub enabled: bool,
+    /// Messages shorter than this many bytes go uncompressed: they rarely shrink.
+    pub threshold: usize,
+    /// Deflate level, 0 (store only) to 9 (smallest, slowest).
+    #[serde(deserialize_with = "deflate_level")]
+    pub level: u32,
+    /// Reset the server's compressor after every message, so an idle connection keeps no
+    /// deflate state (it is borrowed from a shared pool per message). Imposed on every client.
+    pub server_no_context_takeover: bool,
+    /// Ask clients to reset their compressor after every message, so the server inflates with
+    /// pooled state too. Imposed on every client; RFC 7692 lets the server require it.
+    pub client_no_context_takeover: bool,
+    /// Largest LZ77 window (bits) the server compresses with; a client may ask for less.
+    #[serde(deserialize_with = "window_bits")]
+    pub server_max_window_bits: u8,
+    /// Largest LZ77 window (bits) a client may compress with, when it offers to be limited.
+    #[serde(deserialize_with = "window_bits")]
+    pub client_max_window_bits: u8,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig {
+            enabled: false,
+            threshold: 64,
+            level: 1,
+            server_no_context_takeover: true,
+            client_no_context_takeover: true,
+            server_max_window_bits: 15,
+            client_max_window_bits: 15,
+        }
+    }
+}
+
 impl TlsConfig {
     pub fn enabled(&self) -> bool {
         self.cert.is_some() && self.key.is_some()
@@ -298,6 +347,28 @@ impl Default for StaticConfig {
             max_age: Duration::ZERO,
         }
     }
+}
+
+fn deflate_level<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    let level = u32::deserialize(deserializer)?;
+    if level > 9 {
+        return Err(serde::de::Error::custom(format!(
+            "{level} is not a deflate level from 0 to 9"
+        )));
+    }
+    Ok(level)
+}
+
+fn window_bits<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u8, D::Error> {
+    let bits = u8::deserialize(deserializer)?;
+    if !WINDOW_BITS.contains(&bits) {
+        return Err(serde::de::Error::custom(format!(
+            "{bits} is not a window size from {} to {} bits",
+            WINDOW_BITS.start(),
+            WINDOW_BITS.end()
+        )));
+    }
+    Ok(bits)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -341,7 +412,12 @@ impl Config {
                         .iter()
                         .any(|section| key.starts_with(&format!("{section}_")))
                 })
-                .map(|key| key.as_str().replacen('_', ".", 1).into()),
+                .map(|key| {
+                    key.as_str()
+                        .to_ascii_lowercase()
+                        .replacen('_', ".", 1)
+                        .into()
+                }),
         );
         for (key, value) in overrides {
             figment = figment.merge(Serialized::default(key, value));
@@ -406,6 +482,13 @@ impl Config {
             return Err(ConfigError::Key {
                 key: "auth.algorithm",
                 reason: format!("{algorithm:?} is not one of HS256, RS256, ES256"),
+            });
+        }
+        if self.auth.dev_login && self.auth.public_key.is_some() {
+            return Err(ConfigError::Key {
+                key: "auth.dev_login",
+                reason: "mints HS256 tokens, so it needs auth.secret rather than auth.public_key"
+                    .into(),
             });
         }
         if let Some(secret) = &self.auth.secret

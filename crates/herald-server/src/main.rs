@@ -50,6 +50,9 @@ enum Command {
         /// Development only: accept ?user=NAME without a token.
         #[arg(long)]
         anonymous: bool,
+        /// Development only: hand out tokens at POST /dev/token (the chat page's name sign-in).
+        #[arg(long)]
+        dev_login: bool,
     },
     /// Mint a token signed with the configured auth.secret (HS256).
     Token {
@@ -119,6 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             log_format,
             node_id,
             anonymous,
+            dev_login,
         } => {
             let mut overrides: Vec<(&'static str, Value)> = Vec::new();
             if let Some(listen) = listen {
@@ -136,6 +140,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if anonymous {
                 overrides.push(("auth.anonymous", true.into()));
+            }
+            if dev_login {
+                overrides.push(("auth.dev_login", true.into()));
             }
             let config = Config::load(cli.config.as_deref(), overrides)?;
             serve(config)
@@ -260,6 +267,12 @@ fn serve(config: Config) -> anyhow::Result<()> {
         );
         secret
     });
+    if config.auth.dev_login {
+        tracing::warn!(
+            "auth.dev_login is on: POST /dev/token gives anyone a token for any user name; \
+             development only"
+        );
+    }
     if config.auth.anonymous {
         tracing::warn!(
             "auth.anonymous is on: anyone can connect as any user with ?user=NAME; development only"

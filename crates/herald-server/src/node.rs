@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::connection::control::CloseReason;
+use crate::connection::pending::PendingAuth;
 use crate::delivery::{Channel, ConnId, ConnIds, Control, Delivery, OutFrame};
 use crate::engine::EngineError;
 use crate::engine::broker::{Broker, DeliveryHandler};
@@ -40,6 +41,8 @@ pub struct Node {
     /// Cancelled when shutdown begins, before connections close: `/ready` answers 503 from
     /// then on.
     draining: CancellationToken,
+    /// Connections accepted without a token, still waiting for their `auth` message.
+    pub pending: Arc<PendingAuth>,
 }
 
 /// What the sender of a direct message learns.
@@ -82,6 +85,7 @@ impl Node {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             draining: CancellationToken::new(),
+            pending: Arc::default(),
         });
         node.broker.start(node.clone());
         node
@@ -203,6 +207,11 @@ impl Node {
 
     pub async fn members(&self, room: &str) -> Result<Vec<String>, EngineError> {
         self.presence.members(room).await
+    }
+
+    /// For each user, whether they have an open connection on any node.
+    pub async fn online(&self, users: &[String]) -> Result<Vec<bool>, EngineError> {
+        self.presence.online(users).await
     }
 
     /// Sends a direct message to every connection of each recipient and to the sender's other

@@ -13,14 +13,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 
 use crate::http;
 use crate::node::Node;
@@ -91,7 +94,7 @@ async fn serve(
             _ = sleep_until_some(draining_until) => break,
             accepted = listener.accept() => accepted,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 // Usually out of file descriptors: back off instead of spinning.
@@ -101,12 +104,12 @@ async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let stop = node.shutdown.clone();
         let tls = tls.clone();
         http_tasks.spawn(async move {
             match tls {
-                None => serve_http(stream, service, handshake_timeout, stop).await,
+                None => serve_http(stream, router, peer, handshake_timeout, stop).await,
                 Some(tls) => {
                     // The TLS handshake runs here, in the connection's own task, under the
                     // same deadline as the request head: a slow client stalls only itself.
@@ -115,7 +118,7 @@ async fn serve(
                             .await;
                     match accepted {
                         Ok(Ok(stream)) => {
-                            serve_http(stream, service, handshake_timeout, stop).await;
+                            serve_http(stream, router, peer, handshake_timeout, stop).await;
                         }
                         Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -149,12 +152,18 @@ async fn serve(
 /// Serves HTTP/1.1 (with upgrades) on one connection until it ends or the node stops.
 async fn serve_http<I>(
     io: I,
-    service: TowerToHyperService<Router>,
+    router: Router,
+    peer: SocketAddr,
     header_timeout: Duration,
     stop: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Handlers see the peer address (per-IP limits) through axum's `ConnectInfo`.
+    let service = service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        router.clone().oneshot(request)
+    });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)

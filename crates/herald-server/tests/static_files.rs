@@ -69,6 +69,11 @@ async fn pages_and_assets_are_served_with_their_content_types_and_cache_policy()
     let missing = server.http("GET", "/nope.js", None, None).await;
     assert_eq!(missing.status, 404);
     assert_eq!(missing.header("cache-control"), None);
+    // Files are only read.
+    let post = server
+        .http("POST", "/app.js", Some("{}".into()), None)
+        .await;
+    assert_eq!(post.status, 404);
 }
 
 #[tokio::test]

@@ -3,13 +3,15 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::process::{herald, message_starts, wait_for_log};
 use common::tls::TestCa;
 use common::{EVENT_TIMEOUT, TestServer, content_of};
 use herald_protocol::ServerEvent;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 async fn tls_server(ca: &TestCa, watch_interval: Duration) -> TestServer {
     let (cert, key) = (ca.cert_path(), ca.key_path());
@@ -144,4 +146,58 @@ async fn starting_with_a_half_configured_or_unreadable_certificate_names_the_pro
         .unwrap()
         .to_string();
     assert!(error.contains("cert.pem"), "{error}");
+}
+
+#[tokio::test]
+async fn serve_reloads_its_certificate_on_sighup_without_dropping_clients() {
+    let ca = TestCa::new();
+    let first = ca.issue();
+    ca.install(&first);
+    let cwd = tempfile::tempdir().unwrap();
+    let mut child = herald(cwd.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--anonymous",
+        ])
+        .env("HERALD_TLS_CERT", ca.cert_path())
+        .env("HERALD_TLS_KEY", ca.key_path())
+        // Only the signal may trigger the reload.
+        .env("HERALD_TLS_WATCH_INTERVAL", "0s")
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    let listening = wait_for_log(&mut log, |entry| message_starts(entry, "herald listening")).await;
+    assert!(
+        listening["message"].as_str().unwrap().contains("wss://"),
+        "{listening}"
+    );
+    let addr: SocketAddr = listening["address"].as_str().unwrap().parse().unwrap();
+
+    let (mut alice, shown) = ca.connect_wss_to(addr, "/ws?user=alice").await;
+    assert_eq!(shown, first.der);
+
+    let second = ca.issue();
+    ca.install(&second);
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for_log(&mut log, |entry| {
+        message_starts(entry, "TLS certificate reloaded") && entry["trigger"] == "SIGHUP"
+    })
+    .await;
+
+    let (_bob, shown) = ca.connect_wss_to(addr, "/ws?user=bob").await;
+    assert_eq!(shown, second.der);
+    let pong = alice.request(json!({"type": "ping"})).await;
+    assert!(matches!(pong, ServerEvent::Pong(_)), "{pong:?}");
+
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
 }

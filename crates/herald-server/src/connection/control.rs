@@ -1,10 +1,12 @@
 //! The control block a connection's reader, writer and hub handle share: the one-shot close
-//! request with its reason, the time of the last frame received (for the heartbeat), and the
-//! traffic counters the server API reports.
+//! request with its reason, the time of the last frame received (for the heartbeat), the
+//! connection's expiry (the auth deadline of a pending connection, or its token's `exp`), and
+//! the traffic counters the server API reports. The writer turns the times into its one
+//! deadline.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -75,6 +77,22 @@ impl ConnStats {
     }
 }
 
+/// What happens when the connection's expiry passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiryKind {
+    /// A pending connection did not authenticate in time (4101).
+    AuthDeadline,
+    /// The token expired without a refresh (4100); a refresh notice precedes it.
+    TokenExpiry,
+}
+
+/// The connection's expiry: when, in Unix milliseconds, and what it means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    pub at_unix_ms: u64,
+    pub kind: ExpiryKind,
+}
+
 pub struct ConnControl {
     /// A child of the node's shutdown token: shutdown cancels every connection at once, and a
     /// cancel with no reason set means exactly that (close 1001).
@@ -84,7 +102,14 @@ pub struct ConnControl {
     /// Milliseconds after `started` when the last frame arrived.
     last_seen_ms: AtomicU64,
     pub stats: ConnStats,
+    /// The expiry packed in one word so the writer never reads a time with the wrong kind:
+    /// the kind in the top two bits (0 none, 1 auth deadline, 2 token expiry), Unix
+    /// milliseconds below. Written by the reader, read by the writer.
+    expiry: AtomicU64,
 }
+
+const KIND_SHIFT: u32 = 62;
+const MS_MASK: u64 = (1 << KIND_SHIFT) - 1;
 
 impl ConnControl {
     pub fn new(token: CancellationToken) -> Self {
@@ -94,7 +119,38 @@ impl ConnControl {
             started: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
             stats: ConnStats::new(),
+            expiry: AtomicU64::new(0),
         }
+    }
+
+    /// Sets (or, with `None`, clears) the connection's expiry. The writer reads it on its next
+    /// wake-up: an expiry moved later (a refresh) needs no wake-up; one set earlier is only ever
+    /// the first one, set before the writer's first deadline is computed.
+    pub fn set_expiry(&self, expiry: Option<Expiry>) {
+        let packed = match expiry {
+            None => 0,
+            Some(Expiry { at_unix_ms, kind }) => {
+                let kind: u64 = match kind {
+                    ExpiryKind::AuthDeadline => 1,
+                    ExpiryKind::TokenExpiry => 2,
+                };
+                (kind << KIND_SHIFT) | (at_unix_ms & MS_MASK)
+            }
+        };
+        self.expiry.store(packed, Ordering::Release);
+    }
+
+    pub fn expiry(&self) -> Option<Expiry> {
+        let packed = self.expiry.load(Ordering::Acquire);
+        let kind = match packed >> KIND_SHIFT {
+            1 => ExpiryKind::AuthDeadline,
+            2 => ExpiryKind::TokenExpiry,
+            _ => return None,
+        };
+        Some(Expiry {
+            at_unix_ms: packed & MS_MASK,
+            kind,
+        })
     }
 
     /// Asks the connection to close. The first reason wins; returns whether this call set it.
@@ -127,4 +183,17 @@ impl ConnControl {
     pub fn last_seen(&self) -> Instant {
         self.started + Duration::from_millis(self.last_seen_ms.load(Ordering::Relaxed))
     }
+}
+
+/// Milliseconds since the Unix epoch, the clock tokens' `exp` is read on.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The monotonic instant matching a Unix-milliseconds time (now, if it is already past).
+pub fn instant_at(unix_ms_then: u64) -> Instant {
+    Instant::now() + Duration::from_millis(unix_ms_then.saturating_sub(unix_ms()))
 }

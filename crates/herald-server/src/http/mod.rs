@@ -1,12 +1,14 @@
 //! The HTTP side of the single port: the WebSocket upgrade, the server API under `/api/`,
-//! `/metrics`, `/health`, `/ready`, and static files at `/`. `app(node)` builds the router
-//! without a socket, so tests can drive it directly.
+//! `/metrics`, `/health`, `/ready`, the JavaScript client at `/herald.js`, in development
+//! `/dev/token`, and static files at `/`. `app(node)` builds the router without a socket, so
+//! tests can drive it directly.
 //!
-//! Every endpoint but the upgrade (specified in `docs/protocol.md`) and the static files is
-//! listed once in [`ENDPOINTS`], and the router is built from that table:
+//! Every endpoint but the upgrade (specified in `docs/protocol.md`), the development ones and
+//! the files is listed once in [`ENDPOINTS`], and the router is built from that table:
 //! `docs/openapi.yaml` documents exactly these, which `tests/openapi.rs` checks both ways.
 
 pub mod api;
+mod dev;
 mod error;
 mod health;
 mod metrics;
@@ -16,7 +18,7 @@ mod upgrade;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::{MethodFilter, MethodRouter, any, get, on};
+use axum::routing::{MethodFilter, MethodRouter, any, get, on, post};
 use http::Method;
 
 pub use error::HttpError;
@@ -117,7 +119,12 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/api", any(api::no_such_endpoint))
         .route("/api/{*rest}", any(api::no_such_endpoint))
         .route("/ws", get(upgrade::websocket))
-        .route("/ws/{room}", get(upgrade::websocket_in_room));
+        .route("/ws/{room}", get(upgrade::websocket_in_room))
+        .route("/herald.js", get(dev::client_library));
+    // Absent, not refused, when off: nothing about it shows in production.
+    if node.config.auth.dev_login {
+        router = router.route("/dev/token", post(dev::token));
+    }
     if let Some(files) = static_files::service(&node.config.static_files) {
         router = router.merge(files);
     }

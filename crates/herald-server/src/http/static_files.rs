@@ -8,9 +8,10 @@
 //! is zero. A missing folder serves 404s, not an error: the server starts without it.
 
 use axum::Router;
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::middleware::Next;
-use http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, Method, StatusCode, header};
 use tower_http::services::ServeDir;
 
 use crate::config::StaticConfig;
@@ -36,26 +37,35 @@ pub fn service<S: Clone + Send + Sync + 'static>(config: &StaticConfig) -> Optio
     Some(
         Router::new()
             .fallback_service(files)
-            .layer(axum::middleware::from_fn(
-                move |request: Request, next: Next| {
-                    // Decided from the path, not the response, so a 304 carries the same policy.
-                    let path = request.uri().path();
-                    let is_page =
-                        path.ends_with('/') || path.ends_with(".html") || path.ends_with(".htm");
-                    let policy = if is_page {
-                        HeaderValue::from_static("no-cache")
-                    } else {
-                        asset_policy.clone()
-                    };
-                    async move {
-                        let mut response = next.run(request).await;
-                        let status = response.status();
-                        if status.is_success() || status == StatusCode::NOT_MODIFIED {
-                            response.headers_mut().insert(header::CACHE_CONTROL, policy);
-                        }
-                        response
-                    }
-                },
+            .layer(axum::middleware::from_fn_with_state(
+                asset_policy,
+                read_only_with_cache_policy,
             )),
     )
+}
+
+/// Files are only read: any other method is a plain 404, as on a path no route serves, rather
+/// than ServeDir's 405. Successful reads (and 304s) get their `Cache-Control`, decided from
+/// the path rather than the response, so a 304 carries the same policy as the 200.
+async fn read_only_with_cache_policy(
+    State(asset_policy): State<HeaderValue>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let path = request.uri().path();
+    let is_page = path.ends_with('/') || path.ends_with(".html") || path.ends_with(".htm");
+    let policy = if is_page {
+        HeaderValue::from_static("no-cache")
+    } else {
+        asset_policy
+    };
+    let mut response = next.run(request).await;
+    let status = response.status();
+    if status.is_success() || status == StatusCode::NOT_MODIFIED {
+        response.headers_mut().insert(header::CACHE_CONTROL, policy);
+    }
+    response
 }

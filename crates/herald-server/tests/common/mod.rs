@@ -3,6 +3,7 @@
 //! server API (ureq), and in `tls` a test certificate authority (rcgen).
 #![allow(dead_code)]
 
+pub mod process;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -123,7 +124,7 @@ impl TestServer {
         body: Option<String>,
         key: Option<&str>,
     ) -> HttpReply {
-        http_request(self.http_url(path), method, body, key).await
+        fetch(self.http_url(path), method, body, key).await
     }
 
     /// Reads `/metrics`.
@@ -283,7 +284,7 @@ impl HttpReply {
 }
 
 /// One HTTP request with ureq (blocking, so on the blocking pool).
-pub async fn http_request(
+pub async fn fetch(
     url: String,
     method: &str,
     body: Option<String>,
@@ -327,6 +328,8 @@ pub struct Client<S = MaybeTlsStream<TcpStream>> {
     pub ws: WebSocketStream<S>,
     pub welcome: Welcome,
     next_id: u64,
+    /// Events that arrived while `request` waited for its answer, returned by `next_event`.
+    pending: std::collections::VecDeque<ServerEvent>,
 }
 
 /// How a handshake failed: the HTTP status and the JSON `error` text.
@@ -364,6 +367,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 heartbeat: 0,
             },
             next_id: 0,
+            pending: Default::default(),
         };
         match client.next_event().await {
             ServerEvent::Welcome(welcome) => client.welcome = welcome,
@@ -384,18 +388,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// Sends a request with a fresh `id` and returns the `ack`, `members`, `pong` or `error`
-    /// that answers it (events arriving in between are skipped).
+    /// that answers it. Events arriving in between are kept for `next_event`.
     pub async fn request(&mut self, mut value: Value) -> ServerEvent {
         self.next_id += 1;
         let id = format!("r{}", self.next_id);
         value["id"] = json!(id);
         self.send_json(value).await;
-        self.next_matching(|event| reference_of(event) == Some(id.as_str()))
-            .await
+        let mut skipped = Vec::new();
+        let answer = loop {
+            let event = self.read_event().await;
+            if reference_of(&event) == Some(id.as_str()) {
+                break event;
+            }
+            skipped.push(event);
+        };
+        self.pending.extend(skipped);
+        answer
     }
 
     /// The next text event from the server (Ping frames are answered by the library).
     pub async fn next_event(&mut self) -> ServerEvent {
+        match self.pending.pop_front() {
+            Some(event) => event,
+            None => self.read_event().await,
+        }
+    }
+
+    async fn read_event(&mut self) -> ServerEvent {
         loop {
             match self.next_message().await {
                 WsMessage::Text(text) => {
@@ -475,10 +494,60 @@ pub async fn handshake(
     }
 }
 
+/// A plain HTTP/1.1 exchange over a real socket: `(status, lower-cased headers, body)`.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(EVENT_TIMEOUT, stream.read_to_end(&mut response))
+        .await
+        .expect("timed out reading the response")
+        .unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("a complete response");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+/// Attempts a handshake that must be refused, and returns how.
+pub async fn refusal(request: tungstenite::handshake::client::Request) -> Refusal {
+    match handshake(request).await {
+        Ok(_) => panic!("handshake unexpectedly accepted"),
+        Err(refusal) => refusal,
+    }
+}
+
 pub fn reference_of(event: &ServerEvent) -> Option<&str> {
     match event {
         ServerEvent::Ack(ack) => ack.reference.as_deref(),
         ServerEvent::Members(members) => members.reference.as_deref(),
+        ServerEvent::Presence(reply) => reply.reference.as_deref(),
         ServerEvent::Error(error) => error.reference.as_deref(),
         ServerEvent::Pong(pong) => pong.reference.as_deref(),
         _ => None,
