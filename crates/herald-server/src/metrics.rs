@@ -93,6 +93,10 @@ fn describe() {
         "herald_connections",
         "Open WebSocket connections on this node."
     );
+    describe_gauge!(
+        "herald_pending_auth_connections",
+        "Connections accepted without a token, waiting for their auth message."
+    );
     describe_counter!(
         "herald_connects_total",
         "WebSocket connections accepted (registered with the node)."
