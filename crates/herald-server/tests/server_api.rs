@@ -7,6 +7,7 @@ use common::{API_KEY, TestServer, content_of};
 use herald_protocol::ServerEvent;
 use herald_server::http::ENDPOINTS;
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// A path with its parameters filled in, so it can be requested.
 fn concrete(path: &str) -> String {
@@ -290,6 +291,14 @@ async fn disconnect_closes_every_connection_of_the_user_with_the_code_and_reason
     let mut phone = server.connect("alice").await;
     let mut laptop = server.connect("alice").await;
     let mut bob = server.connect("bob").await;
+    let (status, _) = server
+        .api(
+            "POST",
+            "/api/send",
+            Some(json!({"to": ["alice"], "content": "you are suspended"})),
+        )
+        .await;
+    assert_eq!(status, 200);
     let (status, body) = server
         .api(
             "POST",
@@ -300,6 +309,11 @@ async fn disconnect_closes_every_connection_of_the_user_with_the_code_and_reason
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["connections"], 2);
     for client in [&mut phone, &mut laptop] {
+        // What was sent before the disconnect arrives before the close.
+        let WsMessage::Text(text) = client.next_message().await else {
+            panic!("expected the notice first")
+        };
+        assert!(text.contains("you are suspended"), "{text}");
         let frame = client.expect_close().await.expect("a close frame");
         assert_eq!(u16::from(frame.code), 4403);
         assert_eq!(frame.reason.as_str(), "account suspended");
