@@ -611,6 +611,42 @@ mod tests {
     }
 
     #[test]
+    fn api_tls_and_static_sections_are_read() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "[api]\nkeys = \"first-key-0123456789, second-key-0123456789\"\n\
+             [tls]\ncert = \"/etc/herald/cert.pem\"\nkey = \"/etc/herald/key.pem\"\n\
+             [static]\ndir = \"public\"\nmax_age = \"1h\"\n\
+             [server]\nshutdown_delay = \"5s\""
+        )
+        .unwrap();
+        let config = Config::load(Some(file.path()), []).unwrap();
+        assert_eq!(
+            config.api.keys,
+            ["first-key-0123456789", "second-key-0123456789"]
+        );
+        assert_eq!(config.api.client_key(), Some("first-key-0123456789"));
+        assert!(config.tls.enabled());
+        assert_eq!(config.static_files.dir, PathBuf::from("public"));
+        assert_eq!(config.static_files.max_age, Duration::from_secs(3600));
+        assert_eq!(config.server.shutdown_delay, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn short_api_keys_and_half_tls_settings_are_refused() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[api]\nkeys = [\"short\"]").unwrap();
+        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        assert!(error.contains("api.keys"), "{error}");
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[tls]\ncert = \"/etc/herald/cert.pem\"").unwrap();
+        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        assert!(error.contains("tls.key"), "{error}");
+    }
+
+    #[test]
     fn a_missing_file_is_named() {
         let error = Config::load(Some(Path::new("/nonexistent/herald.toml")), [])
             .unwrap_err()

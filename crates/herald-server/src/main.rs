@@ -321,3 +321,17 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = interrupt.await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_url_defaults_to_the_listen_address_with_loopback_for_a_wildcard() {
+        let url = |listen: &str, tls| url_from_listen(listen.parse().unwrap(), tls);
+        assert_eq!(url("127.0.0.1:8080", false), "http://127.0.0.1:8080");
+        assert_eq!(url("0.0.0.0:443", true), "https://127.0.0.1:443");
+        assert_eq!(url("[::]:8080", false), "http://[::1]:8080");
+        assert_eq!(url("[::1]:9000", true), "https://[::1]:9000");
+    }
+}
