@@ -242,7 +242,7 @@ impl ApiConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Serve Prometheus metrics at `/metrics` (and record them at all).
+    /// Serve Prometheus metrics at `/metrics`.
     pub enabled: bool,
 }
 

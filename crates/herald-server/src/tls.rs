@@ -12,6 +12,7 @@
 //! The provider is *ring*: the HTTP client the CLI uses (`ureq`) builds on it too, and it
 //! compiles without a C toolchain beyond `cc`.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -144,9 +145,24 @@ impl ServerTls {
     }
 
     /// Reloads on SIGHUP and, every `interval` (unless zero), when the files changed; until
-    /// `stop` is cancelled.
-    pub async fn watch(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
-        let mut hangup = hangup_signal();
+    /// `stop` is cancelled. The SIGHUP handler is installed by this call, before the returned
+    /// future first runs, so a signal right after startup reloads rather than ending the
+    /// process (SIGHUP's default action).
+    pub fn watch(
+        self: Arc<Self>,
+        interval: Duration,
+        stop: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let hangup = hangup_signal();
+        self.watch_with(hangup, interval, stop)
+    }
+
+    async fn watch_with(
+        self: Arc<Self>,
+        mut hangup: Hangup,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
         let mut tick = (!interval.is_zero()).then(|| {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -95,9 +95,8 @@ pub const ENDPOINTS: &[Endpoint] = &[
 ];
 
 pub fn app(node: Arc<Node>) -> Router {
-    if node.config.metrics.enabled {
-        crate::metrics::install();
-    }
+    // Once per process; here so the metric descriptions exist before the first scrape.
+    crate::metrics::install();
     let mut open = Router::new();
     let mut keyed = Router::new();
     for endpoint in ENDPOINTS {
