@@ -19,12 +19,13 @@ use std::sync::Arc;
 use futures::StreamExt;
 use herald_protocol::{CloseCode, ServerEvent, Welcome};
 use tokio::sync::mpsc;
-use yawc::{HttpStream, OpCode, WebSocket};
+use yawc::OpCode;
 
 use crate::auth::Identity;
 use crate::delivery::OutFrame;
 use crate::hub::ConnHandle;
 use crate::node::{ConnectError, Node};
+use crate::transport::Socket;
 use control::{CloseReason, ConnControl, Expiry, ExpiryKind, unix_ms};
 use pending::PendingSlot;
 use session::{Flow, Session};
@@ -38,12 +39,7 @@ pub enum Admission {
 }
 
 /// Serves an upgraded WebSocket until it closes.
-pub async fn serve(
-    ws: WebSocket<HttpStream>,
-    node: Arc<Node>,
-    admission: Admission,
-    rooms: Vec<String>,
-) {
+pub async fn serve(ws: Socket, node: Arc<Node>, admission: Admission, rooms: Vec<String>) {
     let control = Arc::new(ConnControl::new(node.shutdown.child_token()));
     let (outbox, outbox_rx) = mpsc::channel(node.config.limits.send_queue);
     let conn_id = node.next_conn_id();

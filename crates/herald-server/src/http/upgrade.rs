@@ -74,7 +74,10 @@ fn accept(
     }
     let offers_subprotocol = auth::offered_subprotocols(headers).any(|p| p == auth::SUBPROTOCOL);
 
-    let options = transport::server_options(node.config.limits.max_message_bytes);
+    let options = transport::server_options(
+        node.config.limits.max_message_bytes,
+        &node.config.compression,
+    );
     let (response, upgrade) = transport::upgrade(&mut request, options).map_err(|error| {
         HttpError::new(
             StatusCode::BAD_REQUEST,

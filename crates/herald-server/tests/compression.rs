@@ -1,0 +1,432 @@
+//! permessage-deflate (RFC 7692) on a real server: what the handshake agrees to, and that clients
+//! with and without it exchange every kind of message on one server. tokio-tungstenite has no
+//! deflate, so the deflate side is yawc's client; its socket keeps a copy of what it reads, so
+//! the tests can look at the frames as they travelled.
+
+mod common;
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use common::{Client, EVENT_TIMEOUT, TestServer, content_of};
+use futures::{SinkExt, StreamExt};
+use herald_protocol::{ServerEvent, binary};
+use http::header::SEC_WEBSOCKET_EXTENSIONS;
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use yawc::close::CloseCode;
+use yawc::{CompressionLevel, Frame, HttpRequest, OpCode, Options, WebSocket};
+
+/// What the server answers a plain `permessage-deflate` offer with, by default.
+const DEFAULT_AGREEMENT: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/// The server's default compression threshold.
+const THRESHOLD: usize = 64;
+
+/// A TCP stream that keeps a copy of every byte it reads.
+struct RecordingStream {
+    inner: TcpStream,
+    read: Arc<Mutex<Vec<u8>>>,
+}
+
+impl AsyncRead for RecordingStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let start = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            self.read
+                .lock()
+                .unwrap()
+                .extend_from_slice(&buf.filled()[start..]);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for RecordingStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A server frame as it crossed the wire.
+#[derive(Debug)]
+struct WireFrame {
+    /// RSV1: the message was compressed.
+    compressed: bool,
+    opcode: u8,
+    wire_len: usize,
+}
+
+/// yawc's client over a [`RecordingStream`].
+struct DeflateClient {
+    ws: WebSocket<RecordingStream>,
+    read: Arc<Mutex<Vec<u8>>>,
+    next_id: u64,
+}
+
+impl DeflateClient {
+    /// Connects with `options` (which decide the offer) and reads the welcome.
+    async fn connect(server: &TestServer, user: &str, options: Options) -> DeflateClient {
+        let url = server.url(&format!("/ws?token={}", server.token(user)));
+        let read = Arc::new(Mutex::new(Vec::new()));
+        let io = RecordingStream {
+            inner: TcpStream::connect(server.addr).await.unwrap(),
+            read: read.clone(),
+        };
+        let handshake = WebSocket::handshake_with_request(
+            url.parse().unwrap(),
+            io,
+            options,
+            HttpRequest::builder(),
+        );
+        let ws = tokio::time::timeout(EVENT_TIMEOUT, handshake)
+            .await
+            .expect("handshake timed out")
+            .expect("handshake failed");
+        let mut client = DeflateClient {
+            ws,
+            read,
+            next_id: 0,
+        };
+        match client.next_event().await {
+            ServerEvent::Welcome(_) => client,
+            other => panic!("expected welcome first, got {other:?}"),
+        }
+    }
+
+    /// The response's `Sec-WebSocket-Extensions`, as received.
+    fn extensions(&self) -> Option<String> {
+        let read = self.read.lock().unwrap();
+        let head_end = find(&read, b"\r\n\r\n").expect("a complete response head");
+        let head = std::str::from_utf8(&read[..head_end]).unwrap();
+        head.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case(SEC_WEBSOCKET_EXTENSIONS.as_str())
+                .then(|| value.trim().to_owned())
+        })
+    }
+
+    /// Every frame the server sent so far.
+    fn frames_received(&self) -> Vec<WireFrame> {
+        let read = self.read.lock().unwrap();
+        let mut rest = &read[find(&read, b"\r\n\r\n").unwrap() + 4..];
+        let mut frames = Vec::new();
+        while rest.len() >= 10 || (rest.len() >= 2 && rest[1] < 126) {
+            let (header, len) = match rest[1] & 0x7F {
+                126 => (4, usize::from(u16::from_be_bytes([rest[2], rest[3]]))),
+                127 => (
+                    10,
+                    u64::from_be_bytes(rest[2..10].try_into().unwrap()) as usize,
+                ),
+                short => (2, usize::from(short)),
+            };
+            if rest.len() < header + len {
+                break; // still arriving
+            }
+            frames.push(WireFrame {
+                compressed: rest[0] & 0x40 != 0,
+                opcode: rest[0] & 0x0F,
+                wire_len: len,
+            });
+            rest = &rest[header + len..];
+        }
+        frames
+    }
+
+    async fn send(&mut self, frame: Frame) {
+        self.ws.send(frame).await.expect("send failed");
+    }
+
+    async fn send_json(&mut self, value: Value) {
+        self.send(Frame::text(value.to_string())).await;
+    }
+
+    /// The next frame other than Ping or Pong.
+    async fn next_frame(&mut self) -> Frame {
+        loop {
+            let frame = tokio::time::timeout(EVENT_TIMEOUT, self.ws.next())
+                .await
+                .expect("timed out waiting for the server")
+                .expect("connection ended");
+            if !matches!(frame.opcode(), OpCode::Ping | OpCode::Pong) {
+                return frame;
+            }
+        }
+    }
+
+    /// The next event; a binary message comes with its payload.
+    async fn next_event_with_payload(&mut self) -> (ServerEvent, Option<Bytes>) {
+        let frame = self.next_frame().await;
+        match frame.opcode() {
+            OpCode::Text => (ServerEvent::decode(frame.as_str()).unwrap(), None),
+            OpCode::Binary => {
+                let (header, payload) = ServerEvent::decode_binary(frame.payload()).unwrap();
+                (ServerEvent::Message(header), Some(payload))
+            }
+            OpCode::Close => panic!("connection closed: {:?}", frame.close_code()),
+            other => panic!("unexpected {other:?} frame"),
+        }
+    }
+
+    async fn next_event(&mut self) -> ServerEvent {
+        self.next_event_with_payload().await.0
+    }
+
+    /// Sends a request with a fresh `id` and waits for the event answering it.
+    async fn request(&mut self, mut value: Value) -> ServerEvent {
+        self.next_id += 1;
+        let id = format!("d{}", self.next_id);
+        value["id"] = json!(id);
+        self.send_json(value).await;
+        loop {
+            let event = self.next_event().await;
+            if common::reference_of(&event) == Some(id.as_str()) {
+                return event;
+            }
+        }
+    }
+
+    /// The next message event, skipping presence and other events.
+    async fn next_message(&mut self) -> (ServerEvent, Option<Bytes>) {
+        loop {
+            let (event, payload) = self.next_event_with_payload().await;
+            if matches!(event, ServerEvent::Message(_)) {
+                return (event, payload);
+            }
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// A client that offers plain `permessage-deflate` and, like the server, sends messages under
+/// the threshold uncompressed.
+fn deflate_offer() -> Options {
+    Options::default()
+        .with_compression_level(CompressionLevel::fast())
+        .with_compression_threshold(THRESHOLD)
+}
+
+async fn compressing_server() -> TestServer {
+    TestServer::start_with(|config| config.compression.enabled = true).await
+}
+
+/// Text that deflate shrinks a lot, as chat traffic does, `len` bytes long.
+fn chatty_text(len: usize) -> String {
+    "the quick brown fox jumps over the lazy dog; "
+        .chars()
+        .cycle()
+        .take(len)
+        .collect()
+}
+
+/// Random letters repeating every `period` bytes: deflate finds matches in them only with a
+/// window of at least `period` bytes.
+fn periodic_letters(len: usize, period: usize) -> String {
+    let mut state = 0x2545_F491_u32;
+    let block: Vec<char> = (0..period)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            char::from(b'a' + (state % 26) as u8)
+        })
+        .collect();
+    block.iter().cycle().take(len).collect()
+}
+
+#[tokio::test]
+async fn deflate_and_plain_clients_exchange_small_and_large_messages_on_one_server() {
+    let server = compressing_server().await;
+    let mut deflate = DeflateClient::connect(&server, "dora", deflate_offer()).await;
+    let mut plain = server.connect("pat").await;
+    assert_eq!(deflate.extensions().as_deref(), Some(DEFAULT_AGREEMENT));
+    assert!(matches!(
+        deflate
+            .request(json!({"type": "join", "room": "mix"}))
+            .await,
+        ServerEvent::Ack(_)
+    ));
+    assert!(matches!(plain.join("mix").await, ServerEvent::Ack(_)));
+
+    let large = chatty_text(30_000);
+    let large_binary = chatty_text(20_000);
+
+    // From the deflate client to the plain one: small and large text, large binary.
+    for content in [json!(1), json!(large)] {
+        deflate
+            .send_json(json!({"type": "publish", "room": "mix", "content": content, "echo": false}))
+            .await;
+        let event = plain
+            .next_matching(|e| matches!(e, ServerEvent::Message(_)))
+            .await;
+        assert_eq!(content_of(&event), content);
+    }
+    let header = br#"{"type":"publish","room":"mix","echo":false}"#;
+    deflate
+        .send(Frame::binary(binary::join(header, large_binary.as_bytes())))
+        .await;
+    let WsMessage::Binary(frame) = plain.next_message().await else {
+        panic!("expected the binary message");
+    };
+    let (_, payload) = ServerEvent::decode_binary(&frame).unwrap();
+    assert_eq!(payload, large_binary.as_bytes());
+
+    // From the plain client to the deflate one: the same three.
+    for content in [json!(2), json!(large)] {
+        plain
+            .send_json(json!({"type": "publish", "room": "mix", "content": content, "echo": false}))
+            .await;
+        let (event, _) = deflate.next_message().await;
+        assert_eq!(content_of(&event), content);
+    }
+    plain
+        .send_raw(WsMessage::Binary(binary::join(
+            header,
+            large_binary.as_bytes(),
+        )))
+        .await;
+    let (_, payload) = deflate.next_message().await;
+    assert_eq!(payload.unwrap(), large_binary.as_bytes());
+
+    // An acknowledged request, so a reply under the threshold is among the frames.
+    assert!(matches!(
+        deflate
+            .request(json!({"type": "leave", "room": "mix"}))
+            .await,
+        ServerEvent::Ack(_)
+    ));
+    let frames = deflate.frames_received();
+    assert!(
+        frames.iter().any(|f| f.opcode == 1 && !f.compressed),
+        "replies under the threshold go uncompressed: {frames:?}"
+    );
+    for frame in &frames {
+        assert!(
+            frame.compressed || frame.wire_len < THRESHOLD,
+            "a message over the threshold went uncompressed: {frame:?}"
+        );
+    }
+    let largest = frames.iter().map(|f| f.wire_len).max().unwrap();
+    assert!(
+        largest < 20_000 / 10,
+        "20 and 30 kB messages take {largest} bytes on the wire"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_offers_nothing_gets_no_extension() {
+    let server = compressing_server().await;
+    let url = server.url(&format!("/ws?token={}", server.token("pat")));
+    let (_ws, response) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(response.headers().get(SEC_WEBSOCKET_EXTENSIONS), None);
+}
+
+#[tokio::test]
+async fn with_compression_off_a_deflate_offer_is_declined_and_messages_flow_uncompressed() {
+    let server = TestServer::start().await;
+    let mut deflate = DeflateClient::connect(&server, "dora", deflate_offer()).await;
+    assert_eq!(deflate.extensions(), None);
+    let large = chatty_text(30_000);
+    deflate
+        .request(json!({"type": "join", "room": "solo"}))
+        .await;
+    deflate
+        .send_json(json!({"type": "publish", "room": "solo", "content": large, "echo": true}))
+        .await;
+    let (event, _) = deflate.next_message().await;
+    assert_eq!(content_of(&event), json!(large));
+    assert!(deflate.frames_received().iter().all(|f| !f.compressed));
+}
+
+#[tokio::test]
+async fn a_requested_server_window_is_agreed_and_kept() {
+    let server = compressing_server().await;
+    let mut deflate = DeflateClient::connect(
+        &server,
+        "dora",
+        deflate_offer().with_server_max_window_bits(10),
+    )
+    .await;
+    assert_eq!(
+        deflate.extensions().as_deref(),
+        Some(&*format!("{DEFAULT_AGREEMENT}; server_max_window_bits=10"))
+    );
+    // Text that repeats every 4 KiB and is random within: with its window limited to 1 KiB the
+    // server finds no match, and the message cannot shrink much below its 4.7 bits a letter.
+    let repeating = periodic_letters(40_000, 4096);
+    deflate
+        .request(json!({"type": "join", "room": "solo"}))
+        .await;
+    deflate
+        .send_json(json!({"type": "publish", "room": "solo", "content": repeating, "echo": true}))
+        .await;
+    let (event, _) = deflate.next_message().await;
+    assert_eq!(content_of(&event), json!(repeating));
+    let echo = deflate.frames_received().into_iter().last().unwrap();
+    assert!(echo.compressed);
+    assert!(
+        echo.wire_len > 40_000 / 2,
+        "a 15-bit window would have shrunk it to a tenth: {echo:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_compressed_message_inflating_past_the_size_limit_closes_with_1009() {
+    let server = TestServer::start_with(|config| {
+        config.compression.enabled = true;
+        config.limits.max_message_bytes = 64 * 1024;
+    })
+    .await;
+    let mut deflate = DeflateClient::connect(&server, "dora", deflate_offer()).await;
+    // A megabyte of one letter deflates to about a kilobyte.
+    let bomb = json!({"type": "publish", "room": "solo", "content": "a".repeat(1 << 20)});
+    deflate.send_json(bomb).await;
+    let close = deflate.next_frame().await;
+    assert_eq!(close.opcode(), OpCode::Close);
+    assert_eq!(close.close_code(), Some(CloseCode::Size));
+}
+
+#[tokio::test]
+async fn a_deflate_client_and_a_plain_client_each_get_the_same_direct_message() {
+    let server = compressing_server().await;
+    let mut deflate = DeflateClient::connect(&server, "dora", deflate_offer()).await;
+    let mut plain: Client = server.connect("dora").await;
+    let mut sender = server.connect("sam").await;
+    let large = chatty_text(10_000);
+    sender
+        .send_json(json!({"type": "send", "to": ["dora"], "content": large}))
+        .await;
+    let (to_deflate, _) = deflate.next_message().await;
+    let to_plain = plain
+        .next_matching(|e| matches!(e, ServerEvent::Message(_)))
+        .await;
+    assert_eq!(content_of(&to_deflate), json!(large));
+    assert_eq!(content_of(&to_plain), json!(large));
+}
