@@ -15,12 +15,16 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The sections of the configuration, also the only `HERALD_*` prefixes read as keys.
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 10] = [
     "server",
     "auth",
     "heartbeat",
     "limits",
     "log",
+    "api",
+    "metrics",
+    "tls",
+    "static",
     "compression",
 ];
 
@@ -32,6 +36,11 @@ pub struct Config {
     pub heartbeat: HeartbeatConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub api: ApiConfig,
+    pub metrics: MetricsConfig,
+    pub tls: TlsConfig,
+    #[serde(rename = "static")]
+    pub static_files: StaticConfig,
     pub compression: CompressionConfig,
 }
 
@@ -48,6 +57,10 @@ pub struct ServerConfig {
     /// On shutdown, how long writers get to flush and send their close frames.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// On shutdown, how long the node keeps serving with `/ready` answering 503 before it
+    /// closes the listener, so load balancers stop sending it new clients first.
+    #[serde(with = "duration")]
+    pub shutdown_delay: Duration,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +70,7 @@ impl Default for ServerConfig {
             node_id: String::new(),
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            shutdown_delay: Duration::ZERO,
         }
     }
 }
@@ -190,6 +204,81 @@ impl Default for LogConfig {
     }
 }
 
+/// The server API under `/api/` and the CLI commands that call it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Keys accepted in `Authorization: Bearer <key>`; the API refuses every call while empty.
+    #[serde(deserialize_with = "list")]
+    pub keys: Vec<String>,
+    /// The key `herald publish`/`send`/`broadcast` send; the first of `keys` when unset.
+    pub key: Option<String>,
+    /// Where those commands find the server; derived from `server.listen` (and `tls`) when unset.
+    pub url: Option<String>,
+    /// Recipients of one `POST /api/send`.
+    pub max_recipients: usize,
+    /// Largest request body the API reads.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            keys: Vec::new(),
+            key: None,
+            url: None,
+            max_recipients: 1000,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// The key the CLI sends.
+    pub fn client_key(&self) -> Option<&str> {
+        self.key
+            .as_deref()
+            .or(self.keys.first().map(String::as_str))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics at `/metrics`.
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true }
+    }
+}
+
+/// HTTPS and WSS on the one port. Both files are PEM; set both or neither.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert: Option<PathBuf>,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// How often the files are checked for changes (they are also reloaded on SIGHUP);
+    /// `0s` turns the check off.
+    #[serde(with = "duration")]
+    pub watch_interval: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: None,
+            key: None,
+            watch_interval: Duration::from_secs(10),
+        }
+    }
+}
+
 /// The LZ77 window sizes, in bits, that permessage-deflate can be configured with. RFC 7692
 /// allows 8, which zlib cannot produce for a raw deflate stream.
 pub const WINDOW_BITS: std::ops::RangeInclusive<u8> = 9..=15;
@@ -229,6 +318,36 @@ impl Default for CompressionConfig {
             client_no_context_takeover: true,
             server_max_window_bits: 15,
             client_max_window_bits: 15,
+        }
+    }
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() && self.key.is_some()
+    }
+}
+
+/// Static files served at `/` (the browser chat page lives in `web/`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StaticConfig {
+    pub enabled: bool,
+    /// The folder served; a missing folder serves nothing (404) and is not an error.
+    pub dir: PathBuf,
+    /// `Cache-Control: max-age` for files other than HTML; `0s` makes every file `no-cache`
+    /// (the browser revalidates with `If-Modified-Since`). HTML is always `no-cache`, so a new
+    /// page picks up new assets.
+    #[serde(with = "duration")]
+    pub max_age: Duration,
+}
+
+impl Default for StaticConfig {
+    fn default() -> Self {
+        StaticConfig {
+            enabled: true,
+            dir: PathBuf::from("web"),
+            max_age: Duration::ZERO,
         }
     }
 }
@@ -390,6 +509,29 @@ impl Config {
                 reason: "must be at least 16 bytes long".into(),
             });
         }
+        if self.api.keys.iter().any(|key| key.len() < 16) {
+            return Err(ConfigError::Key {
+                key: "api.keys",
+                reason: "every key must be at least 16 bytes long".into(),
+            });
+        }
+        positive("api.max_recipients", self.api.max_recipients)?;
+        positive("api.max_body_bytes", self.api.max_body_bytes)?;
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) => {
+                return Err(ConfigError::Key {
+                    key: "tls.key",
+                    reason: "is required when tls.cert is set".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Key {
+                    key: "tls.cert",
+                    reason: "is required when tls.key is set".into(),
+                });
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -476,6 +618,42 @@ mod tests {
         writeln!(file, "[limits]\nmax_mesage_bytes = 1").unwrap();
         let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
         assert!(error.contains("max_mesage_bytes"), "{error}");
+    }
+
+    #[test]
+    fn api_tls_and_static_sections_are_read() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "[api]\nkeys = \"first-key-0123456789, second-key-0123456789\"\n\
+             [tls]\ncert = \"/etc/herald/cert.pem\"\nkey = \"/etc/herald/key.pem\"\n\
+             [static]\ndir = \"public\"\nmax_age = \"1h\"\n\
+             [server]\nshutdown_delay = \"5s\""
+        )
+        .unwrap();
+        let config = Config::load(Some(file.path()), []).unwrap();
+        assert_eq!(
+            config.api.keys,
+            ["first-key-0123456789", "second-key-0123456789"]
+        );
+        assert_eq!(config.api.client_key(), Some("first-key-0123456789"));
+        assert!(config.tls.enabled());
+        assert_eq!(config.static_files.dir, PathBuf::from("public"));
+        assert_eq!(config.static_files.max_age, Duration::from_secs(3600));
+        assert_eq!(config.server.shutdown_delay, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn short_api_keys_and_half_tls_settings_are_refused() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[api]\nkeys = [\"short\"]").unwrap();
+        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        assert!(error.contains("api.keys"), "{error}");
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[tls]\ncert = \"/etc/herald/cert.pem\"").unwrap();
+        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        assert!(error.contains("tls.key"), "{error}");
     }
 
     #[test]

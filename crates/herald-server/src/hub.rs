@@ -13,13 +13,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use crate::connection::control::{CloseReason, ConnControl};
-use crate::delivery::{ConnId, OutFrame};
+use crate::connection::control::{CloseReason, ConnControl, ConnStats};
+use crate::delivery::{ConnId, OutFrame, Outgoing};
 use herald_protocol::CloseCode;
 
 /// The hub's handle on one connection: its outbox and its close signal. Cheap to clone.
@@ -31,7 +32,7 @@ pub struct ConnHandle {
 struct HandleInner {
     id: ConnId,
     user: Arc<str>,
-    outbox: mpsc::Sender<OutFrame>,
+    outbox: mpsc::Sender<Outgoing>,
     control: Arc<ConnControl>,
 }
 
@@ -39,7 +40,7 @@ impl ConnHandle {
     pub fn new(
         id: ConnId,
         user: Arc<str>,
-        outbox: mpsc::Sender<OutFrame>,
+        outbox: mpsc::Sender<Outgoing>,
         control: Arc<ConnControl>,
     ) -> Self {
         ConnHandle {
@@ -60,10 +61,20 @@ impl ConnHandle {
         &self.inner.user
     }
 
+    pub fn stats(&self) -> &ConnStats {
+        &self.inner.control.stats
+    }
+
     /// Queues a frame without waiting. Returns false when the connection is gone or was cut off
     /// because its outbox is full.
     pub fn offer(&self, frame: OutFrame) -> bool {
-        match self.inner.outbox.try_send(frame) {
+        self.offer_accepted_at(frame, Instant::now())
+    }
+
+    /// Like [`offer`](Self::offer), for a frame whose message was accepted at `accepted` (one
+    /// clock read per message, not per recipient).
+    pub fn offer_accepted_at(&self, frame: OutFrame, accepted: Instant) -> bool {
+        match self.inner.outbox.try_send(Outgoing { frame, accepted }) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
                 if self
@@ -200,10 +211,11 @@ impl Hub {
         let Some(members) = self.rooms.get(room) else {
             return 0;
         };
+        let accepted = Instant::now();
         members
             .values()
             .filter(|handle| Some(handle.id()) != except)
-            .filter(|handle| handle.offer(frame.clone()))
+            .filter(|handle| handle.offer_accepted_at(frame.clone(), accepted))
             .count()
     }
 
@@ -212,20 +224,84 @@ impl Hub {
         let Some(conns) = self.users.get(user) else {
             return 0;
         };
+        let accepted = Instant::now();
         conns
             .iter()
             .filter(|handle| Some(handle.id()) != except)
-            .filter(|handle| handle.offer(frame.clone()))
+            .filter(|handle| handle.offer_accepted_at(frame.clone(), accepted))
             .count()
     }
 
     /// Queues a frame for every local connection but `except`.
     pub fn deliver_to_all(&self, frame: &OutFrame, except: Option<ConnId>) -> usize {
+        let accepted = Instant::now();
         self.conns
             .iter()
             .filter(|handle| Some(handle.id()) != except)
-            .filter(|handle| handle.offer(frame.clone()))
+            .filter(|handle| handle.offer_accepted_at(frame.clone(), accepted))
             .count()
+    }
+
+    /// Asks every local connection of a user to close. Returns how many were asked.
+    pub fn close_user(&self, user: &str, reason: &CloseReason) -> usize {
+        let Some(conns) = self.users.get(user) else {
+            return 0;
+        };
+        for handle in conns.iter() {
+            handle.close(reason.clone());
+        }
+        conns.len()
+    }
+
+    /// Asks every local member of a room to close.
+    pub fn close_room(&self, room: &str, reason: &CloseReason) -> usize {
+        let Some(members) = self.rooms.get(room) else {
+            return 0;
+        };
+        for handle in members.values() {
+            handle.close(reason.clone());
+        }
+        members.len()
+    }
+
+    /// One local connection.
+    pub fn connection(&self, id: ConnId) -> Option<ConnHandle> {
+        self.conns.get(&id).map(|entry| entry.value().clone())
+    }
+
+    /// The local connections of one user.
+    pub fn user_connections(&self, user: &str) -> Vec<ConnHandle> {
+        self.users
+            .get(user)
+            .map(|conns| conns.clone())
+            .unwrap_or_default()
+    }
+
+    /// The rooms one local connection is in, sorted. Scans the rooms: for the server API, not
+    /// for a hot path.
+    pub fn rooms_of(&self, id: ConnId) -> Vec<Arc<str>> {
+        let mut rooms: Vec<Arc<str>> = self
+            .rooms
+            .iter()
+            .filter(|entry| entry.value().contains_key(&id))
+            .map(|entry| entry.key().clone())
+            .collect();
+        rooms.sort_unstable();
+        rooms
+    }
+
+    /// Every local connection's rooms, in one pass over the rooms.
+    pub fn rooms_by_connection(&self) -> HashMap<ConnId, Vec<Arc<str>>> {
+        let mut index: HashMap<ConnId, Vec<Arc<str>>> = HashMap::new();
+        for entry in self.rooms.iter() {
+            for id in entry.value().keys() {
+                index.entry(*id).or_default().push(entry.key().clone());
+            }
+        }
+        for rooms in index.values_mut() {
+            rooms.sort_unstable();
+        }
+        index
     }
 
     /// Open connections on this node.
@@ -251,7 +327,7 @@ mod tests {
         id: u64,
         user: &str,
         queue: usize,
-    ) -> (ConnHandle, mpsc::Receiver<OutFrame>, Arc<ConnControl>) {
+    ) -> (ConnHandle, mpsc::Receiver<Outgoing>, Arc<ConnControl>) {
         let (tx, rx) = mpsc::channel(queue);
         let signal = Arc::new(ConnControl::new(tokio_util::sync::CancellationToken::new()));
         (
@@ -274,7 +350,7 @@ mod tests {
         let frame = OutFrame::Text(Bytes::from_static(b"x"));
         assert_eq!(hub.deliver_to_room("r", &frame, Some(ConnId(1))), 1);
         assert!(a_rx.try_recv().is_err());
-        let OutFrame::Text(got) = b_rx.try_recv().unwrap() else {
+        let OutFrame::Text(got) = b_rx.try_recv().unwrap().frame else {
             panic!()
         };
         let OutFrame::Text(sent) = &frame else {
@@ -289,6 +365,7 @@ mod tests {
 
     #[test]
     fn a_full_outbox_cuts_off_only_that_consumer() {
+        crate::metrics::install();
         let hub = Hub::new();
         let room: Arc<str> = "r".into();
         let (slow, _slow_rx, slow_signal) = handle(1, "slow", 1);
@@ -309,6 +386,56 @@ mod tests {
         for _ in 0..3 {
             fast_rx.try_recv().unwrap();
         }
+        let rendered = crate::metrics::render();
+        let cut_off = rendered
+            .lines()
+            .find_map(|line| line.strip_prefix("herald_slow_consumers_total "))
+            .and_then(|value| value.parse::<f64>().ok());
+        assert!(cut_off >= Some(1.0), "{rendered}");
+    }
+
+    #[test]
+    fn closing_a_user_reaches_only_that_users_connections() {
+        let hub = Hub::new();
+        let (a1, _r1, a1_signal) = handle(1, "a", 1);
+        let (a2, _r2, a2_signal) = handle(2, "a", 1);
+        let (b, _r3, b_signal) = handle(3, "b", 1);
+        for h in [&a1, &a2, &b] {
+            hub.register(h.clone(), 10, 10).unwrap();
+        }
+        let reason = CloseReason::Kicked {
+            code: 4403,
+            reason: "banned".into(),
+        };
+        assert_eq!(hub.close_user("a", &reason), 2);
+        assert_eq!(a1_signal.reason(), Some(reason.clone()));
+        assert_eq!(a2_signal.reason(), Some(reason));
+        assert_eq!(b_signal.reason(), None);
+        assert_eq!(hub.close_user("nobody", &CloseReason::PeerGone), 0);
+    }
+
+    #[test]
+    fn rooms_are_indexed_by_connection() {
+        let hub = Hub::new();
+        let (a, _ra, _) = handle(1, "a", 1);
+        let (b, _rb, _) = handle(2, "b", 1);
+        for h in [&a, &b] {
+            hub.register(h.clone(), 10, 10).unwrap();
+        }
+        for room in ["z", "m"] {
+            hub.join(&Arc::from(room), &a);
+        }
+        hub.join(&Arc::from("m"), &b);
+        let index = hub.rooms_by_connection();
+        let names =
+            |id: u64| -> Vec<String> { index[&ConnId(id)].iter().map(|r| r.to_string()).collect() };
+        assert_eq!(names(1), ["m", "z"]);
+        assert_eq!(names(2), ["m"]);
+        assert_eq!(
+            hub.rooms_of(ConnId(1)),
+            hub.rooms_by_connection()[&ConnId(1)]
+        );
+        assert!(hub.rooms_of(ConnId(9)).is_empty());
     }
 
     #[test]

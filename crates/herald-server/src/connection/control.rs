@@ -1,10 +1,11 @@
 //! The control block a connection's reader, writer and hub handle share: the one-shot close
-//! request with its reason, the time of the last frame received (for the heartbeat), and the
-//! connection's expiry (the auth deadline of a pending connection, or its token's `exp`).
-//! The writer turns all of these into its one deadline.
+//! request with its reason, the time of the last frame received (for the heartbeat), the
+//! connection's expiry (the auth deadline of a pending connection, or its token's `exp`), and
+//! the traffic counters the server API reports. The writer turns the times into its one
+//! deadline.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
@@ -13,12 +14,67 @@ use tokio_util::sync::CancellationToken;
 use herald_protocol::CloseCode;
 
 /// Why a connection ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseReason {
     /// The server closes it: the writer sends a Close frame with this code.
     Send(CloseCode),
+    /// The application disconnects it through the server API, with its own code and text.
+    Kicked { code: u16, reason: Arc<str> },
     /// The peer closed it or the socket failed: nothing more to send.
     PeerGone,
+}
+
+/// Traffic of one connection, for the server API. Data frames only (text and binary), payload
+/// bytes as on the wire; updated with relaxed atomics (once per frame in, once per write out).
+pub struct ConnStats {
+    pub connected_at: SystemTime,
+    messages_in: AtomicU64,
+    bytes_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+/// A copy of [`ConnStats`] at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub connected_at: SystemTime,
+    pub messages_in: u64,
+    pub bytes_in: u64,
+    pub messages_out: u64,
+    pub bytes_out: u64,
+}
+
+impl ConnStats {
+    fn new() -> Self {
+        ConnStats {
+            connected_at: SystemTime::now(),
+            messages_in: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+        }
+    }
+
+    pub fn received(&self, bytes: usize) {
+        self.messages_in.fetch_add(1, Ordering::Relaxed);
+        self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn sent(&self, messages: usize, bytes: usize) {
+        self.messages_out
+            .fetch_add(messages as u64, Ordering::Relaxed);
+        self.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            connected_at: self.connected_at,
+            messages_in: self.messages_in.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            messages_out: self.messages_out.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// What happens when the connection's expiry passes.
@@ -45,6 +101,7 @@ pub struct ConnControl {
     started: Instant,
     /// Milliseconds after `started` when the last frame arrived.
     last_seen_ms: AtomicU64,
+    pub stats: ConnStats,
     /// The expiry packed in one word so the writer never reads a time with the wrong kind:
     /// the kind in the top two bits (0 none, 1 auth deadline, 2 token expiry), Unix
     /// milliseconds below. Written by the reader, read by the writer.
@@ -61,6 +118,7 @@ impl ConnControl {
             reason: OnceLock::new(),
             started: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
+            stats: ConnStats::new(),
             expiry: AtomicU64::new(0),
         }
     }
@@ -103,7 +161,7 @@ impl ConnControl {
     }
 
     pub fn reason(&self) -> Option<CloseReason> {
-        self.reason.get().copied()
+        self.reason.get().cloned()
     }
 
     /// Resolves once the connection is asked to close, with the reason.
@@ -111,7 +169,7 @@ impl ConnControl {
         self.token.cancelled().await;
         self.reason
             .get()
-            .copied()
+            .cloned()
             .unwrap_or(CloseReason::Send(CloseCode::GOING_AWAY))
     }
 

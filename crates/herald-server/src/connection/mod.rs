@@ -111,6 +111,12 @@ pub async fn serve(ws: Socket, node: Arc<Node>, admission: Admission, rooms: Vec
             break;
         };
         control.touch();
+        if matches!(frame.opcode(), OpCode::Text | OpCode::Binary) {
+            control.stats.received(frame.payload().len());
+            crate::metrics::HOT
+                .received_bytes
+                .increment(frame.payload().len() as u64);
+        }
         let flow = match frame.opcode() {
             OpCode::Text => session.on_text(frame.payload()).await,
             OpCode::Binary => session.on_binary(frame.payload()).await,
@@ -134,6 +140,8 @@ pub async fn serve(ws: Socket, node: Arc<Node>, admission: Admission, rooms: Vec
     session.finish().await;
     let reason_label = match reason {
         Some(CloseReason::Send(code)) => code.reason,
+        // The application's own reason text could be anything: keep the label set bounded.
+        Some(CloseReason::Kicked { .. }) => CloseCode::KICKED.reason,
         Some(CloseReason::PeerGone) | None => "peer closed",
     };
     metrics::counter!("herald_disconnects_total", "reason" => reason_label).increment(1);

@@ -78,7 +78,10 @@ impl Session {
     }
 
     async fn on_request(&mut self, parsed: Result<Request, ProtocolError>) -> Flow {
-        metrics::counter!("herald_frames_received_total").increment(1);
+        let kind = parsed
+            .as_ref()
+            .map_or("invalid", |request| request.body.kind());
+        metrics::counter!("herald_messages_in_total", "type" => kind).increment(1);
         if self.limiter.check().is_err() {
             self.limited_in_row += 1;
             metrics::counter!("herald_rate_limited_total").increment(1);

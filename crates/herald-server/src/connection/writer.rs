@@ -6,10 +6,11 @@
 //! the moment the peer has been silent for two heartbeat intervals, the refresh notice before the
 //! token expires, and the expiry itself (the token's `exp`, or a pending connection's auth
 //! deadline). Whatever ends the connection, the writer sends the Close frame with its code,
-//! under a bounded wait.
+//! under a bounded wait. After each write it records the traffic (connection stats, metrics)
+//! and each frame's delivery latency, once per batch.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant as StdInstant};
 
 use futures::{Sink, SinkExt};
 use tokio::sync::mpsc;
@@ -17,7 +18,8 @@ use tokio::time::{Instant, sleep_until, timeout};
 use yawc::{Frame, WebSocketError};
 
 use super::control::{CloseReason, ConnControl, ExpiryKind, instant_at};
-use crate::delivery::OutFrame;
+use crate::delivery::{OutFrame, Outgoing};
+use crate::metrics::HOT;
 use herald_protocol::{CloseCode, RefreshNotice, ServerEvent};
 
 /// Most frames written between two flushes.
@@ -37,7 +39,7 @@ pub struct Timing {
 
 pub async fn run<S>(
     mut sink: S,
-    mut outbox: mpsc::Receiver<OutFrame>,
+    mut outbox: mpsc::Receiver<Outgoing>,
     control: Arc<ConnControl>,
     timing: Timing,
 ) where
@@ -68,7 +70,7 @@ pub async fn run<S>(
             frame = outbox.recv() => {
                 let Some(frame) = frame else { break CloseReason::PeerGone };
                 let written = tokio::select! {
-                    written = write_batch(&mut sink, frame, &mut outbox) => written,
+                    written = write_batch(&mut sink, frame, &mut outbox, &control) => written,
                     // The socket is not draining and someone asked to close: give up on it.
                     _ = control.closed() => return,
                 };
@@ -112,27 +114,46 @@ pub async fn run<S>(
         }
     };
     // Tell the reader (and the hub) too, in case the writer decided.
-    control.close(reason);
+    control.close(reason.clone());
     let _ = timeout(CLOSE_WAIT, close(&mut sink, &mut outbox, reason)).await;
 }
 
 async fn write_batch<S>(
     sink: &mut S,
-    first: OutFrame,
-    outbox: &mut mpsc::Receiver<OutFrame>,
+    first: Outgoing,
+    outbox: &mut mpsc::Receiver<Outgoing>,
+    control: &ConnControl,
 ) -> Result<(), WebSocketError>
 where
     S: Sink<Frame, Error = WebSocketError> + Unpin,
 {
-    let mut written = 1;
-    sink.feed(to_frame(first)).await?;
-    while written < MAX_BATCH {
-        let Ok(frame) = outbox.try_recv() else { break };
-        sink.feed(to_frame(frame)).await?;
-        written += 1;
+    // Acceptance times of the frames in this write, for the latency histogram after the flush.
+    let mut accepted: Vec<StdInstant> = Vec::with_capacity(outbox.len().min(MAX_BATCH) + 1);
+    let (mut text, mut binary, mut bytes) = (0u64, 0u64, 0usize);
+    let mut next = Some(first);
+    while let Some(item) = next.take() {
+        accepted.push(item.accepted);
+        bytes += item.frame.len();
+        match item.frame {
+            OutFrame::Text(_) => text += 1,
+            OutFrame::Binary(_) => binary += 1,
+        }
+        sink.feed(to_frame(item.frame)).await?;
+        if accepted.len() < MAX_BATCH {
+            next = outbox.try_recv().ok();
+        }
     }
+    // Counted before the flush: whoever has read these frames finds them in the stats.
+    control.stats.sent(accepted.len(), bytes);
     sink.flush().await?;
-    metrics::counter!("herald_frames_sent_total").increment(written as u64);
+    let flushed = StdInstant::now();
+    for moment in &accepted {
+        HOT.delivery_latency
+            .record(flushed.saturating_duration_since(*moment).as_secs_f64());
+    }
+    HOT.text_out.increment(text);
+    HOT.binary_out.increment(binary);
+    HOT.sent_bytes.increment(bytes as u64);
     Ok(())
 }
 
@@ -147,7 +168,7 @@ fn to_frame(frame: OutFrame) -> Frame {
 /// policy close, say), except for a slow consumer, whose backlog is the problem.
 async fn close<S>(
     sink: &mut S,
-    outbox: &mut mpsc::Receiver<OutFrame>,
+    outbox: &mut mpsc::Receiver<Outgoing>,
     reason: CloseReason,
 ) -> Result<(), WebSocketError>
 where
@@ -156,8 +177,8 @@ where
     match reason {
         CloseReason::Send(code) => {
             if code != CloseCode::SLOW_CONSUMER {
-                while let Ok(frame) = outbox.try_recv() {
-                    sink.feed(to_frame(frame)).await?;
+                while let Ok(queued) = outbox.try_recv() {
+                    sink.feed(to_frame(queued.frame)).await?;
                 }
             }
             sink.send(Frame::close(
@@ -165,6 +186,14 @@ where
                 code.reason,
             ))
             .await?;
+        }
+        CloseReason::Kicked { code, reason } => {
+            // What was queued before the disconnect (a "you are banned" notice) goes first.
+            while let Ok(queued) = outbox.try_recv() {
+                sink.feed(to_frame(queued.frame)).await?;
+            }
+            sink.send(Frame::close(yawc::close::CloseCode::from(code), &*reason))
+                .await?;
         }
         // The reader already let the library answer the peer; just end the stream.
         CloseReason::PeerGone => sink.flush().await?,
