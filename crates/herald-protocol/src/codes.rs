@@ -64,6 +64,10 @@ impl CloseCode {
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode::new(1009, "message too big");
     /// An unexpected server error.
     pub const INTERNAL_ERROR: CloseCode = CloseCode::new(1011, "internal error");
+    /// A connection limit was reached after the upgrade (a race with another connection of the
+    /// same user, or a full node): reconnect later.
+    pub const TRY_AGAIN_LATER: CloseCode =
+        CloseCode::new(1013, "connection limit reached, try again later");
     /// No frame (not even a Pong) within two heartbeat intervals.
     pub const HEARTBEAT_TIMEOUT: CloseCode = CloseCode::new(4000, "heartbeat timeout");
     /// The connection did not drain its bounded send queue fast enough.
@@ -81,9 +85,10 @@ impl CloseCode {
         CloseCode { code, reason }
     }
 
-    /// Whether a client should reconnect automatically after this close.
+    /// Whether a client should reconnect automatically after this close. A policy violation
+    /// (1008) is not retried: the same client would be closed again.
     pub fn should_reconnect(self) -> bool {
-        !(4400..4500).contains(&self.code)
+        !(4400..4500).contains(&self.code) && self.code != 1008
     }
 
     /// Whether a client needs a fresh token before reconnecting.
@@ -120,5 +125,6 @@ mod tests {
         assert!(!CloseCode::SLOW_CONSUMER.needs_new_token());
         assert!(CloseCode::TOKEN_EXPIRED.needs_new_token());
         assert!(!CloseCode::KICKED.should_reconnect());
+        assert!(!CloseCode::POLICY_VIOLATION.should_reconnect());
     }
 }

@@ -138,6 +138,14 @@ pub struct Members {
     pub users: Vec<String>,
 }
 
+/// The answer to `presence`: for each user asked about, whether they are online.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceReply {
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    pub online: std::collections::BTreeMap<String, bool>,
+}
+
 /// A refused request. The connection stays open.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorEvent {
@@ -154,6 +162,13 @@ pub struct Pong {
     pub reference: Option<String>,
 }
 
+/// The token expires soon: answer with `{"type":"refresh","token":…}` before it does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshNotice {
+    /// Seconds until the token expires and the connection closes with 4100.
+    pub expires_in: u64,
+}
+
 /// Every event the server sends, tagged by `type` on the wire.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -164,9 +179,11 @@ pub enum ServerEvent {
     Left(PresenceChange),
     Ack(Ack),
     Members(Members),
+    Presence(PresenceReply),
     Error(ErrorEvent),
     Pong(Pong),
     History(History),
+    Refresh(RefreshNotice),
 }
 
 #[derive(Deserialize)]
@@ -203,9 +220,11 @@ impl ServerEvent {
             "left" => ServerEvent::Left(serde_json::from_str(text)?),
             "ack" => ServerEvent::Ack(serde_json::from_str(text)?),
             "members" => ServerEvent::Members(serde_json::from_str(text)?),
+            "presence" => ServerEvent::Presence(serde_json::from_str(text)?),
             "error" => ServerEvent::Error(serde_json::from_str(text)?),
             "pong" => ServerEvent::Pong(serde_json::from_str(text)?),
             "history" => ServerEvent::History(serde_json::from_str(text)?),
+            "refresh" => ServerEvent::Refresh(serde_json::from_str(text)?),
             other => {
                 return Err(serde::de::Error::custom(format!(
                     "unknown event type {other:?}"
@@ -319,6 +338,11 @@ mod tests {
                     encoding: Some(ContentEncoding::Base64),
                 }],
                 more: true,
+            }),
+            ServerEvent::Refresh(RefreshNotice { expires_in: 30 }),
+            ServerEvent::Presence(PresenceReply {
+                reference: Some("p".into()),
+                online: [("a".to_owned(), true), ("b".to_owned(), false)].into(),
             }),
         ];
         for event in events {

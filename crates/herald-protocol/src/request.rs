@@ -58,6 +58,10 @@ pub enum RequestBody {
     Members {
         room: String,
     },
+    /// Whether each listed user has an open connection anywhere.
+    Presence {
+        users: Vec<String>,
+    },
     /// A message to every connection on every node; needs an admin token.
     Broadcast {
         content: Payload,
@@ -102,6 +106,7 @@ impl RequestBody {
             RequestBody::Leave { .. } => "leave",
             RequestBody::Publish { .. } => "publish",
             RequestBody::Members { .. } => "members",
+            RequestBody::Presence { .. } => "presence",
             RequestBody::Broadcast { .. } => "broadcast",
             RequestBody::Ping => "ping",
             RequestBody::Auth { .. } => "auth",
@@ -230,6 +235,19 @@ impl<'a> RawFields<'a> {
         Ok(room)
     }
 
+    /// A non-empty array of valid user ids.
+    fn users(&self, name: &str) -> Result<Vec<String>, ProtocolError> {
+        let users: Vec<String> = self.required(name, "an array of user ids")?;
+        if users.is_empty() {
+            return Err(self.invalid(format!("\"{name}\" must name at least one user")));
+        }
+        for user in &users {
+            check_name(user)
+                .map_err(|why| self.invalid(format!("\"{name}\" entry {user:?} {why}")))?;
+        }
+        Ok(users)
+    }
+
     fn token(&self) -> Result<String, ProtocolError> {
         self.required("token", "a JWT string")
     }
@@ -327,6 +345,9 @@ impl<'a> RawFields<'a> {
                 persist: self.optional("persist", "true or false")?.unwrap_or(true),
             },
             "members" => RequestBody::Members { room: self.room()? },
+            "presence" => RequestBody::Presence {
+                users: self.users("users")?,
+            },
             "broadcast" => RequestBody::Broadcast {
                 content: self.content(binary)?,
             },

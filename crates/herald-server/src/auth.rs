@@ -131,6 +131,15 @@ impl Authenticator {
         let mut validation = Validation::new(algorithm);
         validation.leeway = 5;
         validation.set_required_spec_claims(&["exp", "sub"]);
+        match &config.audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+            }
+            // Identity providers put an `aud` in their tokens; without a configured audience
+            // there is nothing to compare it with.
+            None => validation.validate_aud = false,
+        }
         Ok(Authenticator {
             decoding,
             validation,
@@ -277,6 +286,27 @@ mod tests {
             .mint("alice", true, None, Duration::from_secs(60))
             .unwrap();
         assert!(matches!(auth.verify(&forged), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn audience_is_checked_only_when_configured() {
+        let claims = serde_json::json!({"sub": "a", "exp": unix_now() + 60, "aud": "chat"});
+        let key = EncodingKey::from_secret(b"0123456789abcdef-test");
+        let token = jsonwebtoken::encode(&Header::default(), &claims, &key).unwrap();
+        assert!(
+            hs256().verify(&token).is_ok(),
+            "an aud is accepted when none is configured"
+        );
+
+        let config = |audience: &str| AuthConfig {
+            secret: Some("0123456789abcdef-test".into()),
+            audience: Some(audience.into()),
+            ..AuthConfig::default()
+        };
+        let chat = Authenticator::from_config(&config("chat"), None).unwrap();
+        assert!(chat.verify(&token).is_ok());
+        let other = Authenticator::from_config(&config("billing"), None).unwrap();
+        assert!(other.verify(&token).is_err());
     }
 
     #[test]

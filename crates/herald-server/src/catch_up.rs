@@ -13,13 +13,13 @@
 //!    handle drops frames of the stream up to the last replayed offset until a newer one
 //!    passes.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use herald_protocol::{ContentEncoding, Message, Payload};
 use serde_json::value::RawValue;
 
-use crate::delivery::OutFrame;
+use crate::delivery::{OutFrame, Outgoing};
 use crate::engine::store::{Offset, StoredMessage};
 use crate::hub::{ConnHandle, StreamKey};
 use crate::node::encode;
@@ -63,7 +63,11 @@ impl Replay {
                 continue;
             }
             self.last = message.offset;
-            if !self.handle.send(encode_stored(message), self.wait).await {
+            let frame = Outgoing {
+                frame: encode_stored(message),
+                accepted: Instant::now(),
+            };
+            if !self.handle.send(frame, self.wait).await {
                 return false;
             }
         }

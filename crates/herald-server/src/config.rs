@@ -17,7 +17,19 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub use crate::engine::sqlite::Synchronous;
 
 /// The sections of the configuration, also the only `HERALD_*` prefixes read as keys.
-const SECTIONS: [&str; 6] = ["server", "auth", "heartbeat", "limits", "log", "store"];
+const SECTIONS: [&str; 11] = [
+    "server",
+    "auth",
+    "heartbeat",
+    "limits",
+    "log",
+    "api",
+    "metrics",
+    "tls",
+    "static",
+    "compression",
+    "store",
+];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -27,6 +39,12 @@ pub struct Config {
     pub heartbeat: HeartbeatConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub api: ApiConfig,
+    pub metrics: MetricsConfig,
+    pub tls: TlsConfig,
+    #[serde(rename = "static")]
+    pub static_files: StaticConfig,
+    pub compression: CompressionConfig,
     pub store: StoreConfig,
 }
 
@@ -43,6 +61,10 @@ pub struct ServerConfig {
     /// On shutdown, how long writers get to flush and send their close frames.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// On shutdown, how long the node keeps serving with `/ready` answering 503 before it
+    /// closes the listener, so load balancers stop sending it new clients first.
+    #[serde(with = "duration")]
+    pub shutdown_delay: Duration,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +74,7 @@ impl Default for ServerConfig {
             node_id: String::new(),
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            shutdown_delay: Duration::ZERO,
         }
     }
 }
@@ -65,8 +88,13 @@ pub struct AuthConfig {
     pub public_key: Option<PathBuf>,
     /// `HS256`, `RS256` or `ES256`; defaults to HS256 with a secret, RS256 with a public key.
     pub algorithm: Option<String>,
+    /// When set, tokens must carry this `aud`; when unset, `aud` is not checked.
+    pub audience: Option<String>,
     /// Development only: accept `?user=NAME` without a token.
     pub anonymous: bool,
+    /// Development only: `POST /dev/token {"user": NAME}` hands out tokens to anyone, for the
+    /// chat page's name sign-in. Needs `auth.secret`.
+    pub dev_login: bool,
     /// Accept a handshake without a token in a pending state; the first message must be
     /// `{"type":"auth","token":…}`.
     pub message_auth: bool,
@@ -86,7 +114,9 @@ impl Default for AuthConfig {
             secret: None,
             public_key: None,
             algorithm: None,
+            audience: None,
             anonymous: false,
+            dev_login: false,
             message_auth: true,
             timeout: Duration::from_secs(5),
             max_attempts: 3,
@@ -231,6 +261,176 @@ impl Default for LogConfig {
     }
 }
 
+/// The server API under `/api/` and the CLI commands that call it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Keys accepted in `Authorization: Bearer <key>`; the API refuses every call while empty.
+    #[serde(deserialize_with = "list")]
+    pub keys: Vec<String>,
+    /// The key `herald publish`/`send`/`broadcast` send; the first of `keys` when unset.
+    pub key: Option<String>,
+    /// Where those commands find the server; derived from `server.listen` (and `tls`) when unset.
+    pub url: Option<String>,
+    /// Recipients of one `POST /api/send`.
+    pub max_recipients: usize,
+    /// Largest request body the API reads.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            keys: Vec::new(),
+            key: None,
+            url: None,
+            max_recipients: 1000,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// The key the CLI sends.
+    pub fn client_key(&self) -> Option<&str> {
+        self.key
+            .as_deref()
+            .or(self.keys.first().map(String::as_str))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics at `/metrics`.
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true }
+    }
+}
+
+/// HTTPS and WSS on the one port. Both files are PEM; set both or neither.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert: Option<PathBuf>,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// How often the files are checked for changes (they are also reloaded on SIGHUP);
+    /// `0s` turns the check off.
+    #[serde(with = "duration")]
+    pub watch_interval: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: None,
+            key: None,
+            watch_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The LZ77 window sizes, in bits, that permessage-deflate can be configured with. RFC 7692
+/// allows 8, which zlib cannot produce for a raw deflate stream.
+pub const WINDOW_BITS: std::ops::RangeInclusive<u8> = 9..=15;
+
+/// permessage-deflate (RFC 7692), agreed per connection with clients that offer it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// Accept clients' permessage-deflate offers; off, every connection is uncompressed.
+    pub enabled: bool,
+    /// Messages shorter than this many bytes go uncompressed: they rarely shrink.
+    pub threshold: usize,
+    /// Deflate level, 0 (store only) to 9 (smallest, slowest).
+    #[serde(deserialize_with = "deflate_level")]
+    pub level: u32,
+    /// Reset the server's compressor after every message, so an idle connection keeps no
+    /// deflate state (it is borrowed from a shared pool per message). Imposed on every client.
+    pub server_no_context_takeover: bool,
+    /// Ask clients to reset their compressor after every message, so the server inflates with
+    /// pooled state too. Imposed on every client; RFC 7692 lets the server require it.
+    pub client_no_context_takeover: bool,
+    /// Largest LZ77 window (bits) the server compresses with; a client may ask for less.
+    #[serde(deserialize_with = "window_bits")]
+    pub server_max_window_bits: u8,
+    /// Largest LZ77 window (bits) a client may compress with, when it offers to be limited.
+    #[serde(deserialize_with = "window_bits")]
+    pub client_max_window_bits: u8,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig {
+            enabled: false,
+            threshold: 64,
+            level: 1,
+            server_no_context_takeover: true,
+            client_no_context_takeover: true,
+            server_max_window_bits: 15,
+            client_max_window_bits: 15,
+        }
+    }
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() && self.key.is_some()
+    }
+}
+
+/// Static files served at `/` (the browser chat page lives in `web/`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StaticConfig {
+    pub enabled: bool,
+    /// The folder served; a missing folder serves nothing (404) and is not an error.
+    pub dir: PathBuf,
+    /// `Cache-Control: max-age` for files other than HTML; `0s` makes every file `no-cache`
+    /// (the browser revalidates with `If-Modified-Since`). HTML is always `no-cache`, so a new
+    /// page picks up new assets.
+    #[serde(with = "duration")]
+    pub max_age: Duration,
+}
+
+impl Default for StaticConfig {
+    fn default() -> Self {
+        StaticConfig {
+            enabled: true,
+            dir: PathBuf::from("web"),
+            max_age: Duration::ZERO,
+        }
+    }
+}
+
+fn deflate_level<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    let level = u32::deserialize(deserializer)?;
+    if level > 9 {
+        return Err(serde::de::Error::custom(format!(
+            "{level} is not a deflate level from 0 to 9"
+        )));
+    }
+    Ok(level)
+}
+
+fn window_bits<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u8, D::Error> {
+    let bits = u8::deserialize(deserializer)?;
+    if !WINDOW_BITS.contains(&bits) {
+        return Err(serde::de::Error::custom(format!(
+            "{bits} is not a window size from {} to {} bits",
+            WINDOW_BITS.start(),
+            WINDOW_BITS.end()
+        )));
+    }
+    Ok(bits)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -272,7 +472,12 @@ impl Config {
                         .iter()
                         .any(|section| key.starts_with(&format!("{section}_")))
                 })
-                .map(|key| key.as_str().replacen('_', ".", 1).into()),
+                .map(|key| {
+                    key.as_str()
+                        .to_ascii_lowercase()
+                        .replacen('_', ".", 1)
+                        .into()
+                }),
         );
         for (key, value) in overrides {
             figment = figment.merge(Serialized::default(key, value));
@@ -345,12 +550,26 @@ impl Config {
                 reason: "must be greater than zero".into(),
             });
         }
-        if let Some(algorithm) = &self.auth.algorithm
-            && !["HS256", "RS256", "ES256"].contains(&algorithm.as_str())
-        {
+        if let Some(algorithm) = &self.auth.algorithm {
+            let with_key = self.auth.public_key.is_some();
+            let reason = match (algorithm.as_str(), with_key) {
+                ("HS256", false) | ("RS256" | "ES256", true) => None,
+                ("HS256", true) => Some("HS256 needs auth.secret, not auth.public_key".to_owned()),
+                ("RS256" | "ES256", false) => Some(format!("{algorithm} needs auth.public_key")),
+                _ => Some(format!("{algorithm:?} is not one of HS256, RS256, ES256")),
+            };
+            if let Some(reason) = reason {
+                return Err(ConfigError::Key {
+                    key: "auth.algorithm",
+                    reason,
+                });
+            }
+        }
+        if self.auth.dev_login && self.auth.public_key.is_some() {
             return Err(ConfigError::Key {
-                key: "auth.algorithm",
-                reason: format!("{algorithm:?} is not one of HS256, RS256, ES256"),
+                key: "auth.dev_login",
+                reason: "mints HS256 tokens, so it needs auth.secret rather than auth.public_key"
+                    .into(),
             });
         }
         if let Some(secret) = &self.auth.secret
@@ -360,6 +579,29 @@ impl Config {
                 key: "auth.secret",
                 reason: "must be at least 16 bytes long".into(),
             });
+        }
+        if self.api.keys.iter().any(|key| key.len() < 16) {
+            return Err(ConfigError::Key {
+                key: "api.keys",
+                reason: "every key must be at least 16 bytes long".into(),
+            });
+        }
+        positive("api.max_recipients", self.api.max_recipients)?;
+        positive("api.max_body_bytes", self.api.max_body_bytes)?;
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) => {
+                return Err(ConfigError::Key {
+                    key: "tls.key",
+                    reason: "is required when tls.cert is set".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Key {
+                    key: "tls.cert",
+                    reason: "is required when tls.key is set".into(),
+                });
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -468,6 +710,42 @@ mod tests {
         writeln!(file, "[store]\nsynchronous = \"sometimes\"").unwrap();
         let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
         assert!(error.contains("synchronous"), "{error}");
+    }
+
+    #[test]
+    fn api_tls_and_static_sections_are_read() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "[api]\nkeys = \"first-key-0123456789, second-key-0123456789\"\n\
+             [tls]\ncert = \"/etc/herald/cert.pem\"\nkey = \"/etc/herald/key.pem\"\n\
+             [static]\ndir = \"public\"\nmax_age = \"1h\"\n\
+             [server]\nshutdown_delay = \"5s\""
+        )
+        .unwrap();
+        let config = Config::load(Some(file.path()), []).unwrap();
+        assert_eq!(
+            config.api.keys,
+            ["first-key-0123456789", "second-key-0123456789"]
+        );
+        assert_eq!(config.api.client_key(), Some("first-key-0123456789"));
+        assert!(config.tls.enabled());
+        assert_eq!(config.static_files.dir, PathBuf::from("public"));
+        assert_eq!(config.static_files.max_age, Duration::from_secs(3600));
+        assert_eq!(config.server.shutdown_delay, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn short_api_keys_and_half_tls_settings_are_refused() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[api]\nkeys = [\"short\"]").unwrap();
+        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        assert!(error.contains("api.keys"), "{error}");
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[tls]\ncert = \"/etc/herald/cert.pem\"").unwrap();
+        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        assert!(error.contains("tls.key"), "{error}");
     }
 
     #[test]

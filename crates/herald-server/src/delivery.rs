@@ -4,6 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -15,6 +16,15 @@ pub struct ConnId(pub u64);
 impl fmt::Display for ConnId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016x}", self.0)
+    }
+}
+
+impl std::str::FromStr for ConnId {
+    type Err = std::num::ParseIntError;
+
+    /// Reads the 16 hex digits that `Display` writes.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        u64::from_str_radix(text, 16).map(ConnId)
     }
 }
 
@@ -61,6 +71,14 @@ impl OutFrame {
     }
 }
 
+/// A frame in one connection's outbox, with the moment its message reached the hub, from which
+/// the writer measures delivery latency.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub frame: OutFrame,
+    pub accepted: Instant,
+}
+
 /// A fan-out destination, shared by every node through the broker.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Channel {
@@ -91,4 +109,13 @@ pub struct Delivery {
     /// The message's offset in the channel's stream (the room, or the user's inbox) when it was
     /// stored: a connection catching up on that stream drops what it has already replayed.
     pub offset: Option<u64>,
+}
+
+/// A command for the connections on a channel. It travels through the broker like a frame, so
+/// it reaches the user's connections on every node, but the node acts on it instead of
+/// writing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Close every connection on the channel with this code and reason (server API).
+    Disconnect { code: u16, reason: Arc<str> },
 }

@@ -22,14 +22,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use crate::connection::control::{CloseReason, ConnControl};
-use crate::delivery::{ConnId, Delivery, OutFrame};
+use crate::connection::control::{CloseReason, ConnControl, ConnStats};
+use crate::delivery::{ConnId, Delivery, OutFrame, Outgoing};
 use herald_protocol::CloseCode;
 
 /// The hub's handle on one connection: its outbox and its close signal. Cheap to clone.
@@ -41,7 +41,7 @@ pub struct ConnHandle {
 struct HandleInner {
     id: ConnId,
     user: Arc<str>,
-    outbox: mpsc::Sender<OutFrame>,
+    outbox: mpsc::Sender<Outgoing>,
     control: Arc<ConnControl>,
     /// Streams being caught up on, with their held live frames. std Mutex: held to push or
     /// take frames only, never across an `.await`.
@@ -59,8 +59,9 @@ pub enum StreamKey {
     Room(Arc<str>),
 }
 
-/// Live frames held while a stream is replayed: (offset in the stream, frame).
-pub type HeldFrames = Vec<(Option<u64>, OutFrame)>;
+/// Live frames held while a stream is replayed: (offset in the stream, frame with the moment
+/// it reached the hub).
+pub type HeldFrames = Vec<(Option<u64>, Outgoing)>;
 
 struct CatchUp {
     key: StreamKey,
@@ -73,7 +74,7 @@ impl ConnHandle {
     pub fn new(
         id: ConnId,
         user: Arc<str>,
-        outbox: mpsc::Sender<OutFrame>,
+        outbox: mpsc::Sender<Outgoing>,
         control: Arc<ConnControl>,
     ) -> Self {
         ConnHandle {
@@ -96,10 +97,20 @@ impl ConnHandle {
         &self.inner.user
     }
 
+    pub fn stats(&self) -> &ConnStats {
+        &self.inner.control.stats
+    }
+
     /// Queues a frame without waiting. Returns false when the connection is gone or was cut off
     /// because its outbox is full.
     pub fn offer(&self, frame: OutFrame) -> bool {
-        match self.inner.outbox.try_send(frame) {
+        self.offer_accepted_at(frame, Instant::now())
+    }
+
+    /// Like [`offer`](Self::offer), for a frame whose message was accepted at `accepted` (one
+    /// clock read per message, not per recipient).
+    pub fn offer_accepted_at(&self, frame: OutFrame, accepted: Instant) -> bool {
+        match self.inner.outbox.try_send(Outgoing { frame, accepted }) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
                 self.cut_off_slow();
@@ -115,7 +126,7 @@ impl ConnHandle {
 
     /// Queues a frame, waiting up to `wait` for room in the outbox (replays send more than an
     /// outbox holds). Returns false when the connection is gone or was cut off as too slow.
-    pub async fn send(&self, frame: OutFrame, wait: Duration) -> bool {
+    pub async fn send(&self, frame: Outgoing, wait: Duration) -> bool {
         match self.inner.outbox.send_timeout(frame, wait).await {
             Ok(()) => true,
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
@@ -176,15 +187,21 @@ impl ConnHandle {
         self.inner
             .catching_up_count
             .store(catching_up.len(), Ordering::Release);
-        for (_, frame) in ended.held {
-            if !self.offer(frame) {
+        for (_, held) in ended.held {
+            if !self.offer_accepted_at(held.frame, held.accepted) {
                 break;
             }
         }
     }
 
     /// Queues a live frame of one stream, or holds it while that stream is caught up on.
-    fn deliver(&self, key: StreamKeyRef<'_>, frame: &OutFrame, offset: Option<u64>) -> bool {
+    fn deliver(
+        &self,
+        key: StreamKeyRef<'_>,
+        frame: &OutFrame,
+        offset: Option<u64>,
+        accepted: Instant,
+    ) -> bool {
         if self.inner.catching_up_count.load(Ordering::Acquire) > 0 {
             let mut catching_up = self.lock_catching_up();
             if let Some(index) = catching_up.iter().position(|c| key.matches(&c.key)) {
@@ -203,7 +220,7 @@ impl ConnHandle {
                         None => {}
                     }
                     drop(catching_up);
-                    return self.offer(frame.clone());
+                    return self.offer_accepted_at(frame.clone(), accepted);
                 }
                 // Held frames count against the same bound as the outbox.
                 if catch_up.held.len() >= self.inner.outbox.max_capacity() {
@@ -211,11 +228,17 @@ impl ConnHandle {
                     self.cut_off_slow();
                     return false;
                 }
-                catch_up.held.push((offset, frame.clone()));
+                catch_up.held.push((
+                    offset,
+                    Outgoing {
+                        frame: frame.clone(),
+                        accepted,
+                    },
+                ));
                 return true;
             }
         }
-        self.offer(frame.clone())
+        self.offer_accepted_at(frame.clone(), accepted)
     }
 
     fn lock_catching_up(&self) -> std::sync::MutexGuard<'_, Vec<CatchUp>> {
@@ -358,11 +381,17 @@ impl Hub {
         let Some(members) = self.rooms.get(room) else {
             return 0;
         };
+        let accepted = Instant::now();
         members
             .values()
             .filter(|handle| Some(handle.id()) != delivery.except)
             .filter(|handle| {
-                handle.deliver(StreamKeyRef::Room(room), &delivery.frame, delivery.offset)
+                handle.deliver(
+                    StreamKeyRef::Room(room),
+                    &delivery.frame,
+                    delivery.offset,
+                    accepted,
+                )
             })
             .count()
     }
@@ -372,20 +401,91 @@ impl Hub {
         let Some(conns) = self.users.get(user) else {
             return 0;
         };
+        let accepted = Instant::now();
         conns
             .iter()
             .filter(|handle| Some(handle.id()) != delivery.except)
-            .filter(|handle| handle.deliver(StreamKeyRef::Inbox, &delivery.frame, delivery.offset))
+            .filter(|handle| {
+                handle.deliver(
+                    StreamKeyRef::Inbox,
+                    &delivery.frame,
+                    delivery.offset,
+                    accepted,
+                )
+            })
             .count()
     }
 
     /// Queues a frame for every local connection but `except`.
     pub fn deliver_to_all(&self, frame: &OutFrame, except: Option<ConnId>) -> usize {
+        let accepted = Instant::now();
         self.conns
             .iter()
             .filter(|handle| Some(handle.id()) != except)
-            .filter(|handle| handle.offer(frame.clone()))
+            .filter(|handle| handle.offer_accepted_at(frame.clone(), accepted))
             .count()
+    }
+
+    /// Asks every local connection of a user to close. Returns how many were asked.
+    pub fn close_user(&self, user: &str, reason: &CloseReason) -> usize {
+        let Some(conns) = self.users.get(user) else {
+            return 0;
+        };
+        for handle in conns.iter() {
+            handle.close(reason.clone());
+        }
+        conns.len()
+    }
+
+    /// Asks every local member of a room to close.
+    pub fn close_room(&self, room: &str, reason: &CloseReason) -> usize {
+        let Some(members) = self.rooms.get(room) else {
+            return 0;
+        };
+        for handle in members.values() {
+            handle.close(reason.clone());
+        }
+        members.len()
+    }
+
+    /// One local connection.
+    pub fn connection(&self, id: ConnId) -> Option<ConnHandle> {
+        self.conns.get(&id).map(|entry| entry.value().clone())
+    }
+
+    /// The local connections of one user.
+    pub fn user_connections(&self, user: &str) -> Vec<ConnHandle> {
+        self.users
+            .get(user)
+            .map(|conns| conns.clone())
+            .unwrap_or_default()
+    }
+
+    /// The rooms one local connection is in, sorted. Scans the rooms: for the server API, not
+    /// for a hot path.
+    pub fn rooms_of(&self, id: ConnId) -> Vec<Arc<str>> {
+        let mut rooms: Vec<Arc<str>> = self
+            .rooms
+            .iter()
+            .filter(|entry| entry.value().contains_key(&id))
+            .map(|entry| entry.key().clone())
+            .collect();
+        rooms.sort_unstable();
+        rooms
+    }
+
+    /// Every local connection's rooms, in one pass over the rooms.
+    pub fn rooms_by_connection(&self) -> HashMap<ConnId, Vec<Arc<str>>> {
+        let mut index: HashMap<ConnId, Vec<Arc<str>>> = HashMap::new();
+        for entry in self.rooms.iter() {
+            for id in entry.value().keys() {
+                index.entry(*id).or_default().push(entry.key().clone());
+            }
+        }
+        for rooms in index.values_mut() {
+            rooms.sort_unstable();
+        }
+        index
     }
 
     /// Open connections on this node.
@@ -411,7 +511,7 @@ mod tests {
         id: u64,
         user: &str,
         queue: usize,
-    ) -> (ConnHandle, mpsc::Receiver<OutFrame>, Arc<ConnControl>) {
+    ) -> (ConnHandle, mpsc::Receiver<Outgoing>, Arc<ConnControl>) {
         let (tx, rx) = mpsc::channel(queue);
         let signal = Arc::new(ConnControl::new(tokio_util::sync::CancellationToken::new()));
         (
@@ -439,7 +539,7 @@ mod tests {
         };
         assert_eq!(hub.deliver_to_room("r", &delivery), 1);
         assert!(a_rx.try_recv().is_err());
-        let OutFrame::Text(got) = b_rx.try_recv().unwrap() else {
+        let OutFrame::Text(got) = b_rx.try_recv().unwrap().frame else {
             panic!()
         };
         let OutFrame::Text(sent) = &frame else {
@@ -454,6 +554,7 @@ mod tests {
 
     #[test]
     fn a_full_outbox_cuts_off_only_that_consumer() {
+        crate::metrics::install();
         let hub = Hub::new();
         let room: Arc<str> = "r".into();
         let (slow, _slow_rx, slow_signal) = handle(1, "slow", 1);
@@ -478,10 +579,60 @@ mod tests {
         for _ in 0..3 {
             fast_rx.try_recv().unwrap();
         }
+        let rendered = crate::metrics::render();
+        let cut_off = rendered
+            .lines()
+            .find_map(|line| line.strip_prefix("herald_slow_consumers_total "))
+            .and_then(|value| value.parse::<f64>().ok());
+        assert!(cut_off >= Some(1.0), "{rendered}");
     }
 
-    fn text(frame: OutFrame) -> Bytes {
-        match frame {
+    #[test]
+    fn closing_a_user_reaches_only_that_users_connections() {
+        let hub = Hub::new();
+        let (a1, _r1, a1_signal) = handle(1, "a", 1);
+        let (a2, _r2, a2_signal) = handle(2, "a", 1);
+        let (b, _r3, b_signal) = handle(3, "b", 1);
+        for h in [&a1, &a2, &b] {
+            hub.register(h.clone(), 10, 10).unwrap();
+        }
+        let reason = CloseReason::Kicked {
+            code: 4403,
+            reason: "banned".into(),
+        };
+        assert_eq!(hub.close_user("a", &reason), 2);
+        assert_eq!(a1_signal.reason(), Some(reason.clone()));
+        assert_eq!(a2_signal.reason(), Some(reason));
+        assert_eq!(b_signal.reason(), None);
+        assert_eq!(hub.close_user("nobody", &CloseReason::PeerGone), 0);
+    }
+
+    #[test]
+    fn rooms_are_indexed_by_connection() {
+        let hub = Hub::new();
+        let (a, _ra, _) = handle(1, "a", 1);
+        let (b, _rb, _) = handle(2, "b", 1);
+        for h in [&a, &b] {
+            hub.register(h.clone(), 10, 10).unwrap();
+        }
+        for room in ["z", "m"] {
+            hub.join(&Arc::from(room), &a);
+        }
+        hub.join(&Arc::from("m"), &b);
+        let index = hub.rooms_by_connection();
+        let names =
+            |id: u64| -> Vec<String> { index[&ConnId(id)].iter().map(|r| r.to_string()).collect() };
+        assert_eq!(names(1), ["m", "z"]);
+        assert_eq!(names(2), ["m"]);
+        assert_eq!(
+            hub.rooms_of(ConnId(1)),
+            hub.rooms_by_connection()[&ConnId(1)]
+        );
+        assert!(hub.rooms_of(ConnId(9)).is_empty());
+    }
+
+    fn text(outgoing: Outgoing) -> Bytes {
+        match outgoing.frame {
             OutFrame::Text(bytes) | OutFrame::Binary(bytes) => bytes,
         }
     }

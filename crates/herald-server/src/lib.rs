@@ -3,8 +3,10 @@
 //! # Layout
 //! - [`config`]: defaults < TOML file < `HERALD_*` environment < flags.
 //! - [`auth`]: JWT verification at the handshake, token minting for `herald token`.
-//! - [`server`]: the accept loop and graceful shutdown.
-//! - [`http`]: the router: WebSocket upgrade (`/ws`, `/ws/{room}`), `/health`, `/ready`.
+//! - [`server`]: the accept loop (plain or TLS) and graceful shutdown.
+//! - [`tls`]: rustls acceptor whose certificate reloads on SIGHUP and on file change.
+//! - [`http`]: the router: WebSocket upgrade (`/ws`, `/ws/{room}`), the server API (`/api/`),
+//!   `/metrics`, `/health`, `/ready`, static files at `/`.
 //! - [`transport`]: how a request becomes a WebSocket, with which limits.
 //! - [`connection`]: one client: reader, session (requests), writer (bounded outbox, batching,
 //!   heartbeat deadline), and the control block they share.
@@ -14,9 +16,10 @@
 //!   `since`) with no gap and no duplicate at the seam with live ones.
 //! - [`hub`]: this node's connections by id, user and room; fans out shared bytes.
 //! - [`engine`]: `Broker`, `Presence` and `Store` traits with their embedded backends
-//!   (in-memory broker and presence, SQLite store).
+//!   (in-memory broker and presence, SQLite store), and timing decorators for any backend.
 //! - [`delivery`]: the types that travel between them (encoded frames, channels, ids).
 //! - [`telemetry`]: logging setup.
+//! - [`metrics`]: the process-wide Prometheus recorder and the catalogue of metrics.
 
 pub mod auth;
 pub mod catch_up;
@@ -26,9 +29,11 @@ pub mod delivery;
 pub mod engine;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod node;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;
 
 use std::sync::Arc;

@@ -28,13 +28,16 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::catch_up::{Replay, history_message};
 use crate::config::Config;
-use crate::delivery::{Channel, ConnId, ConnIds, Delivery, OutFrame};
+use crate::connection::control::CloseReason;
+use crate::connection::pending::PendingAuth;
+use crate::delivery::{Channel, ConnId, ConnIds, Control, Delivery, OutFrame};
 use crate::engine::EngineError;
 use crate::engine::broker::{Broker, DeliveryHandler};
-use crate::engine::presence::{Presence, RoomChange};
+use crate::engine::presence::{Presence, RoomChange, RoomCount};
 use crate::engine::store::{
     Append, Appended, Epoch, NewMessage, Offset, PruneReport, Store, StoreError, StreamPosition,
 };
+use crate::engine::timed::{TimedBroker, TimedPresence};
 use crate::hub::{ConnHandle, Hub, RegisterError, StreamKey};
 
 /// Committed messages waiting for the fan-out task.
@@ -64,6 +67,11 @@ pub struct Node {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for their close frames to go out.
     pub tasks: TaskTracker,
+    /// Cancelled when shutdown begins, before connections close: `/ready` answers 503 from
+    /// then on.
+    draining: CancellationToken,
+    /// Connections accepted without a token, still waiting for their `auth` message.
+    pub pending: Arc<PendingAuth>,
 }
 
 /// What the sender of a direct message learns.
@@ -149,14 +157,16 @@ impl Node {
             config,
             auth,
             hub: Hub::new(),
-            broker,
-            presence,
+            broker: Arc::new(TimedBroker(broker)),
+            presence: Arc::new(TimedPresence(presence)),
             store,
             fanout,
             pruned: watch::Sender::new(PruneReport::default()),
             conn_ids: ConnIds::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            draining: CancellationToken::new(),
+            pending: Arc::default(),
         });
         node.broker.start(node.clone());
         tokio::spawn(fan_out(node.broker.clone(), fanout_queue));
@@ -424,6 +434,11 @@ impl Node {
         self.presence.members(room).await
     }
 
+    /// For each user, whether they have an open connection on any node.
+    pub async fn online(&self, users: &[String]) -> Result<Vec<bool>, EngineError> {
+        self.presence.online(users).await
+    }
+
     /// Sends a direct message to every connection of each recipient and to the sender's other
     /// connections. `from_conn` (the sending connection) gets the ack instead of a copy.
     pub async fn send_direct(
@@ -686,9 +701,53 @@ impl Node {
             .await
     }
 
-    /// Whether every engine answers.
+    /// Closes every connection of a user, on every node, with a close code and reason. The
+    /// request travels on the user's channel through the broker, so it reaches the nodes that
+    /// hold the user's connections. Returns how many connections the user had.
+    pub async fn disconnect_user(
+        &self,
+        user: &str,
+        code: u16,
+        reason: &str,
+    ) -> Result<usize, EngineError> {
+        let connections = self.presence.connections(user).await?.len();
+        let control = Control::Disconnect {
+            code,
+            reason: reason.into(),
+        };
+        self.broker
+            .publish_control(&Channel::User(user.into()), control)
+            .await?;
+        Ok(connections)
+    }
+
+    /// Whether a user is connected anywhere, and with which connections.
+    pub async fn user_connections(&self, user: &str) -> Result<Vec<ConnId>, EngineError> {
+        self.presence.connections(user).await
+    }
+
+    /// Every room with users in it, on every node, sorted by name.
+    pub async fn rooms(&self) -> Result<Vec<RoomCount>, EngineError> {
+        self.presence.rooms().await
+    }
+
+    /// Marks the node as shutting down: it stays up, but `/ready` fails.
+    pub fn start_draining(&self) {
+        self.draining.cancel();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled() || self.shutdown.is_cancelled()
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn draining(&self) {
+        self.draining.cancelled().await;
+    }
+
+    /// Whether every engine answers and the node is not shutting down.
     pub async fn ready(&self) -> bool {
-        !self.shutdown.is_cancelled() && self.broker.ready().await
+        !self.is_draining() && self.broker.ready().await
     }
 }
 
@@ -700,6 +759,27 @@ impl DeliveryHandler for Node {
             Channel::All => self.hub.deliver_to_all(&delivery.frame, delivery.except),
         };
         metrics::counter!("herald_messages_queued_total").increment(delivered as u64);
+    }
+
+    fn control(&self, channel: &Channel, control: &Control) {
+        match control {
+            Control::Disconnect { code, reason } => {
+                let reason = CloseReason::Kicked {
+                    code: *code,
+                    reason: reason.clone(),
+                };
+                let closed = match channel {
+                    Channel::User(user) => self.hub.close_user(user, &reason),
+                    Channel::Room(room) => self.hub.close_room(room, &reason),
+                    Channel::All => {
+                        let all = self.hub.snapshot();
+                        all.iter().for_each(|handle| handle.close(reason.clone()));
+                        all.len()
+                    }
+                };
+                tracing::info!(%channel, code, closed, "disconnected by the server API");
+            }
+        }
     }
 }
 

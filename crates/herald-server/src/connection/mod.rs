@@ -10,6 +10,7 @@
 //! runs once, in the reader, after the writer has sent its Close frame.
 
 pub mod control;
+pub mod pending;
 pub mod session;
 pub mod writer;
 
@@ -18,47 +19,72 @@ use std::sync::Arc;
 use futures::StreamExt;
 use herald_protocol::{CloseCode, ServerEvent, Welcome};
 use tokio::sync::mpsc;
-use yawc::{HttpStream, OpCode, WebSocket};
+use yawc::OpCode;
 
 use crate::auth::Identity;
 use crate::delivery::OutFrame;
 use crate::hub::ConnHandle;
 use crate::node::{ConnectError, Node};
-use control::{CloseReason, ConnControl};
+use crate::transport::Socket;
+use control::{CloseReason, ConnControl, Expiry, ExpiryKind, unix_ms};
+use pending::PendingSlot;
 use session::{Flow, Session};
 
+/// How a connection got in at the handshake.
+pub enum Admission {
+    /// With a valid token (or as an anonymous development user).
+    Authenticated(Identity),
+    /// Without a token: the first message must authenticate.
+    Pending(PendingSlot),
+}
+
 /// Serves an upgraded WebSocket until it closes.
-pub async fn serve(
-    ws: WebSocket<HttpStream>,
-    node: Arc<Node>,
-    identity: Identity,
-    rooms: Vec<String>,
-) {
+pub async fn serve(ws: Socket, node: Arc<Node>, admission: Admission, rooms: Vec<String>) {
     let control = Arc::new(ConnControl::new(node.shutdown.child_token()));
     let (outbox, outbox_rx) = mpsc::channel(node.config.limits.send_queue);
-    let handle = ConnHandle::new(
-        node.next_conn_id(),
-        identity.user.clone(),
-        outbox,
-        control.clone(),
-    );
+    let conn_id = node.next_conn_id();
     let (sink, mut stream) = ws.split();
-    let heartbeat = node.config.heartbeat.interval;
-    let writer = tokio::spawn(writer::run(sink, outbox_rx, control.clone(), heartbeat));
+    let timing = writer::Timing {
+        heartbeat: node.config.heartbeat.interval,
+        refresh_notice: node.config.auth.refresh_notice,
+    };
+    let writer = tokio::spawn(writer::run(sink, outbox_rx, control.clone(), timing));
+
+    let identity = match admission {
+        Admission::Authenticated(identity) => identity,
+        Admission::Pending(slot) => {
+            let deadline = unix_ms() + node.config.auth.timeout.as_millis() as u64;
+            control.set_expiry(Some(Expiry {
+                at_unix_ms: deadline,
+                kind: ExpiryKind::AuthDeadline,
+            }));
+            let anonymous =
+                ConnHandle::new(conn_id, Arc::from(""), outbox.clone(), control.clone());
+            let identity = pending::authenticate(&mut stream, &node, &anonymous, &control).await;
+            drop(slot);
+            match identity {
+                Some(identity) => identity,
+                None => {
+                    let _ = writer.await;
+                    return;
+                }
+            }
+        }
+    };
+    control.set_expiry(token_expiry(&identity));
+    let handle = ConnHandle::new(conn_id, identity.user.clone(), outbox, control.clone());
 
     // The welcome goes first: the outbox is empty until the connection is registered.
     let welcome = ServerEvent::Welcome(Welcome {
         conn: handle.id().to_string(),
         user: identity.user.to_string(),
         node: node.id.to_string(),
-        heartbeat: heartbeat.as_secs().max(1),
+        heartbeat: timing.heartbeat.as_secs().max(1),
     });
     handle.offer(OutFrame::Text(welcome.encode()));
     if let Err(error) = node.connect(&handle).await {
         let code = match error {
-            ConnectError::Limit(_) => {
-                CloseCode::new(1013, "connection limit reached, try again later")
-            }
+            ConnectError::Limit(_) => CloseCode::TRY_AGAIN_LATER,
             ConnectError::Engine(_) => CloseCode::INTERNAL_ERROR,
         };
         tracing::info!(user = %identity.user, %error, "connection refused after upgrade");
@@ -69,7 +95,7 @@ pub async fn serve(
     tracing::debug!(conn = %handle.id(), user = %identity.user, "connected");
     metrics::counter!("herald_connects_total").increment(1);
 
-    let mut session = Session::new(node.clone(), handle.clone(), identity);
+    let mut session = Session::new(node.clone(), handle.clone(), identity, control.clone());
     session.join_initial(rooms).await;
 
     loop {
@@ -79,15 +105,24 @@ pub async fn serve(
             frame = stream.next() => frame,
         };
         let Some(frame) = frame else {
-            // The library already answered a protocol error with its own Close frame.
+            // A protocol error: the library queued its Close frame (1002, 1007, 1009, …).
+            flush_library_close(&mut stream).await;
             control.close(CloseReason::PeerGone);
             break;
         };
         control.touch();
+        if matches!(frame.opcode(), OpCode::Text | OpCode::Binary) {
+            control.stats.received(frame.payload().len());
+            crate::metrics::HOT
+                .received_bytes
+                .increment(frame.payload().len() as u64);
+        }
         let flow = match frame.opcode() {
             OpCode::Text => session.on_text(frame.payload()).await,
             OpCode::Binary => session.on_binary(frame.payload()).await,
             OpCode::Close => {
+                // The library queued the echo of the peer's Close frame.
+                flush_library_close(&mut stream).await;
                 control.close(CloseReason::PeerGone);
                 break;
             }
@@ -105,8 +140,24 @@ pub async fn serve(
     session.finish().await;
     let reason_label = match reason {
         Some(CloseReason::Send(code)) => code.reason,
+        // The application's own reason text could be anything: keep the label set bounded.
+        Some(CloseReason::Kicked { .. }) => CloseCode::KICKED.reason,
         Some(CloseReason::PeerGone) | None => "peer closed",
     };
     metrics::counter!("herald_disconnects_total", "reason" => reason_label).increment(1);
     tracing::debug!(conn = %handle.id(), reason = reason_label, "disconnected");
+}
+
+/// The token's `exp` as the connection's expiry (none for anonymous development users).
+pub fn token_expiry(identity: &Identity) -> Option<Expiry> {
+    identity.expires_at.map(|exp| Expiry {
+        at_unix_ms: exp.saturating_mul(1000),
+        kind: ExpiryKind::TokenExpiry,
+    })
+}
+
+/// Polls the stream once more after it ended: the library writes the Close frame it queued (its
+/// answer to a protocol error, or the echo of the peer's Close) only while being read.
+pub(crate) async fn flush_library_close<S: futures::Stream + Unpin>(stream: &mut S) {
+    let _ = tokio::time::timeout(writer::CLOSE_WAIT, stream.next()).await;
 }

@@ -11,9 +11,11 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use herald_protocol::request::{parse_binary, parse_text};
 use herald_protocol::{
     Ack, CloseCode, ErrorCode, ErrorEvent, History, HistoryTarget, Members, Payload, Pong,
-    ProtocolError, Request, RequestBody, ServerEvent,
+    PresenceReply, ProtocolError, Request, RequestBody, ServerEvent,
 };
 
+use super::control::ConnControl;
+use super::token_expiry;
 use crate::auth::Identity;
 use crate::delivery::OutFrame;
 use crate::engine::EngineError;
@@ -31,6 +33,7 @@ pub enum Flow {
 pub struct Session {
     node: Arc<Node>,
     handle: ConnHandle,
+    control: Arc<ConnControl>,
     identity: Identity,
     rooms: HashSet<Arc<str>>,
     limiter: DefaultDirectRateLimiter,
@@ -41,7 +44,12 @@ pub struct Session {
 type Outcome = Result<Option<ServerEvent>, ProtocolError>;
 
 impl Session {
-    pub fn new(node: Arc<Node>, handle: ConnHandle, identity: Identity) -> Self {
+    pub fn new(
+        node: Arc<Node>,
+        handle: ConnHandle,
+        identity: Identity,
+        control: Arc<ConnControl>,
+    ) -> Self {
         let limits = &node.config.limits;
         // Config validation guarantees both are positive.
         let rate = NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN);
@@ -50,6 +58,7 @@ impl Session {
         Session {
             node,
             handle,
+            control,
             identity,
             rooms: HashSet::new(),
             limiter,
@@ -70,7 +79,10 @@ impl Session {
     }
 
     async fn on_request(&mut self, parsed: Result<Request, ProtocolError>) -> Flow {
-        metrics::counter!("herald_frames_received_total").increment(1);
+        let kind = parsed
+            .as_ref()
+            .map_or("invalid", |request| request.body.kind());
+        metrics::counter!("herald_messages_in_total", "type" => kind).increment(1);
         if self.limiter.check().is_err() {
             self.limited_in_row += 1;
             metrics::counter!("herald_rate_limited_total").increment(1);
@@ -120,6 +132,7 @@ impl Session {
                 persist,
             } => self.publish(id, room, content, echo, persist).await,
             RequestBody::Members { room } => self.members(id, room).await,
+            RequestBody::Presence { users } => self.presence(id, users).await,
             RequestBody::Broadcast { content } => self.broadcast(id, content).await,
             RequestBody::Ping => Ok(Some(ServerEvent::Pong(Pong { reference: id }))),
             RequestBody::History {
@@ -133,11 +146,7 @@ impl Session {
                 "this connection is already authenticated",
                 id,
             )),
-            RequestBody::Refresh { .. } => Err(ProtocolError::new(
-                ErrorCode::Forbidden,
-                "token refresh is not available on this server",
-                id,
-            )),
+            RequestBody::Refresh { token } => self.refresh(id, token).await,
         }
     }
 
@@ -148,6 +157,45 @@ impl Session {
                 self.reply_error(error);
             }
         }
+    }
+
+    /// Replaces the connection's token. The new claims apply at once: rooms the token no longer
+    /// allows are left (the others see `left`), `admin` follows the new token, and the expiry
+    /// moves to the new `exp`.
+    async fn refresh(&mut self, id: Option<String>, token: String) -> Outcome {
+        let identity = self.node.auth.verify(&token).map_err(|e| {
+            ProtocolError::new(ErrorCode::Unauthenticated, e.to_string(), id.clone())
+        })?;
+        if identity.user != self.identity.user {
+            return Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "the new token is for user {:?}, this connection is {:?}",
+                    identity.user, self.identity.user
+                ),
+                id,
+            ));
+        }
+        let revoked: Vec<Arc<str>> = self
+            .rooms
+            .iter()
+            .filter(|room| !identity.may_use_room(room))
+            .cloned()
+            .collect();
+        for room in revoked {
+            self.rooms.remove(&room);
+            if let Err(error) = self.node.leave(&self.handle, &room).await {
+                tracing::warn!(conn = %self.handle.id(), %room, %error, "leave on refresh failed");
+            }
+        }
+        self.control.set_expiry(token_expiry(&identity));
+        self.identity = identity;
+        Ok(id.map(|reference| {
+            ServerEvent::Ack(Ack {
+                reference: Some(reference),
+                ..Ack::default()
+            })
+        }))
     }
 
     async fn send(&mut self, id: Option<String>, to: Vec<String>, content: Payload) -> Outcome {
@@ -364,6 +412,26 @@ impl Session {
             room,
             count: users.len() as u64,
             users,
+        })))
+    }
+
+    async fn presence(&mut self, id: Option<String>, users: Vec<String>) -> Outcome {
+        let max = self.node.config.limits.max_recipients;
+        if users.len() > max {
+            return Err(ProtocolError::new(
+                ErrorCode::LimitExceeded,
+                format!("\"users\" names {} users; the limit is {max}", users.len()),
+                id,
+            ));
+        }
+        let flags = self
+            .node
+            .online(&users)
+            .await
+            .map_err(|e| internal(e, &id))?;
+        Ok(Some(ServerEvent::Presence(PresenceReply {
+            reference: id,
+            online: users.into_iter().zip(flags).collect(),
         })))
     }
 

@@ -9,18 +9,24 @@
 //!   member and unsubscribes after its last.
 //! - Frames arrive through the one [`DeliveryHandler`] given to [`Broker::start`], the node's,
 //!   which routes them to local connections without blocking.
+//! - Controls ([`Control`], e.g. "disconnect this user") travel on the same channels with the
+//!   same guarantees, so a control published after a frame on one channel from one node is
+//!   acted on after that frame is queued. A backend shared by nodes must carry them to every
+//!   subscribed node, like frames: the server API's disconnect relies on it.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use super::EngineError;
-use crate::delivery::{Channel, Delivery};
+use crate::delivery::{Channel, Control, Delivery};
 
 /// Receives frames from the broker; implemented by the node, which hands them to the hub.
 pub trait DeliveryHandler: Send + Sync {
     /// Must not block: it runs on the broker's receive path.
     fn deliver(&self, channel: &Channel, delivery: &Delivery);
+    /// Acts on a control for the channel's local connections. Must not block either.
+    fn control(&self, channel: &Channel, control: &Control);
 }
 
 #[async_trait]
@@ -30,6 +36,9 @@ pub trait Broker: Send + Sync {
     async fn subscribe(&self, channel: &Channel) -> Result<(), EngineError>;
     async fn unsubscribe(&self, channel: &Channel) -> Result<(), EngineError>;
     async fn publish(&self, channel: &Channel, delivery: Delivery) -> Result<(), EngineError>;
+    /// Carries a control to every node subscribed to the channel (this one included).
+    async fn publish_control(&self, channel: &Channel, control: Control)
+    -> Result<(), EngineError>;
     /// Whether the backend is reachable (for readiness checks).
     async fn ready(&self) -> bool {
         true

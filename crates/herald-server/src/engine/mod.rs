@@ -6,14 +6,16 @@
 //! - [`store::Store`]: room history, offline inboxes and conversations, with offsets.
 //!
 //! `memory/` holds the embedded single-process broker and presence, `sqlite/` the embedded
-//! store; `herald serve` uses them by default. A Redis backend (another issue) implements the
-//! same traits; the hub never sees an engine, so adding one changes no routing code.
+//! store; `herald serve` uses them by default. `timed` wraps any backend to measure its calls.
+//! A Redis backend (another issue) implements the same traits; the hub never sees an engine, so
+//! adding one changes no routing code.
 
 pub mod broker;
 pub mod memory;
 pub mod presence;
 pub mod sqlite;
 pub mod store;
+pub mod timed;
 
 /// An engine that could not do its job (a backend unreachable, a command refused).
 #[derive(Debug, thiserror::Error)]

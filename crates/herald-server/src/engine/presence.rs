@@ -23,6 +23,13 @@ pub struct RoomChange {
     pub count: u64,
 }
 
+/// A room and how many users are in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomCount {
+    pub room: String,
+    pub users: u64,
+}
+
 #[async_trait]
 pub trait Presence: Send + Sync {
     async fn join(&self, room: &str, user: &str, conn: ConnId) -> Result<RoomChange, EngineError>;
@@ -35,4 +42,6 @@ pub trait Presence: Send + Sync {
     async fn online(&self, users: &[String]) -> Result<Vec<bool>, EngineError>;
     /// Open connections of one user, on every node.
     async fn connections(&self, user: &str) -> Result<Vec<ConnId>, EngineError>;
+    /// Every room with at least one user, on every node, sorted by name.
+    async fn rooms(&self) -> Result<Vec<RoomCount>, EngineError>;
 }

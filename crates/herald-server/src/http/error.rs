@@ -1,5 +1,6 @@
 //! The one error type every HTTP handler returns: a status and a JSON body
-//! `{"error": "<message>"}`. Internal details are logged, never sent.
+//! `{"error": "<message>"}`, with `"field": "<name>"` when one request field is at fault.
+//! Internal details are logged, never sent.
 
 use axum::Json;
 use axum::response::{IntoResponse, Response};
@@ -9,6 +10,8 @@ use http::StatusCode;
 pub struct HttpError {
     pub status: StatusCode,
     pub message: String,
+    /// The request field (body, path or query) the error is about.
+    pub field: Option<String>,
 }
 
 impl HttpError {
@@ -16,16 +19,26 @@ impl HttpError {
         HttpError {
             status,
             message: message.into(),
+            field: None,
+        }
+    }
+
+    /// An error about one field of the request.
+    pub fn field(status: StatusCode, field: impl Into<String>, message: impl Into<String>) -> Self {
+        HttpError {
+            status,
+            message: message.into(),
+            field: Some(field.into()),
         }
     }
 }
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(serde_json::json!({ "error": self.message })),
-        )
-            .into_response()
+        let body = match self.field {
+            Some(field) => serde_json::json!({ "error": self.message, "field": field }),
+            None => serde_json::json!({ "error": self.message }),
+        };
+        (self.status, Json(body)).into_response()
     }
 }

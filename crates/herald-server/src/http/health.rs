@@ -15,6 +15,12 @@ pub async fn health() -> impl IntoResponse {
 }
 
 pub async fn ready(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    if node.is_draining() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "shutting down" })),
+        );
+    }
     if node.ready().await {
         (
             StatusCode::OK,

@@ -2,19 +2,23 @@
 //!
 //! Checks run before the upgrade, so a refused client gets a plain HTTP status with a JSON
 //! reason and no WebSocket: Origin (403), token (401), rooms asked for at connect (400/403),
-//! the per-user connection limit (429). The connection itself is served in a task tracked by
+//! the per-user connection limit (429), the pending-authentication limits (503 in total, 429
+//! per IP) for a handshake without a token when `auth.message_auth` is on. The connection itself is served in a task tracked by
 //! the node, so shutdown waits for its Close frame.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 
 use super::HttpError;
 use crate::auth::{self, AuthError, Identity};
-use crate::connection;
+use crate::connection::pending::PendingLimit;
+use crate::connection::{self, Admission};
 use crate::node::Node;
 use crate::transport;
 use herald_protocol::names::check_name;
@@ -30,44 +34,50 @@ pub struct HandshakeParams {
 
 pub async fn websocket(
     State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(params): Query<HandshakeParams>,
     request: Request,
 ) -> Response {
-    accept(node, params, None, request).unwrap_or_else(IntoResponse::into_response)
+    accept(node, peer, params, None, request).unwrap_or_else(IntoResponse::into_response)
 }
 
 pub async fn websocket_in_room(
     State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(room): Path<String>,
     Query(params): Query<HandshakeParams>,
     request: Request,
 ) -> Response {
-    accept(node, params, Some(room), request).unwrap_or_else(IntoResponse::into_response)
+    accept(node, peer, params, Some(room), request).unwrap_or_else(IntoResponse::into_response)
 }
 
 fn accept(
     node: Arc<Node>,
+    peer: SocketAddr,
     params: HandshakeParams,
     path_room: Option<String>,
     mut request: Request,
 ) -> Result<Response, HttpError> {
     let headers = request.headers();
     check_origin(headers, &node.config.limits.allowed_origins)?;
-    let identity = authenticate(&node, &params, headers).map_err(|error| {
-        metrics::counter!("herald_handshakes_refused_total", "reason" => "auth").increment(1);
-        HttpError::new(StatusCode::UNAUTHORIZED, error.to_string())
-    })?;
-    let rooms = rooms_at_connect(&identity, params.rooms.as_deref(), path_room)?;
-    if node.hub.user_connection_count(&identity.user) >= node.config.limits.max_connections_per_user
-    {
-        return Err(HttpError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "this user has reached limits.max_connections_per_user",
-        ));
+    let admission = admit(&node, peer, &params, headers)?;
+    let rooms = rooms_at_connect(params.rooms.as_deref(), path_room)?;
+    if let Admission::Authenticated(identity) = &admission {
+        check_rooms_claim(identity, &rooms)?;
+        let limit = node.config.limits.max_connections_per_user;
+        if node.hub.user_connection_count(&identity.user) >= limit {
+            return Err(HttpError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "this user has reached limits.max_connections_per_user",
+            ));
+        }
     }
     let offers_subprotocol = auth::offered_subprotocols(headers).any(|p| p == auth::SUBPROTOCOL);
 
-    let options = transport::server_options(node.config.limits.max_message_bytes);
+    let options = transport::server_options(
+        node.config.limits.max_message_bytes,
+        &node.config.compression,
+    );
     let (response, upgrade) = transport::upgrade(&mut request, options).map_err(|error| {
         HttpError::new(
             StatusCode::BAD_REQUEST,
@@ -86,7 +96,7 @@ fn accept(
     let tasks = node.tasks.clone();
     tasks.spawn(async move {
         match tokio::time::timeout(handshake_timeout, upgrade).await {
-            Ok(Ok(ws)) => connection::serve(ws, node, identity, rooms).await,
+            Ok(Ok(ws)) => connection::serve(ws, node, admission, rooms).await,
             Ok(Err(error)) => tracing::debug!(%error, "upgrade failed"),
             Err(_) => tracing::debug!("upgrade timed out"),
         }
@@ -94,18 +104,53 @@ fn accept(
     Ok(response)
 }
 
-fn authenticate(
+/// Decides how the connection gets in: with a verified token, as an anonymous development user,
+/// or pending its `auth` message (within the pending limits); otherwise 401.
+fn admit(
     node: &Node,
+    peer: SocketAddr,
     params: &HandshakeParams,
     headers: &HeaderMap,
-) -> Result<Identity, AuthError> {
-    match auth::token_from_request(params.token.as_deref(), headers) {
-        Some(token) => node.auth.verify(token),
-        None => match (&params.user, node.auth.anonymous_allowed()) {
-            (Some(user), true) => node.auth.anonymous(user),
-            _ => Err(AuthError::Missing),
-        },
+) -> Result<Admission, HttpError> {
+    let unauthorized = |error: AuthError| {
+        metrics::counter!("herald_handshakes_refused_total", "reason" => "auth").increment(1);
+        HttpError::new(StatusCode::UNAUTHORIZED, error.to_string())
+    };
+    if let Some(token) = auth::token_from_request(params.token.as_deref(), headers) {
+        return node
+            .auth
+            .verify(token)
+            .map(Admission::Authenticated)
+            .map_err(unauthorized);
     }
+    if let (Some(user), true) = (&params.user, node.auth.anonymous_allowed()) {
+        return node
+            .auth
+            .anonymous(user)
+            .map(Admission::Authenticated)
+            .map_err(unauthorized);
+    }
+    if !node.config.auth.message_auth {
+        return Err(unauthorized(AuthError::Missing));
+    }
+    let limits = &node.config.limits;
+    node.pending
+        .admit(
+            peer.ip(),
+            limits.max_pending_auth,
+            limits.max_pending_auth_per_ip,
+        )
+        .map(Admission::Pending)
+        .map_err(|limit| {
+            metrics::counter!("herald_handshakes_refused_total", "reason" => "pending_limit")
+                .increment(1);
+            tracing::warn!(peer = %peer.ip(), %limit, "pending authentication limit reached");
+            let status = match limit {
+                PendingLimit::Total => StatusCode::SERVICE_UNAVAILABLE,
+                PendingLimit::PerIp => StatusCode::TOO_MANY_REQUESTS,
+            };
+            HttpError::new(status, limit.to_string())
+        })
 }
 
 /// Browsers always send `Origin`; other clients usually do not, and are not subject to
@@ -141,7 +186,6 @@ fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), HttpError
 }
 
 fn rooms_at_connect(
-    identity: &Identity,
     query_rooms: Option<&str>,
     path_room: Option<String>,
 ) -> Result<Vec<String>, HttpError> {
@@ -157,15 +201,21 @@ fn rooms_at_connect(
         check_name(room).map_err(|why| {
             HttpError::new(StatusCode::BAD_REQUEST, format!("room {room:?} {why}"))
         })?;
-        if !identity.may_use_room(room) {
-            return Err(HttpError::new(
-                StatusCode::FORBIDDEN,
-                format!("the token does not allow room {room:?}"),
-            ));
-        }
     }
     rooms.dedup();
     Ok(rooms)
+}
+
+/// A token's `rooms` claim is checked at the handshake when the token came with it; a pending
+/// connection's rooms are checked when it authenticates (a refused room is an error frame).
+fn check_rooms_claim(identity: &Identity, rooms: &[String]) -> Result<(), HttpError> {
+    match rooms.iter().find(|room| !identity.may_use_room(room)) {
+        Some(room) => Err(HttpError::new(
+            StatusCode::FORBIDDEN,
+            format!("the token does not allow room {room:?}"),
+        )),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

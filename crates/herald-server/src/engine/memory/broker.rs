@@ -4,7 +4,7 @@ use std::sync::{Arc, OnceLock, Weak};
 
 use async_trait::async_trait;
 
-use crate::delivery::{Channel, Delivery};
+use crate::delivery::{Channel, Control, Delivery};
 use crate::engine::EngineError;
 use crate::engine::broker::{Broker, DeliveryHandler};
 
@@ -37,12 +37,25 @@ impl Broker for MemoryBroker {
     }
 
     async fn publish(&self, channel: &Channel, delivery: Delivery) -> Result<(), EngineError> {
-        let handler = self
-            .handler
+        self.handler()?.deliver(channel, &delivery);
+        Ok(())
+    }
+
+    async fn publish_control(
+        &self,
+        channel: &Channel,
+        control: Control,
+    ) -> Result<(), EngineError> {
+        self.handler()?.control(channel, &control);
+        Ok(())
+    }
+}
+
+impl MemoryBroker {
+    fn handler(&self) -> Result<Arc<dyn DeliveryHandler>, EngineError> {
+        self.handler
             .get()
             .and_then(Weak::upgrade)
-            .ok_or_else(|| EngineError::new("broker", "not started"))?;
-        handler.deliver(channel, &delivery);
-        Ok(())
+            .ok_or_else(|| EngineError::new("broker", "not started"))
     }
 }

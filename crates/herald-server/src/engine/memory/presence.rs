@@ -8,7 +8,7 @@ use dashmap::mapref::entry::Entry;
 
 use crate::delivery::ConnId;
 use crate::engine::EngineError;
-use crate::engine::presence::{Presence, RoomChange};
+use crate::engine::presence::{Presence, RoomChange, RoomCount};
 
 #[derive(Default)]
 pub struct MemoryPresence {
@@ -97,6 +97,19 @@ impl Presence for MemoryPresence {
     async fn connections(&self, user: &str) -> Result<Vec<ConnId>, EngineError> {
         Ok(self.users.get(user).map(|c| c.clone()).unwrap_or_default())
     }
+
+    async fn rooms(&self) -> Result<Vec<RoomCount>, EngineError> {
+        let mut rooms: Vec<RoomCount> = self
+            .rooms
+            .iter()
+            .map(|entry| RoomCount {
+                room: entry.key().clone(),
+                users: entry.value().len() as u64,
+            })
+            .collect();
+        rooms.sort_unstable_by(|a, b| a.room.cmp(&b.room));
+        Ok(rooms)
+    }
 }
 
 #[cfg(test)]
@@ -141,6 +154,21 @@ mod tests {
                 count: 1
             }
         );
+        presence.join("a", "carol", ConnId(4)).await.unwrap();
+        assert_eq!(
+            presence.rooms().await.unwrap(),
+            [
+                RoomCount {
+                    room: "a".into(),
+                    users: 1
+                },
+                RoomCount {
+                    room: "r".into(),
+                    users: 1
+                }
+            ]
+        );
+        presence.leave("a", "carol", ConnId(4)).await.unwrap();
         presence.leave("r", "bob", ConnId(3)).await.unwrap();
         assert!(presence.rooms.is_empty(), "empty rooms are dropped");
     }

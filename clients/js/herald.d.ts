@@ -1,0 +1,122 @@
+// Type declarations for herald.js, the Herald JavaScript client.
+
+export type State = 'connecting' | 'open' | 'reconnecting' | 'closed';
+
+export interface Welcome {
+  type: 'welcome';
+  conn: string;
+  user: string;
+  node: string;
+  /** Seconds between the server's Ping frames. */
+  heartbeat: number;
+}
+
+export interface Message {
+  type: 'message';
+  /** Server-assigned id (UUIDv7); duplicates are dropped by the client. */
+  id: string;
+  /** The authenticated sender. */
+  from: string;
+  /** Direct messages: the recipients. */
+  to?: string[];
+  /** Room messages: the room. */
+  room?: string;
+  /** Any JSON value, or the bytes of a binary message (`binary: true`). */
+  content: unknown;
+  binary?: boolean;
+  /** Unix milliseconds when the server accepted the message. */
+  ts: number;
+  /** Position in the room, or in the recipient's inbox; absent on ephemeral messages. */
+  offset?: number;
+}
+
+export interface PresenceChange {
+  type: 'joined' | 'left';
+  room: string;
+  user: string;
+  /** Users in the room afterwards. */
+  count: number;
+}
+
+export interface Ack {
+  type: 'ack';
+  ref: string;
+  id?: string;
+  online?: string[];
+  offline?: string[];
+  room?: string;
+  count?: number;
+  offset?: number;
+  epoch?: string;
+  offsets?: Record<string, number>;
+  recovered?: boolean;
+}
+
+export interface Members {
+  type: 'members';
+  ref: string;
+  room: string;
+  count: number;
+  users: string[];
+}
+
+export interface History {
+  type: 'history';
+  ref: string;
+  room?: string;
+  with?: string;
+  epoch?: string;
+  messages: Message[];
+  more: boolean;
+}
+
+export declare class HeraldError extends Error {
+  /** The server's error code (`not_member`, `forbidden`, …) or `timeout`, `disconnected`, `closed`, `offline`, `queue_full`, `token`. */
+  code: string;
+  ref?: string;
+}
+
+export interface ClientOptions {
+  /** A token, or a function returning one (called on every connect and on refresh notices). */
+  token: string | (() => string | Promise<string>);
+  /** A WebSocket constructor, when the platform has no global one. */
+  WebSocket?: unknown;
+  reconnect?: { initialDelay?: number; maxDelay?: number; factor?: number };
+  /** Application-level ping: `interval` ms between pings, dead after `interval + timeout` ms of silence. */
+  heartbeat?: { interval?: number; timeout?: number };
+  /** Milliseconds before a request without an answer rejects with `timeout`. */
+  requestTimeout?: number;
+  /** Requests kept while offline. */
+  maxQueued?: number;
+  /** Message ids remembered for dedupe. */
+  dedupeWindow?: number;
+}
+
+export interface EventMap {
+  state: { state: State; attempt?: number; code?: number; reason?: string; welcome?: Welcome };
+  welcome: Welcome;
+  message: Message;
+  joined: PresenceChange;
+  left: PresenceChange;
+  /** A room rejoined after a reconnect; `recovered` tells whether every missed message was replayed. */
+  rejoined: { room: string; recovered: boolean | null; ack: Ack };
+  error: Error;
+}
+
+export declare class HeraldClient {
+  constructor(url: string, options: ClientOptions);
+  readonly state: State;
+  readonly welcome: Welcome | null;
+  on<K extends keyof EventMap>(event: K, listener: (payload: EventMap[K]) => void): () => void;
+  off<K extends keyof EventMap>(event: K, listener: (payload: EventMap[K]) => void): void;
+  connect(): Promise<Welcome>;
+  close(): void;
+  send(to: string | string[], content: unknown): Promise<Ack>;
+  join(room: string, options?: { since?: number }): Promise<Ack>;
+  leave(room: string): Promise<Ack>;
+  publish(room: string, content: unknown, options?: { echo?: boolean; persist?: boolean }): Promise<Ack>;
+  broadcast(content: unknown): Promise<Ack>;
+  members(room: string): Promise<Members>;
+  history(query: { room?: string; with?: string; before?: number; limit?: number }): Promise<History>;
+  ping(): Promise<{ type: 'pong'; ref: string }>;
+}

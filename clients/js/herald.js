@@ -1,0 +1,482 @@
+// Herald JavaScript client: one dependency-free ES module for browsers and Node >= 20.
+//
+// What it does for the application:
+// - authenticates with the first message (the token never appears in a URL), asks the token
+//   function for a fresh token on the server's refresh notice and on every reconnect;
+// - reconnects with exponential backoff and full jitter, so a restarted server is not hit by
+//   every client at once; gives up only on close codes the protocol marks final (44xx);
+// - detects a dead link with an application-level ping (browsers cannot send Ping frames);
+// - rejoins every room with the last offset it saw, so the server replays exactly what was
+//   missed; acknowledges the inbox; drops duplicate message ids (delivery is at-least-once);
+// - queues requests made while offline and sends them once connected again.
+//
+// The wire protocol is documented in docs/protocol.md.
+
+const DEFAULTS = {
+  reconnect: { initialDelay: 250, maxDelay: 15000, factor: 2 },
+  heartbeat: { interval: 20000, timeout: 10000 },
+  requestTimeout: 10000,
+  maxQueued: 1000,
+  dedupeWindow: 2000,
+};
+
+/** Close codes after which reconnecting would not help (see docs/protocol.md): 44xx, and
+ * 1008 (policy violation), since the same client would be closed again. */
+const isFinal = (code) => (code >= 4400 && code < 4500) || code === 1008;
+
+/** An error answered by the server, or a request that could not complete. */
+export class HeraldError extends Error {
+  constructor(code, message, ref) {
+    super(message);
+    this.name = 'HeraldError';
+    this.code = code;
+    this.ref = ref;
+  }
+}
+
+export class HeraldClient {
+  /**
+   * @param {string} url  ws:// or wss:// URL of the server's /ws endpoint.
+   * @param {object} options  see herald.d.ts.
+   */
+  constructor(url, options = {}) {
+    if (!options.token) throw new TypeError('options.token (a string or a function) is required');
+    this.url = url;
+    this.options = {
+      ...DEFAULTS,
+      ...options,
+      reconnect: { ...DEFAULTS.reconnect, ...options.reconnect },
+      heartbeat: { ...DEFAULTS.heartbeat, ...options.heartbeat },
+    };
+    this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    if (!this.WebSocket) throw new TypeError('no WebSocket implementation: pass options.WebSocket');
+    this.state = 'closed';
+    this.welcome = null;
+    this.listeners = new Map();
+    this.pending = new Map(); // request id -> { resolve, reject, timer }
+    this.queue = []; // { id, frame } waiting for the connection
+    this.rooms = new Map(); // room -> last offset seen (or null)
+    this.seenIds = new Set();
+    this.inboxOffset = null; // highest inbox offset received
+    this.inboxAcked = null;
+    this.nextId = 1;
+    this.attempt = 0;
+    this.socket = null;
+    this.timers = {};
+    this.stopped = true;
+  }
+
+  // ---- events ----------------------------------------------------------------------------
+
+  /** Registers a listener; returns a function that removes it. */
+  on(event, listener) {
+    if (!this.listeners.has(event)) this.listeners.set(event, new Set());
+    this.listeners.get(event).add(listener);
+    return () => this.off(event, listener);
+  }
+
+  off(event, listener) {
+    this.listeners.get(event)?.delete(listener);
+  }
+
+  emit(event, payload) {
+    for (const listener of this.listeners.get(event) ?? []) {
+      try {
+        listener(payload);
+      } catch (error) {
+        queueMicrotask(() => {
+          throw error;
+        });
+      }
+    }
+  }
+
+  setState(state, detail = {}) {
+    if (this.state === state) return;
+    this.state = state;
+    this.emit('state', { state, ...detail });
+  }
+
+  // ---- lifecycle -------------------------------------------------------------------------
+
+  /** Opens the connection; resolves with the welcome once authenticated. */
+  connect() {
+    this.stopped = false;
+    if (this.state === 'open') return Promise.resolve(this.welcome);
+    const opened = new Promise((resolve, reject) => {
+      const offOpen = this.on('welcome', (welcome) => {
+        offOpen();
+        offClosed();
+        resolve(welcome);
+      });
+      const offClosed = this.on('state', ({ state, code, reason }) => {
+        if (state !== 'closed') return;
+        offOpen();
+        offClosed();
+        reject(new HeraldError('closed', `connection closed (${code}): ${reason}`));
+      });
+    });
+    if (this.state === 'closed') this.open();
+    return opened;
+  }
+
+  /** Closes for good: no reconnect; queued and pending requests are rejected. */
+  close() {
+    this.stopped = true;
+    this.clearTimers();
+    if (this.socket) {
+      try {
+        this.socket.close(1000, 'client closed');
+      } catch {
+        // already closing
+      }
+    }
+    this.failPending(new HeraldError('closed', 'client closed'));
+    this.queue = [];
+    this.setState('closed', { code: 1000, reason: 'client closed' });
+  }
+
+  async open() {
+    this.setState(this.attempt === 0 ? 'connecting' : 'reconnecting', { attempt: this.attempt });
+    let token;
+    try {
+      token = await this.token();
+    } catch (error) {
+      this.emit('error', new HeraldError('token', `token function failed: ${error.message}`));
+      this.scheduleReconnect();
+      return;
+    }
+    if (this.stopped) return;
+    let socket;
+    try {
+      socket = new this.WebSocket(this.url);
+    } catch (error) {
+      this.emit('error', error);
+      this.scheduleReconnect();
+      return;
+    }
+    socket.binaryType = 'arraybuffer';
+    this.socket = socket;
+    socket.onopen = () => {
+      this.touch();
+      this.sendFrame(JSON.stringify({ type: 'auth', token }));
+    };
+    socket.onmessage = (event) => {
+      if (socket !== this.socket) return;
+      this.touch();
+      this.onFrame(event.data);
+    };
+    socket.onclose = (event) => {
+      if (socket !== this.socket) return;
+      this.onClose(event.code, event.reason);
+    };
+    socket.onerror = () => {
+      // onclose follows with the code; nothing to do here.
+    };
+  }
+
+  async token() {
+    const { token } = this.options;
+    return typeof token === 'function' ? await token() : token;
+  }
+
+  onClose(code, reason) {
+    this.socket = null;
+    this.welcome = null;
+    this.clearTimers();
+    // Requests in flight may or may not have been carried out; their callers decide. Queued
+    // ones were never sent and wait for the next connection.
+    this.failPending(new HeraldError('disconnected', `connection lost (${code}) before an answer`), {
+      onlySent: true,
+    });
+    if (this.stopped) return;
+    if (isFinal(code)) {
+      this.stopped = true;
+      this.failPending(new HeraldError('closed', `closed by the server (${code}): ${reason}`));
+      this.queue = [];
+      this.setState('closed', { code, reason });
+      return;
+    }
+    this.scheduleReconnect(code, reason);
+  }
+
+  scheduleReconnect(code, reason) {
+    if (this.stopped) return;
+    this.attempt += 1;
+    // Emitted for every attempt (not only on a change of state), with its number.
+    this.state = 'reconnecting';
+    this.emit('state', { state: 'reconnecting', attempt: this.attempt, code, reason });
+    const { initialDelay, maxDelay, factor } = this.options.reconnect;
+    const ceiling = Math.min(maxDelay, initialDelay * factor ** (this.attempt - 1));
+    // Full jitter: a random delay up to the ceiling spreads a crowd of clients evenly.
+    const delay = Math.random() * ceiling;
+    this.timers.reconnect = setTimeout(() => this.open(), delay);
+  }
+
+  clearTimers() {
+    for (const timer of Object.values(this.timers)) {
+      clearTimeout(timer);
+      clearInterval(timer);
+    }
+    this.timers = {};
+  }
+
+  // ---- liveness --------------------------------------------------------------------------
+
+  touch() {
+    this.lastSeen = Date.now();
+  }
+
+  startHeartbeat() {
+    const { interval, timeout } = this.options.heartbeat;
+    clearInterval(this.timers.heartbeat);
+    this.timers.heartbeat = setInterval(() => {
+      if (Date.now() - this.lastSeen > interval + timeout) {
+        // Nothing at all for too long, not even the pong: the link is dead.
+        this.socket?.close(4000, 'heartbeat timeout');
+        if (this.socket) this.onClose(4000, 'heartbeat timeout');
+        return;
+      }
+      this.sendFrame(JSON.stringify({ type: 'ping' }));
+    }, interval);
+  }
+
+  // ---- incoming --------------------------------------------------------------------------
+
+  onFrame(data) {
+    if (typeof data !== 'string') {
+      this.onBinary(new Uint8Array(data));
+      return;
+    }
+    let event;
+    try {
+      event = JSON.parse(data);
+    } catch {
+      this.emit('error', new HeraldError('protocol', 'server sent invalid JSON'));
+      return;
+    }
+    switch (event.type) {
+      case 'welcome':
+        this.onWelcome(event);
+        break;
+      case 'message':
+        this.onMessage(event);
+        break;
+      case 'joined':
+      case 'left':
+        this.emit(event.type, event);
+        break;
+      case 'refresh':
+        this.refreshToken();
+        break;
+      case 'error':
+        if (event.ref && this.settle(event.ref, null, event)) break;
+        this.emit('error', new HeraldError(event.code, event.message, event.ref));
+        break;
+      default:
+        // ack, members, history, pong: answers to requests.
+        if (event.ref) this.settle(event.ref, event, null);
+    }
+  }
+
+  onBinary(bytes) {
+    if (bytes.length < 4) return;
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    const headerLength = view.getUint32(0);
+    if (4 + headerLength > bytes.length) return;
+    const header = JSON.parse(new TextDecoder().decode(bytes.subarray(4, 4 + headerLength)));
+    this.onMessage({ ...header, content: bytes.slice(4 + headerLength), binary: true });
+  }
+
+  onWelcome(welcome) {
+    this.attempt = 0;
+    this.welcome = welcome;
+    this.startHeartbeat();
+    // Open, but tell no one yet: rejoins go out first, then what was queued offline, so that a
+    // publish queued (or made by a 'state' listener) finds its room joined. The server handles
+    // one connection's frames in order.
+    this.state = 'open';
+    for (const [room, since] of this.rooms) {
+      this.request({ type: 'join', room, ...(since != null ? { since } : {}) }, { queue: false })
+        .then((ack) => this.emit('rejoined', { room, recovered: ack.recovered ?? null, ack }))
+        .catch((error) => this.emit('error', error));
+    }
+    const queued = this.queue;
+    this.queue = [];
+    for (const { id, frame } of queued) {
+      const waiting = this.pending.get(id);
+      if (waiting && this.sendFrame(frame)) waiting.sent = true;
+    }
+    this.emit('state', { state: 'open', welcome });
+    this.emit('welcome', welcome);
+  }
+
+  onMessage(message) {
+    if (message.id) {
+      if (this.seenIds.has(message.id)) return;
+      this.seenIds.add(message.id);
+      if (this.seenIds.size > this.options.dedupeWindow) {
+        this.seenIds.delete(this.seenIds.values().next().value);
+      }
+    }
+    if (message.offset != null) {
+      if (message.room != null) {
+        if (this.rooms.has(message.room)) {
+          const last = this.rooms.get(message.room);
+          if (last == null || message.offset > last) this.rooms.set(message.room, message.offset);
+        }
+      } else if (message.to) {
+        this.noteInbox(message.offset);
+      }
+    }
+    this.emit('message', message);
+  }
+
+  noteInbox(offset) {
+    if (this.inboxOffset == null || offset > this.inboxOffset) this.inboxOffset = offset;
+    // One ack per burst: the highest offset is enough ("delivered up to").
+    if (this.timers.inbox) return;
+    this.timers.inbox = setTimeout(() => {
+      delete this.timers.inbox;
+      if (this.inboxOffset !== this.inboxAcked && this.state === 'open') {
+        this.inboxAcked = this.inboxOffset;
+        this.sendFrame(JSON.stringify({ type: 'ack', inbox: this.inboxOffset }));
+      }
+    }, 50);
+  }
+
+  async refreshToken() {
+    try {
+      const token = await this.token();
+      await this.request({ type: 'refresh', token }, { queue: false });
+    } catch (error) {
+      this.emit('error', error);
+    }
+  }
+
+  // ---- requests --------------------------------------------------------------------------
+
+  settle(ref, answer, error) {
+    const waiting = this.pending.get(ref);
+    if (!waiting) return false;
+    this.pending.delete(ref);
+    clearTimeout(waiting.timer);
+    if (error) waiting.reject(new HeraldError(error.code, error.message, ref));
+    else waiting.resolve(answer);
+    return true;
+  }
+
+  /** Rejects the requests already sent (`onlySent`) or all of them. */
+  failPending(error, { onlySent = false } = {}) {
+    for (const [id, waiting] of this.pending) {
+      if (onlySent && !waiting.sent) continue;
+      clearTimeout(waiting.timer);
+      waiting.reject(error);
+      this.pending.delete(id);
+    }
+  }
+
+  sendFrame(frame) {
+    if (!this.socket || this.socket.readyState !== 1) return false;
+    this.socket.send(frame);
+    return true;
+  }
+
+  /**
+   * Sends a request and resolves with the server's answer (ack, members, history, pong).
+   * While offline the request waits in a bounded queue unless `queue` is false.
+   */
+  request(body, { queue = true, binary = null } = {}) {
+    const id = `c${this.nextId++}`;
+    const frame = binary ? encodeBinary({ ...body, id }, binary) : JSON.stringify({ ...body, id });
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        this.queue = this.queue.filter((entry) => entry.id !== id);
+        reject(new HeraldError('timeout', `no answer to ${body.type} within ${this.options.requestTimeout} ms`, id));
+      }, this.options.requestTimeout);
+      const waiting = { resolve, reject, timer, sent: false };
+      this.pending.set(id, waiting);
+      if (this.state === 'open' && this.sendFrame(frame)) {
+        waiting.sent = true;
+        return;
+      }
+      if (!queue) {
+        this.settle(id, null, { code: 'offline', message: 'not connected' });
+        return;
+      }
+      if (this.queue.length >= this.options.maxQueued) {
+        this.settle(id, null, { code: 'queue_full', message: 'too many requests queued while offline' });
+        return;
+      }
+      this.queue.push({ id, frame });
+    });
+  }
+
+  /** A direct message to one or more users (every connection of each). */
+  send(to, content) {
+    const users = Array.isArray(to) ? to : [to];
+    return this.withContent({ type: 'send', to: users }, content);
+  }
+
+  /** Joins a room; later reconnects rejoin it from the last offset seen. */
+  async join(room, { since } = {}) {
+    if (!this.rooms.has(room)) this.rooms.set(room, since ?? null);
+    const ack = await this.request({ type: 'join', room, ...(since != null ? { since } : {}) });
+    if (ack.offset != null && this.rooms.get(room) == null) this.rooms.set(room, ack.offset);
+    return ack;
+  }
+
+  leave(room) {
+    this.rooms.delete(room);
+    return this.request({ type: 'leave', room });
+  }
+
+  publish(room, content, { echo = true, persist = true } = {}) {
+    return this.withContent({ type: 'publish', room, echo, persist }, content);
+  }
+
+  broadcast(content) {
+    return this.withContent({ type: 'broadcast' }, content);
+  }
+
+  members(room) {
+    return this.request({ type: 'members', room });
+  }
+
+  /** One page of history: `{room}` or `{with: user}`, optional `before` offset and `limit`. */
+  history({ room, with: user, before, limit } = {}) {
+    const body = { type: 'history' };
+    if (room != null) body.room = room;
+    if (user != null) body.with = user;
+    if (before != null) body.before = before;
+    if (limit != null) body.limit = limit;
+    return this.request(body);
+  }
+
+  ping() {
+    return this.request({ type: 'ping' });
+  }
+
+  withContent(body, content) {
+    if (content instanceof ArrayBuffer || ArrayBuffer.isView(content)) {
+      return this.request(body, { binary: toBytes(content) });
+    }
+    return this.request({ ...body, content });
+  }
+}
+
+function toBytes(content) {
+  if (content instanceof ArrayBuffer) return new Uint8Array(content);
+  return new Uint8Array(content.buffer, content.byteOffset, content.byteLength);
+}
+
+/** A binary frame: u32 big-endian header length, the JSON header, then the payload. */
+function encodeBinary(header, payload) {
+  const headerBytes = new TextEncoder().encode(JSON.stringify(header));
+  const frame = new Uint8Array(4 + headerBytes.length + payload.length);
+  new DataView(frame.buffer).setUint32(0, headerBytes.length);
+  frame.set(headerBytes, 4);
+  frame.set(payload, 4 + headerBytes.length);
+  return frame;
+}

@@ -1,0 +1,224 @@
+// The JavaScript client against a real Herald server.
+
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+
+import { HeraldClient, HeraldError } from '../herald.js';
+import { mint, nextEvent, startServer } from './server.js';
+
+const clients = [];
+function client(server, user, options = {}) {
+  const c = new HeraldClient(server.url, {
+    token: () => mint(user),
+    reconnect: { initialDelay: 50, maxDelay: 500 },
+    ...options,
+  });
+  clients.push(c);
+  return c;
+}
+
+function closeAll() {
+  while (clients.length) clients.pop().close();
+}
+
+describe('messaging', () => {
+  let server;
+  before(async () => {
+    server = await startServer();
+  });
+  after(async () => {
+    closeAll();
+    await server.stop();
+  });
+
+  test('connects with message auth and reports its states', async () => {
+    const alice = client(server, 'alice');
+    const states = [];
+    alice.on('state', ({ state }) => states.push(state));
+    const welcome = await alice.connect();
+    assert.equal(welcome.user, 'alice');
+    assert.deepEqual(states, ['connecting', 'open']);
+    assert.equal(alice.state, 'open');
+  });
+
+  test('direct messages arrive with the authenticated sender and the ack lists who was online', async () => {
+    const carol = client(server, 'carol');
+    const bob = client(server, 'bob');
+    await Promise.all([carol.connect(), bob.connect()]);
+    const received = nextEvent(bob, 'message');
+    const ack = await carol.send(['bob', 'nobody'], { text: 'hi' });
+    assert.deepEqual(ack.online, ['bob']);
+    assert.deepEqual(ack.offline, ['nobody']);
+    const message = await received;
+    assert.equal(message.from, 'carol');
+    assert.deepEqual(message.content, { text: 'hi' });
+    assert.equal(message.id, ack.id);
+  });
+
+  test('rooms: join, presence events, publish, members, leave', async () => {
+    const ann = client(server, 'ann');
+    const ben = client(server, 'ben');
+    await Promise.all([ann.connect(), ben.connect()]);
+    await ann.join('lobby');
+    const joined = nextEvent(ann, 'joined');
+    const ack = await ben.join('lobby');
+    assert.equal(ack.count, 2);
+    assert.equal((await joined).user, 'ben');
+
+    const got = nextEvent(ben, 'message');
+    await ann.publish('lobby', 'hello room', { echo: false });
+    const message = await got;
+    assert.equal(message.room, 'lobby');
+    assert.equal(message.content, 'hello room');
+
+    const members = await ann.members('lobby');
+    assert.deepEqual(members.users, ['ann', 'ben']);
+    const left = nextEvent(ann, 'left');
+    await ben.leave('lobby');
+    assert.equal((await left).count, 1);
+  });
+
+  test('binary content travels as bytes', async () => {
+    const a = client(server, 'bin-a');
+    const b = client(server, 'bin-b');
+    await Promise.all([a.connect(), b.connect()]);
+    const got = nextEvent(b, 'message');
+    await a.send('bin-b', new Uint8Array([0, 1, 254, 255]));
+    const message = await got;
+    assert.equal(message.binary, true);
+    assert.deepEqual([...message.content], [0, 1, 254, 255]);
+  });
+
+  test('server errors reject the request with their code', async () => {
+    const a = client(server, 'err-a');
+    await a.connect();
+    await assert.rejects(a.publish('never-joined', 1), (error) => {
+      assert.ok(error instanceof HeraldError);
+      assert.equal(error.code, 'not_member');
+      return true;
+    });
+    await assert.rejects(a.broadcast('x'), { code: 'forbidden' });
+  });
+});
+
+describe('resilience', () => {
+  after(closeAll);
+
+  test('a server restart: reconnects with backoff, rejoins its rooms, sends what was queued offline', async () => {
+    let server = await startServer();
+    const address = server.address;
+    const alice = client(server, 'alice');
+    const bob = client(server, 'bob');
+    await Promise.all([alice.connect(), bob.connect()]);
+    await alice.join('room');
+    await bob.join('room');
+
+    const reconnecting = nextEvent(alice, 'state', ({ state }) => state === 'reconnecting');
+    await server.stop();
+    await reconnecting;
+    // Made while the server is down: queued, sent after the reconnect and the rejoin.
+    const queued = alice.publish('room', 'sent while offline');
+
+    server = await startServer({ listen: address });
+    try {
+      const bobBack = nextEvent(bob, 'rejoined', ({ room }) => room === 'room');
+      await nextEvent(alice, 'state', ({ state }) => state === 'open');
+      await bobBack;
+      const got = nextEvent(bob, 'message', (m) => m.content === 'sent while offline');
+      await queued;
+      await got;
+      const members = await bob.members('room');
+      assert.deepEqual(members.users, ['alice', 'bob']);
+    } finally {
+      closeAll();
+      await server.stop();
+    }
+  });
+
+  test('the app-level heartbeat detects a dead link and reconnects once it is back', async () => {
+    const server = await startServer();
+    try {
+      const alice = client(server, 'alice', { heartbeat: { interval: 200, timeout: 200 } });
+      await alice.connect();
+      server.pause(); // the TCP connection stays up, but nothing answers
+      const dead = nextEvent(alice, 'state', ({ state }) => state === 'reconnecting');
+      await dead;
+      server.resume();
+      await nextEvent(alice, 'state', ({ state }) => state === 'open');
+      assert.equal((await alice.ping()).type, 'pong');
+    } finally {
+      server.resume();
+      closeAll();
+      await server.stop();
+    }
+  });
+
+  test('a token function is asked again on refresh notices and the connection outlives the first token', async () => {
+    const server = await startServer({ env: { HERALD_AUTH_REFRESH_NOTICE: '1s' } });
+    try {
+      let calls = 0;
+      const alice = new HeraldClient(server.url, {
+        token: () => {
+          calls += 1;
+          return mint('alice', { ttl: calls === 1 ? 2 : 3600 });
+        },
+      });
+      clients.push(alice);
+      await alice.connect();
+      const firstExpiry = Date.now() + 2000;
+      const states = [];
+      alice.on('state', ({ state }) => states.push(state));
+      await new Promise((resolve) => setTimeout(resolve, firstExpiry - Date.now() + 1200));
+      assert.equal(calls, 2, 'refreshed once');
+      assert.deepEqual(states, [], 'never disconnected');
+      assert.equal((await alice.ping()).type, 'pong');
+    } finally {
+      closeAll();
+      await server.stop();
+    }
+  });
+
+  test('requests time out instead of hanging', async () => {
+    const server = await startServer();
+    try {
+      const alice = client(server, 'alice', { requestTimeout: 200, heartbeat: { interval: 60000 } });
+      await alice.connect();
+      server.pause();
+      await assert.rejects(alice.ping(), { code: 'timeout' });
+    } finally {
+      server.resume();
+      closeAll();
+      await server.stop();
+    }
+  });
+});
+
+describe('backoff', () => {
+  test('delays grow exponentially with full jitter and stay under the cap', async () => {
+    class Unreachable {
+      constructor() {
+        setTimeout(() => this.onclose?.({ code: 1006, reason: '' }), 0);
+      }
+      close() {}
+    }
+    const attempts = [];
+    const c = new HeraldClient('ws://unused', {
+      token: 'x',
+      WebSocket: Unreachable,
+      reconnect: { initialDelay: 10, maxDelay: 80, factor: 2 },
+    });
+    let last = Date.now();
+    c.on('state', ({ state }) => {
+      if (state !== 'reconnecting') return;
+      const now = Date.now();
+      attempts.push(now - last);
+      last = now;
+    });
+    c.connect().catch(() => {});
+    await new Promise((resolve) => setTimeout(resolve, 600));
+    c.close();
+    assert.ok(attempts.length >= 5, `kept retrying (${attempts.length})`);
+    // Full jitter: every wait is at most the cap (plus scheduling slack).
+    assert.ok(attempts.every((wait) => wait <= 80 + 50), attempts.join(','));
+  });
+});

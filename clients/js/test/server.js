@@ -1,0 +1,93 @@
+// Test harness: runs the real `herald` binary on an ephemeral port and mints tokens for it.
+
+import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+export const HERALD_BIN = process.env.HERALD_BIN ?? path.join(root, 'target/debug/herald');
+export const SECRET = 'js-test-secret-0123456789';
+
+/** Starts herald; `listen` reuses an address (for restarts), `env` adds HERALD_* settings.
+ * Each server stores its messages in a fresh temporary folder (`HERALD_STORE_PATH`). */
+export async function startServer({ listen = '127.0.0.1:0', env = {} } = {}) {
+  const data = mkdtempSync(path.join(tmpdir(), 'herald-js-'));
+  const child = spawn(HERALD_BIN, ['serve', '--listen', listen, '--log-format', 'json'], {
+    env: {
+      ...process.env,
+      HERALD_AUTH_SECRET: SECRET,
+      HERALD_STORE_PATH: data,
+      RUST_LOG: 'info',
+      ...env,
+    },
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  child.once('exit', () => rmSync(data, { recursive: true, force: true }));
+  const lines = createInterface({ input: child.stderr });
+  if (process.env.DEBUG_HERALD) lines.on('line', (l) => console.log('herald:', l.slice(0, 300)));
+  const address = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('herald did not start within 10 s')), 10000);
+    child.once('exit', (code) => reject(new Error(`herald exited with ${code}`)));
+    lines.on('line', (line) => {
+      try {
+        const entry = JSON.parse(line);
+        if (entry.address) {
+          clearTimeout(timer);
+          resolve(entry.address);
+        }
+      } catch {
+        // not a log line
+      }
+    });
+  });
+  return {
+    address,
+    url: `ws://${address}/ws`,
+    /** SIGTERM and wait for the exit: the graceful shutdown. */
+    async stop() {
+      if (child.exitCode !== null) return;
+      child.kill('SIGTERM');
+      await once(child, 'exit');
+    },
+    pause() {
+      child.kill('SIGSTOP');
+    },
+    resume() {
+      child.kill('SIGCONT');
+    },
+  };
+}
+
+const base64url = (value) => Buffer.from(value).toString('base64url');
+
+/** An HS256 JWT for the test secret. */
+export function mint(user, { ttl = 3600, admin = false, rooms } = {}) {
+  const header = base64url(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
+  const claims = { sub: user, exp: Math.floor(Date.now() / 1000) + ttl };
+  if (admin) claims.admin = true;
+  if (rooms) claims.rooms = rooms;
+  const payload = base64url(JSON.stringify(claims));
+  const signature = createHmac('sha256', SECRET).update(`${header}.${payload}`).digest('base64url');
+  return `${header}.${payload}.${signature}`;
+}
+
+/** Resolves with the first event of `name` that satisfies `accept`, or rejects after a timeout. */
+export function nextEvent(client, name, accept = () => true, timeout = 10000) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      off();
+      reject(new Error(`no ${name} event within ${timeout} ms`));
+    }, timeout);
+    const off = client.on(name, (payload) => {
+      if (!accept(payload)) return;
+      clearTimeout(timer);
+      off();
+      resolve(payload);
+    });
+  });
+}

@@ -1,0 +1,251 @@
+//! Rust client for Herald, with the same semantics as the JavaScript client.
+//!
+//! A background task owns the WebSocket. It authenticates with the first message (asking the
+//! token function each time), reconnects with exponential backoff and full jitter, rejoins every
+//! room from the last offset it saw (the server replays what was missed), acknowledges the
+//! inbox, drops duplicate message ids, answers refresh notices with a fresh token, and pings at
+//! the application level to notice a dead link. Requests made while disconnected wait in a
+//! bounded queue.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), herald_client::ClientError> {
+//! use herald_client::{Client, ClientOptions, Event};
+//! let mut client = Client::connect("ws://127.0.0.1:8080/ws", ClientOptions::with_token("JWT")).await?;
+//! client.join("lobby").await?;
+//! client.publish("lobby", serde_json::json!({"text": "hi"})).await?;
+//! while let Some(event) = client.next_event().await {
+//!     if let Event::Message(message) = event { println!("{}: {:?}", message.from, message.content); }
+//! }
+//! # Ok(()) }
+//! ```
+
+mod driver;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_protocol::{Ack, ErrorEvent, Members, Message, PresenceChange, ServerEvent, Welcome};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Where tokens come from: called on every (re)connect and on every refresh notice.
+pub type TokenFn =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct ClientOptions {
+    pub token: TokenFn,
+    /// First reconnect delay ceiling; doubles per attempt up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Application ping interval; silence for twice this is a dead link.
+    pub heartbeat: Duration,
+    pub request_timeout: Duration,
+    /// Requests kept while disconnected (beyond it, callers wait).
+    pub max_queued: usize,
+}
+
+impl ClientOptions {
+    /// Options with a fixed token.
+    pub fn with_token(token: impl Into<String>) -> Self {
+        let token: String = token.into();
+        Self::with_token_fn(move || {
+            let token = token.clone();
+            async move { Ok(token) }
+        })
+    }
+
+    /// Options with a token function (for refresh and reconnects).
+    pub fn with_token_fn<F, Fut>(token: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        ClientOptions {
+            token: Arc::new(move || Box::pin(token())),
+            initial_backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(15),
+            heartbeat: Duration::from_secs(20),
+            request_timeout: Duration::from_secs(10),
+            max_queued: 1000,
+        }
+    }
+}
+
+/// The connection's state, observable with [`Client::state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    Connecting,
+    Open(Welcome),
+    Reconnecting {
+        attempt: u32,
+    },
+    /// Closed for good: by [`Client::close`], or by a final close code (44xx).
+    Closed {
+        code: u16,
+        reason: String,
+    },
+}
+
+/// What the server sends that was not an answer to a request.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Message(Message),
+    /// A binary message: its header and its bytes.
+    Binary(Message, Bytes),
+    Joined(PresenceChange),
+    Left(PresenceChange),
+    /// A room rejoined after a reconnect; `recovered` is false when messages were lost.
+    Rejoined {
+        room: String,
+        recovered: Option<bool>,
+    },
+    /// An error not tied to a request.
+    Error(ErrorEvent),
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ClientError {
+    #[error("server refused the request: {code}: {message}")]
+    Server { code: String, message: String },
+    #[error("no answer within the request timeout")]
+    Timeout,
+    #[error("the connection was lost before the answer")]
+    Disconnected,
+    #[error("the client is closed: {0}")]
+    Closed(String),
+    #[error("could not connect: {0}")]
+    Connect(String),
+}
+
+pub(crate) enum Command {
+    Request {
+        body: Value,
+        reply: oneshot::Sender<Result<ServerEvent, ClientError>>,
+    },
+    Close,
+}
+
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    events: mpsc::Receiver<Event>,
+    state: watch::Receiver<State>,
+    request_timeout: Duration,
+}
+
+impl Client {
+    /// Connects and waits for the first welcome; afterwards the client reconnects by itself.
+    pub async fn connect(url: &str, options: ClientOptions) -> Result<Client, ClientError> {
+        let (commands, command_rx) = mpsc::channel(options.max_queued.max(1));
+        let request_timeout = options.request_timeout;
+        let (event_tx, events) = mpsc::channel(1024);
+        let (state_tx, mut state) = watch::channel(State::Connecting);
+        tokio::spawn(driver::run(
+            url.to_owned(),
+            options,
+            command_rx,
+            event_tx,
+            state_tx,
+        ));
+        loop {
+            match &*state.borrow_and_update() {
+                State::Open(_) => break,
+                State::Closed { reason, .. } => return Err(ClientError::Connect(reason.clone())),
+                _ => {}
+            }
+            if state.changed().await.is_err() {
+                return Err(ClientError::Connect("client task ended".into()));
+            }
+        }
+        Ok(Client {
+            commands,
+            events,
+            state,
+            request_timeout,
+        })
+    }
+
+    /// The next event, or `None` once the client is closed.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// A watch on the connection state.
+    pub fn state(&self) -> watch::Receiver<State> {
+        self.state.clone()
+    }
+
+    /// Sends any request (`{"type": …}`) and returns the server's answer.
+    pub async fn request(&self, body: Value) -> Result<ServerEvent, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        let exchange = async {
+            self.commands
+                .send(Command::Request { body, reply })
+                .await
+                .map_err(|_| ClientError::Closed("client task ended".into()))?;
+            answer
+                .await
+                .map_err(|_| ClientError::Closed("client task ended".into()))?
+        };
+        // A request abandoned here is skipped by the driver if it has not been sent yet.
+        tokio::time::timeout(self.request_timeout, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout)?
+    }
+
+    async fn ack(&self, body: Value) -> Result<Ack, ClientError> {
+        match self.request(body).await? {
+            ServerEvent::Ack(ack) => Ok(ack),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn send(&self, to: &[&str], content: Value) -> Result<Ack, ClientError> {
+        self.ack(json!({"type": "send", "to": to, "content": content}))
+            .await
+    }
+
+    /// Joins a room; reconnects rejoin it from the last offset seen.
+    pub async fn join(&self, room: &str) -> Result<Ack, ClientError> {
+        self.ack(json!({"type": "join", "room": room})).await
+    }
+
+    pub async fn leave(&self, room: &str) -> Result<Ack, ClientError> {
+        self.ack(json!({"type": "leave", "room": room})).await
+    }
+
+    pub async fn publish(&self, room: &str, content: Value) -> Result<Ack, ClientError> {
+        self.ack(json!({"type": "publish", "room": room, "content": content}))
+            .await
+    }
+
+    pub async fn broadcast(&self, content: Value) -> Result<Ack, ClientError> {
+        self.ack(json!({"type": "broadcast", "content": content}))
+            .await
+    }
+
+    pub async fn members(&self, room: &str) -> Result<Members, ClientError> {
+        match self
+            .request(json!({"type": "members", "room": room}))
+            .await?
+        {
+            ServerEvent::Members(members) => Ok(members),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Closes for good.
+    pub async fn close(self) {
+        let _ = self.commands.send(Command::Close).await;
+    }
+}
+
+fn unexpected(event: ServerEvent) -> ClientError {
+    ClientError::Server {
+        code: "unexpected".into(),
+        message: format!("unexpected answer {event:?}"),
+    }
+}

@@ -1,0 +1,146 @@
+//! The Rust client against a real in-process Herald server, including a server restart.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_client::{Client, ClientError, ClientOptions, Event, State};
+use herald_server::config::Config;
+use herald_server::node::Node;
+use herald_server::{embedded_node, server};
+use serde_json::json;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const SECRET: &str = "client-test-secret-0123456789";
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Running {
+    addr: SocketAddr,
+    node: Arc<Node>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+    /// The server's data folder (`store.path`), removed with it.
+    _data: tempfile::TempDir,
+}
+
+async fn start(addr: SocketAddr) -> Running {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.server.listen = addr;
+    config.auth.secret = Some(SECRET.into());
+    config.store.path = data.path().to_owned();
+    let node = embedded_node(config, None).unwrap();
+    let listener = server::bind(addr).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server::run(listener, node.clone(), async move {
+        let _ = stopped.await;
+    }));
+    Running {
+        addr,
+        node,
+        stop,
+        task,
+        _data: data,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+    }
+
+    fn options(&self, user: &str) -> ClientOptions {
+        let node = self.node.clone();
+        let user = user.to_owned();
+        let mut options = ClientOptions::with_token_fn(move || {
+            let token = node
+                .auth
+                .mint(&user, false, None, Duration::from_secs(3600));
+            async move { token.map_err(|e| e.to_string()) }
+        });
+        options.initial_backoff = Duration::from_millis(20);
+        options.max_backoff = Duration::from_millis(200);
+        options
+    }
+
+    async fn client(&self, user: &str) -> Client {
+        Client::connect(&format!("ws://{}/ws", self.addr), self.options(user))
+            .await
+            .unwrap()
+    }
+}
+
+async fn next_message(client: &mut Client) -> herald_protocol::Message {
+    loop {
+        match tokio::time::timeout(WAIT, client.next_event())
+            .await
+            .unwrap()
+        {
+            Some(Event::Message(message)) => return message,
+            Some(_) => continue,
+            None => panic!("client closed"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn requests_resolve_with_their_answers_and_errors() {
+    let server = start("127.0.0.1:0".parse().unwrap()).await;
+    let alice = server.client("alice").await;
+    let mut bob = server.client("bob").await;
+
+    let ack = alice.send(&["bob"], json!({"text": "hi"})).await.unwrap();
+    assert_eq!(ack.online.unwrap(), ["bob"]);
+    let message = next_message(&mut bob).await;
+    assert_eq!(message.from, "alice");
+
+    let ack = alice.join("room").await.unwrap();
+    assert_eq!(ack.count, Some(1));
+    let members = alice.members("room").await.unwrap();
+    assert_eq!(members.users, ["alice"]);
+    let refused = alice.publish("elsewhere", json!(1)).await.unwrap_err();
+    assert!(
+        matches!(refused, ClientError::Server { ref code, .. } if code == "not_member"),
+        "{refused:?}"
+    );
+    alice.close().await;
+    bob.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn after_a_server_restart_the_client_reconnects_and_rejoins_its_rooms() {
+    let first = start("127.0.0.1:0".parse().unwrap()).await;
+    let addr = first.addr;
+    let mut alice = first.client("alice").await;
+    alice.join("lobby").await.unwrap();
+    let mut state = alice.state();
+    first.stop().await;
+    state
+        .wait_for(|s| matches!(s, State::Reconnecting { .. }))
+        .await
+        .unwrap();
+
+    let second = start(addr).await;
+    let rejoined = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(Event::Rejoined { room, .. }) = alice.next_event().await {
+                return room;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(rejoined, "lobby");
+    let bob = second.client("bob").await;
+    bob.join("lobby").await.unwrap();
+    bob.publish("lobby", json!("after restart")).await.unwrap();
+    let message = next_message(&mut alice).await;
+    assert_eq!(message.content.unwrap().get(), "\"after restart\"");
+    alice.close().await;
+    bob.close().await;
+    second.stop().await;
+}

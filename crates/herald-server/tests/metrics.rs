@@ -1,0 +1,111 @@
+//! `/metrics`: Prometheus text that moves when traffic flows (scrape, send, scrape again).
+
+mod common;
+
+use common::TestServer;
+use herald_protocol::ServerEvent;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+#[tokio::test]
+async fn metrics_move_when_traffic_flows() {
+    let server = TestServer::start_with(|config| {
+        config.limits.messages_per_second = 1;
+        config.limits.burst = 4;
+    })
+    .await;
+    let before = server.scrape().await;
+
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    alice.join("lobby").await;
+    bob.join("lobby").await;
+    alice
+        .request(json!({"type": "publish", "room": "lobby", "content": "hello"}))
+        .await;
+    let event = bob
+        .next_matching(|e| matches!(e, ServerEvent::Message(_)))
+        .await;
+    assert!(matches!(event, ServerEvent::Message(_)));
+    // Past the burst of 4 (join and publish used 2 of alice's), pings are rate-limited.
+    for _ in 0..5 {
+        alice.send_raw(WsMessage::text(r#"{"type":"ping"}"#)).await;
+    }
+    alice
+        .next_matching(|e| matches!(e, ServerEvent::Error(_)))
+        .await;
+
+    let after = server.scrape().await;
+    let moved = |series: &str| after.value(series) - before.value(series);
+    let moved_total = |name: &str| after.total(name) - before.total(name);
+    assert!(moved("herald_connects_total") >= 2.0);
+    assert!(after.value("herald_connections") >= 2.0);
+    assert!(moved(r#"herald_messages_in_total{type="join"}"#) >= 2.0);
+    assert!(moved(r#"herald_messages_in_total{type="publish"}"#) >= 1.0);
+    // welcome ×2, join acks ×2, the publish ack, bob's copy, alice's `joined` notice of bob
+    assert!(moved(r#"herald_messages_out_total{type="text"}"#) >= 7.0);
+    assert!(moved(r#"herald_messages_accepted_total{kind="room"}"#) >= 1.0);
+    assert!(moved("herald_received_bytes_total") > 0.0);
+    assert!(moved("herald_sent_bytes_total") > 0.0);
+    assert!(moved("herald_rate_limited_total") >= 1.0);
+    assert!(moved("herald_delivery_latency_seconds_count") >= 7.0);
+    assert!(
+        moved(r#"herald_engine_operation_seconds_count{engine="presence",operation="join"}"#)
+            >= 2.0
+    );
+    assert!(
+        moved(r#"herald_engine_operation_seconds_count{engine="broker",operation="publish"}"#)
+            >= 1.0
+    );
+    assert!(moved_total("herald_request_errors_total") >= 1.0);
+
+    // A disconnect is counted by reason once the server has cleaned up after it.
+    let peer_closed = r#"herald_disconnects_total{reason="peer closed"}"#;
+    drop(alice);
+    bob.ws.close(None).await.unwrap();
+    let closed = server
+        .scrape_until(|now| now.value(peer_closed) - before.value(peer_closed) >= 1.0)
+        .await;
+    assert!(closed.value(peer_closed) >= 1.0);
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_with_help_and_type_lines() {
+    let server = TestServer::start().await;
+    let _client = server.connect("alice").await;
+    let reply = server.http("GET", "/metrics", None, None).await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"),
+        "{:?}",
+        reply.headers
+    );
+    for line in [
+        "# TYPE herald_connections gauge",
+        "# TYPE herald_connects_total counter",
+        "# TYPE herald_delivery_latency_seconds histogram",
+        "# HELP herald_connections Open WebSocket connections on this node.",
+    ] {
+        assert!(
+            reply.body.contains(line),
+            "missing {line:?} in\n{}",
+            reply.body
+        );
+    }
+    assert!(
+        reply
+            .body
+            .contains(r#"herald_delivery_latency_seconds_bucket{le="0.001"}"#)
+    );
+}
+
+#[tokio::test]
+async fn metrics_can_be_turned_off() {
+    let server = TestServer::start_with(|config| config.metrics.enabled = false).await;
+    let (status, body) = server.api("GET", "/metrics", None).await;
+    assert_eq!(status, 404);
+    assert!(body["error"].as_str().unwrap().contains("metrics.enabled"));
+}

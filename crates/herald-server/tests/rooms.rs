@@ -1,0 +1,288 @@
+//! Rooms: join, leave, publish with and without echo, presence events, members, rooms at connect.
+
+mod common;
+
+use common::{Client, TestServer, content_of};
+use herald_protocol::{ErrorCode, ServerEvent};
+use serde_json::json;
+
+fn count_of(event: &ServerEvent) -> u64 {
+    match event {
+        ServerEvent::Ack(ack) => ack.count.expect("ack has a count"),
+        ServerEvent::Joined(change) | ServerEvent::Left(change) => change.count,
+        other => panic!("no count in {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn joining_tells_the_other_members_and_acks_with_the_count() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    assert_eq!(count_of(&alice.join("lobby").await), 1);
+    assert_eq!(count_of(&bob.join("lobby").await), 2);
+
+    let joined = alice.next_event().await;
+    let ServerEvent::Joined(change) = &joined else {
+        panic!("{joined:?}")
+    };
+    assert_eq!(
+        (change.room.as_str(), change.user.as_str(), change.count),
+        ("lobby", "bob", 2)
+    );
+}
+
+#[tokio::test]
+async fn leaving_and_disconnecting_tell_the_others_with_the_new_count() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    let mut carol = server.connect("carol").await;
+    for client in [&mut alice, &mut bob, &mut carol] {
+        client.join("lobby").await;
+    }
+    let ack = bob.request(json!({"type": "leave", "room": "lobby"})).await;
+    assert_eq!(count_of(&ack), 2);
+    let left = alice
+        .next_matching(|e| matches!(e, ServerEvent::Left(_)))
+        .await;
+    let ServerEvent::Left(change) = &left else {
+        unreachable!()
+    };
+    assert_eq!((change.user.as_str(), change.count), ("bob", 2));
+
+    drop(carol);
+    let left = alice
+        .next_matching(|e| matches!(e, ServerEvent::Left(_)))
+        .await;
+    let ServerEvent::Left(change) = &left else {
+        unreachable!()
+    };
+    assert_eq!((change.user.as_str(), change.count), ("carol", 1));
+}
+
+#[tokio::test]
+async fn a_user_with_two_connections_is_one_member() {
+    let server = TestServer::start().await;
+    let mut watcher = server.connect("watcher").await;
+    watcher.join("r").await;
+    let mut tab1 = server.connect("alice").await;
+    let mut tab2 = server.connect("alice").await;
+    assert_eq!(count_of(&tab1.join("r").await), 2);
+    assert_eq!(count_of(&tab2.join("r").await), 2);
+    // One joined event for alice, not two; then one left only when her last tab leaves.
+    let first = watcher.next_event().await;
+    assert!(matches!(&first, ServerEvent::Joined(c) if c.user == "alice"));
+    tab1.request(json!({"type": "leave", "room": "r"})).await;
+    tab2.request(json!({"type": "leave", "room": "r"})).await;
+    let next = watcher.next_event().await;
+    assert!(
+        matches!(&next, ServerEvent::Left(c) if c.user == "alice" && c.count == 1),
+        "{next:?}"
+    );
+}
+
+#[tokio::test]
+async fn publish_reaches_every_member_and_echoes_to_the_sender_by_default() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    let mut outsider = server.connect("outsider").await;
+    alice.join("r").await;
+    bob.join("r").await;
+    alice.next_event().await; // bob joined
+
+    let ack = alice
+        .request(json!({"type": "publish", "room": "r", "content": {"n": 1}}))
+        .await;
+    let ServerEvent::Ack(ack) = ack else {
+        panic!("{ack:?}")
+    };
+    for client in [&mut alice, &mut bob] {
+        let event = client.next_event().await;
+        let ServerEvent::Message(message) = &event else {
+            panic!("{event:?}")
+        };
+        assert_eq!(message.room.as_deref(), Some("r"));
+        assert_eq!(message.from, "alice");
+        assert_eq!(Some(&message.id), ack.id.as_ref());
+        assert_eq!(content_of(&event), json!({"n": 1}));
+    }
+    // The outsider got nothing: its next event is the answer to its own ping.
+    let pong = outsider.request(json!({"type": "ping"})).await;
+    assert!(matches!(pong, ServerEvent::Pong(_)));
+}
+
+#[tokio::test]
+async fn publish_without_echo_skips_only_the_sending_connection() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    let mut alice_tab = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    for client in [&mut alice, &mut alice_tab, &mut bob] {
+        client.join("r").await;
+    }
+    alice
+        .send_json(json!({"type": "publish", "room": "r", "content": "quiet", "echo": false}))
+        .await;
+    alice
+        .send_json(json!({"type": "publish", "room": "r", "content": "loud", "echo": true}))
+        .await;
+    // The sender's first message event is the echoed one, so the quiet one never came back.
+    let first = alice
+        .next_matching(|e| matches!(e, ServerEvent::Message(_)))
+        .await;
+    assert_eq!(content_of(&first), json!("loud"));
+    for client in [&mut alice_tab, &mut bob] {
+        let first = client
+            .next_matching(|e| matches!(e, ServerEvent::Message(_)))
+            .await;
+        assert_eq!(content_of(&first), json!("quiet"));
+    }
+}
+
+#[tokio::test]
+async fn members_lists_users_and_count() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    alice.join("r").await;
+    bob.join("r").await;
+    let members = alice.request(json!({"type": "members", "room": "r"})).await;
+    let ServerEvent::Members(members) = members else {
+        panic!("{members:?}")
+    };
+    assert_eq!(members.count, 2);
+    assert_eq!(members.users, ["alice", "bob"]);
+    let empty = alice
+        .request(json!({"type": "members", "room": "nobody"}))
+        .await;
+    assert!(matches!(empty, ServerEvent::Members(m) if m.count == 0 && m.users.is_empty()));
+}
+
+#[tokio::test]
+async fn rooms_can_be_joined_at_connect_by_query_and_by_path() {
+    let server = TestServer::start().await;
+    let token = server.token("alice");
+    let mut alice =
+        Client::open(&server.url(&format!("/ws/lobby?token={token}&rooms=news,sport"))).await;
+    let members = alice
+        .request(json!({"type": "members", "room": "lobby"}))
+        .await;
+    assert!(matches!(members, ServerEvent::Members(m) if m.users == ["alice"]));
+    for room in ["news", "sport"] {
+        let members = alice
+            .request(json!({"type": "members", "room": room}))
+            .await;
+        assert!(
+            matches!(members, ServerEvent::Members(m) if m.users == ["alice"]),
+            "{room}"
+        );
+    }
+    // Already a member: publishing works without a join.
+    let ack = alice
+        .request(json!({"type": "publish", "room": "sport", "content": 1}))
+        .await;
+    assert!(matches!(ack, ServerEvent::Ack(_)), "{ack:?}");
+}
+
+#[tokio::test]
+async fn publishing_or_leaving_a_room_not_joined_is_an_error() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    let error = alice
+        .request(json!({"type": "publish", "room": "r", "content": 1}))
+        .await;
+    assert!(
+        matches!(&error, ServerEvent::Error(e) if e.code == ErrorCode::NotMember),
+        "{error:?}"
+    );
+    let error = alice.request(json!({"type": "leave", "room": "r"})).await;
+    assert!(
+        matches!(&error, ServerEvent::Error(e) if e.code == ErrorCode::NotMember),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn rooms_per_connection_are_limited() {
+    let server = TestServer::start_with(|c| c.limits.max_rooms_per_connection = 2).await;
+    let mut alice = server.connect("alice").await;
+    alice.join("a").await;
+    alice.join("b").await;
+    let error = alice.join("c").await;
+    assert!(
+        matches!(&error, ServerEvent::Error(e) if e.code == ErrorCode::LimitExceeded),
+        "{error:?}"
+    );
+    // Rejoining a room already joined is not a new room.
+    assert!(matches!(alice.join("a").await, ServerEvent::Ack(_)));
+}
+
+#[tokio::test]
+async fn broadcast_is_refused_without_admin_and_reaches_everyone_with_it() {
+    let server = TestServer::start().await;
+    let mut user = server.connect("user").await;
+    let mut admin = server.connect_with("root", true, None).await;
+    let mut other = server.connect("other").await;
+
+    let refused = user
+        .request(json!({"type": "broadcast", "content": "x"}))
+        .await;
+    assert!(
+        matches!(&refused, ServerEvent::Error(e) if e.code == ErrorCode::Forbidden),
+        "{refused:?}"
+    );
+
+    let ack = admin
+        .request(json!({"type": "broadcast", "content": "maintenance at noon"}))
+        .await;
+    assert!(matches!(ack, ServerEvent::Ack(_)));
+    for client in [&mut user, &mut other, &mut admin] {
+        let event = client
+            .next_matching(|e| matches!(e, ServerEvent::Message(_)))
+            .await;
+        assert_eq!(content_of(&event), json!("maintenance at noon"));
+        let ServerEvent::Message(message) = event else {
+            unreachable!()
+        };
+        assert_eq!(message.from, "root");
+        assert!(message.room.is_none() && message.to.is_none());
+    }
+}
+
+#[tokio::test]
+async fn presence_tells_which_users_are_online() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    let bob = server.connect("bob").await;
+    let answer = alice
+        .request(json!({"type": "presence", "users": ["bob", "carol"]}))
+        .await;
+    let ServerEvent::Presence(reply) = answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(reply.online.get("bob"), Some(&true));
+    assert_eq!(reply.online.get("carol"), Some(&false));
+    drop(bob);
+    // Once bob's connection is cleaned up he is offline; poll the event, not the clock.
+    loop {
+        let answer = alice
+            .request(json!({"type": "presence", "users": ["bob"]}))
+            .await;
+        let ServerEvent::Presence(reply) = answer else {
+            panic!("{answer:?}")
+        };
+        if reply.online.get("bob") == Some(&false) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let error = alice
+        .request(json!({"type": "presence", "users": []}))
+        .await;
+    assert!(
+        matches!(&error, ServerEvent::Error(e) if e.code == ErrorCode::InvalidField),
+        "{error:?}"
+    );
+}
