@@ -273,12 +273,18 @@ fn report(args: &Args, store: &SqliteStore, elapsed: Duration, (cpu, writer_cpu)
         appends as f64 / seconds
     );
     println!(
-        "writer: {batches} commits, {:.0} messages per commit; statements {:.0} ms, commit {:.0} ms, callbacks {:.0} ms ({:.0}% of wall time busy)",
+        "writer: {batches} commits, {:.0} messages per commit; statements {:.0} ms, commit {:.0} ms, callbacks {:.0} ms, WAL restarts {:.0} ms ({:.0}% of wall time busy)",
         appends as f64 / batches as f64,
         ms(&stats.statement_ns),
         ms(&stats.commit_ns),
         ms(&stats.callback_ns),
-        (ms(&stats.statement_ns) + ms(&stats.commit_ns) + ms(&stats.callback_ns)) / 10.0 / seconds
+        ms(&stats.wal_restart_ns),
+        (ms(&stats.statement_ns)
+            + ms(&stats.commit_ns)
+            + ms(&stats.callback_ns)
+            + ms(&stats.wal_restart_ns))
+            / 10.0
+            / seconds
     );
     println!(
         "cpu: {:.1} µs per message in the whole process, {:.1} µs in the writer thread",

@@ -123,10 +123,41 @@ pub struct HistoryPage {
     pub more: bool,
 }
 
-/// A frame on its way from the store's commit to the broker.
+/// A committed message on its way to the fan-out task, which encodes it and hands its frames
+/// to the broker (encoding there keeps it off the store's writer thread).
 struct Fanout {
-    channel: Channel,
-    delivery: Delivery,
+    appended: Appended,
+    /// The connection that must not get a copy (the sender's, or the publisher's without echo).
+    except: Option<ConnId>,
+}
+
+/// What the sender of a stored message learns once it is committed.
+enum Receipt {
+    Room {
+        id: String,
+        position: StreamPosition,
+    },
+    Direct {
+        id: String,
+        inbox: Vec<(String, Offset)>,
+    },
+}
+
+impl Receipt {
+    fn of(appended: &Appended) -> Receipt {
+        match appended {
+            Appended::Room {
+                message, position, ..
+            } => Receipt::Room {
+                id: message.id.clone(),
+                position: position.clone(),
+            },
+            Appended::Direct { message, inbox, .. } => Receipt::Direct {
+                id: message.id.clone(),
+                inbox: inbox.clone(),
+            },
+        }
+    }
 }
 
 /// Why a connection could not be attached to the node.
@@ -466,28 +497,22 @@ impl Node {
             ts: unix_millis(),
             content,
         };
-        let fanout = self.fanout.clone();
-        let appended = self
+        let receipt = self
             .append(
                 Append::Direct {
                     to,
                     recipients,
                     message,
                 },
-                move |appended| {
-                    for item in direct_fanout(appended, from_conn) {
-                        // Closed only when the node is gone: nobody is left to deliver to.
-                        let _ = fanout.blocking_send(item);
-                    }
-                },
+                from_conn,
             )
             .await?;
-        let Appended::Direct { message, inbox, .. } = appended else {
+        let Receipt::Direct { id, inbox } = receipt else {
             return Err(EngineError::new("store", "a direct append returned a room"));
         };
         metrics::counter!("herald_messages_accepted_total", "kind" => "direct").increment(1);
         Ok(DirectOutcome {
-            id: message.id,
+            id,
             online,
             offline,
             offsets: inbox
@@ -497,28 +522,28 @@ impl Node {
         })
     }
 
-    /// Appends to the store and waits for the commit. `fan_out` runs on the store's writer in
-    /// commit order (see the module doc); it must only queue.
-    async fn append(
-        &self,
-        append: Append,
-        fan_out: impl FnOnce(&Appended) + Send + 'static,
-    ) -> Result<Appended, EngineError> {
+    /// Appends to the store and waits for the commit. The commit callback runs on the store's
+    /// writer in commit order (see the module doc) and only queues the message for fan-out.
+    async fn append(&self, append: Append, except: Option<ConnId>) -> Result<Receipt, EngineError> {
         let (done, committed) = oneshot::channel();
+        let fanout = self.fanout.clone();
         self.store
             .append(
                 append,
                 Box::new(move |result: Result<Appended, StoreError>| {
-                    if let Ok(appended) = &result {
-                        fan_out(appended);
-                    }
-                    let _ = done.send(result);
+                    let receipt = result.map(|appended| {
+                        let receipt = Receipt::of(&appended);
+                        // Closed only when the node is gone: nobody is left to deliver to.
+                        let _ = fanout.blocking_send(Fanout { appended, except });
+                        receipt
+                    });
+                    let _ = done.send(receipt);
                 }),
             )
             .await?;
-        let appended = committed.await.map_err(|_| StoreError::Closed)??;
+        let receipt = committed.await.map_err(|_| StoreError::Closed)??;
         metrics::counter!("herald_messages_stored_total").increment(1);
-        Ok(appended)
+        Ok(receipt)
     }
 
     /// Publishes to a room. With `echo` false the publishing connection is skipped. With
@@ -549,46 +574,21 @@ impl Node {
                 position: None,
             });
         }
-        let fanout = self.fanout.clone();
-        let appended = self
+        let receipt = self
             .append(
                 Append::Room {
                     room: room.clone(),
                     message,
                 },
-                move |appended| {
-                    if let Appended::Room {
-                        room,
-                        message,
-                        position,
-                    } = appended
-                    {
-                        let offset = position.offset.0;
-                        let frame = encode(
-                            room_header(message, room, Some(offset)),
-                            message.content.clone(),
-                        );
-                        let _ = fanout.blocking_send(Fanout {
-                            channel: Channel::Room(room.clone()),
-                            delivery: Delivery {
-                                frame,
-                                except,
-                                offset: Some(offset),
-                            },
-                        });
-                    }
-                },
+                except,
             )
             .await?;
-        let Appended::Room {
-            message, position, ..
-        } = appended
-        else {
+        let Receipt::Room { id, position } = receipt else {
             return Err(EngineError::new("store", "a room append returned a direct"));
         };
         metrics::counter!("herald_messages_accepted_total", "kind" => "room").increment(1);
         Ok(Published {
-            id: message.id,
+            id,
             position: Some(position),
         })
     }
@@ -808,11 +808,26 @@ fn room_header(message: &NewMessage, room: &str, offset: Option<u64>) -> Message
     }
 }
 
-/// The frames of a committed direct message: one per recipient with its inbox offset, and a
-/// copy without offset for the sender's other connections (unless the sender is a recipient).
-fn direct_fanout(appended: &Appended, from_conn: Option<ConnId>) -> Vec<Fanout> {
-    let Appended::Direct { to, message, inbox } = appended else {
-        return Vec::new();
+/// The frames of a committed message with their channels. A direct message has one per
+/// recipient with its inbox offset, and a copy without offset for the sender's other
+/// connections (unless the sender is a recipient).
+fn committed_frames(appended: Appended, except: Option<ConnId>) -> Vec<(Channel, Delivery)> {
+    let (to, message, inbox) = match appended {
+        Appended::Room {
+            room,
+            message,
+            position,
+        } => {
+            let offset = position.offset.0;
+            let frame = encode(room_header(&message, &room, Some(offset)), message.content);
+            let delivery = Delivery {
+                frame,
+                except,
+                offset: Some(offset),
+            };
+            return vec![(Channel::Room(room), delivery)];
+        }
+        Appended::Direct { to, message, inbox } => (to, message, inbox),
     };
     let header = |offset: Option<u64>| Message {
         id: message.id.clone(),
@@ -825,25 +840,25 @@ fn direct_fanout(appended: &Appended, from_conn: Option<ConnId>) -> Vec<Fanout> 
         encoding: None,
     };
     let mut items = Vec::with_capacity(inbox.len() + 1);
-    for (user, offset) in inbox {
-        items.push(Fanout {
-            channel: Channel::User(user.as_str().into()),
-            delivery: Delivery {
+    for (user, offset) in &inbox {
+        items.push((
+            Channel::User(user.as_str().into()),
+            Delivery {
                 frame: encode(header(Some(offset.0)), message.content.clone()),
-                except: from_conn,
+                except,
                 offset: Some(offset.0),
             },
-        });
+        ));
     }
     if !inbox.iter().any(|(user, _)| *user == *message.from) {
-        items.push(Fanout {
-            channel: Channel::User(message.from.clone()),
-            delivery: Delivery {
+        items.push((
+            Channel::User(message.from.clone()),
+            Delivery {
                 frame: encode(header(None), message.content.clone()),
-                except: from_conn,
+                except,
                 offset: None,
             },
-        });
+        ));
     }
     items
 }
@@ -856,12 +871,15 @@ fn history_page(page: crate::engine::store::Page) -> HistoryPage {
     }
 }
 
-/// Hands committed frames to the broker, one at a time, in commit order.
+/// Encodes committed messages and hands their frames to the broker, one at a time, in commit
+/// order.
 async fn fan_out(broker: Arc<dyn Broker>, mut queue: mpsc::Receiver<Fanout>) {
     while let Some(item) = queue.recv().await {
-        if let Err(error) = broker.publish(&item.channel, item.delivery).await {
-            // The message is stored: clients get it through recovery or history.
-            tracing::warn!(channel = %item.channel, %error, "fan-out of a stored message failed");
+        for (channel, delivery) in committed_frames(item.appended, item.except) {
+            if let Err(error) = broker.publish(&channel, delivery).await {
+                // The message is stored: clients get it through recovery or history.
+                tracing::warn!(%channel, %error, "fan-out of a stored message failed");
+            }
         }
     }
 }

@@ -5,8 +5,10 @@
 //!
 //! Passive checkpoints never wait for the writer or the readers. When one has copied the whole
 //! WAL while the writer was idle, the writer's next transaction starts the WAL over from its
-//! beginning; under sustained writes that moment never comes, so past [`RESTART_FRAMES`] a
-//! restarting checkpoint holds the writer back for the (short) rest of the copy.
+//! beginning; under sustained writes that moment never comes (a restarting checkpoint from
+//! this thread starves behind the writer's back-to-back transactions), so the writer itself
+//! restarts the WAL between two batches, about once a second (see `writer.rs`): by then this
+//! thread has copied nearly everything, so that costs the writer little more than an fsync.
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
@@ -16,33 +18,22 @@ use rusqlite::Connection;
 /// Time between two checkpoints.
 const INTERVAL: Duration = Duration::from_millis(200);
 
-/// WAL frames (pages) past which a checkpoint also restarts the WAL, briefly holding the
-/// writer back: under sustained writes passive checkpoints keep up but the WAL never starts
-/// over, so it would grow without bound.
-const RESTART_FRAMES: i64 = 16 * 1024;
-
 /// Checkpoints every [`INTERVAL`] until `stop` disconnects (the writer is gone), then once more.
 pub fn run(conn: Connection, stop: Receiver<()>) {
     // Anything but a timeout means the writer is gone.
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(INTERVAL) {
-        if checkpoint(&conn, "PASSIVE") > RESTART_FRAMES {
-            checkpoint(&conn, "RESTART");
-        }
+        checkpoint(&conn, "PASSIVE");
     }
     // The writer has closed: fold the WAL into the database and empty it.
     checkpoint(&conn, "TRUNCATE");
 }
 
-/// Runs one checkpoint; returns the WAL's size in frames (0 when unknown).
-fn checkpoint(conn: &Connection, mode: &str) -> i64 {
+/// Runs one checkpoint of the given mode (`PASSIVE`, `RESTART`, `TRUNCATE`).
+pub fn checkpoint(conn: &Connection, mode: &str) {
     let result = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
-        row.get::<_, i64>(1)
+        row.get::<_, i64>(0)
     });
-    match result {
-        Ok(frames) => frames,
-        Err(error) => {
-            tracing::warn!(%error, "WAL checkpoint failed; will retry");
-            0
-        }
+    if let Err(error) = result {
+        tracing::warn!(%error, mode, "WAL checkpoint failed; will retry");
     }
 }

@@ -35,6 +35,9 @@ const MAX_BATCH: usize = 4096;
 /// Streams whose state is cached; past this the cache is dropped and refilled from the file.
 const MAX_CACHED_STREAMS: usize = 100_000;
 
+/// How often the writer restarts the WAL between two batches (see `checkpoint.rs`).
+const WAL_RESTART_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Most rows one pruning step deletes, and most streams it looks at.
 const PRUNE_STEP_ROWS: u64 = 1000;
 const PRUNE_STEP_STREAMS: i64 = 64;
@@ -67,6 +70,8 @@ pub struct WriterStats {
     pub callback_ns: AtomicU64,
     /// Pruning steps taken (each one short transaction).
     pub prune_steps: AtomicU64,
+    /// Nanoseconds spent restarting the WAL.
+    pub wal_restart_ns: AtomicU64,
 }
 
 struct StreamState {
@@ -93,6 +98,7 @@ pub struct Writer {
     stats: Arc<WriterStats>,
     /// Dropped with the writer: the checkpointer then runs a last checkpoint and stops.
     _checkpointer: std::sync::mpsc::Sender<()>,
+    last_wal_restart: Instant,
 }
 
 impl Writer {
@@ -109,6 +115,7 @@ impl Writer {
             prune: VecDeque::new(),
             stats,
             _checkpointer: checkpointer,
+            last_wal_restart: Instant::now(),
         }
     }
 
@@ -158,6 +165,12 @@ impl Writer {
             }
             if !writes.is_empty() {
                 self.write_batch(writes);
+            }
+            if self.last_wal_restart.elapsed() >= WAL_RESTART_INTERVAL {
+                let started = Instant::now();
+                super::checkpoint::checkpoint(&self.conn, "RESTART");
+                add_elapsed(&self.stats.wal_restart_ns, started);
+                self.last_wal_restart = Instant::now();
             }
             if closed_by.is_some() {
                 break 'serve;
