@@ -9,12 +9,12 @@
 //! the subscription fails); likewise for each user's channel.
 //!
 //! Stored messages (room messages unless `persist: false`, and direct messages) go to the store
-//! first. Their frames, which carry the assigned offsets, are built in the store's commit
-//! callback and queued, in commit order, for one fan-out task that hands them to the broker:
-//! so every stream's messages reach the hub in offset order and only after their commit, which
-//! is what lets [`crate::catch_up`] replay stored messages with no gap and no duplicate. The
-//! sender's ack is sent after the commit too. Ephemeral messages, presence events and
-//! broadcasts skip the store and go to the broker at once.
+//! first. The store's commit callback queues each committed message, in commit order, for one
+//! fan-out task that encodes its frames (which carry the assigned offsets) and hands them to
+//! the broker: so every stream's messages reach the hub in offset order and only after their
+//! commit, which is what lets [`crate::catch_up`] replay stored messages with no gap and no
+//! duplicate. The sender's ack is sent after the commit too. Ephemeral messages, presence
+//! events and broadcasts skip the store and go to the broker at once.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
