@@ -10,6 +10,8 @@ use crate::stamp;
 
 /// How every message event begins on the wire (`type` is serialized first).
 const MESSAGE_PREFIX: &str = r#"{"type":"message""#;
+/// Presence events, which the tool ignores: N subscribers joining one room cause N²/2 of them.
+const PRESENCE_PREFIXES: [&str; 2] = [r#"{"type":"joined""#, r#"{"type":"left""#];
 
 pub struct Herald;
 
@@ -39,6 +41,9 @@ impl Protocol for Herald {
             && let Some(sent_ns) = stamp::find(frame)
         {
             return Incoming::Delivery { sent_ns };
+        }
+        if PRESENCE_PREFIXES.iter().any(|p| frame.starts_with(p)) {
+            return Incoming::Other;
         }
         match ServerEvent::decode(frame) {
             Ok(ServerEvent::Welcome(_)) => Incoming::Ready,
