@@ -210,11 +210,7 @@ impl Env {
                     if received == 0 {
                         break;
                     }
-                    let mut written = Ok(());
-                    for text in batch.drain(..) {
-                        written = written.and(socket.feed(Message::text(text)).await);
-                    }
-                    if written.and(socket.flush().await).is_err() {
+                    if write_all(&mut socket, &mut batch).await.is_err() {
                         self.recorder.lost_connection();
                         return;
                     }
@@ -223,4 +219,12 @@ impl Env {
         }
         let _ = tokio::time::timeout(CLOSE_WAIT, socket.close(None)).await;
     }
+}
+
+/// Writes every queued frame, then flushes once.
+async fn write_all(socket: &mut Socket, batch: &mut Vec<String>) -> Result<(), tungstenite::Error> {
+    for text in batch.drain(..) {
+        socket.feed(Message::text(text)).await?;
+    }
+    socket.flush().await
 }

@@ -177,17 +177,23 @@ pub fn servers(reports: &[RunReport]) -> Vec<String> {
 pub fn table(reports: &[RunReport], reference: &Reference) -> String {
     let servers = servers(reports);
     let peers: Vec<&String> = servers.iter().filter(|s| *s != "herald").collect();
-    let mut medians: BTreeMap<(&str, &str), (f64, usize)> = BTreeMap::new();
+    // (median, runs with a value, runs in all)
+    let mut medians: BTreeMap<(&str, &str), (f64, usize, usize)> = BTreeMap::new();
+    let mut partial = false;
     for metric in &METRICS {
         for server in &servers {
-            let values: Vec<f64> = reports
+            let runs: Vec<&RunReport> = reports
                 .iter()
                 .filter(|r| &r.server == server && r.scenario == metric.scenario)
+                .collect();
+            let values: Vec<f64> = runs
+                .iter()
                 .filter_map(|r| (metric.extract)(r, reference))
                 .collect();
             let count = values.len();
+            partial |= count > 0 && count < runs.len();
             if let Some(value) = median(values) {
-                medians.insert((metric.label, server.as_str()), (value, count));
+                medians.insert((metric.label, server.as_str()), (value, count, runs.len()));
             }
         }
     }
@@ -219,9 +225,16 @@ pub fn table(reports: &[RunReport], reference: &Reference) -> String {
         };
         let _ = write!(out, "| {} | {arrow} |", metric.label);
         for server in &servers {
-            let cell = medians
-                .get(&(metric.label, server.as_str()))
-                .map_or_else(|| "–".to_owned(), |(value, _)| format_value(*value));
+            let cell = medians.get(&(metric.label, server.as_str())).map_or_else(
+                || "–".to_owned(),
+                |&(value, count, runs)| {
+                    if count < runs {
+                        format!("{} ({count}/{runs} runs)", format_value(value))
+                    } else {
+                        format_value(value)
+                    }
+                },
+            );
             let _ = write!(out, " {cell} |");
         }
         for peer in &peers {
@@ -243,6 +256,13 @@ pub fn table(reports: &[RunReport], reference: &Reference) -> String {
         "\nMedian of {runs} run(s) per cell. ↑: higher is better, ↓: lower is better; \
          herald/peer is Herald's value divided by the peer's."
     );
+    if partial {
+        let _ = writeln!(
+            out,
+            "(k/n runs): only k of the n runs had a value; in the others no step was sustained \
+             (the server failed at the lowest offered rate), so the median is of those k."
+        );
+    }
     let flagged: Vec<String> = reports
         .iter()
         .filter(|r| r.steps.iter().any(|s| s.client_bound))
