@@ -247,13 +247,16 @@ pub fn table(reports: &[RunReport], reference: &Reference) -> String {
         }
         out.push('\n');
     }
-    let runs = reports
-        .iter()
-        .filter(|r| r.server == "herald" && r.scenario == "fanout")
-        .count();
+    let mut per_group: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for report in reports {
+        *per_group
+            .entry((report.server.as_str(), report.scenario.as_str()))
+            .or_default() += 1;
+    }
+    let runs = per_group.values().copied().max().unwrap_or(0);
     let _ = writeln!(
         out,
-        "\nMedian of {runs} run(s) per cell. ↑: higher is better, ↓: lower is better; \
+        "\nMedian of up to {runs} run(s) per cell. ↑: higher is better, ↓: lower is better; \
          herald/peer is Herald's value divided by the peer's."
     );
     if partial {
@@ -293,6 +296,42 @@ fn format_value(value: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn idle_report(server: &str, kib: f64) -> RunReport {
+        let mut report = crate::scenario::blank_report(100);
+        report.server = server.to_owned();
+        report.scenario = "idle".to_owned();
+        report.idle = Some(crate::report::Idle {
+            server_rss_before_kib: Some(1000),
+            server_rss_after_kib: Some(2000),
+            server_rss_per_connection_kib: Some(kib),
+            client_rss_per_connection_kib: None,
+            server_idle_cpu_cores: None,
+            connects_per_s: 1.0,
+        });
+        report
+    }
+
+    #[test]
+    fn the_table_has_medians_per_server_and_herald_over_peer_ratios() {
+        let reports = vec![
+            idle_report("ws", 6.0),
+            idle_report("herald", 4.0),
+            idle_report("herald", 3.0),
+            idle_report("herald", 100.0),
+        ];
+        let table = table(&reports, &Reference { fanout_rate: 100.0 });
+        let row = table
+            .lines()
+            .find(|line| line.starts_with("| idle"))
+            .expect("an idle row");
+        assert_eq!(
+            row,
+            "| idle: server RSS KiB/connection | ↓ | 4.00 | 6.00 | 0.67× |"
+        );
+        assert!(table.contains("| metric | better | herald | ws | herald/ws |"));
+        assert!(!table.contains("fanout"), "no row without data");
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

@@ -233,7 +233,7 @@ pub async fn run(options: Options, scenario: Scenario) -> Result<RunReport, RunE
 }
 
 /// An empty report the scenarios fill in; `run` sets the common fields.
-pub(crate) fn blank_report(connections: usize) -> RunReport {
+pub fn blank_report(connections: usize) -> RunReport {
     RunReport {
         server: String::new(),
         scenario: String::new(),
