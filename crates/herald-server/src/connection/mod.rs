@@ -60,7 +60,13 @@ pub async fn serve(ws: Socket, node: Arc<Node>, admission: Admission, rooms: Vec
             }));
             let anonymous =
                 ConnHandle::new(conn_id, Arc::from(""), outbox.clone(), control.clone());
-            let identity = pending::authenticate(&mut stream, &node, &anonymous, &control).await;
+            let identity = Box::pin(pending::authenticate(
+                &mut stream,
+                &node,
+                &anonymous,
+                &control,
+            ))
+            .await;
             drop(slot);
             match identity {
                 Some(identity) => identity,
@@ -75,14 +81,16 @@ pub async fn serve(ws: Socket, node: Arc<Node>, admission: Admission, rooms: Vec
     let handle = ConnHandle::new(conn_id, identity.user.clone(), outbox, control.clone());
 
     // The welcome goes first: the outbox is empty until the connection is registered.
-    let welcome = ServerEvent::Welcome(Welcome {
-        conn: handle.id().to_string(),
-        user: identity.user.to_string(),
-        node: node.id.to_string(),
-        heartbeat: timing.heartbeat.as_secs().max(1),
-    });
-    handle.offer(OutFrame::Text(welcome.encode()));
-    if let Err(error) = node.connect(&handle).await {
+    handle.offer(OutFrame::Text(
+        ServerEvent::Welcome(Welcome {
+            conn: handle.id().to_string(),
+            user: identity.user.to_string(),
+            node: node.id.to_string(),
+            heartbeat: timing.heartbeat.as_secs().max(1),
+        })
+        .encode(),
+    ));
+    if let Err(error) = Box::pin(node.connect(&handle)).await {
         let code = match error {
             ConnectError::Limit(_) => CloseCode::TRY_AGAIN_LATER,
             ConnectError::Engine(_) => CloseCode::INTERNAL_ERROR,
@@ -96,7 +104,7 @@ pub async fn serve(ws: Socket, node: Arc<Node>, admission: Admission, rooms: Vec
     metrics::counter!("herald_connects_total").increment(1);
 
     let mut session = Session::new(node.clone(), handle.clone(), identity, control.clone());
-    session.join_initial(rooms).await;
+    Box::pin(session.join_initial(rooms)).await;
 
     loop {
         let frame = tokio::select! {
@@ -106,7 +114,7 @@ pub async fn serve(ws: Socket, node: Arc<Node>, admission: Admission, rooms: Vec
         };
         let Some(frame) = frame else {
             // A protocol error: the library queued its Close frame (1002, 1007, 1009, …).
-            flush_library_close(&mut stream).await;
+            Box::pin(flush_library_close(&mut stream)).await;
             control.close(CloseReason::PeerGone);
             break;
         };
@@ -118,11 +126,11 @@ pub async fn serve(ws: Socket, node: Arc<Node>, admission: Admission, rooms: Vec
                 .increment(frame.payload().len() as u64);
         }
         let flow = match frame.opcode() {
-            OpCode::Text => session.on_text(frame.payload()).await,
-            OpCode::Binary => session.on_binary(frame.payload()).await,
+            OpCode::Text => Box::pin(session.on_text(frame.payload())).await,
+            OpCode::Binary => Box::pin(session.on_binary(frame.payload())).await,
             OpCode::Close => {
                 // The library queued the echo of the peer's Close frame.
-                flush_library_close(&mut stream).await;
+                Box::pin(flush_library_close(&mut stream)).await;
                 control.close(CloseReason::PeerGone);
                 break;
             }
@@ -137,7 +145,7 @@ pub async fn serve(ws: Socket, node: Arc<Node>, admission: Admission, rooms: Vec
 
     let reason = control.reason();
     let _ = writer.await;
-    session.finish().await;
+    Box::pin(session.finish()).await;
     let reason_label = match reason {
         Some(CloseReason::Send(code)) => code.reason,
         // The application's own reason text could be anything: keep the label set bounded.

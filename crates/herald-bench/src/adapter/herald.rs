@@ -1,0 +1,126 @@
+//! Herald's protocol, through `herald-protocol`: requests in the shapes `request.rs` parses,
+//! events read with [`ServerEvent::decode`]. A delivered bench message takes a shortcut: a frame
+//! that starts like a `message` event and holds the bench marker is not decoded in full, since
+//! the tool must parse hundreds of thousands of them per second on one core.
+
+use herald_protocol::ServerEvent;
+
+use super::{Incoming, Protocol};
+use crate::stamp;
+
+/// How every message event begins on the wire (`type` is serialized first).
+const MESSAGE_PREFIX: &str = r#"{"type":"message""#;
+/// Presence events, which the tool ignores: N subscribers joining one room cause N²/2 of them.
+const PRESENCE_PREFIXES: [&str; 2] = [r#"{"type":"joined""#, r#"{"type":"left""#];
+
+pub struct Herald;
+
+impl Protocol for Herald {
+    fn name(&self) -> &'static str {
+        "herald"
+    }
+
+    fn path(&self, token: &str) -> String {
+        format!("/ws?token={token}")
+    }
+
+    fn join(&self, room: &str) -> String {
+        format!(r#"{{"type":"join","room":"{room}","id":"join"}}"#)
+    }
+
+    fn publish(&self, room: &str, content: &str) -> String {
+        format!(r#"{{"type":"publish","room":"{room}","echo":false,"content":{content}}}"#)
+    }
+
+    fn direct(&self, user: &str, content: &str) -> String {
+        format!(r#"{{"type":"send","to":["{user}"],"content":{content}}}"#)
+    }
+
+    fn decode(&self, frame: &str) -> Incoming {
+        if frame.starts_with(MESSAGE_PREFIX)
+            && let Some(sent_ns) = stamp::find(frame)
+        {
+            return Incoming::Delivery { sent_ns };
+        }
+        if PRESENCE_PREFIXES.iter().any(|p| frame.starts_with(p)) {
+            return Incoming::Other;
+        }
+        match ServerEvent::decode(frame) {
+            Ok(ServerEvent::Welcome(_)) => Incoming::Ready,
+            Ok(ServerEvent::Ack(ack)) if ack.room.is_some() => Incoming::Joined,
+            Ok(ServerEvent::Message(message)) => message
+                .content
+                .and_then(|content| stamp::find(content.get()))
+                .map_or(Incoming::Other, |sent_ns| Incoming::Delivery { sent_ns }),
+            Ok(ServerEvent::Error(error)) => {
+                Incoming::Refused(format!("{}: {}", error.code.as_str(), error.message))
+            }
+            Ok(_) => Incoming::Other,
+            Err(error) => Incoming::Refused(format!("undecodable frame: {error}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_protocol::request::{RequestBody, parse_text};
+    use herald_protocol::{Ack, ErrorCode, ErrorEvent, Message, Welcome};
+    use serde_json::value::RawValue;
+
+    #[test]
+    fn requests_are_what_the_server_parses() {
+        let content = stamp::content(7, "");
+        let join = parse_text(Herald.join("lobby").as_bytes()).unwrap();
+        assert!(matches!(join.body, RequestBody::Join { ref room, .. } if room == "lobby"));
+        let publish = parse_text(Herald.publish("lobby", &content).as_bytes()).unwrap();
+        assert!(matches!(
+            publish.body,
+            RequestBody::Publish { echo: false, .. }
+        ));
+        let send = parse_text(Herald.direct("bob", &content).as_bytes()).unwrap();
+        assert!(matches!(send.body, RequestBody::Send { ref to, .. } if to == &["bob"]));
+    }
+
+    #[test]
+    fn server_events_are_classified_as_the_full_decoder_reads_them() {
+        let message = ServerEvent::Message(Message {
+            id: "m".into(),
+            from: "a".into(),
+            to: None,
+            room: Some("r".into()),
+            content: Some(RawValue::from_string(stamp::content(42, "pp")).unwrap()),
+            ts: 1,
+        });
+        let frame = String::from_utf8(message.encode().to_vec()).unwrap();
+        assert_eq!(Herald.decode(&frame), Incoming::Delivery { sent_ns: 42 });
+
+        let welcome = ServerEvent::Welcome(Welcome {
+            conn: "c".into(),
+            user: "u".into(),
+            node: "n".into(),
+            heartbeat: 25,
+        });
+        let welcome = String::from_utf8(welcome.encode().to_vec()).unwrap();
+        assert_eq!(Herald.decode(&welcome), Incoming::Ready);
+
+        let ack = ServerEvent::Ack(Ack {
+            reference: Some("join".into()),
+            room: Some("r".into()),
+            count: Some(1),
+            ..Ack::default()
+        });
+        let ack = String::from_utf8(ack.encode().to_vec()).unwrap();
+        assert_eq!(Herald.decode(&ack), Incoming::Joined);
+
+        let error = ServerEvent::Error(ErrorEvent {
+            code: ErrorCode::RateLimited,
+            message: "slow down".into(),
+            reference: None,
+        });
+        let error = String::from_utf8(error.encode().to_vec()).unwrap();
+        assert!(
+            matches!(Herald.decode(&error), Incoming::Refused(text) if text.starts_with("rate_limited"))
+        );
+    }
+}

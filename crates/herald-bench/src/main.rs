@@ -1,0 +1,266 @@
+//! The `herald-bench` command line: parse, run a scenario (or fold results), print.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use herald_bench::adapter::ServerKind;
+use herald_bench::compare::{self, Reference};
+use herald_bench::scenario::{self, Options, Scenario};
+use herald_bench::{chart, procfs};
+
+/// Load tool for Herald and its peers: fan-out, rooms, direct messages, handshakes, idle memory.
+///
+/// Each scenario prints a table (one line per offered rate) and, with --json or --output, the
+/// same results as JSON. `compare` and `chart` read a folder of such JSON files.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One room of N subscribers, one publisher at each offered rate (messages/s).
+    Fanout {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Publisher messages per second, one measurement step each.
+        #[arg(long, value_delimiter = ',', default_value = "100")]
+        rates: Vec<f64>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// N connections in rooms of --room-size; every connection publishes to its room.
+    Rooms {
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        room_size: usize,
+        /// Total messages per second over all connections, one step each.
+        #[arg(long, value_delimiter = ',', default_value = "1000")]
+        rates: Vec<f64>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// N connections in pairs, each sending direct messages to its partner.
+    Direct {
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// Total messages per second over all connections, one step each.
+        #[arg(long, value_delimiter = ',', default_value = "1000")]
+        rates: Vec<f64>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Handshakes per second: open, authenticate (JWT), close, with --concurrency at once.
+    Connect {
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// N idle authenticated connections; server RSS per connection (needs --server-pid).
+    Idle {
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// Wait after the last connection before reading memory.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// One table with Herald/peer ratios from a folder of JSON results (median of runs).
+    Compare {
+        dir: PathBuf,
+        /// The fan-out rate (publisher messages/s) whose step gives CPU per delivery and p99.
+        #[arg(long, default_value_t = 100.0)]
+        reference_rate: f64,
+    },
+    /// SVG chart of fan-out latency against offered load, from a folder of JSON results.
+    Chart {
+        dir: PathBuf,
+        #[arg(long, short)]
+        output: PathBuf,
+        #[arg(long, default_value = "Fan-out latency against offered load")]
+        title: String,
+        /// The p99 target drawn on the chart, ms.
+        #[arg(long, default_value_t = 50.0)]
+        limit_ms: f64,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Which protocol the server speaks.
+    #[arg(long, value_enum, default_value = "herald")]
+    server: ServerKind,
+    /// Server address, host:port (a remote machine works too).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    target: String,
+    /// HS256 secret the server verifies tokens with.
+    #[arg(long, env = "HERALD_AUTH_SECRET", hide_env_values = true)]
+    secret: String,
+    /// The server's pid, for its CPU time and RSS from /proc (same machine only).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Do not bind connections to distinct 127.x.y.z source addresses.
+    #[arg(long)]
+    no_spread: bool,
+    /// Connections being set up at once.
+    #[arg(long, default_value_t = 256)]
+    setup_concurrency: usize,
+    /// Traffic before each measurement window.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Length of each measurement window.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Longest wait after a step for deliveries still in flight.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    drain: Duration,
+    /// A step whose p99 is above this is not sustained.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    latency_limit: Duration,
+    /// Run every rate even after a step was not sustained.
+    #[arg(long)]
+    keep_going: bool,
+    /// Bytes of padding in each message.
+    #[arg(long, default_value_t = 0)]
+    padding: usize,
+    /// Print the results as JSON on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON results to this file.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// No progress line on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+impl Common {
+    fn options(&self) -> anyhow::Result<Options> {
+        let target: SocketAddr = self
+            .target
+            .to_socket_addrs()
+            .with_context(|| format!("--target {}", self.target))?
+            .next()
+            .with_context(|| format!("--target {} resolves to no address", self.target))?;
+        let mut options = Options::new(self.server, target, self.secret.clone());
+        options.host = Some(self.target.clone());
+        options.server_pid = self.server_pid;
+        options.spread_sources = !self.no_spread;
+        options.setup_concurrency = self.setup_concurrency;
+        options.warmup = self.warmup;
+        options.duration = self.duration;
+        options.drain = self.drain;
+        options.latency_limit = self.latency_limit;
+        options.stop_at_failure = !self.keep_going;
+        options.padding = self.padding;
+        options.progress = !self.quiet;
+        Ok(options)
+    }
+}
+
+fn main() {
+    if let Err(error) = run(Cli::parse()) {
+        eprintln!("herald-bench: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let (scenario, common) = match cli.command {
+        Command::Compare {
+            dir,
+            reference_rate,
+        } => {
+            let reports = compare::load_reports(&dir)?;
+            anyhow::ensure!(!reports.is_empty(), "no JSON results in {}", dir.display());
+            print!(
+                "{}",
+                compare::table(
+                    &reports,
+                    &Reference {
+                        fanout_rate: reference_rate
+                    }
+                )
+            );
+            return Ok(());
+        }
+        Command::Chart {
+            dir,
+            output,
+            title,
+            limit_ms,
+        } => {
+            let reports = compare::load_reports(&dir)?;
+            let series = chart::fanout_series(&reports);
+            anyhow::ensure!(!series.is_empty(), "no fanout results in {}", dir.display());
+            std::fs::write(&output, chart::svg(&series, limit_ms, &title))
+                .with_context(|| format!("cannot write {}", output.display()))?;
+            return Ok(());
+        }
+        Command::Fanout {
+            subscribers,
+            rates,
+            common,
+        } => (Scenario::Fanout { subscribers, rates }, common),
+        Command::Rooms {
+            connections,
+            room_size,
+            rates,
+            common,
+        } => (
+            Scenario::Rooms {
+                connections,
+                room_size,
+                rates,
+            },
+            common,
+        ),
+        Command::Direct {
+            connections,
+            rates,
+            common,
+        } => (Scenario::Direct { connections, rates }, common),
+        Command::Connect {
+            concurrency,
+            common,
+        } => (Scenario::Connect { concurrency }, common),
+        Command::Idle {
+            connections,
+            settle,
+            common,
+        } => (
+            Scenario::Idle {
+                connections,
+                settle,
+            },
+            common,
+        ),
+    };
+    let options = common.options()?;
+    // One runtime with a worker per CPU the tool may use (`taskset` narrows it).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(procfs::usable_cpus())
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(scenario::run(options, scenario))?;
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = &common.output {
+        std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if common.json {
+        println!("{json}");
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}

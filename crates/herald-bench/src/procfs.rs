@@ -1,0 +1,151 @@
+//! What `/proc` says about a process: CPU time (user + system, all threads) and resident memory,
+//! and the machine's load average. Server CPU time per delivery is the figure that survives a
+//! noisy machine best, so every result carries it.
+
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("cannot read /proc/{pid}/{file}")]
+    Read {
+        pid: String,
+        file: &'static str,
+        source: std::io::Error,
+    },
+    #[error("unexpected format in /proc/{pid}/{file}")]
+    Format { pid: String, file: &'static str },
+}
+
+/// A process to observe: a pid, or this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proc {
+    Pid(u32),
+    Myself,
+}
+
+impl Proc {
+    fn dir(self) -> String {
+        match self {
+            Proc::Pid(pid) => pid.to_string(),
+            Proc::Myself => "self".to_owned(),
+        }
+    }
+
+    fn read(self, file: &'static str) -> Result<String, ProcError> {
+        let pid = self.dir();
+        std::fs::read_to_string(format!("/proc/{pid}/{file}")).map_err(|source| ProcError::Read {
+            pid,
+            file,
+            source,
+        })
+    }
+
+    /// User plus system CPU time of every thread of the process so far.
+    pub fn cpu_time(self) -> Result<Duration, ProcError> {
+        let stat = self.read("stat")?;
+        let format = || ProcError::Format {
+            pid: self.dir(),
+            file: "stat",
+        };
+        // The command name (field 2) may hold spaces; fields after it are plain numbers.
+        let after_name = stat.rsplit_once(')').ok_or_else(format)?.1;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        // Field 14 (utime) and 15 (stime), counted from field 3 (state) at index 0.
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        let total = ticks(11).zip(ticks(12)).ok_or_else(format)?;
+        Ok(Duration::from_secs_f64(
+            (total.0 + total.1) as f64 / clock_ticks_per_second(),
+        ))
+    }
+
+    /// Resident set size in bytes (`VmRSS`).
+    pub fn rss_bytes(self) -> Result<u64, ProcError> {
+        let status = self.read("status")?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().strip_suffix("kB"))
+            .and_then(|kib| kib.trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .ok_or_else(|| ProcError::Format {
+                pid: self.dir(),
+                file: "status",
+            })
+    }
+
+    /// The command name, to check that a pid is the server one meant.
+    pub fn command(self) -> Result<String, ProcError> {
+        Ok(self.read("comm")?.trim().to_owned())
+    }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions; it returns -1 for an unknown name.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().ok());
+    Some([fields.next()??, fields.next()??, fields.next()??])
+}
+
+/// CPUs this process may run on (its affinity mask, so `taskset` counts).
+pub fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// CPU time and wall time of a process between two instants.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMeter {
+    proc: Proc,
+    cpu: Duration,
+    wall: std::time::Instant,
+}
+
+impl CpuMeter {
+    pub fn start(proc: Proc) -> Result<Self, ProcError> {
+        Ok(CpuMeter {
+            proc,
+            cpu: proc.cpu_time()?,
+            wall: std::time::Instant::now(),
+        })
+    }
+
+    /// CPU time used since `start`, and the share of one core it was (1.0 = one full core).
+    pub fn read(&self) -> Result<(Duration, f64), ProcError> {
+        let cpu = self.proc.cpu_time()?.saturating_sub(self.cpu);
+        let wall = self.wall.elapsed().as_secs_f64().max(1e-9);
+        Ok((cpu, cpu.as_secs_f64() / wall))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_cpu_time_and_memory() {
+        let start = CpuMeter::start(Proc::Myself).unwrap();
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_add(i * i);
+        }
+        std::hint::black_box(x);
+        assert!(Proc::Myself.rss_bytes().unwrap() > 0);
+        let (cpu, share) = start.read().unwrap();
+        assert!(cpu <= Duration::from_secs(60) && share >= 0.0);
+        assert!(load_average().is_some());
+    }
+
+    #[test]
+    fn a_missing_process_is_a_clear_error() {
+        let error = Proc::Pid(u32::MAX).cpu_time().unwrap_err();
+        assert!(
+            error.to_string().contains("/proc/4294967295/stat"),
+            "{error}"
+        );
+    }
+}

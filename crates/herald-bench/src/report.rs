@@ -1,0 +1,256 @@
+//! Results: what one run of the tool measured, as JSON (`--json`, and the input of `compare`
+//! and `chart`) and as a table for people.
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Everything one invocation of `herald-bench run` measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReport {
+    /// `herald`, `ws` or `socketio`.
+    pub server: String,
+    /// `fanout`, `rooms`, `direct`, `connect` or `idle`.
+    pub scenario: String,
+    /// Connections opened for the scenario (for `connect`, the concurrency).
+    pub connections: usize,
+    /// The scenario's parameters as given.
+    pub params: serde_json::Value,
+    pub machine: Machine,
+    pub setup: Setup,
+    /// One per offered rate (traffic scenarios) or one for the handshake window (`connect`).
+    #[serde(default)]
+    pub steps: Vec<Step>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<Idle>,
+    pub errors: Errors,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    /// CPUs the load tool could run on (its affinity mask).
+    pub tool_cpus: usize,
+    pub load_average_before: Option<[f64; 3]>,
+    pub load_average_after: Option<[f64; 3]>,
+    /// The server process observed through `/proc`, if a pid was given.
+    pub server_pid: Option<u32>,
+    pub server_command: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Setup {
+    /// Seconds to open (and set up) every connection.
+    pub seconds: f64,
+    pub opened: usize,
+    pub failed: usize,
+    /// Server RSS once every connection was set up, KiB.
+    pub server_rss_kib: Option<u64>,
+}
+
+/// Latency percentiles, milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub samples: u64,
+}
+
+impl Latency {
+    pub fn from_micros(histogram: &Histogram<u64>) -> Self {
+        if histogram.is_empty() {
+            return Latency::default();
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        Latency {
+            p50: ms(histogram.value_at_quantile(0.50)),
+            p90: ms(histogram.value_at_quantile(0.90)),
+            p99: ms(histogram.value_at_quantile(0.99)),
+            max: ms(histogram.max()),
+            samples: histogram.len(),
+        }
+    }
+}
+
+/// One measurement window at one offered rate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Step {
+    /// Messages per second the schedule sent (handshakes: 0).
+    pub offered_msgs_per_s: f64,
+    /// Deliveries per second those messages should cause.
+    pub offered_deliveries_per_s: f64,
+    /// Deliveries (or handshakes) per second that arrived in the window.
+    pub delivered_per_s: f64,
+    pub latency_ms: Latency,
+    pub window_s: f64,
+    /// Server CPU time per delivery (or handshake), µs; and its share of one core.
+    pub server_cpu_us_per_delivery: Option<f64>,
+    pub server_cpu_cores: Option<f64>,
+    pub server_rss_kib: Option<u64>,
+    pub client_cpu_us_per_delivery: f64,
+    pub client_cpu_cores: f64,
+    /// Messages sent in the step and deliveries still missing after the drain.
+    pub sent: u64,
+    pub missing: u64,
+    /// Messages the tool could not hand to its own connections in time.
+    pub client_backlog: u64,
+    pub lost_connections: u64,
+    pub refused: u64,
+    /// Everything arrived, no connection was lost, and p99 stayed under the latency limit.
+    pub sustained: bool,
+    /// The load tool used 90% or more of its CPUs: the numbers may be the tool's limit.
+    pub client_bound: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Idle {
+    pub server_rss_before_kib: Option<u64>,
+    pub server_rss_after_kib: Option<u64>,
+    /// (after − before) / connections.
+    pub server_rss_per_connection_kib: Option<f64>,
+    pub client_rss_per_connection_kib: Option<f64>,
+    /// Server CPU while the connections sat idle, share of one core.
+    pub server_idle_cpu_cores: Option<f64>,
+    pub connects_per_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Errors {
+    pub refused: u64,
+    pub lost_connections: u64,
+    pub failed_connections: usize,
+    /// The first few refusal or failure messages, verbatim.
+    pub first: Vec<String>,
+}
+
+fn opt(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+/// `1234567.0` as `1,234,567`.
+pub fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl RunReport {
+    /// A table for people: one line per step, then idle memory and errors.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let load = |l: Option<[f64; 3]>| l.map_or_else(|| "?".into(), |l| format!("{:.2}", l[0]));
+        let _ = writeln!(
+            out,
+            "{} · {} · {} connections · setup {:.1} s · load {} → {}",
+            self.server,
+            self.scenario,
+            self.connections,
+            self.setup.seconds,
+            load(self.machine.load_average_before),
+            load(self.machine.load_average_after),
+        );
+        if !self.steps.is_empty() {
+            let unit = if self.scenario == "connect" {
+                "handshakes/s"
+            } else {
+                "delivered/s"
+            };
+            let _ = writeln!(
+                out,
+                "{:>10} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7}  ok",
+                "offered/s",
+                "offered dl/s",
+                unit,
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "max ms",
+                "srv µs/dl",
+                "srv cores",
+                "cli cores",
+                "missing",
+            );
+            for step in &self.steps {
+                let _ = writeln!(
+                    out,
+                    "{:>10} {:>12} {:>12} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>9} {:>9.2} {:>7}  {}{}",
+                    thousands(step.offered_msgs_per_s),
+                    thousands(step.offered_deliveries_per_s),
+                    thousands(step.delivered_per_s),
+                    step.latency_ms.p50,
+                    step.latency_ms.p90,
+                    step.latency_ms.p99,
+                    step.latency_ms.max,
+                    opt(step.server_cpu_us_per_delivery, 2),
+                    opt(step.server_cpu_cores, 2),
+                    step.client_cpu_cores,
+                    step.missing,
+                    if step.sustained { "yes" } else { "no" },
+                    if step.client_bound {
+                        " (client-bound)"
+                    } else {
+                        ""
+                    },
+                );
+            }
+        }
+        if let Some(idle) = &self.idle {
+            let _ = writeln!(
+                out,
+                "idle: server RSS {} → {} KiB, {} KiB per connection; client {} KiB per connection; \
+                 server idle CPU {} cores; {} connects/s",
+                idle.server_rss_before_kib
+                    .map_or_else(|| "-".into(), |v| v.to_string()),
+                idle.server_rss_after_kib
+                    .map_or_else(|| "-".into(), |v| v.to_string()),
+                opt(idle.server_rss_per_connection_kib, 2),
+                opt(idle.client_rss_per_connection_kib, 2),
+                opt(idle.server_idle_cpu_cores, 3),
+                thousands(idle.connects_per_s),
+            );
+        }
+        let errors = &self.errors;
+        if errors.refused + errors.lost_connections > 0 || errors.failed_connections > 0 {
+            let _ = writeln!(
+                out,
+                "errors: {} refused, {} connections lost, {} failed to open; first: {:?}",
+                errors.refused, errors.lost_connections, errors.failed_connections, errors.first
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_are_grouped() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(1_234_567.4), "1,234,567");
+    }
+
+    #[test]
+    fn percentiles_come_out_in_milliseconds() {
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 100_000_000, 3).unwrap();
+        for us in 1..=1000u64 {
+            histogram.record(us * 100).unwrap();
+        }
+        let latency = Latency::from_micros(&histogram);
+        assert!((latency.p50 - 50.0).abs() < 0.1, "{latency:?}");
+        assert!((latency.p99 - 99.0).abs() < 0.1, "{latency:?}");
+        assert!((latency.max - 100.0).abs() < 0.1, "{latency:?}");
+        assert_eq!(latency.samples, 1000);
+    }
+}

@@ -1,0 +1,254 @@
+//! The scenarios. Each one opens its connections, measures, closes them, and returns a
+//! [`RunReport`].
+//!
+//! - `fanout`: one room, N subscribers, one publisher at each offered rate.
+//! - `rooms`: N connections in rooms of `room_size`, every connection publishing to its room.
+//! - `direct`: N connections in pairs, each sending direct messages to its partner.
+//! - `connect`: open, authenticate (JWT) and close connections as fast as `concurrency` allows.
+//! - `idle`: N authenticated connections doing nothing; server RSS per connection.
+
+mod connect;
+mod idle;
+mod progress;
+mod setup;
+mod traffic;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::adapter::ServerKind;
+use crate::client::Env;
+use crate::net::{self, SourceAddrs};
+use crate::procfs::{self, Proc};
+use crate::recorder::Recorder;
+use crate::report::{Errors, Machine, RunReport};
+use crate::tokens::TokenMinter;
+
+pub use progress::Progress;
+
+/// What to measure.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scenario {
+    Fanout {
+        subscribers: usize,
+        rates: Vec<f64>,
+    },
+    Rooms {
+        connections: usize,
+        room_size: usize,
+        rates: Vec<f64>,
+    },
+    Direct {
+        connections: usize,
+        rates: Vec<f64>,
+    },
+    Connect {
+        concurrency: usize,
+    },
+    Idle {
+        connections: usize,
+        settle: Duration,
+    },
+}
+
+impl Scenario {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scenario::Fanout { .. } => "fanout",
+            Scenario::Rooms { .. } => "rooms",
+            Scenario::Direct { .. } => "direct",
+            Scenario::Connect { .. } => "connect",
+            Scenario::Idle { .. } => "idle",
+        }
+    }
+}
+
+/// How to reach the server and how long to measure.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub server: ServerKind,
+    pub target: SocketAddr,
+    /// `Host` for the WebSocket URL; the target address when unset.
+    pub host: Option<String>,
+    /// HS256 secret the server verifies tokens with.
+    pub secret: String,
+    /// The server's pid, for CPU time and RSS from `/proc` (same machine only).
+    pub server_pid: Option<u32>,
+    /// Bind each connection to its own 127.x.y.z (loopback targets only).
+    pub spread_sources: bool,
+    /// Connections being opened at once during setup.
+    pub setup_concurrency: usize,
+    /// Longest wait for one setup step of one connection.
+    pub step_timeout: Duration,
+    /// Traffic before each measurement window.
+    pub warmup: Duration,
+    /// Length of each measurement window.
+    pub duration: Duration,
+    /// Longest wait after a step for the deliveries still on their way.
+    pub drain: Duration,
+    /// p99 above this makes a step unsustained.
+    pub latency_limit: Duration,
+    /// Stop a rate sweep at the first unsustained step.
+    pub stop_at_failure: bool,
+    /// Bytes of padding in each message's content.
+    pub padding: usize,
+    /// Print a progress line on stderr.
+    pub progress: bool,
+}
+
+impl Options {
+    /// Defaults for a server at `target`, signed with `secret`.
+    pub fn new(server: ServerKind, target: SocketAddr, secret: impl Into<String>) -> Self {
+        Options {
+            server,
+            target,
+            host: None,
+            secret: secret.into(),
+            server_pid: None,
+            spread_sources: true,
+            setup_concurrency: 256,
+            step_timeout: Duration::from_secs(15),
+            warmup: Duration::from_secs(2),
+            duration: Duration::from_secs(5),
+            drain: Duration::from_secs(5),
+            latency_limit: Duration::from_millis(50),
+            stop_at_failure: true,
+            padding: 0,
+            progress: false,
+        }
+    }
+}
+
+/// Why a run could not produce a report.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("connection {index} could not be set up")]
+    Setup {
+        index: usize,
+        #[source]
+        error: crate::client::ClientError,
+    },
+    #[error("cannot mint a token")]
+    Token(#[from] jsonwebtoken::errors::Error),
+    #[error("cannot read the server process")]
+    Proc(#[from] procfs::ProcError),
+    #[error("invalid scenario: {0}")]
+    Invalid(String),
+}
+
+/// State shared by every scenario's code.
+pub(crate) struct Run {
+    pub options: Options,
+    pub env: Arc<Env>,
+    pub recorder: Arc<Recorder>,
+    pub tokens: TokenMinter,
+    pub server: Option<Proc>,
+    pub progress: Progress,
+}
+
+impl Run {
+    fn new(options: Options) -> Self {
+        let recorder = Arc::new(Recorder::new());
+        let env = Arc::new(Env {
+            protocol: options.server.protocol(),
+            target: options.target,
+            host: options
+                .host
+                .clone()
+                .unwrap_or_else(|| options.target.to_string()),
+            sources: SourceAddrs::for_target(options.target, options.spread_sources),
+            recorder: recorder.clone(),
+            step_timeout: options.step_timeout,
+        });
+        Run {
+            tokens: TokenMinter::new(&options.secret, Duration::from_secs(24 * 3600)),
+            server: options.server_pid.map(Proc::Pid),
+            progress: Progress::start(options.progress, recorder.clone()),
+            options,
+            env,
+            recorder,
+        }
+    }
+
+    pub fn server_rss_kib(&self) -> Option<u64> {
+        self.server
+            .and_then(|server| server.rss_bytes().ok())
+            .map(|bytes| bytes / 1024)
+    }
+
+    pub fn errors(&self, failed_connections: usize) -> Errors {
+        Errors {
+            refused: self.recorder.refused_count(),
+            lost_connections: self.recorder.lost_connections(),
+            failed_connections,
+            first: self.recorder.refusal_texts(),
+        }
+    }
+}
+
+/// Runs one scenario against the server and reports what it measured.
+pub async fn run(options: Options, scenario: Scenario) -> Result<RunReport, RunError> {
+    // Without the raise, a run stops near 1,024 connections with "too many open files".
+    let _ = net::raise_open_file_limit();
+    let run = Run::new(options);
+    let server_command = match run.server {
+        Some(server) => Some(server.command()?),
+        None => None,
+    };
+    let machine = Machine {
+        tool_cpus: procfs::usable_cpus(),
+        load_average_before: procfs::load_average(),
+        load_average_after: None,
+        server_pid: run.options.server_pid,
+        server_command,
+    };
+    let params = serde_json::json!({
+        "scenario": format!("{scenario:?}"),
+        "warmup_s": run.options.warmup.as_secs_f64(),
+        "duration_s": run.options.duration.as_secs_f64(),
+        "latency_limit_ms": run.options.latency_limit.as_secs_f64() * 1000.0,
+        "padding": run.options.padding,
+        "target": run.options.target.to_string(),
+    });
+    let mut report = match &scenario {
+        Scenario::Fanout { .. } | Scenario::Rooms { .. } | Scenario::Direct { .. } => {
+            traffic::run(&run, &scenario).await?
+        }
+        Scenario::Connect { concurrency } => connect::run(&run, *concurrency).await?,
+        Scenario::Idle {
+            connections,
+            settle,
+        } => idle::run(&run, *connections, *settle).await?,
+    };
+    run.progress.finish();
+    report.server = run.options.server.name().to_owned();
+    report.scenario = scenario.name().to_owned();
+    report.params = params;
+    report.machine = Machine {
+        load_average_after: procfs::load_average(),
+        ..machine
+    };
+    Ok(report)
+}
+
+/// An empty report the scenarios fill in; `run` sets the common fields.
+pub fn blank_report(connections: usize) -> RunReport {
+    RunReport {
+        server: String::new(),
+        scenario: String::new(),
+        connections,
+        params: serde_json::Value::Null,
+        machine: Machine {
+            tool_cpus: 0,
+            load_average_before: None,
+            load_average_after: None,
+            server_pid: None,
+            server_command: None,
+        },
+        setup: Default::default(),
+        steps: Vec::new(),
+        idle: None,
+        errors: Default::default(),
+    }
+}
