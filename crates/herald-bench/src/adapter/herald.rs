@@ -91,6 +91,8 @@ mod tests {
             room: Some("r".into()),
             content: Some(RawValue::from_string(stamp::content(42, "pp")).unwrap()),
             ts: 1,
+            offset: None,
+            encoding: None,
         });
         let frame = String::from_utf8(message.encode().to_vec()).unwrap();
         assert_eq!(Herald.decode(&frame), Incoming::Delivery { sent_ns: 42 });
