@@ -18,6 +18,8 @@ const SECRET: &str = "bench-test-secret-0123456789";
 struct Herald {
     addr: SocketAddr,
     _stop: oneshot::Sender<()>,
+    /// Each server keeps its store in a folder of its own.
+    _data: tempfile::TempDir,
 }
 
 async fn start_herald() -> Herald {
@@ -26,6 +28,8 @@ async fn start_herald() -> Herald {
     config.auth.secret = Some(SECRET.to_owned());
     config.limits.messages_per_second = 1_000_000;
     config.limits.burst = 1_000_000;
+    let data = tempfile::tempdir().unwrap();
+    config.store.path = data.path().to_owned();
     let node = embedded_node(config.clone(), None).unwrap();
     let listener = server::bind(config.server.listen).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -33,7 +37,11 @@ async fn start_herald() -> Herald {
     tokio::spawn(server::run(listener, node, async move {
         let _ = stopped.await;
     }));
-    Herald { addr, _stop: stop }
+    Herald {
+        addr,
+        _stop: stop,
+        _data: data,
+    }
 }
 
 fn options(addr: SocketAddr) -> Options {
