@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 fn concrete(path: &str) -> String {
     path.replace("{room}", "lobby")
         .replace("{user}", "alice")
+        .replace("{other}", "bob")
         .replace("{id}", "0000000000000001")
 }
 
@@ -413,4 +414,62 @@ async fn unknown_api_paths_and_wrong_methods_are_refused() {
         .http("GET", "/api/publish", None, Some(API_KEY))
         .await;
     assert_eq!(reply.status, 405);
+}
+
+#[tokio::test]
+async fn history_endpoints_page_through_rooms_and_conversations() {
+    let server = TestServer::start().await;
+    for n in 0..3 {
+        let (status, _) = server
+            .api(
+                "POST",
+                "/api/publish",
+                Some(json!({"room": "lobby", "content": n})),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    let (status, page) = server
+        .api("GET", "/api/rooms/lobby/history?limit=2", None)
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let messages = page["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(
+        messages[0]["content"],
+        json!(1),
+        "oldest first, newest page"
+    );
+    assert_eq!(page["more"], json!(true));
+    let before = messages[0]["offset"].as_u64().unwrap();
+    let (_, older) = server
+        .api(
+            "GET",
+            &format!("/api/rooms/lobby/history?before={before}"),
+            None,
+        )
+        .await;
+    assert_eq!(older["messages"][0]["content"], json!(0));
+    assert_eq!(older["more"], json!(false));
+
+    let mut alice = server.connect("alice").await;
+    alice
+        .request(json!({"type": "send", "to": ["bob"], "content": "hi bob"}))
+        .await;
+    let (status, page) = server
+        .api("GET", "/api/conversations/bob/alice/history", None)
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["messages"][0]["content"], json!("hi bob"));
+    assert_eq!(page["messages"][0]["from"], json!("alice"));
+
+    let (status, error) = server
+        .api("GET", "/api/rooms/lobby/history?before=soon", None)
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(error["field"], json!("before"));
+    let (status, _) = server
+        .api("GET", "/api/rooms/lobby/history?limit=0", None)
+        .await;
+    assert_eq!(status, 400);
 }

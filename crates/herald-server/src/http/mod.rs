@@ -83,6 +83,14 @@ pub const ENDPOINTS: &[Endpoint] = &[
     Endpoint::api(Method::GET, "/api/users/{user}", |m| {
         on(m, api::users::status)
     }),
+    Endpoint::api(Method::GET, "/api/rooms/{room}/history", |m| {
+        on(m, api::history::room)
+    }),
+    Endpoint::api(
+        Method::GET,
+        "/api/conversations/{user}/{other}/history",
+        |m| on(m, api::history::conversation),
+    ),
     Endpoint::api(Method::POST, "/api/users/{user}/disconnect", |m| {
         on(m, api::users::disconnect)
     }),

@@ -11,6 +11,7 @@
 //! - [`connections`]: per-connection traffic statistics on this node.
 
 pub mod connections;
+pub mod history;
 pub mod messages;
 pub mod rooms;
 pub mod users;

@@ -1,6 +1,6 @@
 //! `GET /api/rooms`: rooms with users in them and their counts, across all nodes.
 //! `GET /api/rooms/{room}/members`: the users in one room.
-//! (A room's history joins them at `GET /api/rooms/{room}/history` with durable delivery.)
+//! A room's history is `GET /api/rooms/{room}/history`, in `history.rs`.
 
 use std::sync::Arc;
 
