@@ -171,7 +171,13 @@ export class HeraldClient {
       this.onClose(event.code, event.reason);
     };
     socket.onerror = () => {
-      // onclose follows with the code; nothing to do here.
+      if (socket !== this.socket || socket.readyState !== 0) return;
+      // An error while still CONNECTING: the connection could not be established. Browsers set
+      // CLOSED before the error and a close event follows, but Node 20's WebSocket (undici 6)
+      // fires no close event and stays CONNECTING (nodejs/undici#3546), which left the client
+      // waiting forever. The attempt ends here; undici has already dropped its socket, and
+      // calling close() would only fire another error.
+      this.onClose(1006, 'connection failed');
     };
   }
 

@@ -226,3 +226,48 @@ describe('backoff', () => {
     assert.ok(attempts.every((wait) => wait <= 80 + 50), attempts.join(','));
   });
 });
+
+describe('failed connection attempts', () => {
+  // How each WebSocket reports a connection that could not be established: browsers set CLOSED
+  // and fire error then close; Node 20's (undici 6) fires error alone and stays CONNECTING.
+  const failures = {
+    'error then close (browsers)': (socket) => {
+      socket.readyState = 3;
+      socket.onerror?.({});
+      socket.onclose?.({ code: 1006, reason: '' });
+    },
+    'error alone, still CONNECTING (Node 20)': (socket) => {
+      socket.onerror?.({});
+    },
+  };
+  for (const [name, fail] of Object.entries(failures)) {
+    test(`${name}: every attempt ends once and the client retries`, async () => {
+      let sockets = 0;
+      class Failing {
+        constructor() {
+          sockets += 1;
+          this.readyState = 0;
+          setTimeout(() => fail(this), 0);
+        }
+        close() {}
+      }
+      const retries = [];
+      const c = new HeraldClient('ws://unused', {
+        token: 'x',
+        WebSocket: Failing,
+        reconnect: { initialDelay: 10, maxDelay: 20 },
+      });
+      c.on('state', ({ state, code }) => {
+        if (state === 'reconnecting') retries.push(code);
+      });
+      c.connect().catch(() => {});
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      c.close();
+      assert.ok(sockets >= 3, `kept retrying (${sockets} attempts)`);
+      // One retry scheduled per failed attempt: none lost, none doubled.
+      const counts = `${retries.length} retries, ${sockets} attempts`;
+      assert.ok(retries.length === sockets || retries.length === sockets - 1, counts);
+      assert.ok(retries.every((code) => code === 1006), retries.join(','));
+    });
+  }
+});
