@@ -98,7 +98,8 @@ export interface EventMap {
   message: Message;
   joined: PresenceChange;
   left: PresenceChange;
-  /** A room rejoined after a reconnect; `recovered` tells whether every missed message was replayed. */
+  /** A room rejoined after a reconnect; `recovered` tells whether every missed message was replayed.
+   * Emitted before the replayed messages. */
   rejoined: { room: string; recovered: boolean | null; ack: Ack };
   error: Error;
 }

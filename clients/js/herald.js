@@ -303,9 +303,11 @@ export class HeraldClient {
     // one connection's frames in order.
     this.state = 'open';
     for (const [room, since] of this.rooms) {
-      this.request({ type: 'join', room, ...(since != null ? { since } : {}) }, { queue: false })
-        .then((ack) => this.emit('rejoined', { room, recovered: ack.recovered ?? null, ack }))
-        .catch((error) => this.emit('error', error));
+      // 'rejoined' goes out as its ack is read, before the replayed messages behind it: they
+      // often arrive in the same read, and a promise callback would run only after them.
+      const join = { type: 'join', room, ...(since != null ? { since } : {}) };
+      const onAnswer = (ack) => this.emit('rejoined', { room, recovered: ack.recovered ?? null, ack });
+      this.request(join, { queue: false, onAnswer }).catch((error) => this.emit('error', error));
     }
     const queued = this.queue;
     this.queue = [];
@@ -367,8 +369,12 @@ export class HeraldClient {
     if (!waiting) return false;
     this.pending.delete(ref);
     clearTimeout(waiting.timer);
-    if (error) waiting.reject(new HeraldError(error.code, error.message, ref));
-    else waiting.resolve(answer);
+    if (error) {
+      waiting.reject(new HeraldError(error.code, error.message, ref));
+    } else {
+      waiting.onAnswer?.(answer);
+      waiting.resolve(answer);
+    }
     return true;
   }
 
@@ -390,9 +396,10 @@ export class HeraldClient {
 
   /**
    * Sends a request and resolves with the server's answer (ack, members, history, pong).
-   * While offline the request waits in a bounded queue unless `queue` is false.
+   * While offline the request waits in a bounded queue unless `queue` is false. `onAnswer` runs
+   * with the answer as soon as it is read, before the frames that follow it.
    */
-  request(body, { queue = true, binary = null } = {}) {
+  request(body, { queue = true, binary = null, onAnswer = null } = {}) {
     const id = `c${this.nextId++}`;
     const frame = binary ? encodeBinary({ ...body, id }, binary) : JSON.stringify({ ...body, id });
     return new Promise((resolve, reject) => {
@@ -401,7 +408,7 @@ export class HeraldClient {
         this.queue = this.queue.filter((entry) => entry.id !== id);
         reject(new HeraldError('timeout', `no answer to ${body.type} within ${this.options.requestTimeout} ms`, id));
       }, this.options.requestTimeout);
-      const waiting = { resolve, reject, timer, sent: false };
+      const waiting = { resolve, reject, timer, sent: false, onAnswer };
       this.pending.set(id, waiting);
       if (this.state === 'open' && this.sendFrame(frame)) {
         waiting.sent = true;

@@ -271,3 +271,53 @@ describe('failed connection attempts', () => {
     });
   }
 });
+
+describe('rejoin order', () => {
+  test("'rejoined' comes before the replayed messages that arrive in the same read", async () => {
+    // A scripted server: answers auth and joins, and answers a rejoin with its ack and the
+    // missed message in one burst, as a real server's frames often arrive.
+    const sockets = [];
+    class Scripted {
+      constructor() {
+        this.readyState = 0;
+        sockets.push(this);
+        setTimeout(() => {
+          this.readyState = 1;
+          this.onopen?.({});
+        }, 0);
+      }
+      deliver(...frames) {
+        for (const frame of frames) this.onmessage?.({ data: JSON.stringify(frame) });
+      }
+      send(text) {
+        const request = JSON.parse(text);
+        if (request.type === 'auth') {
+          this.deliver({ type: 'welcome', conn: 'c', user: 'u', node: 'n', heartbeat: 25 });
+        } else if (request.type === 'join' && request.since == null) {
+          this.deliver({ type: 'ack', ref: request.id, room: 'r', count: 1, offset: 0 });
+        } else if (request.type === 'join') {
+          this.deliver(
+            { type: 'ack', ref: request.id, room: 'r', count: 2, offset: 1, recovered: true },
+            { type: 'message', id: 'm1', from: 'v', room: 'r', content: 'missed', ts: 1, offset: 1 },
+          );
+        }
+      }
+      close() {}
+    }
+    const c = new HeraldClient('ws://unused', {
+      token: 'x',
+      WebSocket: Scripted,
+      reconnect: { initialDelay: 1, maxDelay: 1 },
+    });
+    await c.connect();
+    await c.join('r');
+    const order = [];
+    c.on('rejoined', ({ recovered }) => order.push(`rejoined ${recovered}`));
+    c.on('message', ({ content }) => order.push(content));
+    const replayed = nextEvent(c, 'message');
+    sockets[0].onclose({ code: 1001, reason: 'restart' });
+    await replayed;
+    c.close();
+    assert.deepEqual(order, ['rejoined true', 'missed']);
+  });
+});
