@@ -73,6 +73,10 @@ async fn metrics_move_when_traffic_flows() {
 async fn metrics_are_prometheus_text_with_help_and_type_lines() {
     let server = TestServer::start().await;
     let _client = server.connect("alice").await;
+    // The welcome is queued before the connection is counted, so the client can read it first.
+    server
+        .scrape_until(|now| now.value("herald_connects_total") >= 1.0)
+        .await;
     let reply = server.http("GET", "/metrics", None, None).await;
     assert_eq!(reply.status, 200);
     assert!(
