@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::connection::control::{CloseReason, ConnControl, ConnStats};
+use crate::connection::outbox::{Outbox, Refused};
 use crate::delivery::{ConnId, Delivery, OutFrame, Outgoing};
 use herald_protocol::CloseCode;
 
@@ -41,13 +41,21 @@ pub struct ConnHandle {
 struct HandleInner {
     id: ConnId,
     user: Arc<str>,
-    outbox: mpsc::Sender<Outgoing>,
+    outbox: Arc<Outbox>,
     control: Arc<ConnControl>,
     /// Streams being caught up on, with their held live frames. std Mutex: held to push or
     /// take frames only, never across an `.await`.
     catching_up: Mutex<Vec<CatchUp>>,
     /// `catching_up.len()`, read without the lock on the delivery path.
     catching_up_count: AtomicUsize,
+}
+
+/// Frees the list's memory once no stream is caught up on: every connection catches up on its
+/// inbox at connect, and an idle connection should not keep that list's capacity.
+fn release_if_empty(catching_up: &mut Vec<CatchUp>) {
+    if catching_up.is_empty() {
+        *catching_up = Vec::new();
+    }
 }
 
 /// A stream a connection can catch up on.
@@ -71,12 +79,7 @@ struct CatchUp {
 }
 
 impl ConnHandle {
-    pub fn new(
-        id: ConnId,
-        user: Arc<str>,
-        outbox: mpsc::Sender<Outgoing>,
-        control: Arc<ConnControl>,
-    ) -> Self {
+    pub fn new(id: ConnId, user: Arc<str>, outbox: Arc<Outbox>, control: Arc<ConnControl>) -> Self {
         ConnHandle {
             inner: Arc::new(HandleInner {
                 id,
@@ -110,13 +113,13 @@ impl ConnHandle {
     /// Like [`offer`](Self::offer), for a frame whose message was accepted at `accepted` (one
     /// clock read per message, not per recipient).
     pub fn offer_accepted_at(&self, frame: OutFrame, accepted: Instant) -> bool {
-        match self.inner.outbox.try_send(Outgoing { frame, accepted }) {
+        match self.inner.outbox.push(Outgoing { frame, accepted }) {
             Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
+            Err((Refused::Full, _)) => {
                 self.cut_off_slow();
                 false
             }
-            Err(TrySendError::Closed(_)) => false,
+            Err((Refused::Closed, _)) => false,
         }
     }
 
@@ -127,13 +130,13 @@ impl ConnHandle {
     /// Queues a frame, waiting up to `wait` for room in the outbox (replays send more than an
     /// outbox holds). Returns false when the connection is gone or was cut off as too slow.
     pub async fn send(&self, frame: Outgoing, wait: Duration) -> bool {
-        match self.inner.outbox.send_timeout(frame, wait).await {
+        match self.inner.outbox.push_waiting(frame, wait).await {
             Ok(()) => true,
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            Err(Refused::Full) => {
                 self.cut_off_slow();
                 false
             }
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+            Err(Refused::Closed) => false,
         }
     }
 
@@ -152,6 +155,9 @@ impl ConnHandle {
     pub fn begin_catch_up(&self, key: StreamKey) {
         let mut catching_up = self.lock_catching_up();
         catching_up.retain(|c| c.key != key);
+        // Usually the only entry (the inbox at connect, kept while live until a later frame
+        // arrives): room for one, not the four a first push makes.
+        catching_up.reserve_exact(1);
         catching_up.push(CatchUp {
             key,
             held: Vec::new(),
@@ -184,6 +190,7 @@ impl ConnHandle {
             return;
         };
         let ended = catching_up.swap_remove(index);
+        release_if_empty(&mut catching_up);
         self.inner
             .catching_up_count
             .store(catching_up.len(), Ordering::Release);
@@ -213,6 +220,7 @@ impl ConnHandle {
                         // Past the replayed range: nothing late can follow this one.
                         Some(_) => {
                             catching_up.swap_remove(index);
+                            release_if_empty(&mut catching_up);
                             self.inner
                                 .catching_up_count
                                 .store(catching_up.len(), Ordering::Release);
@@ -223,7 +231,7 @@ impl ConnHandle {
                     return self.offer_accepted_at(frame.clone(), accepted);
                 }
                 // Held frames count against the same bound as the outbox.
-                if catch_up.held.len() >= self.inner.outbox.max_capacity() {
+                if catch_up.held.len() >= self.inner.outbox.capacity() {
                     drop(catching_up);
                     self.cut_off_slow();
                     return false;
@@ -507,16 +515,12 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    fn handle(
-        id: u64,
-        user: &str,
-        queue: usize,
-    ) -> (ConnHandle, mpsc::Receiver<Outgoing>, Arc<ConnControl>) {
-        let (tx, rx) = mpsc::channel(queue);
+    fn handle(id: u64, user: &str, queue: usize) -> (ConnHandle, Arc<Outbox>, Arc<ConnControl>) {
+        let outbox = Arc::new(Outbox::new(queue));
         let signal = Arc::new(ConnControl::new(tokio_util::sync::CancellationToken::new()));
         (
-            ConnHandle::new(ConnId(id), user.into(), tx, signal.clone()),
-            rx,
+            ConnHandle::new(ConnId(id), user.into(), outbox.clone(), signal.clone()),
+            outbox,
             signal,
         )
     }
@@ -525,8 +529,8 @@ mod tests {
     fn one_encoded_frame_reaches_every_member_but_the_excluded() {
         let hub = Hub::new();
         let room: Arc<str> = "r".into();
-        let (a, mut a_rx, _) = handle(1, "a", 4);
-        let (b, mut b_rx, _) = handle(2, "b", 4);
+        let (a, a_rx, _) = handle(1, "a", 4);
+        let (b, b_rx, _) = handle(2, "b", 4);
         for h in [&a, &b] {
             hub.register(h.clone(), 10, 10).unwrap();
             hub.join(&room, h);
@@ -538,8 +542,8 @@ mod tests {
             offset: None,
         };
         assert_eq!(hub.deliver_to_room("r", &delivery), 1);
-        assert!(a_rx.try_recv().is_err());
-        let OutFrame::Text(got) = b_rx.try_recv().unwrap().frame else {
+        assert!(a_rx.pop().is_none());
+        let OutFrame::Text(got) = b_rx.pop().unwrap().frame else {
             panic!()
         };
         let OutFrame::Text(sent) = &frame else {
@@ -558,7 +562,7 @@ mod tests {
         let hub = Hub::new();
         let room: Arc<str> = "r".into();
         let (slow, _slow_rx, slow_signal) = handle(1, "slow", 1);
-        let (fast, mut fast_rx, fast_signal) = handle(2, "fast", 8);
+        let (fast, fast_rx, fast_signal) = handle(2, "fast", 8);
         for h in [&slow, &fast] {
             hub.register(h.clone(), 10, 10).unwrap();
             hub.join(&room, h);
@@ -577,7 +581,7 @@ mod tests {
         );
         assert_eq!(fast_signal.reason(), None);
         for _ in 0..3 {
-            fast_rx.try_recv().unwrap();
+            fast_rx.pop().unwrap();
         }
         let rendered = crate::metrics::render();
         let cut_off = rendered
@@ -641,7 +645,7 @@ mod tests {
     fn frames_of_a_stream_being_caught_up_on_are_held_until_drained() {
         let hub = Hub::new();
         let room: Arc<str> = "r".into();
-        let (a, mut a_rx, _) = handle(1, "a", 8);
+        let (a, a_rx, _) = handle(1, "a", 8);
         hub.register(a.clone(), 10, 10).unwrap();
         a.begin_catch_up(StreamKey::Room(room.clone()));
         hub.join(&room, &a);
@@ -653,8 +657,8 @@ mod tests {
         hub.deliver_to_room("r", &live(5, b"five"));
         // Other streams are not held.
         hub.deliver_to_user("a", &live(1, b"inbox"));
-        assert_eq!(text(a_rx.try_recv().unwrap()), "inbox");
-        assert!(a_rx.try_recv().is_err(), "the room frame is held");
+        assert_eq!(text(a_rx.pop().unwrap()), "inbox");
+        assert!(a_rx.pop().is_none(), "the room frame is held");
 
         let key = StreamKey::Room(room.clone());
         let held = a.take_held(&key, 5).unwrap();
@@ -667,8 +671,8 @@ mod tests {
         hub.deliver_to_room("r", &live(7, b"late seven"));
         hub.deliver_to_room("r", &live(8, b"eight"));
         hub.deliver_to_room("r", &live(8, b"not filtered any more"));
-        assert_eq!(text(a_rx.try_recv().unwrap()), "eight");
-        assert_eq!(text(a_rx.try_recv().unwrap()), "not filtered any more");
+        assert_eq!(text(a_rx.pop().unwrap()), "eight");
+        assert_eq!(text(a_rx.pop().unwrap()), "not filtered any more");
     }
 
     #[test]

@@ -45,10 +45,13 @@ use crate::config::{CompressionConfig, WINDOW_BITS};
 /// A server-side WebSocket as Herald runs it, on the upgraded HTTP connection.
 pub type Socket = ServerSocket<TokioIo<Upgraded>>;
 
-/// Initial socket buffer sizes. Small, because most connections are idle most of the time;
-/// both grow for a large frame and shrink back after it.
-const READ_BUFFER_BYTES: usize = 1024;
-const WRITE_BUFFER_BYTES: usize = 1024;
+/// Socket buffer sizes, small because most connections are idle most of the time. The read
+/// buffer must exist while waiting for data; 512 bytes holds a typical client request whole,
+/// and it grows for a larger frame and shrinks back after it. The write buffer starts empty
+/// and grows with what is written (an idle connection has been sent only its `welcome`);
+/// yawc gives back what grew past its backpressure boundary (8 KiB) after each flush.
+const READ_BUFFER_BYTES: usize = 512;
+const WRITE_BUFFER_BYTES: usize = 0;
 
 /// The window size deflate uses when nothing smaller was agreed.
 const FULL_WINDOW_BITS: u8 = 15;

@@ -10,6 +10,7 @@
 //! runs once, in the reader, after the writer has sent its Close frame.
 
 pub mod control;
+pub mod outbox;
 pub mod pending;
 pub mod session;
 pub mod writer;
@@ -17,9 +18,9 @@ pub mod writer;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use futures::stream::{SplitSink, SplitStream};
 use herald_protocol::{CloseCode, ServerEvent, Welcome};
-use tokio::sync::mpsc;
-use yawc::OpCode;
+use yawc::{Frame, OpCode};
 
 use crate::auth::Identity;
 use crate::delivery::OutFrame;
@@ -39,16 +40,37 @@ pub enum Admission {
 }
 
 /// Serves an upgraded WebSocket until it closes.
-pub async fn serve(ws: Socket, node: Arc<Node>, admission: Admission, rooms: Vec<String>) {
+///
+/// An idle connection's task holds this future for its whole life, and a future reserves room
+/// for its arguments and for the largest of its await points all along. So the WebSocket is
+/// split (moved behind the halves' shared pointer) before the async body, and the rarely running
+/// awaits (authentication, connecting, joining, requests, cleanup) are boxed, allocated only
+/// while they run.
+pub fn serve(
+    ws: Socket,
+    node: Arc<Node>,
+    admission: Admission,
+    rooms: Vec<String>,
+) -> impl Future<Output = ()> + Send {
+    let (sink, stream) = ws.split();
+    serve_split(sink, stream, node, admission, rooms)
+}
+
+async fn serve_split(
+    sink: SplitSink<Socket, Frame>,
+    mut stream: SplitStream<Socket>,
+    node: Arc<Node>,
+    admission: Admission,
+    rooms: Vec<String>,
+) {
     let control = Arc::new(ConnControl::new(node.shutdown.child_token()));
-    let (outbox, outbox_rx) = mpsc::channel(node.config.limits.send_queue);
+    let outbox = Arc::new(outbox::Outbox::new(node.config.limits.send_queue));
     let conn_id = node.next_conn_id();
-    let (sink, mut stream) = ws.split();
     let timing = writer::Timing {
         heartbeat: node.config.heartbeat.interval,
         refresh_notice: node.config.auth.refresh_notice,
     };
-    let writer = tokio::spawn(writer::run(sink, outbox_rx, control.clone(), timing));
+    let writer = tokio::spawn(writer::run(sink, outbox.clone(), control.clone(), timing));
 
     let identity = match admission {
         Admission::Authenticated(identity) => identity,

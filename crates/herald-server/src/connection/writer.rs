@@ -1,29 +1,27 @@
 //! The writer task: the only owner of the socket's sending half.
 //!
-//! It drains the bounded outbox, feeding everything already queued (up to [`MAX_BATCH`]) into
-//! the WebSocket's write buffer before one flush, so a burst costs one syscall rather than one
-//! per message. It also owns the connection's single deadline, the earliest of: the next Ping,
+//! It drains the bounded outbox, feeding everything already queued into the WebSocket's write
+//! buffer before one flush, so a burst costs one syscall rather than one per message (the
+//! buffer itself flushes early past yawc's backpressure boundary). It also owns the connection's single deadline, the earliest of: the next Ping,
 //! the moment the peer has been silent for two heartbeat intervals, the refresh notice before the
 //! token expires, and the expiry itself (the token's `exp`, or a pending connection's auth
 //! deadline). Whatever ends the connection, the writer sends the Close frame with its code,
 //! under a bounded wait. After each write it records the traffic (connection stats, metrics)
 //! and each frame's delivery latency, once per batch.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
 use futures::{Sink, SinkExt};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use yawc::{Frame, WebSocketError};
 
 use super::control::{CloseReason, ConnControl, ExpiryKind, instant_at};
+use super::outbox::Outbox;
 use crate::delivery::{OutFrame, Outgoing};
 use crate::metrics::HOT;
 use herald_protocol::{CloseCode, RefreshNotice, ServerEvent};
-
-/// Most frames written between two flushes.
-const MAX_BATCH: usize = 256;
 
 /// How long a Close frame may take to go out before the socket is simply dropped.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -37,12 +35,8 @@ pub struct Timing {
     pub refresh_notice: Duration,
 }
 
-pub async fn run<S>(
-    mut sink: S,
-    mut outbox: mpsc::Receiver<Outgoing>,
-    control: Arc<ConnControl>,
-    timing: Timing,
-) where
+pub async fn run<S>(mut sink: S, outbox: Arc<Outbox>, control: Arc<ConnControl>, timing: Timing)
+where
     S: Sink<Frame, Error = WebSocketError> + Unpin,
 {
     let silence_limit = timing.heartbeat * 2;
@@ -77,10 +71,12 @@ pub async fn run<S>(
         tokio::select! {
             biased;
             reason = &mut closed => break reason,
-            frame = outbox.recv() => {
-                let Some(frame) = frame else { break CloseReason::PeerGone };
+            frames = outbox.take() => {
+                if frames.is_empty() {
+                    break CloseReason::PeerGone; // the outbox was closed
+                }
                 let written = tokio::select! {
-                    written = write_batch(&mut sink, frame, &mut outbox, &control) => written,
+                    written = write_batch(&mut sink, frames, &control) => written,
                     // The socket is not draining and someone asked to close: give up on it.
                     _ = &mut closed => return,
                 };
@@ -125,41 +121,40 @@ pub async fn run<S>(
     };
     // Tell the reader (and the hub) too, in case the writer decided.
     control.close(reason.clone());
-    let _ = timeout(CLOSE_WAIT, close(&mut sink, &mut outbox, reason)).await;
+    // Boxed: it runs once, at the end, and would otherwise add its size to every idle writer.
+    let _ = Box::pin(timeout(CLOSE_WAIT, close(&mut sink, &outbox, reason))).await;
+    outbox.close();
 }
 
 async fn write_batch<S>(
     sink: &mut S,
-    first: Outgoing,
-    outbox: &mut mpsc::Receiver<Outgoing>,
+    mut frames: VecDeque<Outgoing>,
     control: &ConnControl,
 ) -> Result<(), WebSocketError>
 where
     S: Sink<Frame, Error = WebSocketError> + Unpin,
 {
-    // Acceptance times of the frames in this write, for the latency histogram after the flush.
-    let mut accepted: Vec<StdInstant> = Vec::with_capacity(outbox.len().min(MAX_BATCH) + 1);
     let (mut text, mut binary, mut bytes) = (0u64, 0u64, 0usize);
-    let mut next = Some(first);
-    while let Some(item) = next.take() {
-        accepted.push(item.accepted);
+    for item in &mut frames {
         bytes += item.frame.len();
-        match item.frame {
+        // The frame moves to the socket; its acceptance time stays for the latency histogram.
+        let frame = std::mem::replace(&mut item.frame, OutFrame::Text(bytes::Bytes::new()));
+        match &frame {
             OutFrame::Text(_) => text += 1,
             OutFrame::Binary(_) => binary += 1,
         }
-        sink.feed(to_frame(item.frame)).await?;
-        if accepted.len() < MAX_BATCH {
-            next = outbox.try_recv().ok();
-        }
+        sink.feed(to_frame(frame)).await?;
     }
     // Counted before the flush: whoever has read these frames finds them in the stats.
-    control.stats.sent(accepted.len(), bytes);
+    control.stats.sent(frames.len(), bytes);
     sink.flush().await?;
     let flushed = StdInstant::now();
-    for moment in &accepted {
-        HOT.delivery_latency
-            .record(flushed.saturating_duration_since(*moment).as_secs_f64());
+    for item in &frames {
+        HOT.delivery_latency.record(
+            flushed
+                .saturating_duration_since(item.accepted)
+                .as_secs_f64(),
+        );
     }
     HOT.text_out.increment(text);
     HOT.binary_out.increment(binary);
@@ -176,18 +171,14 @@ fn to_frame(frame: OutFrame) -> Frame {
 
 /// Ends the connection: what is already queued goes out first (the errors that explain a
 /// policy close, say), except for a slow consumer, whose backlog is the problem.
-async fn close<S>(
-    sink: &mut S,
-    outbox: &mut mpsc::Receiver<Outgoing>,
-    reason: CloseReason,
-) -> Result<(), WebSocketError>
+async fn close<S>(sink: &mut S, outbox: &Outbox, reason: CloseReason) -> Result<(), WebSocketError>
 where
     S: Sink<Frame, Error = WebSocketError> + Unpin,
 {
     match reason {
         CloseReason::Send(code) => {
             if code != CloseCode::SLOW_CONSUMER {
-                while let Ok(queued) = outbox.try_recv() {
+                for queued in outbox.take_now() {
                     sink.feed(to_frame(queued.frame)).await?;
                 }
             }
@@ -199,7 +190,7 @@ where
         }
         CloseReason::Kicked { code, reason } => {
             // What was queued before the disconnect (a "you are banned" notice) goes first.
-            while let Ok(queued) = outbox.try_recv() {
+            for queued in outbox.take_now() {
                 sink.feed(to_frame(queued.frame)).await?;
             }
             sink.send(Frame::close(yawc::close::CloseCode::from(code), &*reason))
