@@ -42,10 +42,11 @@ pub enum Admission {
 /// Serves an upgraded WebSocket until it closes.
 ///
 /// An idle connection's task holds this future for its whole life, and a future reserves room
-/// for its arguments and for the largest of its await points all along. So the WebSocket is
-/// split (moved behind the halves' shared pointer) before the async body, and the rarely running
-/// awaits (authentication, connecting, joining, requests, cleanup) are boxed, allocated only
-/// while they run.
+/// for the largest of its await points all along, and for its arguments too, even once they
+/// are moved out. So the WebSocket is split (moved behind the halves' shared pointer) before
+/// the async body, the arguments arrive in one box, and the rarely running awaits
+/// (authentication, connecting, joining, requests, cleanup) are boxed, allocated only while
+/// they run.
 pub fn serve(
     ws: Socket,
     node: Arc<Node>,
@@ -53,16 +54,32 @@ pub fn serve(
     rooms: Vec<String>,
 ) -> impl Future<Output = ()> + Send {
     let (sink, stream) = ws.split();
-    serve_split(sink, stream, node, admission, rooms)
+    serve_split(Box::new(Start {
+        sink,
+        stream,
+        node,
+        admission,
+        rooms,
+    }))
 }
 
-async fn serve_split(
+/// What a connection starts with.
+struct Start {
     sink: SplitSink<Socket, Frame>,
-    mut stream: SplitStream<Socket>,
+    stream: SplitStream<Socket>,
     node: Arc<Node>,
     admission: Admission,
     rooms: Vec<String>,
-) {
+}
+
+async fn serve_split(start: Box<Start>) {
+    let Start {
+        sink,
+        mut stream,
+        node,
+        admission,
+        rooms,
+    } = *start;
     let control = Arc::new(ConnControl::new(node.shutdown.child_token()));
     let outbox = Arc::new(outbox::Outbox::new(node.config.limits.send_queue));
     let conn_id = node.next_conn_id();

@@ -75,8 +75,10 @@ where
                 if frames.is_empty() {
                     break CloseReason::PeerGone; // the outbox was closed
                 }
+                // Boxed, like the Ping below: an allocation per batch written, so that an idle
+                // writer's future does not keep room for a write in progress.
                 let written = tokio::select! {
-                    written = write_batch(&mut sink, frames, &control) => written,
+                    written = Box::pin(write_batch(&mut sink, frames, &control)) => written,
                     // The socket is not draining and someone asked to close: give up on it.
                     _ = &mut closed => return,
                 };
@@ -110,7 +112,7 @@ where
                     continue;
                 };
                 let sent = tokio::select! {
-                    sent = sink.send(frame) => sent,
+                    sent = Box::pin(sink.send(frame)) => sent,
                     _ = &mut closed => return,
                 };
                 if sent.is_err() {

@@ -95,10 +95,12 @@ fn accept(
     let handshake_timeout = node.config.server.handshake_timeout;
     let tasks = node.tasks.clone();
     // This task lives as long as the connection, and its future keeps room for everything it
-    // captures or holds across an await: the upgrade future is boxed (freed once upgraded) and
-    // the WebSocket leaves the `match` before the long await, saving ~800 bytes a connection.
-    let upgrade = Box::pin(upgrade);
+    // captures (for its whole life, even once moved out) or holds across an await. So it
+    // captures one box, freed once upgraded, holding the upgrade future and what the
+    // connection starts with; and the WebSocket leaves the `match` before the long await.
+    let start = Box::new((Box::pin(upgrade), node, admission, rooms));
     tasks.spawn(async move {
+        let (upgrade, node, admission, rooms) = *start;
         let ws = match tokio::time::timeout(handshake_timeout, upgrade).await {
             Ok(Ok(ws)) => ws,
             Ok(Err(error)) => return tracing::debug!(%error, "upgrade failed"),
