@@ -4,10 +4,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, SECRET, TestServer, refusal};
+use common::{Client, EVENT_TIMEOUT, SECRET, TestServer, handshake, refusal};
+use futures::{SinkExt, StreamExt};
 use herald_protocol::ServerEvent;
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
@@ -219,4 +221,70 @@ async fn connections_per_user_are_limited() {
     assert_eq!(status, 429);
     // Other users are unaffected.
     server.connect("bob").await;
+}
+
+/// The per-user limit is checked at the handshake and again when the connection registers, so
+/// concurrent handshakes can pass the first check and lose the second. The loser must get
+/// 1013 with nothing before it: a `welcome` it then loses would tell the client it was in.
+#[tokio::test]
+async fn a_connection_refused_after_the_upgrade_gets_no_welcome_before_its_close() {
+    const ATTEMPTS: usize = 24;
+    let server = TestServer::start_with(|c| c.limits.max_connections_per_user = 1).await;
+    let url = server.url(&format!("/ws?token={}", server.token("alice")));
+    let attempts = (0..ATTEMPTS).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let Ok(mut ws) = handshake(url.into_client_request().unwrap()).await else {
+                return None; // 429 at the handshake
+            };
+            let first = tokio::time::timeout(EVENT_TIMEOUT, ws.next())
+                .await
+                .expect("timed out waiting for the server")
+                .expect("connection ended")
+                .expect("websocket error");
+            match first {
+                WsMessage::Text(text) => {
+                    assert!(text.contains("\"welcome\""), "{text}");
+                    Some(Ok(ws))
+                }
+                WsMessage::Close(frame) => Some(Err(frame.map(|f| u16::from(f.code)))),
+                other => panic!("unexpected first message {other:?}"),
+            }
+        })
+    });
+    let mut welcomed = Vec::new();
+    let mut refused_after_upgrade = 0;
+    for outcome in futures::future::join_all(attempts).await {
+        match outcome.unwrap() {
+            None => {}
+            Some(Ok(ws)) => welcomed.push(ws),
+            Some(Err(code)) => {
+                assert_eq!(code, Some(1013), "refused after the upgrade with 1013");
+                refused_after_upgrade += 1;
+            }
+        }
+    }
+    // Every welcomed connection is really in: it answers a request instead of closing.
+    for ws in &mut welcomed {
+        ws.send(WsMessage::text(r#"{"type":"ping","id":"p"}"#))
+            .await
+            .unwrap();
+        loop {
+            let next = tokio::time::timeout(EVENT_TIMEOUT, ws.next())
+                .await
+                .expect("timed out waiting for the server")
+                .expect("connection ended")
+                .expect("websocket error");
+            match next {
+                WsMessage::Text(text) => {
+                    assert!(text.contains("\"pong\""), "{text}");
+                    break;
+                }
+                WsMessage::Close(frame) => panic!("welcomed, then closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+    assert_eq!(welcomed.len(), 1, "one connection admitted");
+    eprintln!("refused after the upgrade: {refused_after_upgrade} of {ATTEMPTS}");
 }

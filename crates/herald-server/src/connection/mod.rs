@@ -1,4 +1,5 @@
-//! One client connection after the upgrade: a reader task (this one) and a writer task.
+//! One client connection after the upgrade: one task running a reader and a writer, two
+//! futures joined.
 //!
 //! ```text
 //! socket ─▶ reader ─▶ session ─▶ node ─▶ broker ─▶ node ─▶ hub ─▶ outbox ─▶ writer ─▶ socket
@@ -7,7 +8,7 @@
 //! The reader owns the [`session::Session`]; the writer owns the sending half and the heartbeat
 //! deadline; they share a [`control::ConnControl`] through which either side (or the hub, for a
 //! slow consumer, or the node, at shutdown) ends the connection. Cleanup (rooms, presence, hub)
-//! runs once, in the reader, after the writer has sent its Close frame.
+//! runs once, after the writer has sent its Close frame.
 
 pub mod control;
 pub mod outbox;
@@ -17,10 +18,10 @@ pub mod writer;
 
 use std::sync::Arc;
 
-use futures::StreamExt;
-use futures::stream::{SplitSink, SplitStream};
+use futures::stream::SplitStream;
+use futures::{FutureExt, StreamExt, future};
 use herald_protocol::{CloseCode, ServerEvent, Welcome};
-use yawc::{Frame, OpCode};
+use yawc::OpCode;
 
 use crate::auth::Identity;
 use crate::delivery::OutFrame;
@@ -28,6 +29,7 @@ use crate::hub::ConnHandle;
 use crate::node::{ConnectError, Node};
 use crate::transport::Socket;
 use control::{CloseReason, ConnControl, Expiry, ExpiryKind, unix_ms};
+use outbox::Outbox;
 use pending::PendingSlot;
 use session::{Flow, Session};
 
@@ -41,12 +43,18 @@ pub enum Admission {
 
 /// Serves an upgraded WebSocket until it closes.
 ///
+/// One task runs the connection: the reader (authentication, then requests) and the writer
+/// (the outbox, heartbeats, the Close frame) are two futures joined in it, so they progress
+/// concurrently (the writer keeps sending while a request waits for the store) for the cost of
+/// one task. Cleanup runs once both have ended.
+///
 /// An idle connection's task holds this future for its whole life, and a future reserves room
 /// for the largest of its await points all along, and for its arguments too, even once they
 /// are moved out. So the WebSocket is split (moved behind the halves' shared pointer) before
-/// the async body, the arguments arrive in one box, and the rarely running awaits
-/// (authentication, connecting, joining, requests, cleanup) are boxed, allocated only while
-/// they run.
+/// any async body, the reader's arguments arrive in one box, the stages are chained as
+/// combinators (an `async` block would keep both halves twice, as captures and as the joined
+/// future), and the rarely running awaits (authentication, connecting, joining, requests,
+/// cleanup) are boxed, allocated only while they run.
 pub fn serve(
     ws: Socket,
     node: Arc<Node>,
@@ -54,40 +62,53 @@ pub fn serve(
     rooms: Vec<String>,
 ) -> impl Future<Output = ()> + Send {
     let (sink, stream) = ws.split();
-    serve_split(Box::new(Start {
-        sink,
-        stream,
-        node,
-        admission,
-        rooms,
-    }))
-}
-
-/// What a connection starts with.
-struct Start {
-    sink: SplitSink<Socket, Frame>,
-    stream: SplitStream<Socket>,
-    node: Arc<Node>,
-    admission: Admission,
-    rooms: Vec<String>,
-}
-
-async fn serve_split(start: Box<Start>) {
-    let Start {
-        sink,
-        mut stream,
-        node,
-        admission,
-        rooms,
-    } = *start;
     let control = Arc::new(ConnControl::new(node.shutdown.child_token()));
-    let outbox = Arc::new(outbox::Outbox::new(node.config.limits.send_queue));
-    let conn_id = node.next_conn_id();
+    let outbox = Arc::new(Outbox::new(node.config.limits.send_queue));
     let timing = writer::Timing {
         heartbeat: node.config.heartbeat.interval,
         refresh_notice: node.config.auth.refresh_notice,
     };
-    let writer = tokio::spawn(writer::run(sink, outbox.clone(), control.clone(), timing));
+    let writer = writer::run(sink, outbox.clone(), control.clone(), timing);
+    let reader = read(Box::new(Start {
+        stream,
+        node,
+        admission,
+        rooms,
+        control,
+        outbox,
+        timing,
+    }));
+    future::join(reader, writer).then(|(session, ())| async move {
+        if let Some(session) = session {
+            Box::pin(finish(session)).await;
+        }
+    })
+}
+
+/// What the reader starts with.
+struct Start {
+    stream: SplitStream<Socket>,
+    node: Arc<Node>,
+    admission: Admission,
+    rooms: Vec<String>,
+    control: Arc<ConnControl>,
+    outbox: Arc<Outbox>,
+    timing: writer::Timing,
+}
+
+/// Authenticates and registers the connection, then reads requests until the connection is
+/// closing. Returns the session to clean up, if the connection got that far.
+async fn read(start: Box<Start>) -> Option<Session> {
+    let Start {
+        mut stream,
+        node,
+        admission,
+        rooms,
+        control,
+        outbox,
+        timing,
+    } = *start;
+    let conn_id = node.next_conn_id();
 
     let identity = match admission {
         Admission::Authenticated(identity) => identity,
@@ -107,19 +128,22 @@ async fn serve_split(start: Box<Start>) {
             ))
             .await;
             drop(slot);
-            match identity {
-                Some(identity) => identity,
-                None => {
-                    let _ = writer.await;
-                    return;
-                }
-            }
+            identity?
         }
     };
-    control.set_expiry(token_expiry(&identity));
-    let handle = ConnHandle::new(conn_id, identity.user.clone(), outbox, control.clone());
+    let handle = ConnHandle::new(
+        conn_id,
+        identity.user.clone(),
+        outbox.clone(),
+        control.clone(),
+    );
 
-    // The welcome goes first: the outbox is empty until the connection is registered.
+    // The welcome goes first: the outbox is empty until the connection is registered, and
+    // held until then, so a connection refused by a limit reached meanwhile gets its Close
+    // without a welcome before it. The writer's own frames wait too: no deadline is set until
+    // the welcome is released (a refresh notice may be due at once for a short token).
+    control.set_expiry(None);
+    outbox.hold();
     handle.offer(OutFrame::Text(
         ServerEvent::Welcome(Welcome {
             conn: handle.id().to_string(),
@@ -135,14 +159,19 @@ async fn serve_split(start: Box<Start>) {
             ConnectError::Engine(_) => CloseCode::INTERNAL_ERROR,
         };
         tracing::info!(user = %identity.user, %error, "connection refused after upgrade");
+        drop(outbox.take_now());
         control.close(CloseReason::Send(code));
-        let _ = writer.await;
-        return;
+        outbox.release();
+        return None;
     }
+    // Both before the writer runs again (this task, no await between): its next loop, after
+    // writing the welcome, sees the token's expiry.
+    outbox.release();
+    control.set_expiry(token_expiry(&identity));
     tracing::debug!(conn = %handle.id(), user = %identity.user, "connected");
     metrics::counter!("herald_connects_total").increment(1);
 
-    let mut session = Session::new(node.clone(), handle.clone(), identity, control.clone());
+    let mut session = Session::new(node, handle, identity, control.clone());
     Box::pin(session.join_initial(rooms)).await;
 
     loop {
@@ -181,10 +210,14 @@ async fn serve_split(start: Box<Start>) {
             break;
         }
     }
+    Some(session)
+}
 
-    let reason = control.reason();
-    let _ = writer.await;
-    Box::pin(session.finish()).await;
+/// Leaves the rooms and detaches the connection, once the writer has sent its Close frame.
+async fn finish(session: Session) {
+    let conn = session.handle().id();
+    let reason = session.control().reason();
+    session.finish().await;
     let reason_label = match reason {
         Some(CloseReason::Send(code)) => code.reason,
         // The application's own reason text could be anything: keep the label set bounded.
@@ -192,7 +225,7 @@ async fn serve_split(start: Box<Start>) {
         Some(CloseReason::PeerGone) | None => "peer closed",
     };
     metrics::counter!("herald_disconnects_total", "reason" => reason_label).increment(1);
-    tracing::debug!(conn = %handle.id(), reason = reason_label, "disconnected");
+    tracing::debug!(%conn, reason = reason_label, "disconnected");
 }
 
 /// The token's `exp` as the connection's expiry (none for anonymous development users).

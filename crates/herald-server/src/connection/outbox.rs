@@ -40,6 +40,8 @@ pub struct Outbox {
 struct Queue {
     frames: VecDeque<Outgoing>,
     closed: bool,
+    /// The writer takes nothing while set (see [`Outbox::hold`]).
+    held: bool,
 }
 
 impl Outbox {
@@ -48,6 +50,7 @@ impl Outbox {
             queue: Mutex::new(Queue {
                 frames: VecDeque::new(),
                 closed: false,
+                held: false,
             }),
             capacity: capacity.max(1),
             writer: AtomicWaker::new(),
@@ -122,7 +125,7 @@ impl Outbox {
     pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<VecDeque<Outgoing>> {
         self.writer.register(cx.waker());
         let mut queue = self.lock();
-        if queue.frames.is_empty() && !queue.closed {
+        if queue.held || (queue.frames.is_empty() && !queue.closed) {
             return Poll::Pending;
         }
         let frames = std::mem::take(&mut queue.frames);
@@ -147,6 +150,17 @@ impl Outbox {
     #[cfg(test)]
     pub fn pop(&self) -> Option<Outgoing> {
         self.lock().frames.pop_front()
+    }
+
+    /// Keeps the writer from taking frames until [`release`](Self::release): what is queued
+    /// meanwhile can still be withdrawn with [`take_now`](Self::take_now).
+    pub fn hold(&self) {
+        self.lock().held = true;
+    }
+
+    pub fn release(&self) {
+        self.lock().held = false;
+        self.writer.wake();
     }
 
     /// Refuses every later frame and drops the queued ones; wakes whoever waits.
@@ -224,6 +238,22 @@ mod tests {
         tokio::task::yield_now().await;
         outbox.close();
         assert_eq!(writer.await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_held_outbox_gives_the_writer_nothing_until_released() {
+        let outbox = Arc::new(Outbox::new(4));
+        outbox.hold();
+        outbox.push(frame("welcome")).unwrap();
+        let writer = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { texts(outbox.take().await) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!writer.is_finished());
+        assert_eq!(outbox.len(), 1, "still there to be withdrawn");
+        outbox.release();
+        assert_eq!(writer.await.unwrap(), ["welcome"]);
     }
 
     #[tokio::test]

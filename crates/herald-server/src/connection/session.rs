@@ -82,6 +82,10 @@ impl Session {
         &self.handle
     }
 
+    pub fn control(&self) -> &Arc<ConnControl> {
+        &self.control
+    }
+
     pub async fn on_text(&mut self, frame: &[u8]) -> Flow {
         self.on_request(parse_text(frame)).await
     }
