@@ -98,8 +98,12 @@ export interface EventMap {
   message: Message;
   joined: PresenceChange;
   left: PresenceChange;
-  /** A room rejoined after a reconnect; `recovered` tells whether every missed message was replayed.
-   * Emitted before the replayed messages. */
+  /** A room rejoined after a reconnect, with the last offset seen and its epoch; emitted before
+   * the replayed messages. `recovered: true`: every missed message follows. `false`: they could
+   * not all be replayed (the room's stream was recreated, e.g. a new data folder, or the gap
+   * was pruned or too long); the newest page follows instead, so rebuild the room's view from
+   * it (and `history`). `null`: the room was rejoined without an offset (its first join had no
+   * answer yet). */
   rejoined: { room: string; recovered: boolean | null; ack: Ack };
   error: Error;
 }
@@ -113,7 +117,10 @@ export declare class HeraldClient {
   connect(): Promise<Welcome>;
   close(): void;
   send(to: string | string[], content: unknown): Promise<Ack>;
-  join(room: string, options?: { since?: number }): Promise<Ack>;
+  /** `since`: replay the messages after this offset, of the stream of `epoch` (from an ack or
+   * `history`; without it the server cannot tell a recreated stream). Rejoins after a reconnect
+   * send both by themselves. */
+  join(room: string, options?: { since?: number; epoch?: string }): Promise<Ack>;
   leave(room: string): Promise<Ack>;
   publish(room: string, content: unknown, options?: { echo?: boolean; persist?: boolean }): Promise<Ack>;
   broadcast(content: unknown): Promise<Ack>;

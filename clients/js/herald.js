@@ -6,8 +6,9 @@
 // - reconnects with exponential backoff and full jitter, so a restarted server is not hit by
 //   every client at once; gives up only on close codes the protocol marks final (44xx);
 // - detects a dead link with an application-level ping (browsers cannot send Ping frames);
-// - rejoins every room with the last offset it saw, so the server replays exactly what was
-//   missed; acknowledges the inbox; drops duplicate message ids (delivery is at-least-once);
+// - rejoins every room with the last offset it saw and that offset's epoch, so the server
+//   replays exactly what was missed, or says `recovered: false` when the room's stream was
+//   recreated; acknowledges the inbox; drops duplicate message ids (at-least-once delivery);
 // - queues requests made while offline and sends them once connected again.
 //
 // The wire protocol is documented in docs/protocol.md.
@@ -55,7 +56,10 @@ export class HeraldClient {
     this.listeners = new Map();
     this.pending = new Map(); // request id -> { resolve, reject, timer }
     this.queue = []; // { id, frame } waiting for the connection
-    this.rooms = new Map(); // room -> last offset seen (or null)
+    // room -> { offset, epoch }: the last offset seen (null before the join's ack) and the epoch
+    // of the stream it belongs to (null until learned: an empty room has none yet).
+    this.rooms = new Map();
+    this.learningEpoch = new Set(); // rooms with an epoch lookup in flight
     this.seenIds = new Set();
     this.inboxOffset = null; // highest inbox offset received
     this.inboxAcked = null;
@@ -302,11 +306,22 @@ export class HeraldClient {
     // publish queued (or made by a 'state' listener) finds its room joined. The server handles
     // one connection's frames in order.
     this.state = 'open';
-    for (const [room, since] of this.rooms) {
+    for (const [room, position] of this.rooms) {
+      const join = { type: 'join', room };
+      if (position.offset != null) {
+        // An offset whose epoch was never learned cannot be told from an offset of a recreated
+        // stream, so it is not trusted: since 0 asks for the whole room (the server answers
+        // recovered:false beyond store.max_recovery) and the dedupe drops what was seen.
+        if (position.epoch == null) position.offset = 0;
+        join.since = position.offset;
+        if (position.epoch != null) join.epoch = position.epoch;
+      }
       // 'rejoined' goes out as its ack is read, before the replayed messages behind it: they
       // often arrive in the same read, and a promise callback would run only after them.
-      const join = { type: 'join', room, ...(since != null ? { since } : {}) };
-      const onAnswer = (ack) => this.emit('rejoined', { room, recovered: ack.recovered ?? null, ack });
+      const onAnswer = (ack) => {
+        this.noteJoined(room, ack);
+        this.emit('rejoined', { room, recovered: ack.recovered ?? null, ack });
+      };
       this.request(join, { queue: false, onAnswer }).catch((error) => this.emit('error', error));
     }
     const queued = this.queue;
@@ -320,6 +335,19 @@ export class HeraldClient {
   }
 
   onMessage(message) {
+    // Offsets first, duplicates included: a replay after `since: 0` or `recovered: false` is
+    // mostly messages already seen, and the position must still move past them.
+    if (message.offset != null) {
+      if (message.room != null) {
+        const position = this.rooms.get(message.room);
+        if (position) {
+          if (position.offset == null || message.offset > position.offset) position.offset = message.offset;
+          if (position.epoch == null) this.learnEpoch(message.room);
+        }
+      } else if (message.to) {
+        this.noteInbox(message.offset);
+      }
+    }
     if (message.id) {
       if (this.seenIds.has(message.id)) return;
       this.seenIds.add(message.id);
@@ -327,17 +355,46 @@ export class HeraldClient {
         this.seenIds.delete(this.seenIds.values().next().value);
       }
     }
-    if (message.offset != null) {
-      if (message.room != null) {
-        if (this.rooms.has(message.room)) {
-          const last = this.rooms.get(message.room);
-          if (last == null || message.offset > last) this.rooms.set(message.room, message.offset);
-        }
-      } else if (message.to) {
-        this.noteInbox(message.offset);
-      }
-    }
     this.emit('message', message);
+  }
+
+  /**
+   * Takes a room's position from the ack of a join (first join or rejoin). Runs as the ack is
+   * read, before the replayed messages behind it, which move the offset on from there.
+   */
+  noteJoined(room, ack) {
+    const position = this.rooms.get(room);
+    if (!position) return; // left meanwhile
+    if (ack.recovered === false) {
+      // The old offset means nothing in this stream: the page and the live messages that
+      // follow count from its start.
+      position.offset = 0;
+      position.epoch = ack.epoch ?? null;
+    } else if (ack.recovered === true) {
+      position.epoch = ack.epoch ?? position.epoch;
+    } else {
+      if (position.offset == null) position.offset = ack.offset ?? null;
+      this.noteEpoch(room, ack.epoch);
+    }
+  }
+
+  /** An epoch read on this connection: the one of the stream its offsets of `room` come from. */
+  noteEpoch(room, epoch) {
+    const position = this.rooms.get(room);
+    if (position && position.epoch == null && epoch != null) position.epoch = epoch;
+  }
+
+  /**
+   * A room joined while empty has no epoch in its join ack, and messages carry none: one
+   * history entry tells it, so that the next rejoin can send `since` with its epoch.
+   */
+  learnEpoch(room) {
+    if (this.learningEpoch.has(room) || this.state !== 'open') return;
+    this.learningEpoch.add(room);
+    this.request({ type: 'history', room, limit: 1 }, { queue: false })
+      .then((page) => this.noteEpoch(room, page.epoch))
+      .catch(() => {}) // the next message asks again; until then a rejoin uses since 0
+      .finally(() => this.learningEpoch.delete(room));
   }
 
   noteInbox(offset) {
@@ -432,12 +489,18 @@ export class HeraldClient {
     return this.withContent({ type: 'send', to: users }, content);
   }
 
-  /** Joins a room; later reconnects rejoin it from the last offset seen. */
-  async join(room, { since } = {}) {
-    if (!this.rooms.has(room)) this.rooms.set(room, since ?? null);
-    const ack = await this.request({ type: 'join', room, ...(since != null ? { since } : {}) });
-    if (ack.offset != null && this.rooms.get(room) == null) this.rooms.set(room, ack.offset);
-    return ack;
+  /**
+   * Joins a room; later reconnects rejoin it from the last offset seen, with its epoch.
+   * `since` (and the `epoch` it belongs to) asks for the messages after it, as a rejoin does.
+   */
+  join(room, { since, epoch } = {}) {
+    if (!this.rooms.has(room)) {
+      this.rooms.set(room, { offset: since ?? null, epoch: since != null ? (epoch ?? null) : null });
+    }
+    const body = { type: 'join', room };
+    if (since != null) body.since = since;
+    if (since != null && epoch != null) body.epoch = epoch;
+    return this.request(body, { onAnswer: (ack) => this.noteJoined(room, ack) });
   }
 
   leave(room) {
@@ -445,8 +508,10 @@ export class HeraldClient {
     return this.request({ type: 'leave', room });
   }
 
-  publish(room, content, { echo = true, persist = true } = {}) {
-    return this.withContent({ type: 'publish', room, echo, persist }, content);
+  async publish(room, content, { echo = true, persist = true } = {}) {
+    const ack = await this.withContent({ type: 'publish', room, echo, persist }, content);
+    this.noteEpoch(room, ack.epoch);
+    return ack;
   }
 
   broadcast(content) {
@@ -458,13 +523,15 @@ export class HeraldClient {
   }
 
   /** One page of history: `{room}` or `{with: user}`, optional `before` offset and `limit`. */
-  history({ room, with: user, before, limit } = {}) {
+  async history({ room, with: user, before, limit } = {}) {
     const body = { type: 'history' };
     if (room != null) body.room = room;
     if (user != null) body.with = user;
     if (before != null) body.before = before;
     if (limit != null) body.limit = limit;
-    return this.request(body);
+    const page = await this.request(body);
+    if (room != null) this.noteEpoch(room, page.epoch);
+    return page;
   }
 
   ping() {

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use herald_protocol::{ServerEvent, Welcome};
+use herald_protocol::{Ack, Message, ServerEvent, Welcome};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -22,11 +22,21 @@ const DEDUPE_WINDOW: usize = 2000;
 /// How long the welcome may take after the `auth` message.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Where the client is in a joined room's stream.
+#[derive(Debug, Default, Clone)]
+struct Position {
+    /// The last offset seen; `None` before the join's ack.
+    offset: Option<u64>,
+    /// The epoch of the stream that offset belongs to; `None` until learned (an empty room has
+    /// none yet). Offsets compare only within one epoch.
+    epoch: Option<String>,
+}
+
 /// What the client remembers across connections.
 #[derive(Default)]
 struct Memory {
-    /// Joined rooms and the last offset seen in each.
-    rooms: HashMap<String, Option<u64>>,
+    /// Joined rooms and the position in each.
+    rooms: HashMap<String, Position>,
     seen: HashSet<String>,
     seen_order: VecDeque<String>,
     next_id: u64,
@@ -62,9 +72,21 @@ enum Ended {
 
 /// What a pending request is for.
 enum Waiting {
-    Caller(Reply),
+    /// An application request; its answer may also tell where the client is in a room.
+    Caller(Reply, Notes),
     Rejoin(String),
+    /// A one-entry history page asked for to learn a room's epoch.
+    Epoch(String),
     Ignored,
+}
+
+/// What an application request's answer tells about a room's position.
+enum Notes {
+    Nothing,
+    /// A `join`: its ack gives the position.
+    Join(String),
+    /// A `publish` or a room's `history`: its answer carries the room's epoch.
+    Epoch(String),
 }
 
 pub(crate) async fn run(
@@ -154,14 +176,27 @@ async fn serve(
     let mut heartbeat = tokio::time::interval(options.heartbeat);
     heartbeat.tick().await;
 
-    let rejoins: Vec<(String, Option<u64>)> =
-        memory.rooms.iter().map(|(r, o)| (r.clone(), *o)).collect();
-    for (room, since) in rejoins {
-        let id = memory.next_id();
-        let mut body = json!({"type": "join", "room": room, "id": id});
-        if let Some(since) = since {
-            body["since"] = json!(since);
+    let mut rejoins = Vec::new();
+    for (room, position) in &mut memory.rooms {
+        let mut body = json!({"type": "join", "room": room});
+        if position.offset.is_some() {
+            // An offset whose epoch was never learned cannot be told from an offset of a
+            // recreated stream, so it is not trusted: since 0 asks for the whole room (the server
+            // answers recovered:false beyond store.max_recovery) and the dedupe drops what was
+            // seen.
+            if position.epoch.is_none() {
+                position.offset = Some(0);
+            }
+            body["since"] = json!(position.offset);
+            if let Some(epoch) = &position.epoch {
+                body["epoch"] = json!(epoch);
+            }
         }
+        rejoins.push((room.clone(), body));
+    }
+    for (room, mut body) in rejoins {
+        let id = memory.next_id();
+        body["id"] = json!(id);
         if socket
             .send(WsMessage::text(body.to_string()))
             .await
@@ -185,17 +220,12 @@ async fn serve(
                     }
                     let id = memory.next_id();
                     body["id"] = json!(id);
-                    if let Some("join") = body["type"].as_str() {
-                        let room = body["room"].as_str().unwrap_or_default().to_owned();
-                        memory.rooms.entry(room).or_insert(None);
-                    } else if let Some("leave") = body["type"].as_str() {
-                        memory.rooms.remove(body["room"].as_str().unwrap_or_default());
-                    }
+                    let notes = memory.before_request(&body);
                     if socket.send(WsMessage::text(body.to_string())).await.is_err() {
                         let _ = reply.send(Err(ClientError::Disconnected));
                         break Ended::Lost;
                     }
-                    pending.insert(id, Waiting::Caller(reply));
+                    pending.insert(id, Waiting::Caller(reply, notes));
                 }
             },
             message = socket.next() => {
@@ -215,10 +245,15 @@ async fn serve(
                         }
                     }
                     WsMessage::Binary(bytes) => {
-                        if let Ok((header, payload)) = ServerEvent::decode_binary(&bytes)
-                            && memory.first_sight(&header.id)
-                        {
+                        let Ok((header, payload)) = ServerEvent::decode_binary(&bytes) else { continue };
+                        let reply = note_message(&header, header.offset, memory, &mut pending);
+                        if memory.first_sight(&header.id) {
                             let _ = events.send(Event::Binary(header, payload)).await;
+                        }
+                        if let Some(frame) = reply
+                            && socket.send(WsMessage::text(frame)).await.is_err()
+                        {
+                            break Ended::Lost;
                         }
                     }
                     WsMessage::Close(frame) => {
@@ -245,7 +280,7 @@ async fn serve(
         }
     };
     for (_, waiting) in pending {
-        if let Waiting::Caller(reply) = waiting {
+        if let Waiting::Caller(reply, _) = waiting {
             let _ = reply.send(Err(ClientError::Disconnected));
         }
     }
@@ -263,20 +298,10 @@ async fn handle(
 ) -> Option<String> {
     match event {
         ServerEvent::Message(message) => {
-            if !memory.first_sight(&message.id) {
-                return None;
+            let reply = note_message(&message, offset_of(text), memory, pending);
+            if memory.first_sight(&message.id) {
+                let _ = events.send(Event::Message(message)).await;
             }
-            let offset = offset_of(text);
-            let mut reply = None;
-            if let (Some(room), Some(offset)) = (&message.room, offset)
-                && let Some(last) = memory.rooms.get_mut(room)
-                && last.is_none_or(|last| offset > last)
-            {
-                *last = Some(offset);
-            } else if let (Some(_), Some(offset)) = (&message.to, offset) {
-                reply = Some(json!({"type": "ack", "inbox": offset}).to_string());
-            }
-            let _ = events.send(Event::Message(message)).await;
             reply
         }
         ServerEvent::Joined(change) => {
@@ -297,7 +322,17 @@ async fn handle(
         answer => {
             let reference = reference_of(&answer)?;
             match pending.remove(&reference)? {
-                Waiting::Caller(reply) => {
+                Waiting::Caller(reply, notes) => {
+                    match (&notes, &answer) {
+                        (Notes::Join(room), ServerEvent::Ack(ack)) => memory.note_joined(room, ack),
+                        (Notes::Epoch(room), ServerEvent::Ack(ack)) => {
+                            memory.note_epoch(room, ack.epoch.as_deref());
+                        }
+                        (Notes::Epoch(room), ServerEvent::History(page)) => {
+                            memory.note_epoch(room, page.epoch.as_deref());
+                        }
+                        _ => {}
+                    }
                     let result = match answer {
                         ServerEvent::Error(error) => Err(ClientError::Server {
                             code: error.code.as_str().to_owned(),
@@ -307,12 +342,22 @@ async fn handle(
                     };
                     let _ = reply.send(result);
                 }
-                Waiting::Rejoin(room) => {
-                    if let ServerEvent::Error(error) = answer {
+                Waiting::Rejoin(room) => match answer {
+                    ServerEvent::Error(error) => {
                         let _ = events.send(Event::Error(error)).await;
-                    } else {
-                        let recovered = recovered_of(text);
+                    }
+                    ServerEvent::Ack(ack) => {
+                        // Before the replayed messages behind the ack move the offset on.
+                        memory.note_joined(&room, &ack);
+                        let recovered = ack.recovered;
                         let _ = events.send(Event::Rejoined { room, recovered }).await;
+                    }
+                    _ => {}
+                },
+                Waiting::Epoch(room) => {
+                    // On an error the next message of the room asks again.
+                    if let ServerEvent::History(page) = answer {
+                        memory.note_epoch(&room, page.epoch.as_deref());
                     }
                 }
                 Waiting::Ignored => {
@@ -326,9 +371,102 @@ async fn handle(
     }
 }
 
+/// Moves a room's position on with a message, duplicates included (a replay after `since: 0`
+/// or `recovered: false` is mostly messages already seen). Returns a frame to send back: the
+/// inbox ack of a direct message, or a one-entry history request that tells a room's epoch
+/// when it is not known yet (a room joined while empty: its ack had none, messages carry none).
+fn note_message(
+    message: &Message,
+    offset: Option<u64>,
+    memory: &mut Memory,
+    pending: &mut HashMap<String, Waiting>,
+) -> Option<String> {
+    let offset = offset?;
+    if let Some(room) = &message.room {
+        let position = memory.rooms.get_mut(room)?;
+        if position.offset.is_none_or(|last| offset > last) {
+            position.offset = Some(offset);
+        }
+        let asking = pending
+            .values()
+            .any(|waiting| matches!(waiting, Waiting::Epoch(r) if r == room));
+        if position.epoch.is_some() || asking {
+            return None;
+        }
+        let id = memory.next_id();
+        pending.insert(id.clone(), Waiting::Epoch(room.clone()));
+        return Some(json!({"type": "history", "room": room, "limit": 1, "id": id}).to_string());
+    }
+    message.to.as_ref()?;
+    Some(json!({"type": "ack", "inbox": offset}).to_string())
+}
+
+impl Memory {
+    /// Notes what an application request does to the rooms, before it is sent.
+    fn before_request(&mut self, body: &Value) -> Notes {
+        let room = body["room"].as_str().unwrap_or_default().to_owned();
+        match body["type"].as_str() {
+            Some("join") => {
+                let since = body["since"].as_u64();
+                let epoch = since.and(body["epoch"].as_str().map(str::to_owned));
+                self.rooms.entry(room.clone()).or_insert(Position {
+                    offset: since,
+                    epoch,
+                });
+                Notes::Join(room)
+            }
+            Some("leave") => {
+                self.rooms.remove(&room);
+                Notes::Nothing
+            }
+            Some("publish" | "history") if !room.is_empty() => Notes::Epoch(room),
+            _ => Notes::Nothing,
+        }
+    }
+
+    /// Takes a room's position from the ack of a join (first join or rejoin), before the
+    /// replayed messages behind it move the offset on.
+    fn note_joined(&mut self, room: &str, ack: &Ack) {
+        let Some(position) = self.rooms.get_mut(room) else {
+            return; // left meanwhile
+        };
+        match ack.recovered {
+            // The old offset means nothing in this stream: the page and the live messages
+            // that follow count from its start.
+            Some(false) => {
+                *position = Position {
+                    offset: Some(0),
+                    epoch: ack.epoch.clone(),
+                }
+            }
+            Some(true) => {
+                if ack.epoch.is_some() {
+                    position.epoch = ack.epoch.clone();
+                }
+            }
+            None => {
+                if position.offset.is_none() {
+                    position.offset = ack.offset;
+                }
+                self.note_epoch(room, ack.epoch.as_deref());
+            }
+        }
+    }
+
+    /// An epoch read on this connection: the one of the stream its offsets of `room` come from.
+    fn note_epoch(&mut self, room: &str, epoch: Option<&str>) {
+        if let (Some(position), Some(epoch)) = (self.rooms.get_mut(room), epoch)
+            && position.epoch.is_none()
+        {
+            position.epoch = Some(epoch.to_owned());
+        }
+    }
+}
+
 fn reference_of(event: &ServerEvent) -> Option<String> {
     let reference = match event {
         ServerEvent::Ack(ack) => &ack.reference,
+        ServerEvent::History(history) => &history.reference,
         ServerEvent::Members(members) => &members.reference,
         ServerEvent::Error(error) => &error.reference,
         ServerEvent::Pong(pong) => &pong.reference,
@@ -345,11 +483,4 @@ fn offset_of(text: &str) -> Option<u64> {
         .ok()?
         .get("offset")?
         .as_u64()
-}
-
-fn recovered_of(text: &str) -> Option<bool> {
-    serde_json::from_str::<Value>(text)
-        .ok()?
-        .get("recovered")?
-        .as_bool()
 }

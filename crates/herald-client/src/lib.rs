@@ -2,10 +2,11 @@
 //!
 //! A background task owns the WebSocket. It authenticates with the first message (asking the
 //! token function each time), reconnects with exponential backoff and full jitter, rejoins every
-//! room from the last offset it saw (the server replays what was missed), acknowledges the
-//! inbox, drops duplicate message ids, answers refresh notices with a fresh token, and pings at
-//! the application level to notice a dead link. Requests made while disconnected wait in a
-//! bounded queue.
+//! room from the last offset it saw and that offset's epoch (the server replays what was missed,
+//! or reports `recovered: false` when the room's stream was recreated), acknowledges the inbox,
+//! drops duplicate message ids, answers refresh notices with a fresh token, and pings at the
+//! application level to notice a dead link. Requests made while disconnected wait in a bounded
+//! queue.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), herald_client::ClientError> {
@@ -98,7 +99,11 @@ pub enum Event {
     Binary(Message, Bytes),
     Joined(PresenceChange),
     Left(PresenceChange),
-    /// A room rejoined after a reconnect; `recovered` is false when messages were lost.
+    /// A room rejoined after a reconnect, sent before the replayed messages. `Some(true)`: every
+    /// missed message follows. `Some(false)`: they could not all be replayed (the room's stream
+    /// was recreated, e.g. a new data folder, or the gap was pruned or too long); the newest
+    /// page follows instead, so rebuild the room's view from it. `None`: rejoined without an
+    /// offset (the first join had no answer yet).
     Rejoined {
         room: String,
         recovered: Option<bool>,
@@ -208,7 +213,7 @@ impl Client {
             .await
     }
 
-    /// Joins a room; reconnects rejoin it from the last offset seen.
+    /// Joins a room; reconnects rejoin it from the last offset seen, with its epoch.
     pub async fn join(&self, room: &str) -> Result<Ack, ClientError> {
         self.ack(json!({"type": "join", "room": room})).await
     }

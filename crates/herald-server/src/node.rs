@@ -366,8 +366,10 @@ impl Node {
         let max = self.config.store.max_recovery;
         let read = self.store.read_room(room, recovery.since, max + 1).await?;
         let mut top = read.bounds.top;
+        // A client's epoch against a room that has none (recreated and still empty) differs too.
+        // Without an epoch the client's offset is taken as one of the room's current stream.
         let epoch_matches = match &recovery.epoch {
-            Some(epoch) if !epoch.is_unset() && !top.epoch.is_unset() => *epoch == top.epoch,
+            Some(epoch) if !epoch.is_unset() => *epoch == top.epoch,
             _ => true,
         };
         let covered = recovery.since <= top.offset && recovery.since.next() >= read.bounds.first;

@@ -82,6 +82,32 @@ async fn an_offset_from_another_epoch_or_beyond_the_newest_is_not_recovered() {
 }
 
 #[tokio::test]
+async fn an_epoch_that_differs_is_never_recovered_whatever_the_offset() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    alice.join("lobby").await;
+    for n in 1..=3 {
+        alice.publish("lobby", json!(n)).await;
+    }
+    // Every offset, in range or not, of a stream that is not the room's: a recreated stream
+    // (a new data folder) soon covers the old offsets, so they say nothing.
+    for since in 0..=4 {
+        let mut bob = server.connect(&format!("bob-{since}")).await;
+        let ack = join_since(&mut bob, "lobby", since, Some("another-epoch")).await;
+        assert_eq!(ack.recovered, Some(false), "since {since}");
+        for n in 1..=3u64 {
+            assert_eq!(bob.next_message_event().await.offset, Some(n), "the page");
+        }
+    }
+    // A room that has no epoch (recreated and still empty) differs from the client's too.
+    let mut carol = server.connect("carol").await;
+    let ack = join_since(&mut carol, "empty", 0, Some("another-epoch")).await;
+    assert_eq!(ack.recovered, Some(false));
+    assert_eq!(ack.epoch, None);
+    carol.expect_nothing_queued().await;
+}
+
+#[tokio::test]
 async fn too_large_a_gap_is_not_replayed() {
     let server = TestServer::start_with(|config| config.store.max_recovery = 3).await;
     let mut alice = server.connect("alice").await;
