@@ -398,3 +398,35 @@ async fn a_sqlite_file_of_another_application_is_refused() {
     let text = error.to_string();
     assert!(text.contains("not a Herald store"), "{text}");
 }
+
+#[tokio::test]
+async fn a_store_of_an_older_schema_version_is_refused_and_left_untouched() {
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("herald.db");
+    let old = rusqlite::Connection::open(&path).unwrap();
+    // Version 1 keyed every table by stream name.
+    old.execute_batch(
+        "PRAGMA application_id = 0x48524c44;
+         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+         INSERT INTO meta VALUES ('schema', '1');
+         CREATE TABLE streams (stream TEXT PRIMARY KEY, epoch TEXT NOT NULL,
+             last_pos INTEGER NOT NULL, acked INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;",
+    )
+    .unwrap();
+    drop(old);
+    let error = SqliteStore::open(folder.path(), Synchronous::Full)
+        .err()
+        .expect("must be refused");
+    let text = error.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("schema version 1"), "{text}");
+    let old = rusqlite::Connection::open(&path).unwrap();
+    let tables: i64 = old
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'table'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(tables, 2, "nothing was created in the old file");
+}
