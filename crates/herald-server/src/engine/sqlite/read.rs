@@ -144,7 +144,9 @@ fn bounds(tx: &rusqlite::Transaction<'_>, stream: &Stream) -> rusqlite::Result<S
 }
 
 const ROOM_COLUMNS: &str = "pos, id, sender, ts, is_binary, content";
-const DIRECT_COLUMNS: &str = "pos, id, sender, ts, is_binary, content, recipients";
+/// Entries of a conversation or an inbox (`e`) with their messages (`d`). CROSS JOIN keeps the
+/// entries as the outer loop: a range of one stream, then one rowid lookup per entry.
+const DIRECT_COLUMNS: &str = "e.pos, d.id, d.sender, d.ts, d.is_binary, d.content, d.recipients";
 
 pub fn read_room(
     tx: &rusqlite::Transaction<'_>,
@@ -207,8 +209,9 @@ pub fn conversation_history(
         .map_err(|e| backend("conversation history", e))?;
     let rows = tx
         .prepare_cached(&format!(
-            "SELECT {DIRECT_COLUMNS} FROM direct_messages WHERE stream = ?1 AND pos < ?2
-             ORDER BY pos DESC LIMIT ?3"
+            "SELECT {DIRECT_COLUMNS} FROM conversations e CROSS JOIN direct_messages d
+             ON d.seq = e.message WHERE e.stream = ?1 AND e.pos < ?2
+             ORDER BY e.pos DESC LIMIT ?3"
         ))
         .and_then(|mut statement| {
             statement
@@ -231,12 +234,11 @@ pub fn read_inbox(
     let stream = stream(tx, |name| inbox_name(name, user)).map_err(|e| backend("read inbox", e))?;
     let from = after.max(stream.acked);
     let rows = tx
-        .prepare_cached(
-            "SELECT i.pos, d.id, d.sender, d.ts, d.is_binary, d.content, d.recipients
-             FROM inbox i JOIN direct_messages d
-             ON d.stream = i.conversation AND d.pos = i.conversation_pos
-             WHERE i.stream = ?1 AND i.pos > ?2 ORDER BY i.pos LIMIT ?3",
-        )
+        .prepare_cached(&format!(
+            "SELECT {DIRECT_COLUMNS} FROM inbox e CROSS JOIN direct_messages d
+             ON d.seq = e.message WHERE e.stream = ?1 AND e.pos > ?2
+             ORDER BY e.pos LIMIT ?3"
+        ))
         .and_then(|mut statement| {
             statement
                 .query_map(params![stream.id, from.0 as i64, limit as i64], direct_row)?

@@ -3,21 +3,31 @@
 //! Tables:
 //! - `streams`: one row per stream, keyed by a small integer id (a rowid), with its name, epoch,
 //!   newest offset and (inboxes) acked mark. Names are `r/ROOM`, `u/USER`, `c/A,B` (A ≤ B);
-//!   names never contain a comma, so the pair name is unambiguous. Message tables refer to a
+//!   names never contain a comma, so the pair name is unambiguous. Other tables refer to a
 //!   stream by its id: keys are small integers, rows short, comparisons cheap.
 //! - `room_messages (stream, pos)`: room history.
-//! - `direct_messages (stream, pos)`: each direct message once per conversation it belongs to.
-//! - `inbox (stream, pos)`: a recipient's delivery queue, pointing into `direct_messages`.
+//! - `direct_messages (seq)`: each direct message once, appended in commit order (a rowid
+//!   table, so a new row goes at the end of the B-tree, on pages it shares with its neighbours).
+//! - `conversations (stream, pos)` and `inbox (stream, pos)`: the entries of each conversation
+//!   and each recipient's inbox, pointing at a `direct_messages` row. A direct message lands at
+//!   two unrelated places per recipient; these rows are a few bytes, so those places are few
+//!   pages, and each commit writes fewer of them.
 //!
-//! Message tables are `WITHOUT ROWID`, clustered on their primary key, so a stream's rows sit
-//! together and a page of history is one range scan.
+//! `room_messages`, `conversations` and `inbox` are `WITHOUT ROWID`, clustered on their primary
+//! key, so a stream's rows sit together and a page of history is one range scan.
+//!
+//! # Invariants
+//! - `streams.last_pos` is the newest offset ever assigned in the stream, whatever pruning
+//!   removed since.
+//! - `direct_messages.seq` is never reused: pruning never removes the newest row, so a new row
+//!   always gets a number above every entry's `message`.
 
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension};
 
 /// Bumped when the tables change incompatibly; a file from another version is refused.
-const SCHEMA_VERSION: &str = "2";
+const SCHEMA_VERSION: &str = "3";
 
 /// Marks the file as Herald's in the SQLite header ("HRLD").
 const APPLICATION_ID: i64 = 0x4852_4c44;
@@ -63,22 +73,24 @@ CREATE TABLE IF NOT EXISTS room_messages (
     PRIMARY KEY (stream, pos)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS direct_messages (
-    stream INTEGER NOT NULL,
-    pos INTEGER NOT NULL,
+    seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL,
     sender TEXT NOT NULL,
     recipients TEXT NOT NULL,
     ts INTEGER NOT NULL,
     is_binary INTEGER NOT NULL,
-    content BLOB NOT NULL,
+    content BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    stream INTEGER NOT NULL,
+    pos INTEGER NOT NULL,
+    message INTEGER NOT NULL,
     PRIMARY KEY (stream, pos)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS inbox (
     stream INTEGER NOT NULL,
     pos INTEGER NOT NULL,
-    conversation INTEGER NOT NULL,
-    conversation_pos INTEGER NOT NULL,
-    ts INTEGER NOT NULL,
+    message INTEGER NOT NULL,
     PRIMARY KEY (stream, pos)
 ) WITHOUT ROWID;
 ";

@@ -328,6 +328,7 @@ struct Batch<'a> {
     update_stream: CachedStatement<'a>,
     insert_room: CachedStatement<'a>,
     insert_direct: CachedStatement<'a>,
+    insert_conversation: CachedStatement<'a>,
     insert_inbox: CachedStatement<'a>,
 }
 
@@ -350,14 +351,14 @@ impl<'a> Batch<'a> {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?,
             insert_direct: tx.prepare_cached(
-                "INSERT INTO direct_messages
-                 (stream, pos, id, sender, recipients, ts, is_binary, content)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO direct_messages (id, sender, recipients, ts, is_binary, content)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?,
-            insert_inbox: tx.prepare_cached(
-                "INSERT INTO inbox (stream, pos, conversation, conversation_pos, ts)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            insert_conversation: tx.prepare_cached(
+                "INSERT INTO conversations (stream, pos, message) VALUES (?1, ?2, ?3)",
             )?,
+            insert_inbox: tx
+                .prepare_cached("INSERT INTO inbox (stream, pos, message) VALUES (?1, ?2, ?3)")?,
         })
     }
 
@@ -435,35 +436,33 @@ impl<'a> Batch<'a> {
                 recipients,
                 message,
             } => {
-                // A list of plain strings always serializes.
-                let to_json = serde_json::to_string(&to).unwrap_or_default();
-                let (is_binary, content) = content_bytes(&message.content);
-                let ts = message.ts as i64;
                 let mut inbox = Vec::with_capacity(recipients.len());
+                if recipients.is_empty() {
+                    return Ok(Appended::Direct { to, message, inbox });
+                }
+                // Stored once; each conversation and inbox entry points at it.
+                let (is_binary, content) = content_bytes(&message.content);
+                self.insert_direct.execute(params![
+                    message.id,
+                    &*message.from,
+                    // A list of plain strings always serializes.
+                    serde_json::to_string(&to).unwrap_or_default(),
+                    message.ts as i64,
+                    is_binary,
+                    content
+                ])?;
+                let seq = self.tx.last_insert_rowid();
                 for recipient in recipients {
                     conversation_name(&mut self.name, &message.from, &recipient);
                     let slot = self.slot()?;
-                    let (conversation, conversation_pos) = self.bump(slot);
-                    self.insert_direct.execute(params![
-                        conversation,
-                        conversation_pos as i64,
-                        message.id,
-                        &*message.from,
-                        to_json,
-                        ts,
-                        is_binary,
-                        content
-                    ])?;
+                    let (stream, pos) = self.bump(slot);
+                    self.insert_conversation
+                        .execute(params![stream, pos as i64, seq])?;
                     inbox_name(&mut self.name, &recipient);
                     let slot = self.slot()?;
                     let (stream, pos) = self.bump(slot);
-                    self.insert_inbox.execute(params![
-                        stream,
-                        pos as i64,
-                        conversation,
-                        conversation_pos as i64,
-                        ts
-                    ])?;
+                    self.insert_inbox
+                        .execute(params![stream, pos as i64, seq])?;
                     inbox.push((recipient, Offset(pos)));
                 }
                 Ok(Appended::Direct { to, message, inbox })
@@ -526,8 +525,10 @@ fn prune_some(conn: &mut Connection, job: &mut PruneJob) -> rusqlite::Result<boo
         })?
         .collect::<rusqlite::Result<_>>()?;
     if streams.is_empty() {
+        // Every stream is done: the direct messages no entry keeps any more go last.
+        let finished = prune_direct_messages(&tx, job)?;
         tx.commit()?;
-        return Ok(true);
+        return Ok(finished);
     }
     let mut budget = PRUNE_STEP_ROWS;
     for (id, name, last, acked) in streams {
@@ -574,18 +575,26 @@ fn prune_stream(
         // Acknowledged entries were delivered: the conversation keeps the message itself.
         ("inbox", acked, older_than(retention.inbox_max_age))
     } else if name.starts_with("c/") {
-        ("direct_messages", 0, older_than(retention.inbox_max_age))
+        ("conversations", 0, older_than(retention.inbox_max_age))
     } else {
         return Ok(true);
     };
     let mut cut = cut_by_rule;
     if let Some(limit) = age_limit {
         // Timestamps follow offsets (both come from the accepting node in order), so the old
-        // messages are the oldest offsets: look at the oldest `budget` rows only.
+        // messages are the oldest offsets: look at the oldest `budget` rows only. An entry whose
+        // message is gone counts as old.
+        let oldest = if table == "room_messages" {
+            format!("SELECT pos, ts FROM {table} WHERE stream = ?1 ORDER BY pos LIMIT ?2")
+        } else {
+            format!(
+                "SELECT e.pos, d.ts FROM (SELECT pos, message FROM {table} WHERE stream = ?1
+                 ORDER BY pos LIMIT ?2) e LEFT JOIN direct_messages d ON d.seq = e.message"
+            )
+        };
         let by_age: Option<i64> = tx
             .prepare_cached(&format!(
-                "SELECT max(pos) FROM (SELECT pos, ts FROM {table} WHERE stream = ?1
-                 ORDER BY pos LIMIT ?2) WHERE ts < ?3"
+                "SELECT max(pos) FROM ({oldest}) WHERE ts IS NULL OR ts < ?3"
             ))?
             .query_row(params![id, *budget as i64, limit], |row| row.get(0))?;
         cut = cut.max(by_age.unwrap_or(0) as u64);
@@ -606,4 +615,29 @@ fn prune_stream(
         _ => job.report.direct_messages += deleted,
     }
     Ok(*budget > 0)
+}
+
+/// Deletes up to [`PRUNE_STEP_ROWS`] of the oldest direct messages older than the inbox age
+/// limit (their conversation and inbox entries went before them). The newest row always stays,
+/// so `seq` numbers are never reused. Returns whether nothing more is left to delete.
+fn prune_direct_messages(tx: &Transaction<'_>, job: &PruneJob) -> rusqlite::Result<bool> {
+    let age = job.retention.inbox_max_age;
+    if age.is_zero() {
+        return Ok(true);
+    }
+    let limit = job.now_ms.saturating_sub(age.as_millis() as u64) as i64;
+    let cut: Option<i64> = tx
+        .prepare_cached(
+            "SELECT max(seq) FROM (SELECT seq, ts FROM direct_messages
+             WHERE seq < (SELECT max(seq) FROM direct_messages) ORDER BY seq LIMIT ?1)
+             WHERE ts < ?2",
+        )?
+        .query_row(params![PRUNE_STEP_ROWS as i64, limit], |row| row.get(0))?;
+    let Some(cut) = cut else {
+        return Ok(true);
+    };
+    let deleted = tx
+        .prepare_cached("DELETE FROM direct_messages WHERE seq <= ?1")?
+        .execute([cut])? as u64;
+    Ok(deleted < PRUNE_STEP_ROWS)
 }
