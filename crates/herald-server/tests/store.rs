@@ -349,6 +349,51 @@ async fn appends_are_not_held_up_behind_a_long_pruning_pass() {
     store.close().await;
 }
 
+/// SQLite-specific: a direct message is one row that its conversation and inbox entries share;
+/// it leaves the file once retention has removed them.
+#[tokio::test]
+async fn pruned_direct_messages_leave_the_file_and_new_ones_read_back_whole() {
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+    let now = 100 * DAY_MS;
+    let folder = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(folder.path(), Synchronous::Normal).unwrap();
+    for age_days in [5, 4, 3] {
+        direct(
+            &store,
+            "alice",
+            &["bob", "carol"],
+            now - age_days * DAY_MS,
+            "old",
+        )
+        .await;
+    }
+    let retention = Retention {
+        inbox_max_age: Duration::from_millis(DAY_MS),
+        ..Retention::default()
+    };
+    let report = store.prune(retention, now).await.unwrap();
+    assert_eq!((report.direct_messages, report.inbox_entries), (6, 6));
+    assert_eq!(direct(&store, "alice", &["bob"], now, "new").await, [4]);
+    let inbox = store.read_inbox("bob", Offset(0), 10).await.unwrap();
+    let texts: Vec<String> = inbox
+        .messages
+        .iter()
+        .map(|m| match &m.content {
+            Payload::Json(raw) => format!("{}@{}", raw.get(), m.offset),
+            Payload::Binary(_) => panic!("stored as JSON"),
+        })
+        .collect();
+    assert_eq!(texts, ["\"new\"@4"]);
+    store.close().await;
+
+    let file = rusqlite::Connection::open(folder.path().join("herald.db")).unwrap();
+    let rows: i64 = file
+        .query_row("SELECT count(*) FROM direct_messages", [], |row| row.get(0))
+        .unwrap();
+    // The newest old message stays (so its number is never reused), with the new one.
+    assert_eq!(rows, 2);
+}
+
 #[tokio::test]
 async fn a_second_store_on_the_same_folder_is_refused_while_the_first_is_open() {
     let folder = tempfile::tempdir().unwrap();
@@ -397,4 +442,36 @@ async fn a_sqlite_file_of_another_application_is_refused() {
         .expect("must be refused");
     let text = error.to_string();
     assert!(text.contains("not a Herald store"), "{text}");
+}
+
+#[tokio::test]
+async fn a_store_of_an_older_schema_version_is_refused_and_left_untouched() {
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("herald.db");
+    let old = rusqlite::Connection::open(&path).unwrap();
+    // Version 1 keyed every table by stream name.
+    old.execute_batch(
+        "PRAGMA application_id = 0x48524c44;
+         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+         INSERT INTO meta VALUES ('schema', '1');
+         CREATE TABLE streams (stream TEXT PRIMARY KEY, epoch TEXT NOT NULL,
+             last_pos INTEGER NOT NULL, acked INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;",
+    )
+    .unwrap();
+    drop(old);
+    let error = SqliteStore::open(folder.path(), Synchronous::Full)
+        .err()
+        .expect("must be refused");
+    let text = error.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("schema version 1"), "{text}");
+    let old = rusqlite::Connection::open(&path).unwrap();
+    let tables: i64 = old
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'table'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(tables, 2, "nothing was created in the old file");
 }

@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 
-use super::schema::{conversation_key, inbox_key, pair, room_key};
+use super::schema::{conversation_name, inbox_name, room_name};
 use crate::engine::store::{
     Epoch, InboxRead, Offset, Page, StoreError, StoredMessage, StreamBounds, StreamPosition,
     StreamRead,
@@ -91,37 +91,62 @@ pub fn backend(operation: &'static str, error: rusqlite::Error) -> StoreError {
     }
 }
 
-/// A stream's epoch, newest offset and acked mark; zeros and an unset epoch when it has none.
-fn stream_state(
+/// What `streams` holds about one stream at the moment of a read.
+#[derive(Default)]
+struct Stream {
+    /// 0 when the stream has no row yet: no message row refers to it.
+    id: i64,
+    /// The newest offset and the epoch (zero and unset for a stream never written).
+    top: StreamPosition,
+    acked: Offset,
+}
+
+/// Looks a stream up by the name `name_of` writes.
+fn stream(
     tx: &rusqlite::Transaction<'_>,
-    key: &str,
-) -> rusqlite::Result<(StreamPosition, Offset)> {
-    let state = tx
-        .prepare_cached("SELECT epoch, last_pos, acked FROM streams WHERE stream = ?1")?
-        .query_row([key], |row| {
-            Ok((
-                StreamPosition {
-                    epoch: Epoch(row.get(0)?),
-                    offset: Offset(row.get::<_, i64>(1)? as u64),
+    name_of: impl FnOnce(&mut String),
+) -> rusqlite::Result<Stream> {
+    let mut name = String::new();
+    name_of(&mut name);
+    let stream = tx
+        .prepare_cached("SELECT id, epoch, last_pos, acked FROM streams WHERE name = ?1")?
+        .query_row([&name], |row| {
+            Ok(Stream {
+                id: row.get(0)?,
+                top: StreamPosition {
+                    epoch: Epoch(row.get(1)?),
+                    offset: Offset(row.get::<_, i64>(2)? as u64),
                 },
-                Offset(row.get::<_, i64>(2)? as u64),
-            ))
+                acked: Offset(row.get::<_, i64>(3)? as u64),
+            })
         })
         .optional()?;
-    Ok(state.unwrap_or_default())
+    Ok(stream.unwrap_or_default())
+}
+
+fn room_stream(tx: &rusqlite::Transaction<'_>, room: &str) -> rusqlite::Result<Stream> {
+    stream(tx, |name| room_name(name, room))
 }
 
 pub fn room_bounds(tx: &rusqlite::Transaction<'_>, room: &str) -> rusqlite::Result<StreamBounds> {
-    let (top, _) = stream_state(tx, &room_key(room))?;
-    let first: Option<i64> = tx
-        .prepare_cached("SELECT min(pos) FROM room_messages WHERE room = ?1")?
-        .query_row([room], |row| row.get(0))?;
-    let first = first.map_or(top.offset.next(), |pos| Offset(pos as u64));
-    Ok(StreamBounds { top, first })
+    bounds(tx, &room_stream(tx, room)?)
 }
 
-const ROOM_COLUMNS: &str = "pos, id, sender, ts, is_binary, content, room";
-const DIRECT_COLUMNS: &str = "pos, id, sender, ts, is_binary, content, recipients";
+fn bounds(tx: &rusqlite::Transaction<'_>, stream: &Stream) -> rusqlite::Result<StreamBounds> {
+    let first: Option<i64> = tx
+        .prepare_cached("SELECT min(pos) FROM room_messages WHERE stream = ?1")?
+        .query_row([stream.id], |row| row.get(0))?;
+    let first = first.map_or(stream.top.offset.next(), |pos| Offset(pos as u64));
+    Ok(StreamBounds {
+        top: stream.top.clone(),
+        first,
+    })
+}
+
+const ROOM_COLUMNS: &str = "pos, id, sender, ts, is_binary, content";
+/// Entries of a conversation or an inbox (`e`) with their messages (`d`). CROSS JOIN keeps the
+/// entries as the outer loop: a range of one stream, then one rowid lookup per entry.
+const DIRECT_COLUMNS: &str = "e.pos, d.id, d.sender, d.ts, d.is_binary, d.content, d.recipients";
 
 pub fn read_room(
     tx: &rusqlite::Transaction<'_>,
@@ -129,15 +154,18 @@ pub fn read_room(
     after: Offset,
     limit: usize,
 ) -> Result<StreamRead, StoreError> {
-    let bounds = room_bounds(tx, room).map_err(|e| backend("read room", e))?;
+    let stream = room_stream(tx, room).map_err(|e| backend("read room", e))?;
+    let bounds = bounds(tx, &stream).map_err(|e| backend("read room", e))?;
     let messages = tx
         .prepare_cached(&format!(
-            "SELECT {ROOM_COLUMNS} FROM room_messages WHERE room = ?1 AND pos > ?2
+            "SELECT {ROOM_COLUMNS} FROM room_messages WHERE stream = ?1 AND pos > ?2
              ORDER BY pos LIMIT ?3"
         ))
         .and_then(|mut statement| {
             statement
-                .query_map(params![room, after.0 as i64, limit as i64], room_row)?
+                .query_map(params![stream.id, after.0 as i64, limit as i64], |row| {
+                    room_row(row, room)
+                })?
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(|e| backend("read room", e))?;
@@ -153,19 +181,21 @@ pub fn room_history(
     before: Option<Offset>,
     limit: usize,
 ) -> Result<Page, StoreError> {
-    let (top, _) = stream_state(tx, &room_key(room)).map_err(|e| backend("room history", e))?;
+    let stream = room_stream(tx, room).map_err(|e| backend("room history", e))?;
     let rows = tx
         .prepare_cached(&format!(
-            "SELECT {ROOM_COLUMNS} FROM room_messages WHERE room = ?1 AND pos < ?2
+            "SELECT {ROOM_COLUMNS} FROM room_messages WHERE stream = ?1 AND pos < ?2
              ORDER BY pos DESC LIMIT ?3"
         ))
         .and_then(|mut statement| {
             statement
-                .query_map(params![room, upper(before), limit as i64 + 1], room_row)?
+                .query_map(params![stream.id, upper(before), limit as i64 + 1], |row| {
+                    room_row(row, room)
+                })?
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(|e| backend("room history", e))?;
-    page(top.epoch, rows, limit)
+    page(stream.top.epoch, rows, limit)
 }
 
 pub fn conversation_history(
@@ -175,21 +205,24 @@ pub fn conversation_history(
     before: Option<Offset>,
     limit: usize,
 ) -> Result<Page, StoreError> {
-    let pair = pair(user, with);
-    let (top, _) = stream_state(tx, &conversation_key(&pair))
+    let stream = stream(tx, |name| conversation_name(name, user, with))
         .map_err(|e| backend("conversation history", e))?;
     let rows = tx
         .prepare_cached(&format!(
-            "SELECT {DIRECT_COLUMNS} FROM direct_messages WHERE pair = ?1 AND pos < ?2
-             ORDER BY pos DESC LIMIT ?3"
+            "SELECT {DIRECT_COLUMNS} FROM conversations e CROSS JOIN direct_messages d
+             ON d.seq = e.message WHERE e.stream = ?1 AND e.pos < ?2
+             ORDER BY e.pos DESC LIMIT ?3"
         ))
         .and_then(|mut statement| {
             statement
-                .query_map(params![pair, upper(before), limit as i64 + 1], direct_row)?
+                .query_map(
+                    params![stream.id, upper(before), limit as i64 + 1],
+                    direct_row,
+                )?
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(|e| backend("conversation history", e))?;
-    page(top.epoch, rows, limit)
+    page(stream.top.epoch, rows, limit)
 }
 
 pub fn read_inbox(
@@ -198,22 +231,22 @@ pub fn read_inbox(
     after: Offset,
     limit: usize,
 ) -> Result<InboxRead, StoreError> {
-    let (_, acked) = stream_state(tx, &inbox_key(user)).map_err(|e| backend("read inbox", e))?;
-    let from = after.max(acked);
+    let stream = stream(tx, |name| inbox_name(name, user)).map_err(|e| backend("read inbox", e))?;
+    let from = after.max(stream.acked);
     let rows = tx
-        .prepare_cached(
-            "SELECT i.pos, d.id, d.sender, d.ts, d.is_binary, d.content, d.recipients
-             FROM inbox i JOIN direct_messages d ON d.pair = i.pair AND d.pos = i.pair_pos
-             WHERE i.user = ?1 AND i.pos > ?2 ORDER BY i.pos LIMIT ?3",
-        )
+        .prepare_cached(&format!(
+            "SELECT {DIRECT_COLUMNS} FROM inbox e CROSS JOIN direct_messages d
+             ON d.seq = e.message WHERE e.stream = ?1 AND e.pos > ?2
+             ORDER BY e.pos LIMIT ?3"
+        ))
         .and_then(|mut statement| {
             statement
-                .query_map(params![user, from.0 as i64, limit as i64], direct_row)?
+                .query_map(params![stream.id, from.0 as i64, limit as i64], direct_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(|e| backend("read inbox", e))?;
     Ok(InboxRead {
-        acked,
+        acked: stream.acked,
         messages: rows.into_iter().collect::<Result<_, _>>()?,
     })
 }
@@ -244,9 +277,8 @@ fn page(
 
 type Decoded = Result<StoredMessage, StoreError>;
 
-fn room_row(row: &Row<'_>) -> rusqlite::Result<Decoded> {
-    let room: String = row.get(6)?;
-    common_row(row, None, Some(room))
+fn room_row(row: &Row<'_>, room: &str) -> rusqlite::Result<Decoded> {
+    common_row(row, None, Some(room.to_owned()))
 }
 
 fn direct_row(row: &Row<'_>) -> rusqlite::Result<Decoded> {

@@ -1,20 +1,33 @@
 //! The database file: connection settings, tables, and how stream names map to keys.
 //!
-//! Tables (all `WITHOUT ROWID`, clustered on their primary key so a stream's rows sit together
-//! and a page of history is one range scan):
-//! - `streams`: one row per stream with its epoch, newest offset and (inboxes) acked mark.
-//!   Stream keys are `r/ROOM`, `u/USER`, `c/A,B` (A ≤ B). Names never contain a comma, so the
-//!   pair key is unambiguous.
-//! - `room_messages (room, pos)`: room history.
-//! - `direct_messages (pair, pos)`: each direct message once per conversation it belongs to.
-//! - `inbox (user, pos)`: a recipient's delivery queue, pointing into `direct_messages`.
+//! Tables:
+//! - `streams`: one row per stream, keyed by a small integer id (a rowid), with its name, epoch,
+//!   newest offset and (inboxes) acked mark. Names are `r/ROOM`, `u/USER`, `c/A,B` (A ≤ B);
+//!   names never contain a comma, so the pair name is unambiguous. Other tables refer to a
+//!   stream by its id: keys are small integers, rows short, comparisons cheap.
+//! - `room_messages (stream, pos)`: room history.
+//! - `direct_messages (seq)`: each direct message once, appended in commit order (a rowid
+//!   table, so a new row goes at the end of the B-tree, on pages it shares with its neighbours).
+//! - `conversations (stream, pos)` and `inbox (stream, pos)`: the entries of each conversation
+//!   and each recipient's inbox, pointing at a `direct_messages` row. A direct message lands at
+//!   two unrelated places per recipient; these rows are a few bytes, so those places are few
+//!   pages, and each commit writes fewer of them.
+//!
+//! `room_messages`, `conversations` and `inbox` are `WITHOUT ROWID`, clustered on their primary
+//! key, so a stream's rows sit together and a page of history is one range scan.
+//!
+//! # Invariants
+//! - `streams.last_pos` is the newest offset ever assigned in the stream, whatever pruning
+//!   removed since.
+//! - `direct_messages.seq` is never reused: pruning never removes the newest row, so a new row
+//!   always gets a number above every entry's `message`.
 
 use std::time::Duration;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 /// Bumped when the tables change incompatibly; a file from another version is refused.
-const SCHEMA_VERSION: &str = "1";
+const SCHEMA_VERSION: &str = "3";
 
 /// Marks the file as Herald's in the SQLite header ("HRLD").
 const APPLICATION_ID: i64 = 0x4852_4c44;
@@ -43,39 +56,42 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS streams (
-    stream TEXT PRIMARY KEY,
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
     epoch TEXT NOT NULL,
     last_pos INTEGER NOT NULL,
     acked INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS room_messages (
-    room TEXT NOT NULL,
+    stream INTEGER NOT NULL,
     pos INTEGER NOT NULL,
     id TEXT NOT NULL,
     sender TEXT NOT NULL,
     ts INTEGER NOT NULL,
     is_binary INTEGER NOT NULL,
     content BLOB NOT NULL,
-    PRIMARY KEY (room, pos)
+    PRIMARY KEY (stream, pos)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS direct_messages (
-    pair TEXT NOT NULL,
-    pos INTEGER NOT NULL,
+    seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL,
     sender TEXT NOT NULL,
     recipients TEXT NOT NULL,
     ts INTEGER NOT NULL,
     is_binary INTEGER NOT NULL,
-    content BLOB NOT NULL,
-    PRIMARY KEY (pair, pos)
+    content BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    stream INTEGER NOT NULL,
+    pos INTEGER NOT NULL,
+    message INTEGER NOT NULL,
+    PRIMARY KEY (stream, pos)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS inbox (
-    user TEXT NOT NULL,
+    stream INTEGER NOT NULL,
     pos INTEGER NOT NULL,
-    pair TEXT NOT NULL,
-    pair_pos INTEGER NOT NULL,
-    ts INTEGER NOT NULL,
-    PRIMARY KEY (user, pos)
+    message INTEGER NOT NULL,
+    PRIMARY KEY (stream, pos)
 ) WITHOUT ROWID;
 ";
 
@@ -120,52 +136,51 @@ pub fn prepare(conn: &Connection) -> Result<(), String> {
     if has_tables && application_id == 0 {
         return Err("the file is a SQLite database, but not a Herald store".into());
     }
-    conn.execute_batch(&format!(
-        "BEGIN IMMEDIATE; {TABLES} PRAGMA application_id = {APPLICATION_ID}; COMMIT;"
-    ))
-    .map_err(|e| e.to_string())?;
-    let version: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |row| {
-            row.get(0)
-        })
-        .map(Some)
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            other => Err(other),
-        })
-        .map_err(|e| e.to_string())?;
-    match version {
-        None => conn
-            .execute(
-                "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
-                [SCHEMA_VERSION],
-            )
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-        Some(version) if version == SCHEMA_VERSION => Ok(()),
-        Some(version) => Err(format!(
-            "the store has schema version {version}; this herald reads version {SCHEMA_VERSION}"
-        )),
+    if has_tables {
+        // Checked before anything is created, so a file of another version stays untouched.
+        let version: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |row| {
+                row.get(0)
+            })
+            .optional()
+            .map_err(|e| e.to_string())?;
+        let version = version.unwrap_or_else(|| "unknown".into());
+        if version != SCHEMA_VERSION {
+            return Err(format!(
+                "the store has schema version {version}; this herald reads version \
+                 {SCHEMA_VERSION} (start with an empty data folder, or run the herald that \
+                 wrote it)"
+            ));
+        }
     }
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE; {TABLES} PRAGMA application_id = {APPLICATION_ID};
+         INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '{SCHEMA_VERSION}');
+         COMMIT;"
+    ))
+    .map_err(|e| e.to_string())
 }
 
-pub fn room_key(room: &str) -> String {
-    format!("r/{room}")
+/// Stream names. Each writes into `name` (cleared first), so the writer can reuse one buffer
+/// and look a stream up without allocating.
+pub fn room_name(name: &mut String, room: &str) {
+    name.clear();
+    name.push_str("r/");
+    name.push_str(room);
 }
 
-pub fn inbox_key(user: &str) -> String {
-    format!("u/{user}")
+pub fn inbox_name(name: &mut String, user: &str) {
+    name.clear();
+    name.push_str("u/");
+    name.push_str(user);
 }
 
 /// The conversation of two users, the same whichever of them asks.
-pub fn pair(a: &str, b: &str) -> String {
-    if a <= b {
-        format!("{a},{b}")
-    } else {
-        format!("{b},{a}")
-    }
-}
-
-pub fn conversation_key(pair: &str) -> String {
-    format!("c/{pair}")
+pub fn conversation_name(name: &mut String, a: &str, b: &str) {
+    let (first, second) = if a <= b { (a, b) } else { (b, a) };
+    name.clear();
+    name.push_str("c/");
+    name.push_str(first);
+    name.push(',');
+    name.push_str(second);
 }

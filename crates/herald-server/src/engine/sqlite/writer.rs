@@ -10,8 +10,10 @@
 //! command waits: an append never waits for more than one step.
 //!
 //! # Invariants
-//! - `streams` mirrors the committed `streams` table for the keys it holds, except during a
+//! - `streams` mirrors the committed `streams` table for the streams it holds, except during a
 //!   batch; a failed batch clears it, so it is reloaded from the file.
+//! - A stream's row (and so its id) is created by the first batch that touches it; message rows
+//!   refer to that id.
 //! - Offsets are assigned here and nowhere else, one stream at a time, each exactly once.
 
 use std::collections::{HashMap, VecDeque};
@@ -21,10 +23,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use herald_protocol::Payload;
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{
+    CachedStatement, Connection, OptionalExtension, Transaction, TransactionBehavior, params,
+};
 use tokio::sync::{mpsc, oneshot};
 
-use super::schema::{self, conversation_key, inbox_key, room_key};
+use super::schema::{conversation_name, inbox_name, room_name};
 use crate::engine::store::{
     Append, Appended, Epoch, Offset, OnCommit, PruneReport, Retention, StoreError, StreamPosition,
 };
@@ -75,16 +79,26 @@ pub struct WriterStats {
 }
 
 struct StreamState {
+    /// The stream's row in `streams`, which message rows refer to.
+    id: i64,
     epoch: String,
     last: u64,
     acked: u64,
 }
 
+/// The streams the writer has touched, by name. States sit in a vector so a batch can list the
+/// ones it changed by index.
+#[derive(Default)]
+struct Streams {
+    slots: HashMap<String, usize>,
+    states: Vec<StreamState>,
+}
+
 struct PruneJob {
     retention: Retention,
     now_ms: u64,
-    /// The last stream key fully pruned in this pass.
-    cursor: String,
+    /// The id of the last stream fully pruned in this pass.
+    cursor: i64,
     report: PruneReport,
     reply: oneshot::Sender<Result<PruneReport, StoreError>>,
 }
@@ -93,7 +107,7 @@ pub struct Writer {
     conn: Connection,
     /// Held for the writer's life: a second herald on the same data folder is refused.
     _lock: File,
-    streams: HashMap<String, StreamState>,
+    streams: Streams,
     prune: VecDeque<PruneJob>,
     stats: Arc<WriterStats>,
     /// Dropped with the writer: the checkpointer then runs a last checkpoint and stops.
@@ -111,7 +125,7 @@ impl Writer {
         Writer {
             conn,
             _lock: lock,
-            streams: HashMap::new(),
+            streams: Streams::default(),
             prune: VecDeque::new(),
             stats,
             _checkpointer: checkpointer,
@@ -155,7 +169,7 @@ impl Writer {
                     } => self.prune.push_back(PruneJob {
                         retention,
                         now_ms,
-                        cursor: String::new(),
+                        cursor: 0,
                         report: PruneReport::default(),
                         reply,
                     }),
@@ -185,8 +199,8 @@ impl Writer {
     }
 
     fn write_batch(&mut self, writes: Vec<Command>) {
-        if self.streams.len() > MAX_CACHED_STREAMS {
-            self.streams.clear();
+        if self.streams.states.len() > MAX_CACHED_STREAMS {
+            self.streams = Streams::default();
         }
         let mut appends = Vec::new();
         let mut callbacks = Vec::new();
@@ -224,7 +238,7 @@ impl Writer {
             }
             Err(error) => {
                 // Whatever the batch assigned was rolled back: forget it.
-                self.streams.clear();
+                self.streams = Streams::default();
                 tracing::error!(%error, "store write failed; the batch was rolled back");
                 let error = StoreError::Backend {
                     operation: "write",
@@ -253,11 +267,7 @@ impl Writer {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut batch = Batch {
-            tx: &tx,
-            streams: &mut self.streams,
-            dirty: Vec::new(),
-        };
+        let mut batch = Batch::new(&tx, &mut self.streams)?;
         let mut appended = Vec::with_capacity(appends.len());
         for append in appends {
             appended.push(batch.append(append)?);
@@ -267,6 +277,7 @@ impl Writer {
             acked.push(batch.ack(user, *offset)?);
         }
         batch.flush()?;
+        drop(batch);
         add_elapsed(&self.stats.statement_ns, started);
         let committing = Instant::now();
         tx.commit()?;
@@ -303,76 +314,120 @@ fn add_elapsed(counter: &AtomicU64, since: Instant) {
     counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
-/// The writes of one transaction.
+/// The writes of one transaction, with its statements prepared once.
 struct Batch<'a> {
+    streams: &'a mut Streams,
+    /// Streams changed in this batch (indexes into `streams.states`), written back before the
+    /// commit.
+    dirty: Vec<usize>,
+    /// The name of the stream being looked up, reused so lookups do not allocate.
+    name: String,
     tx: &'a Transaction<'a>,
-    streams: &'a mut HashMap<String, StreamState>,
-    /// Streams changed in this batch, written back before the commit.
-    dirty: Vec<String>,
+    select_stream: CachedStatement<'a>,
+    insert_stream: CachedStatement<'a>,
+    update_stream: CachedStatement<'a>,
+    insert_room: CachedStatement<'a>,
+    insert_direct: CachedStatement<'a>,
+    insert_conversation: CachedStatement<'a>,
+    insert_inbox: CachedStatement<'a>,
 }
 
-impl Batch<'_> {
-    fn state(&mut self, key: &str) -> rusqlite::Result<&mut StreamState> {
-        if !self.streams.contains_key(key) {
-            let stored = self
-                .tx
-                .prepare_cached("SELECT epoch, last_pos, acked FROM streams WHERE stream = ?1")?
-                .query_row([key], |row| {
-                    Ok(StreamState {
-                        epoch: row.get(0)?,
-                        last: row.get::<_, i64>(1)? as u64,
-                        acked: row.get::<_, i64>(2)? as u64,
-                    })
-                })
-                .optional()?;
-            let state = stored.unwrap_or_else(|| StreamState {
-                epoch: Epoch::random().0,
-                last: 0,
-                acked: 0,
-            });
-            self.streams.insert(key.to_owned(), state);
-        }
-        // Present: inserted just above when it was missing.
-        Ok(self
-            .streams
-            .get_mut(key)
-            .expect("stream state was just loaded"))
+impl<'a> Batch<'a> {
+    fn new(tx: &'a Transaction<'a>, streams: &'a mut Streams) -> rusqlite::Result<Batch<'a>> {
+        Ok(Batch {
+            streams,
+            dirty: Vec::new(),
+            name: String::new(),
+            tx,
+            select_stream: tx
+                .prepare_cached("SELECT id, epoch, last_pos, acked FROM streams WHERE name = ?1")?,
+            insert_stream: tx.prepare_cached(
+                "INSERT INTO streams (name, epoch, last_pos, acked) VALUES (?1, ?2, 0, 0)",
+            )?,
+            update_stream: tx
+                .prepare_cached("UPDATE streams SET last_pos = ?2, acked = ?3 WHERE id = ?1")?,
+            insert_room: tx.prepare_cached(
+                "INSERT INTO room_messages (stream, pos, id, sender, ts, is_binary, content)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?,
+            insert_direct: tx.prepare_cached(
+                "INSERT INTO direct_messages (id, sender, recipients, ts, is_binary, content)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?,
+            insert_conversation: tx.prepare_cached(
+                "INSERT INTO conversations (stream, pos, message) VALUES (?1, ?2, ?3)",
+            )?,
+            insert_inbox: tx
+                .prepare_cached("INSERT INTO inbox (stream, pos, message) VALUES (?1, ?2, ?3)")?,
+        })
     }
 
-    /// Assigns the next offset of a stream.
-    fn bump(&mut self, key: String) -> rusqlite::Result<(u64, String)> {
-        let state = self.state(&key)?;
+    /// The slot of the stream named `self.name`: cached, read from the file, or created.
+    fn slot(&mut self) -> rusqlite::Result<usize> {
+        if let Some(&slot) = self.streams.slots.get(self.name.as_str()) {
+            return Ok(slot);
+        }
+        let stored = self
+            .select_stream
+            .query_row([self.name.as_str()], |row| {
+                Ok(StreamState {
+                    id: row.get(0)?,
+                    epoch: row.get(1)?,
+                    last: row.get::<_, i64>(2)? as u64,
+                    acked: row.get::<_, i64>(3)? as u64,
+                })
+            })
+            .optional()?;
+        let state = match stored {
+            Some(state) => state,
+            None => {
+                let epoch = Epoch::random().0;
+                self.insert_stream
+                    .execute(params![self.name.as_str(), epoch])?;
+                StreamState {
+                    id: self.tx.last_insert_rowid(),
+                    epoch,
+                    last: 0,
+                    acked: 0,
+                }
+            }
+        };
+        let slot = self.streams.states.len();
+        self.streams.states.push(state);
+        self.streams.slots.insert(self.name.clone(), slot);
+        Ok(slot)
+    }
+
+    /// Assigns the next offset of a stream; returns the stream's id and the offset.
+    fn bump(&mut self, slot: usize) -> (i64, u64) {
+        let state = &mut self.streams.states[slot];
         state.last += 1;
-        let assigned = (state.last, state.epoch.clone());
-        self.dirty.push(key);
-        Ok(assigned)
+        self.dirty.push(slot);
+        (state.id, state.last)
     }
 
     fn append(&mut self, append: Append) -> rusqlite::Result<Appended> {
         match append {
             Append::Room { room, message } => {
-                let (pos, epoch) = self.bump(room_key(&room))?;
+                room_name(&mut self.name, &room);
+                let slot = self.slot()?;
+                let (stream, pos) = self.bump(slot);
                 let (is_binary, content) = content_bytes(&message.content);
-                self.tx
-                    .prepare_cached(
-                        "INSERT INTO room_messages (room, pos, id, sender, ts, is_binary, content)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    )?
-                    .execute(params![
-                        &*room,
-                        pos as i64,
-                        message.id,
-                        &*message.from,
-                        message.ts as i64,
-                        is_binary,
-                        content
-                    ])?;
+                self.insert_room.execute(params![
+                    stream,
+                    pos as i64,
+                    message.id,
+                    &*message.from,
+                    message.ts as i64,
+                    is_binary,
+                    content
+                ])?;
                 Ok(Appended::Room {
                     room,
                     message,
                     position: StreamPosition {
                         offset: Offset(pos),
-                        epoch: Epoch(epoch),
+                        epoch: Epoch(self.streams.states[slot].epoch.clone()),
                     },
                 })
             }
@@ -381,43 +436,34 @@ impl Batch<'_> {
                 recipients,
                 message,
             } => {
-                // A list of plain strings always serializes.
-                let to_json = serde_json::to_string(&to).unwrap_or_default();
-                let (is_binary, content) = content_bytes(&message.content);
                 let mut inbox = Vec::with_capacity(recipients.len());
+                if recipients.is_empty() {
+                    return Ok(Appended::Direct { to, message, inbox });
+                }
+                // Stored once; each conversation and inbox entry points at it.
+                let (is_binary, content) = content_bytes(&message.content);
+                self.insert_direct.execute(params![
+                    message.id,
+                    &*message.from,
+                    // A list of plain strings always serializes.
+                    serde_json::to_string(&to).unwrap_or_default(),
+                    message.ts as i64,
+                    is_binary,
+                    content
+                ])?;
+                let seq = self.tx.last_insert_rowid();
                 for recipient in recipients {
-                    let pair = schema::pair(&message.from, &recipient);
-                    let (pair_pos, _) = self.bump(conversation_key(&pair))?;
-                    self.tx
-                        .prepare_cached(
-                            "INSERT INTO direct_messages
-                             (pair, pos, id, sender, recipients, ts, is_binary, content)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                        )?
-                        .execute(params![
-                            pair,
-                            pair_pos as i64,
-                            message.id,
-                            &*message.from,
-                            to_json,
-                            message.ts as i64,
-                            is_binary,
-                            content
-                        ])?;
-                    let (inbox_pos, _) = self.bump(inbox_key(&recipient))?;
-                    self.tx
-                        .prepare_cached(
-                            "INSERT INTO inbox (user, pos, pair, pair_pos, ts)
-                             VALUES (?1, ?2, ?3, ?4, ?5)",
-                        )?
-                        .execute(params![
-                            recipient,
-                            inbox_pos as i64,
-                            pair,
-                            pair_pos as i64,
-                            message.ts as i64
-                        ])?;
-                    inbox.push((recipient, Offset(inbox_pos)));
+                    conversation_name(&mut self.name, &message.from, &recipient);
+                    let slot = self.slot()?;
+                    let (stream, pos) = self.bump(slot);
+                    self.insert_conversation
+                        .execute(params![stream, pos as i64, seq])?;
+                    inbox_name(&mut self.name, &recipient);
+                    let slot = self.slot()?;
+                    let (stream, pos) = self.bump(slot);
+                    self.insert_inbox
+                        .execute(params![stream, pos as i64, seq])?;
+                    inbox.push((recipient, Offset(pos)));
                 }
                 Ok(Appended::Direct { to, message, inbox })
             }
@@ -425,42 +471,30 @@ impl Batch<'_> {
     }
 
     fn ack(&mut self, user: &str, offset: Offset) -> rusqlite::Result<Result<Offset, StoreError>> {
-        let key = inbox_key(user);
-        let state = self.state(&key)?;
+        inbox_name(&mut self.name, user);
+        let slot = self.slot()?;
+        let state = &mut self.streams.states[slot];
         if offset.0 > state.last {
             return Ok(Err(StoreError::AckBeyondInbox {
                 requested: offset.0,
                 newest: state.last,
             }));
         }
-        let raised = offset.0 > state.acked;
-        if raised {
+        if offset.0 > state.acked {
             state.acked = offset.0;
+            self.dirty.push(slot);
         }
-        let acked = Offset(state.acked);
-        if raised {
-            self.dirty.push(key);
-        }
-        Ok(Ok(acked))
+        Ok(Ok(Offset(state.acked)))
     }
 
     /// Writes every changed stream's state.
     fn flush(&mut self) -> rusqlite::Result<()> {
         self.dirty.sort_unstable();
         self.dirty.dedup();
-        let mut upsert = self.tx.prepare_cached(
-            "INSERT INTO streams (stream, epoch, last_pos, acked) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (stream) DO UPDATE SET last_pos = excluded.last_pos, acked = excluded.acked",
-        )?;
-        for key in &self.dirty {
-            if let Some(state) = self.streams.get(key) {
-                upsert.execute(params![
-                    key,
-                    state.epoch,
-                    state.last as i64,
-                    state.acked as i64
-                ])?;
-            }
+        for &slot in &self.dirty {
+            let state = &self.streams.states[slot];
+            self.update_stream
+                .execute(params![state.id, state.last as i64, state.acked as i64])?;
         }
         Ok(())
     }
@@ -477,29 +511,32 @@ fn content_bytes(content: &Payload) -> (bool, &[u8]) {
 /// deletes at most [`PRUNE_STEP_ROWS`] rows. Returns whether the pass is complete.
 fn prune_some(conn: &mut Connection, job: &mut PruneJob) -> rusqlite::Result<bool> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let streams: Vec<(String, u64, u64)> = tx
+    let streams: Vec<(i64, String, u64, u64)> = tx
         .prepare_cached(
-            "SELECT stream, last_pos, acked FROM streams WHERE stream > ?1 ORDER BY stream LIMIT ?2",
+            "SELECT id, name, last_pos, acked FROM streams WHERE id > ?1 ORDER BY id LIMIT ?2",
         )?
         .query_map(params![job.cursor, PRUNE_STEP_STREAMS], |row| {
             Ok((
                 row.get(0)?,
-                row.get::<_, i64>(1)? as u64,
+                row.get(1)?,
                 row.get::<_, i64>(2)? as u64,
+                row.get::<_, i64>(3)? as u64,
             ))
         })?
         .collect::<rusqlite::Result<_>>()?;
     if streams.is_empty() {
+        // Every stream is done: the direct messages no entry keeps any more go last.
+        let finished = prune_direct_messages(&tx, job)?;
         tx.commit()?;
-        return Ok(true);
+        return Ok(finished);
     }
     let mut budget = PRUNE_STEP_ROWS;
-    for (key, last, acked) in streams {
-        let finished = prune_stream(&tx, job, &key, last, acked, &mut budget)?;
+    for (id, name, last, acked) in streams {
+        let finished = prune_stream(&tx, job, id, &name, last, acked, &mut budget)?;
         if !finished {
             break;
         }
-        job.cursor = key;
+        job.cursor = id;
         if budget == 0 {
             break;
         }
@@ -513,7 +550,8 @@ fn prune_some(conn: &mut Connection, job: &mut PruneJob) -> rusqlite::Result<boo
 fn prune_stream(
     tx: &Transaction<'_>,
     job: &mut PruneJob,
-    key: &str,
+    id: i64,
+    name: &str,
     last: u64,
     acked: u64,
     budget: &mut u64,
@@ -522,7 +560,7 @@ fn prune_stream(
     let older_than = |age: Duration| {
         (!age.is_zero()).then(|| job.now_ms.saturating_sub(age.as_millis() as u64) as i64)
     };
-    let (table, column, cut_by_rule, age_limit) = if let Some(room) = key.strip_prefix("r/") {
+    let (table, cut_by_rule, age_limit) = if name.starts_with("r/") {
         let by_count = if retention.room_max_messages > 0 {
             last.saturating_sub(retention.room_max_messages)
         } else {
@@ -530,38 +568,35 @@ fn prune_stream(
         };
         (
             "room_messages",
-            room,
             by_count,
             older_than(retention.room_max_age),
         )
-    } else if let Some(user) = key.strip_prefix("u/") {
+    } else if name.starts_with("u/") {
         // Acknowledged entries were delivered: the conversation keeps the message itself.
-        ("inbox", user, acked, older_than(retention.inbox_max_age))
-    } else if let Some(pair) = key.strip_prefix("c/") {
-        (
-            "direct_messages",
-            pair,
-            0,
-            older_than(retention.inbox_max_age),
-        )
+        ("inbox", acked, older_than(retention.inbox_max_age))
+    } else if name.starts_with("c/") {
+        ("conversations", 0, older_than(retention.inbox_max_age))
     } else {
         return Ok(true);
-    };
-    let key_column = match table {
-        "room_messages" => "room",
-        "inbox" => "user",
-        _ => "pair",
     };
     let mut cut = cut_by_rule;
     if let Some(limit) = age_limit {
         // Timestamps follow offsets (both come from the accepting node in order), so the old
-        // messages are the oldest offsets: look at the oldest `budget` rows only.
+        // messages are the oldest offsets: look at the oldest `budget` rows only. An entry whose
+        // message is gone counts as old.
+        let oldest = if table == "room_messages" {
+            format!("SELECT pos, ts FROM {table} WHERE stream = ?1 ORDER BY pos LIMIT ?2")
+        } else {
+            format!(
+                "SELECT e.pos, d.ts FROM (SELECT pos, message FROM {table} WHERE stream = ?1
+                 ORDER BY pos LIMIT ?2) e LEFT JOIN direct_messages d ON d.seq = e.message"
+            )
+        };
         let by_age: Option<i64> = tx
             .prepare_cached(&format!(
-                "SELECT max(pos) FROM (SELECT pos, ts FROM {table} WHERE {key_column} = ?1
-                 ORDER BY pos LIMIT ?2) WHERE ts < ?3"
+                "SELECT max(pos) FROM ({oldest}) WHERE ts IS NULL OR ts < ?3"
             ))?
-            .query_row(params![column, *budget as i64, limit], |row| row.get(0))?;
+            .query_row(params![id, *budget as i64, limit], |row| row.get(0))?;
         cut = cut.max(by_age.unwrap_or(0) as u64);
     }
     if cut == 0 || *budget == 0 {
@@ -569,10 +604,10 @@ fn prune_stream(
     }
     let deleted = tx
         .prepare_cached(&format!(
-            "DELETE FROM {table} WHERE {key_column} = ?1 AND pos IN
-             (SELECT pos FROM {table} WHERE {key_column} = ?1 AND pos <= ?2 ORDER BY pos LIMIT ?3)"
+            "DELETE FROM {table} WHERE stream = ?1 AND pos IN
+             (SELECT pos FROM {table} WHERE stream = ?1 AND pos <= ?2 ORDER BY pos LIMIT ?3)"
         ))?
-        .execute(params![column, cut as i64, *budget as i64])? as u64;
+        .execute(params![id, cut as i64, *budget as i64])? as u64;
     *budget -= deleted;
     match table {
         "room_messages" => job.report.room_messages += deleted,
@@ -580,4 +615,29 @@ fn prune_stream(
         _ => job.report.direct_messages += deleted,
     }
     Ok(*budget > 0)
+}
+
+/// Deletes up to [`PRUNE_STEP_ROWS`] of the oldest direct messages older than the inbox age
+/// limit (their conversation and inbox entries went before them). The newest row always stays,
+/// so `seq` numbers are never reused. Returns whether nothing more is left to delete.
+fn prune_direct_messages(tx: &Transaction<'_>, job: &PruneJob) -> rusqlite::Result<bool> {
+    let age = job.retention.inbox_max_age;
+    if age.is_zero() {
+        return Ok(true);
+    }
+    let limit = job.now_ms.saturating_sub(age.as_millis() as u64) as i64;
+    let cut: Option<i64> = tx
+        .prepare_cached(
+            "SELECT max(seq) FROM (SELECT seq, ts FROM direct_messages
+             WHERE seq < (SELECT max(seq) FROM direct_messages) ORDER BY seq LIMIT ?1)
+             WHERE ts < ?2",
+        )?
+        .query_row(params![PRUNE_STEP_ROWS as i64, limit], |row| row.get(0))?;
+    let Some(cut) = cut else {
+        return Ok(true);
+    };
+    let deleted = tx
+        .prepare_cached("DELETE FROM direct_messages WHERE seq <= ?1")?
+        .execute([cut])? as u64;
+    Ok(deleted < PRUNE_STEP_ROWS)
 }
