@@ -235,6 +235,12 @@ impl Node {
     }
 
     async fn replay_inbox(&self, handle: &ConnHandle) -> Result<(), EngineError> {
+        // Checked after the connection is registered: an entry committed after this check is
+        // fanned out to it live (and was held until now), one committed before is in the set.
+        if !self.store.inbox_may_hold_unacked(handle.user()) {
+            handle.end_catch_up(&StreamKey::Inbox);
+            return Ok(());
+        }
         let mut replay: Option<Replay> = None;
         let mut after = Offset(0);
         loop {

@@ -239,6 +239,12 @@ pub trait Store: Send + Sync {
         limit: usize,
     ) -> Result<Page, StoreError>;
 
+    /// False only when `user`'s inbox certainly holds nothing unacknowledged, so the inbox
+    /// read at connect can be skipped. A store that does not track it says true.
+    fn inbox_may_hold_unacked(&self, _user: &str) -> bool {
+        true
+    }
+
     /// Inbox entries above `max(after, acked mark)`, at most `limit`.
     async fn read_inbox(
         &self,

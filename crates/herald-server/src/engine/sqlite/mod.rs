@@ -10,6 +10,7 @@ mod read;
 pub mod schema;
 mod writer;
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -38,8 +39,41 @@ const WRITER_QUEUE: usize = 16 * 1024;
 /// Reader connections: reads are short, and the machine's cores are shared with the writer.
 const READERS: usize = 4;
 
+/// The users whose inbox holds entries they have not acknowledged: loaded at open, kept by the
+/// writer after each commit. A connect whose user is not here skips the inbox read (a trip to
+/// the blocking pool and a SQLite query, a fifth of a handshake's cost) since there is nothing
+/// to replay. std Mutex: held for one set operation, never across an `.await`.
+#[derive(Default)]
+pub struct UnackedInboxes {
+    users: Mutex<HashSet<Box<str>>>,
+}
+
+impl UnackedInboxes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<Box<str>>> {
+        self.users
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn contains(&self, user: &str) -> bool {
+        self.lock().contains(user)
+    }
+
+    pub fn set(&self, user: &str, unacked: bool) {
+        let mut users = self.lock();
+        if unacked {
+            if !users.contains(user) {
+                users.insert(user.into());
+            }
+        } else {
+            users.remove(user);
+        }
+    }
+}
+
 pub struct SqliteStore {
     commands: mpsc::Sender<Command>,
+    unacked: Arc<UnackedInboxes>,
     readers: ReaderPool,
     path: PathBuf,
     stats: Arc<WriterStats>,
@@ -89,6 +123,12 @@ impl SqliteStore {
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
 
+        let unacked = Arc::new(UnackedInboxes::default());
+        for user in
+            schema::unacked_inboxes(&writer_conn).map_err(|e| open_error(&path, e.to_string()))?
+        {
+            unacked.set(&user, true);
+        }
         let stats = Arc::new(WriterStats::default());
         let (commands, receiver) = mpsc::channel(WRITER_QUEUE);
         let (stop_checkpoints, checkpoints_stopped) = std::sync::mpsc::channel::<()>();
@@ -96,13 +136,20 @@ impl SqliteStore {
             .name("herald-store-checkpointer".into())
             .spawn(move || checkpoint::run(checkpointer, checkpoints_stopped))
             .map_err(|e| open_error(&path, format!("cannot start the checkpointer thread: {e}")))?;
-        let writer = Writer::new(writer_conn, lock, stats.clone(), stop_checkpoints);
+        let writer = Writer::new(
+            writer_conn,
+            lock,
+            stats.clone(),
+            stop_checkpoints,
+            unacked.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name("herald-store-writer".into())
             .spawn(move || writer.run(receiver))
             .map_err(|e| open_error(&path, format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             commands,
+            unacked,
             readers: ReaderPool::new(readers),
             path,
             stats,
@@ -194,6 +241,10 @@ impl Store for SqliteStore {
                 read::conversation_history(tx, &user, &with, before, limit)
             })
             .await
+    }
+
+    fn inbox_may_hold_unacked(&self, user: &str) -> bool {
+        self.unacked.contains(user)
     }
 
     async fn read_inbox(

@@ -176,6 +176,16 @@ pub fn room_name(name: &mut String, room: &str) {
     name.push_str(room);
 }
 
+/// The users whose inbox has entries beyond their acknowledged mark.
+pub fn unacked_inboxes(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut statement =
+        conn.prepare("SELECT name FROM streams WHERE name LIKE 'u/%' AND last_pos > acked")?;
+    let names = statement.query_map([], |row| row.get::<_, String>(0))?;
+    names
+        .map(|name| name.map(|name| name["u/".len()..].to_owned()))
+        .collect()
+}
+
 pub fn inbox_name(name: &mut String, user: &str) {
     name.clear();
     name.push_str("u/");

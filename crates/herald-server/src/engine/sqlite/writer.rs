@@ -28,6 +28,7 @@ use rusqlite::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use super::UnackedInboxes;
 use super::schema::{conversation_name, inbox_name, room_name};
 use crate::engine::store::{
     Append, Appended, Epoch, Offset, OnCommit, PruneReport, Retention, StoreError, StreamPosition,
@@ -103,6 +104,9 @@ struct PruneJob {
     reply: oneshot::Sender<Result<PruneReport, StoreError>>,
 }
 
+/// An ack waiting for its batch: the user, the offset, and where the mark after goes.
+type PendingAck = (String, Offset, oneshot::Sender<Result<Offset, StoreError>>);
+
 pub struct Writer {
     conn: Connection,
     /// Held for the writer's life: a second herald on the same data folder is refused.
@@ -113,6 +117,8 @@ pub struct Writer {
     /// Dropped with the writer: the checkpointer then runs a last checkpoint and stops.
     _checkpointer: std::sync::mpsc::Sender<()>,
     last_wal_restart: Instant,
+    /// Users whose inbox holds unacknowledged entries, kept in step with each commit.
+    unacked: Arc<UnackedInboxes>,
 }
 
 impl Writer {
@@ -121,6 +127,7 @@ impl Writer {
         lock: File,
         stats: Arc<WriterStats>,
         checkpointer: std::sync::mpsc::Sender<()>,
+        unacked: Arc<UnackedInboxes>,
     ) -> Writer {
         Writer {
             conn,
@@ -130,6 +137,7 @@ impl Writer {
             stats,
             _checkpointer: checkpointer,
             last_wal_restart: Instant::now(),
+            unacked,
         }
     }
 
@@ -223,6 +231,8 @@ impl Writer {
         let outcome = self.transact(appends, &acks);
         match outcome {
             Ok((appended, acked)) => {
+                // Before the callbacks: a message's fan-out must not overtake its user's mark.
+                self.mark_unacked(&appended, &acks);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .appends
@@ -255,13 +265,30 @@ impl Writer {
         metrics::histogram!("herald_store_commit_seconds").record(started.elapsed());
     }
 
+    /// Updates [`UnackedInboxes`] for every inbox the committed batch touched, from the
+    /// streams' states after it (appends run before acks in a batch).
+    fn mark_unacked(&mut self, appended: &[Appended], acks: &[PendingAck]) {
+        let recipients = appended.iter().flat_map(|appended| match appended {
+            Appended::Direct { inbox, .. } => inbox.iter().map(|(user, _)| user.as_str()).collect(),
+            Appended::Room { .. } => Vec::new(),
+        });
+        let mut name = String::new();
+        for user in recipients.chain(acks.iter().map(|(user, _, _)| user.as_str())) {
+            inbox_name(&mut name, user);
+            if let Some(&slot) = self.streams.slots.get(&name) {
+                let state = &self.streams.states[slot];
+                self.unacked.set(user, state.last > state.acked);
+            }
+        }
+    }
+
     /// One transaction for the whole batch. SQL errors abort it; an invalid ack only fails
     /// itself.
     #[allow(clippy::type_complexity)]
     fn transact(
         &mut self,
         appends: Vec<Append>,
-        acks: &[(String, Offset, oneshot::Sender<Result<Offset, StoreError>>)],
+        acks: &[PendingAck],
     ) -> rusqlite::Result<(Vec<Appended>, Vec<Result<Offset, StoreError>>)> {
         let started = Instant::now();
         let tx = self
