@@ -84,6 +84,10 @@ pub struct DirectOutcome {
     pub offsets: BTreeMap<String, u64>,
 }
 
+/// The rest of a queued store operation: resolves once it has committed.
+pub type Committing<T> =
+    std::pin::Pin<Box<dyn Future<Output = Result<T, EngineError>> + Send + 'static>>;
+
 /// What the publisher of a room message learns.
 #[derive(Debug, Clone)]
 pub struct Published {
@@ -129,6 +133,10 @@ struct Fanout {
     appended: Appended,
     /// The connection that must not get a copy (the sender's, or the publisher's without echo).
     except: Option<ConnId>,
+    /// Told once the frames are with the broker, so the sender's ack, and whatever the sender
+    /// does next (a leave, say), comes after the message's delivery.
+    done: oneshot::Sender<Result<Receipt, StoreError>>,
+    receipt: Receipt,
 }
 
 /// What the sender of a stored message learns once it is committed.
@@ -533,25 +541,46 @@ impl Node {
     /// Appends to the store and waits for the commit. The commit callback runs on the store's
     /// writer in commit order (see the module doc) and only queues the message for fan-out.
     async fn append(&self, append: Append, except: Option<ConnId>) -> Result<Receipt, EngineError> {
+        self.append_queued(append, except).await?.await
+    }
+
+    /// Queues an append on the store (waiting only for room in its queue) and returns what
+    /// resolves once it has committed: appends queued one after another commit, and fan out,
+    /// in that order.
+    async fn append_queued(
+        &self,
+        append: Append,
+        except: Option<ConnId>,
+    ) -> Result<impl Future<Output = Result<Receipt, EngineError>> + Send + 'static, EngineError>
+    {
         let (done, committed) = oneshot::channel();
         let fanout = self.fanout.clone();
         self.store
             .append(
                 append,
-                Box::new(move |result: Result<Appended, StoreError>| {
-                    let receipt = result.map(|appended| {
+                Box::new(move |result: Result<Appended, StoreError>| match result {
+                    Ok(appended) => {
                         let receipt = Receipt::of(&appended);
-                        // Closed only when the node is gone: nobody is left to deliver to.
-                        let _ = fanout.blocking_send(Fanout { appended, except });
-                        receipt
-                    });
-                    let _ = done.send(receipt);
+                        // Closed only when the node is gone: nobody is left to deliver to, and
+                        // `done` goes with it (the sender hears `Closed`).
+                        let _ = fanout.blocking_send(Fanout {
+                            appended,
+                            except,
+                            done,
+                            receipt,
+                        });
+                    }
+                    Err(error) => {
+                        let _ = done.send(Err(error));
+                    }
                 }),
             )
             .await?;
-        let receipt = committed.await.map_err(|_| StoreError::Closed)??;
-        metrics::counter!("herald_messages_stored_total").increment(1);
-        Ok(receipt)
+        Ok(async move {
+            let receipt = committed.await.map_err(|_| StoreError::Closed)??;
+            metrics::counter!("herald_messages_stored_total").increment(1);
+            Ok(receipt)
+        })
     }
 
     /// Publishes to a room. With `echo` false the publishing connection is skipped. With
@@ -565,6 +594,24 @@ impl Node {
         echo: bool,
         persist: bool,
     ) -> Result<Published, EngineError> {
+        self.publish_queued(from, from_conn, room, content, echo, persist)
+            .await?
+            .await
+    }
+
+    /// [`publish`](Self::publish) in two steps: the message is queued (an ephemeral one is
+    /// already relayed) when this returns, and the returned future resolves once it has
+    /// committed. A connection pipelines its publishes this way, so that its rate is not one
+    /// message per commit (an fsync with `synchronous = "full"`).
+    pub async fn publish_queued(
+        &self,
+        from: &Arc<str>,
+        from_conn: Option<ConnId>,
+        room: &Arc<str>,
+        content: Payload,
+        echo: bool,
+        persist: bool,
+    ) -> Result<Committing<Published>, EngineError> {
         let except = if echo { None } else { from_conn };
         let message = NewMessage {
             id: uuid::Uuid::now_v7().to_string(),
@@ -577,13 +624,14 @@ impl Node {
             self.publish_frame(Channel::Room(room.clone()), frame, except)
                 .await?;
             metrics::counter!("herald_messages_accepted_total", "kind" => "ephemeral").increment(1);
-            return Ok(Published {
+            let published = Published {
                 id: message.id,
                 position: None,
-            });
+            };
+            return Ok(Box::pin(std::future::ready(Ok(published))));
         }
-        let receipt = self
-            .append(
+        let committed = self
+            .append_queued(
                 Append::Room {
                     room: room.clone(),
                     message,
@@ -591,14 +639,16 @@ impl Node {
                 except,
             )
             .await?;
-        let Receipt::Room { id, position } = receipt else {
-            return Err(EngineError::new("store", "a room append returned a direct"));
-        };
-        metrics::counter!("herald_messages_accepted_total", "kind" => "room").increment(1);
-        Ok(Published {
-            id,
-            position: Some(position),
-        })
+        Ok(Box::pin(async move {
+            let Receipt::Room { id, position } = committed.await? else {
+                return Err(EngineError::new("store", "a room append returned a direct"));
+            };
+            metrics::counter!("herald_messages_accepted_total", "kind" => "room").increment(1);
+            Ok(Published {
+                id,
+                position: Some(position),
+            })
+        }))
     }
 
     /// A page of a room's history: the newest `limit` messages older than `before`. The limit
@@ -889,6 +939,7 @@ async fn fan_out(broker: Arc<dyn Broker>, mut queue: mpsc::Receiver<Fanout>) {
                 tracing::warn!(%channel, %error, "fan-out of a stored message failed");
             }
         }
+        let _ = item.done.send(Ok(item.receipt));
     }
 }
 

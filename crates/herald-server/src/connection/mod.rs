@@ -178,7 +178,8 @@ async fn read(start: Box<Start>) -> Option<Session> {
         let frame = tokio::select! {
             biased;
             _ = control.closed() => break,
-            frame = stream.next() => frame,
+            () = session.next_commit(), if session.is_committing() => continue,
+            frame = stream.next(), if session.may_read() => frame,
         };
         let Some(frame) = frame else {
             // A protocol error: the library queued its Close frame (1002, 1007, 1009, …).

@@ -2,8 +2,10 @@
 //! answer with an `ack` or an `error`. The session is owned by the connection's reader task, so
 //! its state (rooms joined, rate limiter) needs no lock.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -40,7 +42,17 @@ pub struct Session {
     limiter: DefaultDirectRateLimiter,
     /// Frames refused by the rate limiter since the last accepted one.
     limited_in_row: u32,
+    /// Persisted publishes queued on the store, oldest first, each answering its request
+    /// once committed (see [`Session::next_commit`]).
+    committing: VecDeque<Answer>,
 }
+
+/// A request's answer still to come, sent by the future itself.
+type Answer = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Most persisted publishes one connection may have waiting for their commit; past this the
+/// reader stops reading until one commits.
+const MAX_PIPELINED: usize = 256;
 
 type Outcome = Result<Option<ServerEvent>, ProtocolError>;
 
@@ -75,6 +87,7 @@ impl Session {
             rooms: HashSet::new(),
             limiter,
             limited_in_row: 0,
+            committing: VecDeque::new(),
         }
     }
 
@@ -129,7 +142,34 @@ impl Session {
         Flow::Continue
     }
 
+    /// True while persisted publishes wait for their commit.
+    pub fn is_committing(&self) -> bool {
+        !self.committing.is_empty()
+    }
+
+    /// Whether the reader may take another request: not while [`MAX_PIPELINED`] publishes wait.
+    pub fn may_read(&self) -> bool {
+        self.committing.len() < MAX_PIPELINED
+    }
+
+    /// Waits for the oldest queued publish to commit and answers it. Publishes commit in the
+    /// order they were queued, so waiting on the oldest is waiting on the next.
+    pub async fn next_commit(&mut self) {
+        if let Some(answer) = self.committing.front_mut() {
+            answer.await;
+            self.committing.pop_front();
+        }
+    }
+
     async fn dispatch(&mut self, request: Request) -> Outcome {
+        // Consecutive persisted publishes are pipelined: the store keeps their order. Anything
+        // else waits for them first, so that requests take effect in the order they came (a
+        // leave after a publish, an ephemeral publish after a stored one, ...).
+        if !matches!(request.body, RequestBody::Publish { persist: true, .. }) {
+            while self.is_committing() {
+                self.next_commit().await;
+            }
+        }
         let id = request.id;
         match request.body {
             RequestBody::Send { to, content } => self.send(id, to, content).await,
@@ -326,9 +366,9 @@ impl Session {
         if !self.identity.may_use_room(&room) {
             return Err(forbidden_room(&room, id));
         }
-        let published = self
+        let committing = self
             .node
-            .publish(
+            .publish_queued(
                 &self.identity.user,
                 Some(self.handle.id()),
                 &room,
@@ -338,19 +378,35 @@ impl Session {
             )
             .await
             .map_err(|e| internal(e, &id))?;
-        Ok(id.map(|reference| {
-            let (offset, epoch) = match published.position {
-                Some(position) => (Some(position.offset.0), Some(position.epoch.0)),
-                None => (None, None),
-            };
-            ServerEvent::Ack(Ack {
-                reference: Some(reference),
-                id: Some(published.id),
-                offset,
-                epoch,
-                ..Ack::default()
-            })
-        }))
+        let handle = self.handle.clone();
+        self.committing.push_back(Box::pin(async move {
+            match committing.await {
+                Ok(published) => {
+                    if let Some(reference) = id {
+                        let (offset, epoch) = match published.position {
+                            Some(position) => (Some(position.offset.0), Some(position.epoch.0)),
+                            None => (None, None),
+                        };
+                        answer(
+                            &handle,
+                            &ServerEvent::Ack(Ack {
+                                reference: Some(reference),
+                                id: Some(published.id),
+                                offset,
+                                epoch,
+                                ..Ack::default()
+                            }),
+                        );
+                    }
+                }
+                Err(error) => answer_error(&handle, internal(error, &id)),
+            }
+        }));
+        if !persist {
+            // Already relayed: answer now, in order with what follows.
+            self.next_commit().await;
+        }
+        Ok(None)
     }
 
     /// A page of a room's history (the token must allow the room; membership is not needed)
@@ -468,17 +524,11 @@ impl Session {
     }
 
     fn reply(&self, event: &ServerEvent) {
-        self.handle.offer(OutFrame::Text(event.encode()));
+        answer(&self.handle, event);
     }
 
     fn reply_error(&self, error: ProtocolError) {
-        metrics::counter!("herald_request_errors_total", "code" => error.code.as_str())
-            .increment(1);
-        self.reply(&ServerEvent::Error(ErrorEvent {
-            code: error.code,
-            message: error.message,
-            reference: error.id,
-        }));
+        answer_error(&self.handle, error);
     }
 
     /// Leaves every room and detaches from the node. Runs once, when the connection ends.
@@ -523,6 +573,22 @@ fn not_member(room: &str, id: Option<String>) -> ProtocolError {
         format!("this connection has not joined room {room:?}"),
         id,
     )
+}
+
+fn answer(handle: &ConnHandle, event: &ServerEvent) {
+    handle.offer(OutFrame::Text(event.encode()));
+}
+
+fn answer_error(handle: &ConnHandle, error: ProtocolError) {
+    metrics::counter!("herald_request_errors_total", "code" => error.code.as_str()).increment(1);
+    answer(
+        handle,
+        &ServerEvent::Error(ErrorEvent {
+            code: error.code,
+            message: error.message,
+            reference: error.id,
+        }),
+    );
 }
 
 fn internal(error: EngineError, id: &Option<String>) -> ProtocolError {

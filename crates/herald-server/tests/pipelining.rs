@@ -1,0 +1,81 @@
+//! A connection's stored publishes are pipelined: it does not wait for one commit (an fsync
+//! with `synchronous = "full"`) before taking its next publish, yet everything keeps its
+//! order. Alone in its test binary: it counts the store's commits, a process-wide metric.
+
+mod common;
+
+use common::{TestServer, content_json};
+use herald_protocol::ServerEvent;
+use serde_json::json;
+
+const BURST: u64 = 40;
+
+#[tokio::test]
+async fn a_burst_of_publishes_shares_commits_and_keeps_its_order() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    alice.join("lobby").await;
+    bob.join("lobby").await;
+    let commits_before = server
+        .scrape()
+        .await
+        .value("herald_store_commit_seconds_count");
+
+    // The whole burst is written before any answer is read; then a leave, which must take
+    // effect after every publish before it.
+    for n in 1..=BURST {
+        alice
+            .send_json(
+                json!({"type": "publish", "id": format!("p{n}"), "room": "lobby", "content": n}),
+            )
+            .await;
+    }
+    alice
+        .send_json(json!({"type": "leave", "id": "bye", "room": "lobby"}))
+        .await;
+
+    let mut offsets: Vec<u64> = Vec::new();
+    loop {
+        let event = alice.next_event().await;
+        match event {
+            ServerEvent::Ack(ack) if ack.reference.as_deref() == Some("bye") => break,
+            ServerEvent::Ack(ack) => {
+                assert_eq!(
+                    ack.reference.as_deref(),
+                    Some(format!("p{}", offsets.len() + 1).as_str()),
+                    "acks come in request order"
+                );
+                offsets.push(ack.offset.expect("a stored message has an offset"));
+            }
+            ServerEvent::Message(_) | ServerEvent::Joined(_) => {}
+            other => panic!("unexpected {other:?} after {offsets:?}"),
+        }
+    }
+    assert_eq!(offsets, (1..=BURST).collect::<Vec<_>>());
+
+    for n in 1..=BURST {
+        let message = match bob.next_event().await {
+            ServerEvent::Message(message) => message,
+            other => panic!("message {n} expected, got {other:?}"),
+        };
+        assert_eq!(content_json(&message), json!(n));
+        assert_eq!(message.offset, Some(n));
+    }
+    // Alice's leave came after her publishes, and so does what Bob sees of it.
+    let left = bob.next_event().await;
+    assert!(
+        matches!(&left, ServerEvent::Left(change) if change.user == "alice"),
+        "{left:?}"
+    );
+
+    let commits = server
+        .scrape()
+        .await
+        .value("herald_store_commit_seconds_count")
+        - commits_before;
+    assert!(
+        commits < BURST as f64,
+        "{BURST} publishes took {commits} commits: each waited for the one before"
+    );
+}
