@@ -495,6 +495,20 @@ impl Node {
         to: Vec<String>,
         content: Payload,
     ) -> Result<DirectOutcome, EngineError> {
+        self.send_direct_queued(from, from_conn, to, content)
+            .await?
+            .await
+    }
+
+    /// [`send_direct`](Self::send_direct) in two steps, as
+    /// [`publish_queued`](Self::publish_queued).
+    pub async fn send_direct_queued(
+        &self,
+        from: &Arc<str>,
+        from_conn: Option<ConnId>,
+        to: Vec<String>,
+        content: Payload,
+    ) -> Result<Committing<DirectOutcome>, EngineError> {
         let online_flags = self.presence.online(&to).await?;
         let (online, offline): (Vec<_>, Vec<_>) =
             to.iter().zip(online_flags).partition(|(_, online)| *online);
@@ -513,8 +527,8 @@ impl Node {
             ts: unix_millis(),
             content,
         };
-        let receipt = self
-            .append(
+        let committed = self
+            .append_queued(
                 Append::Direct {
                     to,
                     recipients,
@@ -523,30 +537,27 @@ impl Node {
                 from_conn,
             )
             .await?;
-        let Receipt::Direct { id, inbox } = receipt else {
-            return Err(EngineError::new("store", "a direct append returned a room"));
-        };
-        metrics::counter!("herald_messages_accepted_total", "kind" => "direct").increment(1);
-        Ok(DirectOutcome {
-            id,
-            online,
-            offline,
-            offsets: inbox
-                .into_iter()
-                .map(|(user, offset)| (user, offset.0))
-                .collect(),
-        })
-    }
-
-    /// Appends to the store and waits for the commit. The commit callback runs on the store's
-    /// writer in commit order (see the module doc) and only queues the message for fan-out.
-    async fn append(&self, append: Append, except: Option<ConnId>) -> Result<Receipt, EngineError> {
-        self.append_queued(append, except).await?.await
+        Ok(Box::pin(async move {
+            let Receipt::Direct { id, inbox } = committed.await? else {
+                return Err(EngineError::new("store", "a direct append returned a room"));
+            };
+            metrics::counter!("herald_messages_accepted_total", "kind" => "direct").increment(1);
+            Ok(DirectOutcome {
+                id,
+                online,
+                offline,
+                offsets: inbox
+                    .into_iter()
+                    .map(|(user, offset)| (user, offset.0))
+                    .collect(),
+            })
+        }))
     }
 
     /// Queues an append on the store (waiting only for room in its queue) and returns what
-    /// resolves once it has committed: appends queued one after another commit, and fan out,
-    /// in that order.
+    /// resolves once it has committed and been handed to the broker: appends queued one after
+    /// another commit, and fan out, in that order. The commit callback runs on the store's
+    /// writer in commit order (see the module doc) and only queues the message for fan-out.
     async fn append_queued(
         &self,
         append: Append,

@@ -79,3 +79,37 @@ async fn a_burst_of_publishes_shares_commits_and_keeps_its_order() {
         "{BURST} publishes took {commits} commits: each waited for the one before"
     );
 }
+
+#[tokio::test]
+async fn a_burst_of_direct_messages_keeps_its_order() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    for n in 1..=BURST {
+        alice
+            .send_json(json!({"type": "send", "id": format!("d{n}"), "to": ["bob"], "content": n}))
+            .await;
+    }
+    alice
+        .send_json(json!({"type": "ping", "id": "after"}))
+        .await;
+    for n in 1..=BURST {
+        match alice.next_event().await {
+            ServerEvent::Ack(ack) => {
+                assert_eq!(
+                    ack.reference,
+                    Some(format!("d{n}")),
+                    "acks come in request order"
+                );
+                assert_eq!(ack.offsets.expect("inbox offsets")["bob"], n);
+            }
+            other => panic!("ack {n} expected, got {other:?}"),
+        }
+    }
+    assert!(matches!(alice.next_event().await, ServerEvent::Pong(_)));
+    for n in 1..=BURST {
+        let message = bob.next_message_event().await;
+        assert_eq!(content_json(&message), json!(n));
+        assert_eq!(message.offset, Some(n));
+    }
+}

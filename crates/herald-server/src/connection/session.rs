@@ -42,15 +42,15 @@ pub struct Session {
     limiter: DefaultDirectRateLimiter,
     /// Frames refused by the rate limiter since the last accepted one.
     limited_in_row: u32,
-    /// Persisted publishes queued on the store, oldest first, each answering its request
-    /// once committed (see [`Session::next_commit`]).
+    /// Stored messages (publishes, direct messages) queued on the store, oldest first, each
+    /// answering its request once committed (see [`Session::next_commit`]).
     committing: VecDeque<Answer>,
 }
 
 /// A request's answer still to come, sent by the future itself.
 type Answer = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Most persisted publishes one connection may have waiting for their commit; past this the
+/// Most stored messages one connection may have waiting for their commit; past this the
 /// reader stops reading until one commits.
 const MAX_PIPELINED: usize = 256;
 
@@ -142,17 +142,17 @@ impl Session {
         Flow::Continue
     }
 
-    /// True while persisted publishes wait for their commit.
+    /// True while stored messages wait for their commit.
     pub fn is_committing(&self) -> bool {
         !self.committing.is_empty()
     }
 
-    /// Whether the reader may take another request: not while [`MAX_PIPELINED`] publishes wait.
+    /// Whether the reader may take another request: not while [`MAX_PIPELINED`] messages wait.
     pub fn may_read(&self) -> bool {
         self.committing.len() < MAX_PIPELINED
     }
 
-    /// Waits for the oldest queued publish to commit and answers it. Publishes commit in the
+    /// Waits for the oldest queued message to commit and answers it. Messages commit in the
     /// order they were queued, so waiting on the oldest is waiting on the next.
     pub async fn next_commit(&mut self) {
         if let Some(answer) = self.committing.front_mut() {
@@ -162,10 +162,14 @@ impl Session {
     }
 
     async fn dispatch(&mut self, request: Request) -> Outcome {
-        // Consecutive persisted publishes are pipelined: the store keeps their order. Anything
-        // else waits for them first, so that requests take effect in the order they came (a
-        // leave after a publish, an ephemeral publish after a stored one, ...).
-        if !matches!(request.body, RequestBody::Publish { persist: true, .. }) {
+        // Consecutive stored messages (publishes, direct messages) are pipelined: the store
+        // keeps their order. Anything else waits for them first, so that requests take effect
+        // in the order they came (a leave after a publish, an ephemeral publish after a stored
+        // one, ...).
+        if !matches!(
+            request.body,
+            RequestBody::Publish { persist: true, .. } | RequestBody::Send { .. }
+        ) {
             while self.is_committing() {
                 self.next_commit().await;
             }
@@ -263,21 +267,33 @@ impl Session {
                 id,
             ));
         }
-        let outcome = self
+        let committing = self
             .node
-            .send_direct(&self.identity.user, Some(self.handle.id()), to, content)
+            .send_direct_queued(&self.identity.user, Some(self.handle.id()), to, content)
             .await
             .map_err(|e| internal(e, &id))?;
-        Ok(id.map(|reference| {
-            ServerEvent::Ack(Ack {
-                reference: Some(reference),
-                id: Some(outcome.id),
-                online: Some(outcome.online),
-                offline: Some(outcome.offline),
-                offsets: Some(outcome.offsets),
-                ..Ack::default()
-            })
-        }))
+        let handle = self.handle.clone();
+        self.committing.push_back(Box::pin(async move {
+            match committing.await {
+                Ok(outcome) => {
+                    if let Some(reference) = id {
+                        answer(
+                            &handle,
+                            &ServerEvent::Ack(Ack {
+                                reference: Some(reference),
+                                id: Some(outcome.id),
+                                online: Some(outcome.online),
+                                offline: Some(outcome.offline),
+                                offsets: Some(outcome.offsets),
+                                ..Ack::default()
+                            }),
+                        );
+                    }
+                }
+                Err(error) => answer_error(&handle, internal(error, &id)),
+            }
+        }));
+        Ok(None)
     }
 
     /// Joins a room. With a recovery the ack goes out first, then the missed messages, then
