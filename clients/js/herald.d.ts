@@ -71,7 +71,7 @@ export interface History {
 }
 
 export declare class HeraldError extends Error {
-  /** The server's error code (`not_member`, `forbidden`, …) or `timeout`, `disconnected`, `closed`, `offline`, `queue_full`, `token`. */
+  /** The server's error code (`not_member`, `forbidden`, …) or `timeout`, `disconnected`, `closed`, `offline`, `queue_full`, `token`, `cancelled` (a join made offline, then left before it went out). */
   code: string;
   ref?: string;
 }
@@ -119,8 +119,13 @@ export declare class HeraldClient {
   send(to: string | string[], content: unknown): Promise<Ack>;
   /** `since`: replay the messages after this offset, of the stream of `epoch` (from an ack or
    * `history`; without it the server cannot tell a recreated stream). Rejoins after a reconnect
-   * send both by themselves. */
+   * send both by themselves. Made offline (or while the room's join is in flight), it sends
+   * nothing of its own: it resolves with the answer to the room's one join after the reconnect,
+   * whose own position wins over `since` for a room joined before. */
   join(room: string, options?: { since?: number; epoch?: string }): Promise<Ack>;
+  /** Later reconnects no longer rejoin the room. Made offline for a room joined (or to be
+   * joined), it sends nothing and resolves at once with an ack without `count`: the server
+   * dropped the old connection's rooms with it. */
   leave(room: string): Promise<Ack>;
   publish(room: string, content: unknown, options?: { echo?: boolean; persist?: boolean }): Promise<Ack>;
   broadcast(content: unknown): Promise<Ack>;

@@ -9,7 +9,9 @@
 // - rejoins every room with the last offset it saw and that offset's epoch, so the server
 //   replays exactly what was missed, or says `recovered: false` when the room's stream was
 //   recreated; acknowledges the inbox; drops duplicate message ids (at-least-once delivery);
-// - queues requests made while offline and sends them once connected again.
+// - queues requests made while offline and sends them once connected again; a join or leave
+//   made offline changes the set of rooms the reconnect joins instead, so each room is joined
+//   once and a room left offline is not joined again.
 //
 // The wire protocol is documented in docs/protocol.md.
 
@@ -56,8 +58,12 @@ export class HeraldClient {
     this.listeners = new Map();
     this.pending = new Map(); // request id -> { resolve, reject, timer }
     this.queue = []; // { id, frame } waiting for the connection
-    // room -> { offset, epoch }: the last offset seen (null before the join's ack) and the epoch
-    // of the stream it belongs to (null until learned: an empty room has none yet).
+    // room -> { offset, epoch, fresh, joining, waiters }: the last offset seen (null before the
+    // join's ack) and the epoch of the stream it belongs to (null until learned: an empty room has
+    // none yet); `fresh` until a join of it has been sent (a join() made offline, whose since and
+    // epoch go out as given); `joining` while a join of it is in flight on this connection;
+    // `waiters`: ids of join() calls that the answer to the next join of the room settles.
+    // Invariant: at most one join per room in flight, so the server never sees a second one.
     this.rooms = new Map();
     this.learningEpoch = new Set(); // rooms with an epoch lookup in flight
     this.seenIds = new Set();
@@ -192,6 +198,7 @@ export class HeraldClient {
 
   onClose(code, reason) {
     this.socket = null;
+    for (const position of this.rooms.values()) position.joining = false;
     this.welcome = null;
     this.clearTimers();
     // Requests in flight may or may not have been carried out; their callers decide. Queued
@@ -306,24 +313,7 @@ export class HeraldClient {
     // publish queued (or made by a 'state' listener) finds its room joined. The server handles
     // one connection's frames in order.
     this.state = 'open';
-    for (const [room, position] of this.rooms) {
-      const join = { type: 'join', room };
-      if (position.offset != null) {
-        // An offset whose epoch was never learned cannot be told from an offset of a recreated
-        // stream, so it is not trusted: since 0 asks for the whole room (the server answers
-        // recovered:false beyond store.max_recovery) and the dedupe drops what was seen.
-        if (position.epoch == null) position.offset = 0;
-        join.since = position.offset;
-        if (position.epoch != null) join.epoch = position.epoch;
-      }
-      // 'rejoined' goes out as its ack is read, before the replayed messages behind it: they
-      // often arrive in the same read, and a promise callback would run only after them.
-      const onAnswer = (ack) => {
-        this.noteJoined(room, ack);
-        this.emit('rejoined', { room, recovered: ack.recovered ?? null, ack });
-      };
-      this.request(join, { queue: false, onAnswer }).catch((error) => this.emit('error', error));
-    }
+    for (const room of this.rooms.keys()) this.sendJoin(room);
     const queued = this.queue;
     this.queue = [];
     for (const { id, frame } of queued) {
@@ -356,6 +346,48 @@ export class HeraldClient {
       }
     }
     this.emit('message', message);
+  }
+
+  /**
+   * Sends the one join of a tracked room: a rejoin from the last offset seen, with its epoch, or
+   * for a room first joined offline (`fresh`) the app's join. Settles the join() calls waiting.
+   */
+  sendJoin(room) {
+    const position = this.rooms.get(room);
+    const rejoin = !position.fresh;
+    const join = { type: 'join', room };
+    if (position.offset != null) {
+      // An offset whose epoch was never learned cannot be told from an offset of a recreated
+      // stream, so a rejoin does not trust it: since 0 asks for the whole room (the server
+      // answers recovered:false beyond store.max_recovery) and the dedupe drops what was seen.
+      if (rejoin && position.epoch == null) position.offset = 0;
+      join.since = position.offset;
+      if (position.epoch != null) join.epoch = position.epoch;
+    }
+    position.fresh = false;
+    position.joining = true;
+    const waiters = () => position.waiters.splice(0);
+    // 'rejoined' goes out as its ack is read, before the replayed messages behind it: they
+    // often arrive in the same read, and a promise callback would run only after them.
+    const onAnswer = (ack) => {
+      position.joining = false;
+      this.noteJoined(room, ack);
+      if (rejoin) this.emit('rejoined', { room, recovered: ack.recovered ?? null, ack });
+      for (const id of waiters()) this.settle(id, { ...ack, ref: id }, null);
+    };
+    this.request(join, { queue: false, onAnswer }).catch((error) => {
+      position.joining = false;
+      // Lost with the connection: the waiters stay for the next connection's join.
+      if (error.code === 'disconnected' || error.code === 'offline') {
+        if (rejoin) this.emit('error', error);
+        return;
+      }
+      // Refused (forbidden, limit_exceeded): a room never joined is not tried again.
+      if (!rejoin && this.rooms.get(room) === position) this.rooms.delete(room);
+      const ids = waiters();
+      for (const id of ids) this.settle(id, null, error);
+      if (ids.length === 0) this.emit('error', error);
+    });
   }
 
   /**
@@ -457,30 +489,37 @@ export class HeraldClient {
    * with the answer as soon as it is read, before the frames that follow it.
    */
   request(body, { queue = true, binary = null, onAnswer = null } = {}) {
-    const id = `c${this.nextId++}`;
+    const { id, promise } = this.expect(body.type, onAnswer);
+    const waiting = this.pending.get(id);
     const frame = binary ? encodeBinary({ ...body, id }, binary) : JSON.stringify({ ...body, id });
-    return new Promise((resolve, reject) => {
+    if (this.state === 'open' && this.sendFrame(frame)) {
+      waiting.sent = true;
+    } else if (!queue) {
+      this.settle(id, null, { code: 'offline', message: 'not connected' });
+    } else if (this.queue.length >= this.options.maxQueued) {
+      this.settle(id, null, { code: 'queue_full', message: 'too many requests queued while offline' });
+    } else {
+      this.queue.push({ id, frame });
+    }
+    return promise;
+  }
+
+  /**
+   * A pending answer under a new id, rejected with `timeout` after requestTimeout. Settled by the
+   * answer to the request sent with that id, or, for a join() folded into its room's join, by
+   * the answer to that join.
+   */
+  expect(type, onAnswer = null) {
+    const id = `c${this.nextId++}`;
+    const promise = new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
         this.queue = this.queue.filter((entry) => entry.id !== id);
-        reject(new HeraldError('timeout', `no answer to ${body.type} within ${this.options.requestTimeout} ms`, id));
+        reject(new HeraldError('timeout', `no answer to ${type} within ${this.options.requestTimeout} ms`, id));
       }, this.options.requestTimeout);
-      const waiting = { resolve, reject, timer, sent: false, onAnswer };
-      this.pending.set(id, waiting);
-      if (this.state === 'open' && this.sendFrame(frame)) {
-        waiting.sent = true;
-        return;
-      }
-      if (!queue) {
-        this.settle(id, null, { code: 'offline', message: 'not connected' });
-        return;
-      }
-      if (this.queue.length >= this.options.maxQueued) {
-        this.settle(id, null, { code: 'queue_full', message: 'too many requests queued while offline' });
-        return;
-      }
-      this.queue.push({ id, frame });
+      this.pending.set(id, { resolve, reject, timer, sent: false, onAnswer });
     });
+    return { id, promise };
   }
 
   /** A direct message to one or more users (every connection of each). */
@@ -492,19 +531,46 @@ export class HeraldClient {
   /**
    * Joins a room; later reconnects rejoin it from the last offset seen, with its epoch.
    * `since` (and the `epoch` it belongs to) asks for the messages after it, as a rejoin does.
+   * Made offline, or while a join of the room is in flight, it sends nothing of its own: it
+   * resolves with the answer to the room's one join (on reconnect, the rejoin, whose own
+   * position then wins over `since`).
    */
   join(room, { since, epoch } = {}) {
-    if (!this.rooms.has(room)) {
-      this.rooms.set(room, { offset: since ?? null, epoch: since != null ? (epoch ?? null) : null });
+    let position = this.rooms.get(room);
+    if (position && this.state === 'open' && !position.joining) {
+      // Joined on this connection: the server answers with the current count (and refuses
+      // `since`, which applies to a new join only).
+      const body = { type: 'join', room };
+      if (since != null) body.since = since;
+      if (since != null && epoch != null) body.epoch = epoch;
+      return this.request(body, { onAnswer: (ack) => this.noteJoined(room, ack) });
     }
-    const body = { type: 'join', room };
-    if (since != null) body.since = since;
-    if (since != null && epoch != null) body.epoch = epoch;
-    return this.request(body, { onAnswer: (ack) => this.noteJoined(room, ack) });
+    if (!position) {
+      const offset = since ?? null;
+      position = { offset, epoch: since != null ? (epoch ?? null) : null, fresh: true, joining: false, waiters: [] };
+      this.rooms.set(room, position);
+    }
+    const { id, promise } = this.expect('join');
+    position.waiters.push(id);
+    if (this.state === 'open' && !position.joining) this.sendJoin(room);
+    return promise;
   }
 
+  /**
+   * Leaves a room; reconnects no longer rejoin it. Made offline, for a room the client had
+   * joined (or was to join), it sends nothing: the server dropped the old connection's rooms
+   * with it. It then resolves at once, with an ack without `count`, and rejects the join() calls
+   * still waiting for the room with `cancelled`.
+   */
   leave(room) {
+    const position = this.rooms.get(room);
     this.rooms.delete(room);
+    if (position && this.state !== 'open') {
+      for (const id of position.waiters.splice(0)) {
+        this.settle(id, null, { code: 'cancelled', message: `left room ${room} before it was joined` });
+      }
+      return Promise.resolve({ type: 'ack', ref: `c${this.nextId++}`, room });
+    }
     return this.request({ type: 'leave', room });
   }
 

@@ -137,6 +137,78 @@ describe('resilience', () => {
     }
   });
 
+  test('joins and leaves made offline: one join per room after the reconnect, none for a room left', async () => {
+    let server = await startServer();
+    const address = server.address;
+    const frames = [];
+    class Recording extends WebSocket {
+      send(data) {
+        if (typeof data === 'string') frames.push(JSON.parse(data));
+        super.send(data);
+      }
+    }
+    const alice = client(server, 'alice', { WebSocket: Recording });
+    const errors = [];
+    alice.on('error', (error) => errors.push(error));
+    const rejoined = [];
+    alice.on('rejoined', ({ room }) => rejoined.push(room));
+    await alice.connect();
+    await alice.join('kept');
+    await alice.join('gone');
+
+    const reconnecting = nextEvent(alice, 'state', ({ state }) => state === 'reconnecting');
+    await server.stop();
+    await reconnecting;
+    const offline = frames.length;
+    const joins = {
+      kept: alice.join('kept', { since: 0 }), // already joined: the rejoin answers it
+      fresh: alice.join('fresh'),
+      since: alice.join('since', { since: 0 }),
+      twice: alice.join('since', { since: 0 }),
+    };
+    const left = alice.leave('gone');
+    // A join left before it went out: rejected at once (observed here, before it settles).
+    const brief = assert.rejects(alice.join('brief'), { code: 'cancelled' });
+    const briefLeft = alice.leave('brief');
+    const back = nextEvent(alice, 'state', ({ state }) => state === 'open');
+
+    server = await startServer({ listen: address });
+    try {
+      await back;
+      const acks = Object.fromEntries(
+        await Promise.all(Object.entries(joins).map(async ([name, join]) => [name, await join])),
+      );
+      assert.equal(acks.kept.room, 'kept');
+      assert.equal(acks.fresh.count, 1);
+      assert.equal(acks.since.recovered, true);
+      assert.equal(acks.twice.room, 'since');
+      assert.equal((await left).room, 'gone');
+      await brief;
+      assert.equal((await briefLeft).room, 'brief');
+
+      const sent = frames.slice(offline);
+      const joined = sent.filter((f) => f.type === 'join').map((f) => f.room);
+      assert.deepEqual(joined.sort(), ['fresh', 'kept', 'since'], 'one join per room, none for a room left');
+      assert.deepEqual(
+        sent.filter((f) => f.type === 'leave'),
+        [],
+        'nothing to leave on a new connection',
+      );
+      assert.deepEqual(rejoined, ['kept'], "'rejoined' only for the room joined before");
+      assert.deepEqual(errors, []);
+
+      const bob = client(server, 'bob');
+      await bob.connect();
+      assert.deepEqual((await bob.members('kept')).users, ['alice']);
+      assert.deepEqual((await bob.members('since')).users, ['alice']);
+      assert.deepEqual((await bob.members('gone')).users, []);
+      assert.deepEqual((await bob.members('brief')).users, []);
+    } finally {
+      closeAll();
+      await server.stop();
+    }
+  });
+
   test('the app-level heartbeat detects a dead link and reconnects once it is back', async () => {
     const server = await startServer();
     try {

@@ -74,7 +74,8 @@ enum Ended {
 enum Waiting {
     /// An application request; its answer may also tell where the client is in a room.
     Caller(Reply, Notes),
-    Rejoin(String),
+    /// A rejoin, and the joins of its room made offline, which its answer answers.
+    Rejoin(String, Vec<Reply>),
     /// A one-entry history page asked for to learn a room's epoch.
     Epoch(String),
     Ignored,
@@ -176,6 +177,38 @@ async fn serve(
     let mut heartbeat = tokio::time::interval(options.heartbeat);
     heartbeat.tick().await;
 
+    // Requests made offline, taken before the rejoins so that each room is joined once: a join
+    // of a room the rejoin joins anyway waits for the rejoin's answer, and a leave of a tracked
+    // room only forgets it (the server dropped the old connection's rooms with it).
+    let mut queued = VecDeque::new();
+    let mut joins: HashMap<String, Vec<Reply>> = HashMap::new();
+    while let Ok(command) = commands.try_recv() {
+        let Command::Request { body, reply } = command else {
+            queued.push_back(command);
+            break;
+        };
+        let room = body["room"].as_str().unwrap_or_default().to_owned();
+        match body["type"].as_str() {
+            Some("join") if memory.rooms.contains_key(&room) => {
+                joins.entry(room).or_default().push(reply);
+            }
+            Some("leave") if memory.rooms.remove(&room).is_some() => {
+                for join in joins.remove(&room).into_iter().flatten() {
+                    let _ = join.send(Err(ClientError::Server {
+                        code: "cancelled".into(),
+                        message: format!("left room {room:?} before it was joined"),
+                    }));
+                }
+                let ack = Ack {
+                    room: Some(room),
+                    ..Ack::default()
+                };
+                let _ = reply.send(Ok(ServerEvent::Ack(ack)));
+            }
+            _ => queued.push_back(Command::Request { body, reply }),
+        }
+    }
+
     let mut rejoins = Vec::new();
     for (room, position) in &mut memory.rooms {
         let mut body = json!({"type": "join", "room": room});
@@ -204,12 +237,18 @@ async fn serve(
         {
             return Ended::Lost;
         }
-        pending.insert(id, Waiting::Rejoin(room));
+        let waiting = joins.remove(&room).unwrap_or_default();
+        pending.insert(id, Waiting::Rejoin(room, waiting));
     }
 
     let ended = loop {
         tokio::select! {
-            command = commands.recv() => match command {
+            command = async {
+                match queued.pop_front() {
+                    Some(command) => Some(command),
+                    None => commands.recv().await,
+                }
+            } => match command {
                 None | Some(Command::Close) => {
                     let _ = socket.close(None).await;
                     break Ended::Final { code: 1000, reason: "client closed".into() };
@@ -280,8 +319,16 @@ async fn serve(
         }
     };
     for (_, waiting) in pending {
-        if let Waiting::Caller(reply, _) = waiting {
-            let _ = reply.send(Err(ClientError::Disconnected));
+        match waiting {
+            Waiting::Caller(reply, _) => {
+                let _ = reply.send(Err(ClientError::Disconnected));
+            }
+            Waiting::Rejoin(_, replies) => {
+                for reply in replies {
+                    let _ = reply.send(Err(ClientError::Disconnected));
+                }
+            }
+            _ => {}
         }
     }
     ended
@@ -342,13 +389,24 @@ async fn handle(
                     };
                     let _ = reply.send(result);
                 }
-                Waiting::Rejoin(room) => match answer {
-                    ServerEvent::Error(error) => {
+                Waiting::Rejoin(room, replies) => match answer {
+                    ServerEvent::Error(error) if replies.is_empty() => {
                         let _ = events.send(Event::Error(error)).await;
+                    }
+                    ServerEvent::Error(error) => {
+                        for reply in replies {
+                            let _ = reply.send(Err(ClientError::Server {
+                                code: error.code.as_str().to_owned(),
+                                message: error.message.clone(),
+                            }));
+                        }
                     }
                     ServerEvent::Ack(ack) => {
                         // Before the replayed messages behind the ack move the offset on.
                         memory.note_joined(&room, &ack);
+                        for reply in replies {
+                            let _ = reply.send(Ok(ServerEvent::Ack(ack.clone())));
+                        }
                         let recovered = ack.recovered;
                         let _ = events.send(Event::Rejoined { room, recovered }).await;
                     }

@@ -146,6 +146,52 @@ async fn after_a_server_restart_the_client_reconnects_and_rejoins_its_rooms() {
     second.stop().await;
 }
 
+#[tokio::test]
+async fn joins_and_leaves_made_offline_give_one_join_per_room_and_no_rejoin_of_a_room_left() {
+    let first = start("127.0.0.1:0".parse().unwrap()).await;
+    let addr = first.addr;
+    let mut alice = first.client("alice").await;
+    alice.join("kept").await.unwrap();
+    alice.join("gone").await.unwrap();
+    let mut state = alice.state();
+    first.stop().await;
+    state
+        .wait_for(|s| matches!(s, State::Reconnecting { .. }))
+        .await
+        .unwrap();
+
+    // Queued while the server is down; the server comes back after they are.
+    let (kept, gone, second) = tokio::join!(
+        alice.request(json!({"type": "join", "room": "kept", "since": 0})),
+        alice.leave("gone"),
+        async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            start(addr).await
+        },
+    );
+    match kept.unwrap() {
+        herald_protocol::ServerEvent::Ack(ack) => assert_eq!(ack.room.as_deref(), Some("kept")),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+    assert_eq!(gone.unwrap().room.as_deref(), Some("gone"));
+    // The server answers in order: by now every rejoin's answer has been read.
+    assert_eq!(alice.members("kept").await.unwrap().users, ["alice"]);
+    assert!(alice.members("gone").await.unwrap().users.is_empty());
+    let mut rejoined = Vec::new();
+    while let Ok(Some(event)) =
+        tokio::time::timeout(Duration::from_millis(200), alice.next_event()).await
+    {
+        match event {
+            Event::Rejoined { room, .. } => rejoined.push(room),
+            Event::Error(error) => panic!("error event: {error:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(rejoined, ["kept"], "one rejoin, none for the room left");
+    alice.close().await;
+    second.stop().await;
+}
+
 /// The server restarts with a fresh data folder, so the room's stream starts again at offset 1
 /// with a new epoch, and gets more messages than Alice had seen before she is back. Her old
 /// offset then points into the new stream: without the epoch the server would replay only what
