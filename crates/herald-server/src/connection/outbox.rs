@@ -111,15 +111,6 @@ impl Outbox {
         self.capacity
     }
 
-    /// How many frames are queued.
-    pub fn len(&self) -> usize {
-        self.lock().frames.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The writer's side: everything queued, or `Pending` until something is. An empty queue is
     /// returned only once the outbox is closed.
     pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<VecDeque<Outgoing>> {
@@ -150,6 +141,12 @@ impl Outbox {
     #[cfg(test)]
     pub fn pop(&self) -> Option<Outgoing> {
         self.lock().frames.pop_front()
+    }
+
+    /// How many frames are queued.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().frames.len()
     }
 
     /// Keeps the writer from taking frames until [`release`](Self::release): what is queued
@@ -216,7 +213,7 @@ mod tests {
         outbox.push(frame("b")).unwrap();
         assert_eq!(outbox.push(frame("c")).unwrap_err().0, Refused::Full);
         outbox.close();
-        assert!(outbox.is_empty(), "close drops what was queued");
+        assert_eq!(outbox.len(), 0, "close drops what was queued");
         assert_eq!(outbox.push(frame("d")).unwrap_err().0, Refused::Closed);
     }
 

@@ -24,7 +24,7 @@ use crate::delivery::OutFrame;
 use crate::engine::EngineError;
 use crate::engine::store::{Epoch, Offset, StoreError};
 use crate::hub::ConnHandle;
-use crate::node::{Node, Recovery};
+use crate::node::{Committing, Node, Published, Recovery};
 
 /// What the reader does after a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +161,27 @@ impl Session {
         }
     }
 
+    /// Queues the answer to a stored message's request: `ack` once it has committed (when the
+    /// request has an `id`), or the error. Answered in order by [`next_commit`](Self::next_commit).
+    fn answer_when_committed<T: Send + 'static>(
+        &mut self,
+        committing: Committing<T>,
+        id: Option<String>,
+        ack: impl FnOnce(String, T) -> ServerEvent + Send + 'static,
+    ) {
+        let handle = self.handle.clone();
+        self.committing.push_back(Box::pin(async move {
+            match committing.await {
+                Ok(done) => {
+                    if let Some(reference) = id {
+                        answer(&handle, &ack(reference, done));
+                    }
+                }
+                Err(error) => answer_error(&handle, internal(error, &id)),
+            }
+        }));
+    }
+
     async fn dispatch(&mut self, request: Request) -> Outcome {
         // Consecutive stored messages (publishes, direct messages) are pipelined: the store
         // keeps their order. Anything else waits for them first, so that requests take effect
@@ -272,27 +293,16 @@ impl Session {
             .send_direct_queued(&self.identity.user, Some(self.handle.id()), to, content)
             .await
             .map_err(|e| internal(e, &id))?;
-        let handle = self.handle.clone();
-        self.committing.push_back(Box::pin(async move {
-            match committing.await {
-                Ok(outcome) => {
-                    if let Some(reference) = id {
-                        answer(
-                            &handle,
-                            &ServerEvent::Ack(Ack {
-                                reference: Some(reference),
-                                id: Some(outcome.id),
-                                online: Some(outcome.online),
-                                offline: Some(outcome.offline),
-                                offsets: Some(outcome.offsets),
-                                ..Ack::default()
-                            }),
-                        );
-                    }
-                }
-                Err(error) => answer_error(&handle, internal(error, &id)),
-            }
-        }));
+        self.answer_when_committed(committing, id, |reference, outcome| {
+            ServerEvent::Ack(Ack {
+                reference: Some(reference),
+                id: Some(outcome.id),
+                online: Some(outcome.online),
+                offline: Some(outcome.offline),
+                offsets: Some(outcome.offsets),
+                ..Ack::default()
+            })
+        });
         Ok(None)
     }
 
@@ -394,34 +404,12 @@ impl Session {
             )
             .await
             .map_err(|e| internal(e, &id))?;
-        let handle = self.handle.clone();
-        self.committing.push_back(Box::pin(async move {
-            match committing.await {
-                Ok(published) => {
-                    if let Some(reference) = id {
-                        let (offset, epoch) = match published.position {
-                            Some(position) => (Some(position.offset.0), Some(position.epoch.0)),
-                            None => (None, None),
-                        };
-                        answer(
-                            &handle,
-                            &ServerEvent::Ack(Ack {
-                                reference: Some(reference),
-                                id: Some(published.id),
-                                offset,
-                                epoch,
-                                ..Ack::default()
-                            }),
-                        );
-                    }
-                }
-                Err(error) => answer_error(&handle, internal(error, &id)),
-            }
-        }));
         if !persist {
-            // Already relayed: answer now, in order with what follows.
-            self.next_commit().await;
+            // Already relayed (and nothing is in flight: see `dispatch`): answer now.
+            let published = committing.await.map_err(|e| internal(e, &id))?;
+            return Ok(id.map(|reference| publish_ack(reference, published)));
         }
+        self.answer_when_committed(committing, id, publish_ack);
         Ok(None)
     }
 
@@ -589,6 +577,20 @@ fn not_member(room: &str, id: Option<String>) -> ProtocolError {
         format!("this connection has not joined room {room:?}"),
         id,
     )
+}
+
+fn publish_ack(reference: String, published: Published) -> ServerEvent {
+    let (offset, epoch) = match published.position {
+        Some(position) => (Some(position.offset.0), Some(position.epoch.0)),
+        None => (None, None),
+    };
+    ServerEvent::Ack(Ack {
+        reference: Some(reference),
+        id: Some(published.id),
+        offset,
+        epoch,
+        ..Ack::default()
+    })
 }
 
 fn answer(handle: &ConnHandle, event: &ServerEvent) {

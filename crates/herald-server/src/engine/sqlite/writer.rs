@@ -268,10 +268,13 @@ impl Writer {
     /// Updates [`UnackedInboxes`] for every inbox the committed batch touched, from the
     /// streams' states after it (appends run before acks in a batch).
     fn mark_unacked(&mut self, appended: &[Appended], acks: &[PendingAck]) {
-        let recipients = appended.iter().flat_map(|appended| match appended {
-            Appended::Direct { inbox, .. } => inbox.iter().map(|(user, _)| user.as_str()).collect(),
-            Appended::Room { .. } => Vec::new(),
-        });
+        let recipients = appended
+            .iter()
+            .flat_map(|appended| match appended {
+                Appended::Direct { inbox, .. } => inbox.as_slice(),
+                Appended::Room { .. } => &[],
+            })
+            .map(|(user, _)| user.as_str());
         let mut name = String::new();
         for user in recipients.chain(acks.iter().map(|(user, _, _)| user.as_str())) {
             inbox_name(&mut name, user);
