@@ -517,7 +517,7 @@ mod tests {
 
     fn handle(id: u64, user: &str, queue: usize) -> (ConnHandle, Arc<Outbox>, Arc<ConnControl>) {
         let outbox = Arc::new(Outbox::new(queue));
-        let signal = Arc::new(ConnControl::new(tokio_util::sync::CancellationToken::new()));
+        let signal = Arc::new(ConnControl::new());
         (
             ConnHandle::new(ConnId(id), user.into(), outbox.clone(), signal.clone()),
             outbox,

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use herald_protocol::{Message, Payload, PresenceChange, ServerEvent};
+use herald_protocol::{CloseCode, Message, Payload, PresenceChange, ServerEvent};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -63,7 +63,7 @@ pub struct Node {
     /// The last pruning pass's report.
     pruned: watch::Sender<PruneReport>,
     conn_ids: ConnIds,
-    /// Cancelled when the node shuts down; every connection's token is a child of it.
+    /// Cancelled when the node shuts down ([`Node::shut_down`]).
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for their close frames to go out.
     pub tasks: TaskTracker,
@@ -175,6 +175,8 @@ pub enum ConnectError {
     Limit(#[from] RegisterError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error("the node is shutting down")]
+    ShuttingDown,
 }
 
 impl Node {
@@ -295,6 +297,12 @@ impl Node {
             limits.max_connections,
             limits.max_connections_per_user,
         )?;
+        // Checked after registering: `shut_down` closes every connection it finds registered
+        // after it cancels, so a connection either is found there or sees the cancel here.
+        if self.shutdown.is_cancelled() {
+            self.release(handle).await;
+            return Err(ConnectError::ShuttingDown);
+        }
         let channel = Channel::User(handle.user().clone());
         let attached = async {
             if first_local {
@@ -798,6 +806,16 @@ impl Node {
     /// Every room with users in it, on every node, sorted by name.
     pub async fn rooms(&self) -> Result<Vec<RoomCount>, EngineError> {
         self.presence.rooms().await
+    }
+
+    /// Begins shutdown: every connection is asked to close with 1001 (reconnect elsewhere).
+    /// Connections registering meanwhile are refused with the same code (see `attach`), and
+    /// those still authenticating watch [`Node::shutdown`] themselves.
+    pub fn shut_down(&self) {
+        self.shutdown.cancel();
+        for handle in self.hub.snapshot() {
+            handle.close(CloseReason::Send(CloseCode::GOING_AWAY));
+        }
     }
 
     /// Marks the node as shutting down: it stays up, but `/ready` fails.

@@ -132,7 +132,7 @@ async fn serve(
         connections = node.hub.connection_count(),
         "shutting down: closing every connection with 1001"
     );
-    node.shutdown.cancel();
+    node.shut_down();
     node.tasks.close();
     http_tasks.close();
     let grace = node.config.server.shutdown_grace;

@@ -21,3 +21,34 @@ async fn graceful_shutdown_sends_1001_to_every_client() {
     }
     stopped.await.unwrap();
 }
+
+/// A connection still waiting for its `auth` message is in no room or user index yet: shutdown
+/// reaches it through the node's shutdown signal, with the same 1001.
+#[tokio::test]
+async fn graceful_shutdown_sends_1001_to_a_connection_still_authenticating() {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let server = TestServer::start().await;
+    let request = server.url("/ws").into_client_request().unwrap();
+    let mut pending = common::handshake(request)
+        .await
+        .expect("pending handshake accepted");
+    let mut authenticated = server.connect("a").await;
+    let stopped = tokio::spawn(server.stop());
+    let close = loop {
+        let message = tokio::time::timeout(common::EVENT_TIMEOUT, pending.next())
+            .await
+            .expect("a close frame in time");
+        match message {
+            Some(Ok(Message::Close(Some(frame)))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.code, CloseCode::Away);
+    let close = authenticated.expect_close().await.expect("a close frame");
+    assert_eq!(close.code, CloseCode::Away);
+    stopped.await.unwrap();
+}

@@ -1,15 +1,17 @@
 //! The control block a connection's reader, writer and hub handle share: the one-shot close
-//! request with its reason, the time of the last frame received (for the heartbeat), the
+//! request with its reason (and the wakers of the reader and writer waiting for it), the time of the last frame received (for the heartbeat), the
 //! connection's expiry (the auth deadline of a pending connection, or its token's `exp`), and
 //! the traffic counters the server API reports. The writer turns the times into its one
 //! deadline.
 
+use std::future::{Future, poll_fn};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::task::AtomicWaker;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use herald_protocol::CloseCode;
 
@@ -93,11 +95,20 @@ pub struct Expiry {
     pub kind: ExpiryKind,
 }
 
+/// Which side of the connection waits for its close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Reader,
+    Writer,
+}
+
 pub struct ConnControl {
-    /// A child of the node's shutdown token: shutdown cancels every connection at once, and a
-    /// cancel with no reason set means exactly that (close 1001).
-    token: CancellationToken,
     reason: OnceLock<CloseReason>,
+    /// Woken when the close is asked, one per [`Side`]. Two wakers rather than a cancellation
+    /// token: a token's waiter future (96 bytes) would live in every idle reader and writer,
+    /// and a child of the node's token costs an allocation and a lock on the parent per
+    /// connection. Shutdown instead closes every registered connection (`Node::shut_down`).
+    wakers: [AtomicWaker; 2],
     started: Instant,
     /// Milliseconds after `started` when the last frame arrived.
     last_seen_ms: AtomicU64,
@@ -111,11 +122,17 @@ pub struct ConnControl {
 const KIND_SHIFT: u32 = 62;
 const MS_MASK: u64 = (1 << KIND_SHIFT) - 1;
 
+impl Default for ConnControl {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ConnControl {
-    pub fn new(token: CancellationToken) -> Self {
+    pub fn new() -> Self {
         ConnControl {
-            token,
             reason: OnceLock::new(),
+            wakers: [AtomicWaker::new(), AtomicWaker::new()],
             started: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
             stats: ConnStats::new(),
@@ -156,21 +173,37 @@ impl ConnControl {
     /// Asks the connection to close. The first reason wins; returns whether this call set it.
     pub fn close(&self, reason: CloseReason) -> bool {
         let first = self.reason.set(reason).is_ok();
-        self.token.cancel();
+        if first {
+            self.wakers.iter().for_each(AtomicWaker::wake);
+        }
         first
+    }
+
+    /// Whether a close was asked.
+    pub fn is_closing(&self) -> bool {
+        self.reason.get().is_some()
     }
 
     pub fn reason(&self) -> Option<CloseReason> {
         self.reason.get().cloned()
     }
 
-    /// Resolves once the connection is asked to close, with the reason.
-    pub async fn closed(&self) -> CloseReason {
-        self.token.cancelled().await;
-        self.reason
-            .get()
-            .cloned()
-            .unwrap_or(CloseReason::Send(CloseCode::GOING_AWAY))
+    /// Resolves once the connection is asked to close, with the reason. One waiter per side:
+    /// a second waiter on the same side would take the first one's place.
+    pub fn closed(&self, side: Side) -> impl Future<Output = CloseReason> + '_ {
+        poll_fn(move |cx| self.poll_closed(side, cx))
+    }
+
+    fn poll_closed(&self, side: Side, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        if let Some(reason) = self.reason.get() {
+            return Poll::Ready(reason.clone());
+        }
+        self.wakers[side as usize].register(cx.waker());
+        // Checked again: a close between the first check and the registration woke no one.
+        match self.reason.get() {
+            Some(reason) => Poll::Ready(reason.clone()),
+            None => Poll::Pending,
+        }
     }
 
     /// Records that a frame arrived.
@@ -193,7 +226,8 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The monotonic instant matching a Unix-milliseconds time (now, if it is already past).
-pub fn instant_at(unix_ms_then: u64) -> Instant {
-    Instant::now() + Duration::from_millis(unix_ms_then.saturating_sub(unix_ms()))
+/// The monotonic instant matching a Unix-milliseconds time, given the monotonic `now`: `now`
+/// itself once that time has passed, so a caller comparing with its `now` sees it due.
+pub fn instant_at(now: Instant, unix_ms_then: u64) -> Instant {
+    now + Duration::from_millis(unix_ms_then.saturating_sub(unix_ms()))
 }

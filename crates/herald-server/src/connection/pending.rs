@@ -14,7 +14,7 @@ use herald_protocol::request::parse_text;
 use herald_protocol::{CloseCode, ErrorCode, ErrorEvent, Request, RequestBody, ServerEvent};
 use yawc::{Frame, OpCode};
 
-use super::control::{CloseReason, ConnControl};
+use super::control::{CloseReason, ConnControl, Side};
 use super::flush_library_close;
 use crate::auth::Identity;
 use crate::delivery::OutFrame;
@@ -109,7 +109,12 @@ where
     loop {
         let frame = tokio::select! {
             biased;
-            _ = control.closed() => return None,
+            _ = control.closed(Side::Reader) => return None,
+            // A connection not registered yet: shutdown reaches it here, not through the hub.
+            _ = node.shutdown.cancelled() => {
+                control.close(CloseReason::Send(CloseCode::GOING_AWAY));
+                return None;
+            }
             frame = stream.next() => frame,
         };
         let Some(frame) = frame else {

@@ -17,7 +17,7 @@ use futures::{Sink, SinkExt};
 use tokio::time::{Instant, sleep_until, timeout};
 use yawc::{Frame, WebSocketError};
 
-use super::control::{CloseReason, ConnControl, ExpiryKind, instant_at};
+use super::control::{CloseReason, ConnControl, Expiry, ExpiryKind, Side, instant_at};
 use super::outbox::Outbox;
 use crate::delivery::{OutFrame, Outgoing};
 use crate::metrics::HOT;
@@ -35,97 +35,159 @@ pub struct Timing {
     pub refresh_notice: Duration,
 }
 
-pub async fn run<S>(mut sink: S, outbox: Arc<Outbox>, control: Arc<ConnControl>, timing: Timing)
+/// Runs the writer until the connection has closed.
+///
+/// A function returning an `async` block rather than an `async fn`: an `async fn` keeps its
+/// arguments twice for its whole life (as arguments and as the locals they move into), and
+/// this future is what an idle connection holds.
+#[allow(clippy::manual_async_fn)] // on purpose, see above
+pub fn run<S>(
+    mut sink: S,
+    outbox: Arc<Outbox>,
+    control: Arc<ConnControl>,
+    timing: Timing,
+) -> impl Future<Output = ()> + Send
 where
-    S: Sink<Frame, Error = WebSocketError> + Unpin,
+    S: Sink<Frame, Error = WebSocketError> + Unpin + Send,
 {
-    let silence_limit = timing.heartbeat * 2;
-    let mut next_ping = Instant::now() + timing.heartbeat;
-    // The token expiry a refresh notice was already sent for.
-    let mut noticed_expiry = None;
-    // Both futures live across iterations: creating them per message registered a
-    // cancellation waiter and a timer, then removed both, for every frame sent (about 5% of
-    // the server's CPU in a fan-out profile).
-    let closed = control.closed();
-    tokio::pin!(closed);
-    let wake = sleep_until(next_ping);
-    tokio::pin!(wake);
-    let reason = loop {
-        let silent_until = control.last_seen() + silence_limit;
-        let expiry = control.expiry();
-        let expires_at = expiry.map(|e| instant_at(e.at_unix_ms));
-        let notice_at = match expiry {
-            Some(e) if e.kind == ExpiryKind::TokenExpiry && noticed_expiry != Some(e) => {
-                expires_at.map(|at| at.checked_sub(timing.refresh_notice).unwrap_or(at))
+    async move {
+        let mut clock = Clock::new(timing);
+        // Both futures live across iterations: creating them per message registered a
+        // cancellation waiter and a timer, then removed both, for every frame sent (about 5% of
+        // the server's CPU in a fan-out profile).
+        let closed = control.closed(Side::Writer);
+        tokio::pin!(closed);
+        let wake = sleep_until(clock.next_ping);
+        tokio::pin!(wake);
+        let reason = loop {
+            let deadline = clock.deadline(&control);
+            if wake.deadline() != deadline {
+                wake.as_mut().reset(deadline);
             }
-            _ => None,
+            tokio::select! {
+                biased;
+                reason = &mut closed => break reason,
+                frames = outbox.take() => {
+                    if frames.is_empty() {
+                        break CloseReason::PeerGone; // the outbox was closed
+                    }
+                    // Boxed, like the Ping below: an allocation per batch written, so that an idle
+                    // writer's future does not keep room for a write in progress.
+                    let written = tokio::select! {
+                        written = Box::pin(write_batch(&mut sink, frames, &control)) => written,
+                        // The socket is not draining and someone asked to close: give up on it.
+                        _ = &mut closed => return,
+                    };
+                    if written.is_err() {
+                        break CloseReason::PeerGone;
+                    }
+                }
+                _ = &mut wake => {
+                    let frame = match clock.due(&control, Instant::now()) {
+                        Due::Close(code) => break CloseReason::Send(code),
+                        Due::Send(frame) => frame,
+                        // The expiry moved (a refresh): recompute the deadline.
+                        Due::Nothing => continue,
+                    };
+                    let sent = tokio::select! {
+                        sent = Box::pin(sink.send(frame)) => sent,
+                        _ = &mut closed => return,
+                    };
+                    if sent.is_err() {
+                        break CloseReason::PeerGone;
+                    }
+                }
+            }
         };
-        let deadline = [Some(next_ping), Some(silent_until), expires_at, notice_at]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(next_ping);
-        if wake.deadline() != deadline {
-            wake.as_mut().reset(deadline);
+        // Tell the reader (and the hub) too, in case the writer decided.
+        control.close(reason.clone());
+        // Boxed: it runs once, at the end, and would otherwise add its size to every idle writer.
+        let _ = Box::pin(timeout(CLOSE_WAIT, close(&mut sink, &outbox, reason))).await;
+        outbox.close();
+    }
+}
+
+/// The writer's timekeeping: when to ping, when the peer's silence, the token's expiry or its
+/// refresh notice is due. Everything else is read from the [`ConnControl`] at each wake-up, so
+/// an idle writer keeps only this across its await.
+struct Clock {
+    timing: Timing,
+    next_ping: Instant,
+    /// The token expiry a refresh notice was already sent for.
+    noticed_expiry: Option<Expiry>,
+}
+
+/// What a wake-up of the writer's deadline calls for.
+enum Due {
+    Close(CloseCode),
+    Send(Frame),
+    Nothing,
+}
+
+impl Clock {
+    fn new(timing: Timing) -> Self {
+        Clock {
+            timing,
+            next_ping: Instant::now() + timing.heartbeat,
+            noticed_expiry: None,
         }
-        tokio::select! {
-            biased;
-            reason = &mut closed => break reason,
-            frames = outbox.take() => {
-                if frames.is_empty() {
-                    break CloseReason::PeerGone; // the outbox was closed
-                }
-                // Boxed, like the Ping below: an allocation per batch written, so that an idle
-                // writer's future does not keep room for a write in progress.
-                let written = tokio::select! {
-                    written = Box::pin(write_batch(&mut sink, frames, &control)) => written,
-                    // The socket is not draining and someone asked to close: give up on it.
-                    _ = &mut closed => return,
-                };
-                if written.is_err() {
-                    break CloseReason::PeerGone;
-                }
+    }
+
+    fn silent_until(&self, control: &ConnControl) -> Instant {
+        control.last_seen() + self.timing.heartbeat * 2
+    }
+
+    /// The connection's expiry with its instant, and when its refresh notice is due (none once
+    /// sent, and none for an auth deadline).
+    fn expiry(
+        &self,
+        control: &ConnControl,
+        now: Instant,
+    ) -> Option<(Expiry, Instant, Option<Instant>)> {
+        let expiry = control.expiry()?;
+        let at = instant_at(now, expiry.at_unix_ms);
+        let notice_at = (expiry.kind == ExpiryKind::TokenExpiry
+            && self.noticed_expiry != Some(expiry))
+        .then(|| at.checked_sub(self.timing.refresh_notice).unwrap_or(at));
+        Some((expiry, at, notice_at))
+    }
+
+    /// The earliest moment something is due.
+    fn deadline(&self, control: &ConnControl) -> Instant {
+        let mut deadline = self.next_ping.min(self.silent_until(control));
+        if let Some((_, at, notice_at)) = self.expiry(control, Instant::now()) {
+            deadline = deadline.min(notice_at.unwrap_or(at)).min(at);
+        }
+        deadline
+    }
+
+    /// What is due at `now`; a Ping or a refresh notice counts as sent.
+    fn due(&mut self, control: &ConnControl, now: Instant) -> Due {
+        if now >= self.silent_until(control) {
+            return Due::Close(CloseCode::HEARTBEAT_TIMEOUT);
+        }
+        let expiry = self.expiry(control, now);
+        if let Some((expiry, at, notice_at)) = expiry {
+            if now >= at {
+                return Due::Close(match expiry.kind {
+                    ExpiryKind::AuthDeadline => CloseCode::AUTH_TIMEOUT,
+                    ExpiryKind::TokenExpiry => CloseCode::TOKEN_EXPIRED,
+                });
             }
-            _ = &mut wake => {
-                let now = Instant::now();
-                if now >= control.last_seen() + silence_limit {
-                    break CloseReason::Send(CloseCode::HEARTBEAT_TIMEOUT);
-                }
-                if let (Some(expiry), Some(at)) = (expiry, expires_at)
-                    && now >= at
-                    && control.expiry() == Some(expiry)
-                {
-                    break CloseReason::Send(match expiry.kind {
-                        ExpiryKind::AuthDeadline => CloseCode::AUTH_TIMEOUT,
-                        ExpiryKind::TokenExpiry => CloseCode::TOKEN_EXPIRED,
-                    });
-                }
-                let frame = if notice_at.is_some_and(|at| now >= at) {
-                    noticed_expiry = expiry;
-                    let expires_in = expires_at.map_or(0, |at| at.saturating_duration_since(now).as_secs());
-                    Frame::text(ServerEvent::Refresh(RefreshNotice { expires_in }).encode())
-                } else if now >= next_ping {
-                    next_ping = now + timing.heartbeat;
-                    Frame::ping(bytes::Bytes::new())
-                } else {
-                    // The expiry moved (a refresh): recompute the deadline.
-                    continue;
-                };
-                let sent = tokio::select! {
-                    sent = Box::pin(sink.send(frame)) => sent,
-                    _ = &mut closed => return,
-                };
-                if sent.is_err() {
-                    break CloseReason::PeerGone;
-                }
+            if notice_at.is_some_and(|notice_at| now >= notice_at) {
+                self.noticed_expiry = Some(expiry);
+                let expires_in = at.saturating_duration_since(now).as_secs();
+                return Due::Send(Frame::text(
+                    ServerEvent::Refresh(RefreshNotice { expires_in }).encode(),
+                ));
             }
         }
-    };
-    // Tell the reader (and the hub) too, in case the writer decided.
-    control.close(reason.clone());
-    // Boxed: it runs once, at the end, and would otherwise add its size to every idle writer.
-    let _ = Box::pin(timeout(CLOSE_WAIT, close(&mut sink, &outbox, reason))).await;
-    outbox.close();
+        if now >= self.next_ping {
+            self.next_ping = now + self.timing.heartbeat;
+            return Due::Send(Frame::ping(bytes::Bytes::new()));
+        }
+        Due::Nothing
+    }
 }
 
 async fn write_batch<S>(
@@ -202,4 +264,78 @@ where
         CloseReason::PeerGone => sink.flush().await?,
     }
     sink.close().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connection::control::unix_ms;
+
+    const TIMING: Timing = Timing {
+        heartbeat: Duration::from_secs(25),
+        refresh_notice: Duration::from_secs(30),
+    };
+
+    fn expiring(kind: ExpiryKind, at_unix_ms: u64) -> ConnControl {
+        let control = ConnControl::new();
+        control.set_expiry(Some(Expiry { at_unix_ms, kind }));
+        control
+    }
+
+    fn closes_with(due: Due) -> Option<CloseCode> {
+        match due {
+            Due::Close(code) => Some(code),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn an_auth_deadline_just_past_closes_with_4101() {
+        let control = expiring(ExpiryKind::AuthDeadline, unix_ms());
+        let mut clock = Clock::new(TIMING);
+        let now = Instant::now();
+        assert!(clock.deadline(&control) <= now + Duration::from_millis(1));
+        assert_eq!(
+            closes_with(clock.due(&control, now)),
+            Some(CloseCode::AUTH_TIMEOUT)
+        );
+    }
+
+    #[test]
+    fn a_token_gets_one_refresh_notice_then_expires_with_4100() {
+        let control = expiring(ExpiryKind::TokenExpiry, unix_ms() + 10_000);
+        let mut clock = Clock::new(TIMING);
+        let now = Instant::now();
+        // Within `refresh_notice` of the expiry: the notice is due at once, and only once.
+        assert!(
+            matches!(clock.due(&control, now), Due::Send(frame) if frame.opcode() == yawc::OpCode::Text)
+        );
+        assert!(matches!(clock.due(&control, now), Due::Nothing));
+        assert!(clock.deadline(&control) > now + Duration::from_secs(9));
+        control.set_expiry(Some(Expiry {
+            at_unix_ms: unix_ms(),
+            kind: ExpiryKind::TokenExpiry,
+        }));
+        assert_eq!(
+            closes_with(clock.due(&control, Instant::now())),
+            Some(CloseCode::TOKEN_EXPIRED)
+        );
+    }
+
+    #[test]
+    fn pings_follow_the_heartbeat_and_silence_closes_with_4000() {
+        let control = ConnControl::new();
+        let start = Instant::now();
+        let mut clock = Clock::new(TIMING);
+        assert!(matches!(clock.due(&control, start), Due::Nothing));
+        let ping_at = clock.deadline(&control);
+        assert!(ping_at >= start + TIMING.heartbeat);
+        assert!(
+            matches!(clock.due(&control, ping_at), Due::Send(frame) if frame.opcode() == yawc::OpCode::Ping)
+        );
+        assert_eq!(
+            closes_with(clock.due(&control, start + TIMING.heartbeat * 2)),
+            Some(CloseCode::HEARTBEAT_TIMEOUT)
+        );
+    }
 }

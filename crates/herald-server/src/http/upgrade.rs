@@ -98,9 +98,9 @@ fn accept(
     // captures (for its whole life, even once moved out) or holds across an await. So it
     // captures one box, freed once upgraded, holding the upgrade future and what the
     // connection starts with; and the WebSocket leaves the `match` before the long await.
-    let start = Box::new((Box::pin(upgrade), node, admission, rooms));
+    let start = Box::new((Box::pin(upgrade), handshake_timeout, node, admission, rooms));
     tasks.spawn(async move {
-        let (upgrade, node, admission, rooms) = *start;
+        let (upgrade, handshake_timeout, node, admission, rooms) = *start;
         let ws = match tokio::time::timeout(handshake_timeout, upgrade).await {
             Ok(Ok(ws)) => ws,
             Ok(Err(error)) => return tracing::debug!(%error, "upgrade failed"),
