@@ -18,6 +18,14 @@ use herald_server::config::{Config, LogFormat};
 use herald_server::tls::ServerTls;
 use herald_server::{embedded_node, server, telemetry};
 
+/// jemalloc rather than the system allocator: an idle connection is a few dozen small
+/// allocations made while thousands of handshakes come and go, and glibc's per-chunk headers,
+/// its 128-byte-aligned blocks (tokio tasks) and the holes handshakes leave between live
+/// objects cost ~0.4 KiB per idle connection more (`docs/benchmarks.md`, idle memory).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Herald: real-time messaging over WebSocket.
 ///
 /// Run `herald serve` to start a server on 127.0.0.1:8080 with embedded engines (no setup), and
