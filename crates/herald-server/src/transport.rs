@@ -46,11 +46,13 @@ use crate::config::{CompressionConfig, WINDOW_BITS};
 pub type Socket = ServerSocket<TokioIo<Upgraded>>;
 
 /// Socket buffer sizes, small because most connections are idle most of the time. The read
-/// buffer must exist while waiting for data; 512 bytes holds a typical client request whole,
-/// and it grows for a larger frame and shrinks back after it. The write buffer starts empty
+/// buffer must exist while waiting for data; 256 bytes holds a typical client request whole
+/// (a chat message, a join, an ack), and it grows for a larger frame and shrinks back after
+/// it. 512 cost every idle connection a quarter of a KiB more; `docs/benchmarks.md` gives
+/// what a larger frame pays for the regrowth. The write buffer starts empty
 /// and grows with what is written (an idle connection has been sent only its `welcome`);
 /// yawc gives back what grew past its backpressure boundary (8 KiB) after each flush.
-const READ_BUFFER_BYTES: usize = 512;
+const READ_BUFFER_BYTES: usize = 256;
 const WRITE_BUFFER_BYTES: usize = 0;
 
 /// The window size deflate uses when nothing smaller was agreed.
