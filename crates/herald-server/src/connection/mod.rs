@@ -52,10 +52,11 @@ pub enum Admission {
 /// An idle connection's task holds this future for its whole life, and a future reserves room
 /// for the largest of its await points all along, and for its arguments too, even once they
 /// are moved out. So the WebSocket is split (moved behind the halves' shared pointer) before
-/// any async body, the reader's arguments arrive in one box, the stages are chained as
-/// combinators (an `async` block would keep both halves twice, as captures and as the joined
-/// future), and the rarely running awaits (authentication, connecting, joining, requests,
-/// cleanup) are boxed, allocated only while they run.
+/// any async body, the stages are chained as combinators (an `async` block would keep both
+/// halves twice, as captures and as the joined future), admission (authentication,
+/// registration, the initial joins) runs once in its own box before the request loop, and the
+/// rarely running awaits of the loop (requests, cleanup) are boxed, allocated only while they
+/// run.
 pub fn serve(
     ws: Socket,
     node: Arc<Node>,
