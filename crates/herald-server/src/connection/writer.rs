@@ -50,8 +50,9 @@ pub fn run<S>(
 where
     S: Sink<Frame, Error = WebSocketError> + Unpin + Send,
 {
+    // Made here, not in the block: a value moved from a capture to a local keeps both slots.
+    let mut clock = Clock::new(timing);
     async move {
-        let mut clock = Clock::new(timing);
         // Both futures live across iterations: creating them per message registered a
         // cancellation waiter and a timer, then removed both, for every frame sent (about 5% of
         // the server's CPU in a fan-out profile).
@@ -60,9 +61,11 @@ where
         let wake = sleep_until(clock.next_ping);
         tokio::pin!(wake);
         let reason = loop {
-            let deadline = clock.deadline(&control);
-            if wake.deadline() != deadline {
-                wake.as_mut().reset(deadline);
+            {
+                let deadline = clock.deadline(&control);
+                if wake.deadline() != deadline {
+                    wake.as_mut().reset(deadline);
+                }
             }
             tokio::select! {
                 biased;
