@@ -299,8 +299,9 @@ impl Node {
         )?;
         // Checked after registering: `shut_down` closes every connection it finds registered
         // after it cancels, so a connection either is found there or sees the cancel here.
+        // Nothing was subscribed yet, so only the hub has anything to undo.
         if self.shutdown.is_cancelled() {
-            self.release(handle).await;
+            self.hub.unregister(handle.id(), handle.user());
             return Err(ConnectError::ShuttingDown);
         }
         let channel = Channel::User(handle.user().clone());

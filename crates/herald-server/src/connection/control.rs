@@ -1,8 +1,8 @@
 //! The control block a connection's reader, writer and hub handle share: the one-shot close
-//! request with its reason (and the wakers of the reader and writer waiting for it), the time of the last frame received (for the heartbeat), the
-//! connection's expiry (the auth deadline of a pending connection, or its token's `exp`), and
-//! the traffic counters the server API reports. The writer turns the times into its one
-//! deadline.
+//! request with its reason (and the wakers of the reader and writer waiting for it), the time
+//! of the last frame received (for the heartbeat), the connection's expiry (the auth deadline
+//! of a pending connection, or its token's `exp`), and the traffic counters the server API
+//! reports. The writer turns the times into its one deadline.
 
 use std::future::{Future, poll_fn};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -177,11 +177,6 @@ impl ConnControl {
             self.wakers.iter().for_each(AtomicWaker::wake);
         }
         first
-    }
-
-    /// Whether a close was asked.
-    pub fn is_closing(&self) -> bool {
-        self.reason.get().is_some()
     }
 
     pub fn reason(&self) -> Option<CloseReason> {
