@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::future::Either;
 use herald_protocol::{CloseCode, Message, Payload, PresenceChange, ServerEvent};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -83,10 +84,6 @@ pub struct DirectOutcome {
     /// Each recipient's inbox offset of the message.
     pub offsets: BTreeMap<String, u64>,
 }
-
-/// The rest of a queued store operation: resolves once it has committed.
-pub type Committing<T> =
-    std::pin::Pin<Box<dyn Future<Output = Result<T, EngineError>> + Send + 'static>>;
 
 /// What the publisher of a room message learns.
 #[derive(Debug, Clone)]
@@ -517,7 +514,10 @@ impl Node {
         from_conn: Option<ConnId>,
         to: Vec<String>,
         content: Payload,
-    ) -> Result<Committing<DirectOutcome>, EngineError> {
+    ) -> Result<
+        impl Future<Output = Result<DirectOutcome, EngineError>> + Send + 'static,
+        EngineError,
+    > {
         let online_flags = self.presence.online(&to).await?;
         let (online, offline): (Vec<_>, Vec<_>) =
             to.iter().zip(online_flags).partition(|(_, online)| *online);
@@ -546,7 +546,7 @@ impl Node {
                 from_conn,
             )
             .await?;
-        Ok(Box::pin(async move {
+        Ok(async move {
             let Receipt::Direct { id, inbox } = committed.await? else {
                 return Err(EngineError::new("store", "a direct append returned a room"));
             };
@@ -560,7 +560,7 @@ impl Node {
                     .map(|(user, offset)| (user, offset.0))
                     .collect(),
             })
-        }))
+        })
     }
 
     /// Queues an append on the store (waiting only for room in its queue) and returns what
@@ -631,7 +631,8 @@ impl Node {
         content: Payload,
         echo: bool,
         persist: bool,
-    ) -> Result<Committing<Published>, EngineError> {
+    ) -> Result<impl Future<Output = Result<Published, EngineError>> + Send + 'static, EngineError>
+    {
         let except = if echo { None } else { from_conn };
         let message = NewMessage {
             id: uuid::Uuid::now_v7().to_string(),
@@ -648,7 +649,7 @@ impl Node {
                 id: message.id,
                 position: None,
             };
-            return Ok(Box::pin(std::future::ready(Ok(published))));
+            return Ok(Either::Left(std::future::ready(Ok(published))));
         }
         let committed = self
             .append_queued(
@@ -659,7 +660,7 @@ impl Node {
                 except,
             )
             .await?;
-        Ok(Box::pin(async move {
+        Ok(Either::Right(async move {
             let Receipt::Room { id, position } = committed.await? else {
                 return Err(EngineError::new("store", "a room append returned a direct"));
             };

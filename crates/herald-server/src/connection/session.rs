@@ -24,7 +24,7 @@ use crate::delivery::OutFrame;
 use crate::engine::EngineError;
 use crate::engine::store::{Epoch, Offset, StoreError};
 use crate::hub::ConnHandle;
-use crate::node::{Committing, Node, Published, Recovery};
+use crate::node::{Node, Published, Recovery};
 
 /// What the reader does after a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,9 +163,9 @@ impl Session {
 
     /// Queues the answer to a stored message's request: `ack` once it has committed (when the
     /// request has an `id`), or the error. Answered in order by [`next_commit`](Self::next_commit).
-    fn answer_when_committed<T: Send + 'static>(
+    fn answer_when_committed<T>(
         &mut self,
-        committing: Committing<T>,
+        committing: impl Future<Output = Result<T, EngineError>> + Send + 'static,
         id: Option<String>,
         ack: impl FnOnce(String, T) -> ServerEvent + Send + 'static,
     ) {
