@@ -59,14 +59,15 @@ impl UnackedInboxes {
         self.lock().contains(user)
     }
 
-    pub fn set(&self, user: &str, unacked: bool) {
+    /// Records, under one lock, whether each user's inbox holds unacknowledged entries.
+    pub fn set<'a>(&self, changes: impl IntoIterator<Item = (&'a str, bool)>) {
         let mut users = self.lock();
-        if unacked {
-            if !users.contains(user) {
+        for (user, unacked) in changes {
+            if !unacked {
+                users.remove(user);
+            } else if !users.contains(user) {
                 users.insert(user.into());
             }
-        } else {
-            users.remove(user);
         }
     }
 }
@@ -124,11 +125,9 @@ impl SqliteStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
 
         let unacked = Arc::new(UnackedInboxes::default());
-        for user in
-            schema::unacked_inboxes(&writer_conn).map_err(|e| open_error(&path, e.to_string()))?
-        {
-            unacked.set(&user, true);
-        }
+        let users =
+            schema::unacked_inboxes(&writer_conn).map_err(|e| open_error(&path, e.to_string()))?;
+        unacked.set(users.iter().map(|user| (user.as_str(), true)));
         let stats = Arc::new(WriterStats::default());
         let (commands, receiver) = mpsc::channel(WRITER_QUEUE);
         let (stop_checkpoints, checkpoints_stopped) = std::sync::mpsc::channel::<()>();

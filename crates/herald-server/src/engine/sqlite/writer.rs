@@ -267,7 +267,7 @@ impl Writer {
 
     /// Updates [`UnackedInboxes`] for every inbox the committed batch touched, from the
     /// streams' states after it (appends run before acks in a batch).
-    fn mark_unacked(&mut self, appended: &[Appended], acks: &[PendingAck]) {
+    fn mark_unacked(&self, appended: &[Appended], acks: &[PendingAck]) {
         let recipients = appended
             .iter()
             .flat_map(|appended| match appended {
@@ -276,13 +276,16 @@ impl Writer {
             })
             .map(|(user, _)| user.as_str());
         let mut name = String::new();
-        for user in recipients.chain(acks.iter().map(|(user, _, _)| user.as_str())) {
-            inbox_name(&mut name, user);
-            if let Some(&slot) = self.streams.slots.get(&name) {
-                let state = &self.streams.states[slot];
-                self.unacked.set(user, state.last > state.acked);
-            }
-        }
+        let streams = &self.streams;
+        self.unacked.set(
+            recipients
+                .chain(acks.iter().map(|(user, _, _)| user.as_str()))
+                .filter_map(|user| {
+                    inbox_name(&mut name, user);
+                    let state = &streams.states[*streams.slots.get(&name)?];
+                    Some((user, state.last > state.acked))
+                }),
+        );
     }
 
     /// One transaction for the whole batch. SQL errors abort it; an invalid ack only fails
