@@ -159,7 +159,8 @@ impl Clock {
     fn deadline(&self, control: &ConnControl) -> Instant {
         let mut deadline = self.next_ping.min(self.silent_until(control));
         if let Some((_, at, notice_at)) = self.expiry(control, Instant::now()) {
-            deadline = deadline.min(notice_at.unwrap_or(at)).min(at);
+            // A notice is never due after the expiry it announces.
+            deadline = deadline.min(notice_at.unwrap_or(at));
         }
         deadline
     }
