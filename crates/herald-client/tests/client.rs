@@ -53,6 +53,16 @@ impl Running {
         self.task.await.unwrap();
     }
 
+    /// Stops the server and waits until `client` is reconnecting.
+    async fn stop_under(self, client: &Client) {
+        let mut state = client.state();
+        self.stop().await;
+        state
+            .wait_for(|s| matches!(s, State::Reconnecting { .. }))
+            .await
+            .unwrap();
+    }
+
     fn options(&self, user: &str) -> ClientOptions {
         let node = self.node.clone();
         let user = user.to_owned();
@@ -118,12 +128,7 @@ async fn after_a_server_restart_the_client_reconnects_and_rejoins_its_rooms() {
     let addr = first.addr;
     let mut alice = first.client("alice").await;
     alice.join("lobby").await.unwrap();
-    let mut state = alice.state();
-    first.stop().await;
-    state
-        .wait_for(|s| matches!(s, State::Reconnecting { .. }))
-        .await
-        .unwrap();
+    first.stop_under(&alice).await;
 
     let second = start(addr).await;
     let rejoined = tokio::time::timeout(WAIT, async {
@@ -153,12 +158,7 @@ async fn joins_and_leaves_made_offline_give_one_join_per_room_and_no_rejoin_of_a
     let mut alice = first.client("alice").await;
     alice.join("kept").await.unwrap();
     alice.join("gone").await.unwrap();
-    let mut state = alice.state();
-    first.stop().await;
-    state
-        .wait_for(|s| matches!(s, State::Reconnecting { .. }))
-        .await
-        .unwrap();
+    first.stop_under(&alice).await;
 
     // Queued while the server is down; the server comes back after they are.
     let (kept, gone, second) = tokio::join!(
@@ -236,13 +236,8 @@ async fn a_rejoin_into_a_recreated_stream_is_reported(messages_before_join: usiz
     alice.request(json!({"type": "ping"})).await.unwrap();
 
     held_back.store(true, Ordering::SeqCst);
-    let mut state = alice.state();
     bob.close().await;
-    first.stop().await;
-    state
-        .wait_for(|s| matches!(s, State::Reconnecting { .. }))
-        .await
-        .unwrap();
+    first.stop_under(&alice).await;
     let second = start(addr).await;
     let bob = second.client("bob").await;
     bob.join("room").await.unwrap();
