@@ -4,8 +4,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, EVENT_TIMEOUT, SECRET, TestServer, handshake, refusal};
-use futures::{SinkExt, StreamExt};
+use common::{Client, SECRET, TestServer, handshake, next_frame, refusal};
+use futures::SinkExt;
 use herald_protocol::ServerEvent;
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::json;
@@ -237,12 +237,7 @@ async fn a_connection_refused_after_the_upgrade_gets_no_welcome_before_its_close
             let Ok(mut ws) = handshake(url.into_client_request().unwrap()).await else {
                 return None; // 429 at the handshake
             };
-            let first = tokio::time::timeout(EVENT_TIMEOUT, ws.next())
-                .await
-                .expect("timed out waiting for the server")
-                .expect("connection ended")
-                .expect("websocket error");
-            match first {
+            match next_frame(&mut ws).await {
                 WsMessage::Text(text) => {
                     assert!(text.contains("\"welcome\""), "{text}");
                     Some(Ok(ws))
@@ -270,12 +265,7 @@ async fn a_connection_refused_after_the_upgrade_gets_no_welcome_before_its_close
             .await
             .unwrap();
         loop {
-            let next = tokio::time::timeout(EVENT_TIMEOUT, ws.next())
-                .await
-                .expect("timed out waiting for the server")
-                .expect("connection ended")
-                .expect("websocket error");
-            match next {
+            match next_frame(ws).await {
                 WsMessage::Text(text) => {
                     assert!(text.contains("\"pong\""), "{text}");
                     break;

@@ -26,7 +26,6 @@ async fn graceful_shutdown_sends_1001_to_every_client() {
 /// reaches it through the node's shutdown signal, with the same 1001.
 #[tokio::test]
 async fn graceful_shutdown_sends_1001_to_a_connection_still_authenticating() {
-    use futures::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -37,15 +36,9 @@ async fn graceful_shutdown_sends_1001_to_a_connection_still_authenticating() {
         .expect("pending handshake accepted");
     let mut authenticated = server.connect("a").await;
     let stopped = tokio::spawn(server.stop());
-    let close = loop {
-        let message = tokio::time::timeout(common::EVENT_TIMEOUT, pending.next())
-            .await
-            .expect("a close frame in time");
-        match message {
-            Some(Ok(Message::Close(Some(frame)))) => break frame,
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
+    let close = match common::next_frame(&mut pending).await {
+        Message::Close(Some(frame)) => frame,
+        other => panic!("expected a close frame, got {other:?}"),
     };
     assert_eq!(close.code, CloseCode::Away);
     let close = authenticated.expect_close().await.expect("a close frame");

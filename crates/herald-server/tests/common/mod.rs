@@ -440,16 +440,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// The next WebSocket message of any kind but Ping/Pong.
     pub async fn next_message(&mut self) -> WsMessage {
-        loop {
-            let message = tokio::time::timeout(EVENT_TIMEOUT, self.ws.next())
-                .await
-                .expect("timed out waiting for the server")
-                .expect("connection ended")
-                .expect("websocket error");
-            if !matches!(message, WsMessage::Ping(_) | WsMessage::Pong(_)) {
-                return message;
-            }
-        }
+        next_frame(&mut self.ws).await
     }
 
     pub async fn next_matching(
@@ -534,6 +525,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 /// The JSON content of a message.
 pub fn content_json(message: &Message) -> Value {
     serde_json::from_str(message.content.as_ref().expect("content").get()).unwrap()
+}
+
+/// The next message of any kind but Ping/Pong on a raw WebSocket (one that may have had no
+/// welcome), within [`EVENT_TIMEOUT`].
+pub async fn next_frame<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+) -> WsMessage {
+    loop {
+        let message = tokio::time::timeout(EVENT_TIMEOUT, ws.next())
+            .await
+            .expect("timed out waiting for the server")
+            .expect("connection ended")
+            .expect("websocket error");
+        if !matches!(message, WsMessage::Ping(_) | WsMessage::Pong(_)) {
+            return message;
+        }
+    }
 }
 
 pub async fn handshake(
