@@ -108,6 +108,8 @@ pub struct AuthConfig {
     pub algorithm: Option<String>,
     /// When set, tokens must carry this `aud`; when unset, `aud` is not checked.
     pub audience: Option<String>,
+    /// When set, tokens must carry this `iss`; when unset, `iss` is not checked.
+    pub issuer: Option<String>,
     /// Development only: accept `?user=NAME` without a token.
     pub anonymous: bool,
     /// Development only: `POST /dev/token {"user": NAME}` hands out tokens to anyone, for the
@@ -137,6 +139,7 @@ impl Default for AuthConfig {
             public_key: None,
             algorithm: None,
             audience: None,
+            issuer: None,
             anonymous: false,
             dev_login: false,
             allow_insecure_public: false,

@@ -280,6 +280,9 @@ impl Session {
     }
 
     async fn send(&mut self, id: Option<String>, to: Vec<String>, content: Payload) -> Outcome {
+        if !self.identity.direct {
+            return Err(no_direct("send", id));
+        }
         let max = self.node.config.limits.max_recipients;
         if to.len() > max {
             return Err(ProtocolError::new(
@@ -433,6 +436,9 @@ impl Session {
                 (Some(room), None, page)
             }
             HistoryTarget::With(user) => {
+                if !self.identity.direct {
+                    return Err(no_direct("history", id));
+                }
                 let page = self
                     .node
                     .conversation_history(&self.identity.user, &user, before, limit)
@@ -492,6 +498,9 @@ impl Session {
     }
 
     async fn presence(&mut self, id: Option<String>, users: Vec<String>) -> Outcome {
+        if !self.identity.direct {
+            return Err(no_direct("presence", id));
+        }
         let max = self.node.config.limits.max_recipients;
         if users.len() > max {
             return Err(ProtocolError::new(
@@ -567,6 +576,15 @@ fn forbidden_room(room: &str, id: Option<String>) -> ProtocolError {
     ProtocolError::new(
         ErrorCode::Forbidden,
         format!("the token does not allow room {room:?}"),
+        id,
+    )
+}
+
+/// A request naming other users, from a token with `"direct": false`.
+fn no_direct(kind: &str, id: Option<String>) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::Forbidden,
+        format!("the token does not allow {kind:?} with other users (\"direct\": false)"),
         id,
     )
 }
