@@ -195,6 +195,13 @@ pub struct LimitsConfig {
     pub max_pending_auth: usize,
     /// Connections waiting for their `auth` message from one client address (an IPv6 /64).
     pub max_pending_auth_per_ip: usize,
+    /// How long the `id` of a stored `publish` or `send` is remembered, so that a retry with
+    /// the same `id` and request gets the first one's ack instead of storing it again. `0s`
+    /// turns this off.
+    #[serde(with = "duration")]
+    pub idempotency_window: Duration,
+    /// Most ids remembered per user within the window; the oldest is forgotten first.
+    pub idempotency_keys_per_user: usize,
 }
 
 impl Default for LimitsConfig {
@@ -212,6 +219,8 @@ impl Default for LimitsConfig {
             allowed_origins: Vec::new(),
             max_pending_auth: 10_000,
             max_pending_auth_per_ip: 100,
+            idempotency_window: Duration::from_secs(120),
+            idempotency_keys_per_user: 256,
         }
     }
 }
@@ -554,6 +563,10 @@ impl Config {
         positive(
             "limits.max_pending_auth_per_ip",
             limits.max_pending_auth_per_ip,
+        )?;
+        positive(
+            "limits.idempotency_keys_per_user",
+            limits.idempotency_keys_per_user,
         )?;
         positive("auth.max_attempts", self.auth.max_attempts as usize)?;
         positive("store.history_max_limit", self.store.history_max_limit)?;
