@@ -116,6 +116,8 @@ export declare class HeraldClient {
   off<K extends keyof EventMap>(event: K, listener: (payload: EventMap[K]) => void): void;
   connect(): Promise<Welcome>;
   close(): void;
+  /** Cut off by a lost connection before its ack, it is sent again with the same id after the
+   * reconnect, and the server answers that retry with the first attempt's ack (stored once). */
   send(to: string | string[], content: unknown): Promise<Ack>;
   /** `since`: replay the messages after this offset, of the stream of `epoch` (from an ack or
    * `history`; without it the server cannot tell a recreated stream). Rejoins after a reconnect
@@ -127,6 +129,7 @@ export declare class HeraldClient {
    * joined), it sends nothing and resolves at once with an ack without `count`: the server
    * dropped the old connection's rooms with it. */
   leave(room: string): Promise<Ack>;
+  /** A stored publish (not `persist: false`) cut off by a lost connection is retried like `send`. */
   publish(room: string, content: unknown, options?: { echo?: boolean; persist?: boolean }): Promise<Ack>;
   broadcast(content: unknown): Promise<Ack>;
   members(room: string): Promise<Members>;

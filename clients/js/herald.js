@@ -70,6 +70,10 @@ export class HeraldClient {
     this.inboxOffset = null; // highest inbox offset received
     this.inboxAcked = null;
     this.nextId = 1;
+    // Request ids are unique to this client (not only to its connection): a retried publish or
+    // send is recognised by the server by its user and id, so two clients of one user must not
+    // share ids.
+    this.idPrefix = Math.random().toString(36).slice(2, 10);
     this.attempt = 0;
     this.socket = null;
     this.timers = {};
@@ -201,8 +205,12 @@ export class HeraldClient {
     for (const position of this.rooms.values()) position.joining = false;
     this.welcome = null;
     this.clearTimers();
-    // Requests in flight may or may not have been carried out; their callers decide. Queued
-    // ones were never sent and wait for the next connection.
+    // Stored publishes and direct messages in flight may have been stored: they are sent again
+    // after the reconnect with the same id, and the server answers a retry with the first
+    // attempt's ack instead of storing it twice. Other requests in flight may or may not have
+    // been carried out; their callers decide. Queued ones were never sent and wait for the next
+    // connection.
+    this.requeueRetries();
     this.failPending(new HeraldError('disconnected', `connection lost (${code}) before an answer`), {
       onlySent: true,
     });
@@ -467,6 +475,17 @@ export class HeraldClient {
     return true;
   }
 
+  /** Puts the sent requests that can be retried back at the head of the queue, in order. */
+  requeueRetries() {
+    const retries = [];
+    for (const [id, waiting] of this.pending) {
+      if (!waiting.sent || !waiting.retry) continue;
+      waiting.sent = false;
+      retries.push({ id, frame: waiting.retry });
+    }
+    this.queue = [...retries, ...this.queue];
+  }
+
   /** Rejects the requests already sent (`onlySent`) or all of them. */
   failPending(error, { onlySent = false } = {}) {
     for (const [id, waiting] of this.pending) {
@@ -492,6 +511,8 @@ export class HeraldClient {
     const { id, promise } = this.expect(body.type, onAnswer);
     const waiting = this.pending.get(id);
     const frame = binary ? encodeBinary({ ...body, id }, binary) : JSON.stringify({ ...body, id });
+    const stored = body.type === 'send' || (body.type === 'publish' && body.persist !== false);
+    if (stored) waiting.retry = frame;
     if (this.state === 'open' && this.sendFrame(frame)) {
       waiting.sent = true;
     } else if (!queue) {
@@ -510,7 +531,7 @@ export class HeraldClient {
    * the answer to that join.
    */
   expect(type, onAnswer = null) {
-    const id = `c${this.nextId++}`;
+    const id = `${this.idPrefix}-${this.nextId++}`;
     const promise = new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
@@ -569,7 +590,7 @@ export class HeraldClient {
       for (const id of position.waiters.splice(0)) {
         this.settle(id, null, { code: 'cancelled', message: `left room ${room} before it was joined` });
       }
-      return Promise.resolve({ type: 'ack', ref: `c${this.nextId++}`, room });
+      return Promise.resolve({ type: 'ack', ref: `${this.idPrefix}-${this.nextId++}`, room });
     }
     return this.request({ type: 'leave', room });
   }

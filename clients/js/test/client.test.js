@@ -227,6 +227,31 @@ describe('resilience', () => {
     }
   });
 
+  test('a publish and a send cut off by a dead link are retried with their ids and stored once', async () => {
+    const server = await startServer();
+    try {
+      const bob = client(server, 'bob');
+      await bob.connect();
+      const alice = client(server, 'alice', { heartbeat: { interval: 200, timeout: 200 } });
+      await alice.connect();
+      await alice.join('retries');
+      server.pause(); // the frames below reach the server's socket, their acks cannot come back
+      const published = alice.publish('retries', 'once');
+      const sent = alice.send('bob', 'once too');
+      await nextEvent(alice, 'state', ({ state }) => state === 'reconnecting');
+      server.resume();
+      const [ack, direct] = await Promise.all([published, sent]);
+      const page = await alice.history({ room: 'retries' });
+      assert.deepEqual(page.messages.map((m) => m.id), [ack.id]);
+      const conversation = await alice.history({ with: 'bob' });
+      assert.deepEqual(conversation.messages.map((m) => m.id), [direct.id]);
+    } finally {
+      server.resume();
+      closeAll();
+      await server.stop();
+    }
+  });
+
   test('a token function is asked again on refresh notices and the connection outlives the first token', async () => {
     const server = await startServer({ env: { HERALD_AUTH_REFRESH_NOTICE: '1s' } });
     try {

@@ -33,16 +33,41 @@ struct Position {
 }
 
 /// What the client remembers across connections.
-#[derive(Default)]
 struct Memory {
     /// Joined rooms and the position in each.
     rooms: HashMap<String, Position>,
     seen: HashSet<String>,
     seen_order: VecDeque<String>,
+    /// Request ids are `<prefix>-<n>`: unique to this client, not only to its connection,
+    /// since the server recognises a retried stored message by its user and id.
+    id_prefix: String,
     next_id: u64,
+    /// Stored publishes and direct messages whose connection was lost before their ack, in
+    /// the order they were sent: sent again, with the same id, on the next connection.
+    retries: Vec<Retry>,
+}
+
+/// A stored message's request to send again, and who waits for its answer.
+struct Retry {
+    sequence: u64,
+    /// The request as sent, `id` included.
+    body: Value,
+    reply: Reply,
+    notes: Notes,
 }
 
 impl Memory {
+    fn new() -> Self {
+        Memory {
+            rooms: HashMap::new(),
+            seen: HashSet::new(),
+            seen_order: VecDeque::new(),
+            id_prefix: format!("{:08x}", rand::random::<u32>()),
+            next_id: 0,
+            retries: Vec::new(),
+        }
+    }
+
     fn first_sight(&mut self, id: &str) -> bool {
         if !self.seen.insert(id.to_owned()) {
             return false;
@@ -58,7 +83,7 @@ impl Memory {
 
     fn next_id(&mut self) -> String {
         self.next_id += 1;
-        format!("c{}", self.next_id)
+        format!("{}-{}", self.id_prefix, self.next_id)
     }
 }
 
@@ -72,8 +97,9 @@ enum Ended {
 
 /// What a pending request is for.
 enum Waiting {
-    /// An application request; its answer may also tell where the client is in a room.
-    Caller(Reply, Notes),
+    /// An application request; its answer may also tell where the client is in a room. A
+    /// stored message's request keeps its body (with its id and sequence) for a retry.
+    Caller(Reply, Notes, Option<(u64, Value)>),
     /// A rejoin, and the joins of its room made offline, which its answer answers.
     Rejoin(String, Vec<Reply>),
     /// A one-entry history page asked for to learn a room's epoch.
@@ -97,7 +123,7 @@ pub(crate) async fn run(
     events: mpsc::Sender<Event>,
     state: watch::Sender<State>,
 ) {
-    let mut memory = Memory::default();
+    let mut memory = Memory::new();
     let mut attempt: u32 = 0;
     loop {
         if attempt > 0 {
@@ -116,6 +142,16 @@ pub(crate) async fn run(
                 return;
             }
         }
+    }
+}
+
+/// Whether a request stores a message, and so is sent again after a lost connection: a `send`,
+/// or a `publish` without `persist: false`.
+fn is_stored(body: &Value) -> bool {
+    match body["type"].as_str() {
+        Some("send") => true,
+        Some("publish") => body["persist"].as_bool() != Some(false),
+        _ => false,
     }
 }
 
@@ -241,6 +277,28 @@ async fn serve(
         pending.insert(id, Waiting::Rejoin(room, waiting));
     }
 
+    // Stored messages cut off with the last connection, before anything new.
+    let mut retries = std::mem::take(&mut memory.retries);
+    retries.sort_by_key(|retry| retry.sequence);
+    for Retry {
+        sequence,
+        body,
+        reply,
+        notes,
+    } in retries
+    {
+        let id = body["id"].as_str().unwrap_or_default().to_owned();
+        if socket
+            .send(WsMessage::text(body.to_string()))
+            .await
+            .is_err()
+        {
+            let _ = reply.send(Err(ClientError::Disconnected));
+            return Ended::Lost;
+        }
+        pending.insert(id, Waiting::Caller(reply, notes, Some((sequence, body))));
+    }
+
     let ended = loop {
         tokio::select! {
             command = async {
@@ -260,11 +318,12 @@ async fn serve(
                     let id = memory.next_id();
                     body["id"] = json!(id);
                     let notes = memory.before_request(&body);
+                    let retry = is_stored(&body).then(|| (memory.next_id, body.clone()));
                     if socket.send(WsMessage::text(body.to_string())).await.is_err() {
                         let _ = reply.send(Err(ClientError::Disconnected));
                         break Ended::Lost;
                     }
-                    pending.insert(id, Waiting::Caller(reply, notes));
+                    pending.insert(id, Waiting::Caller(reply, notes, retry));
                 }
             },
             message = socket.next() => {
@@ -320,7 +379,18 @@ async fn serve(
     };
     for (_, waiting) in pending {
         match waiting {
-            Waiting::Caller(reply, _) => {
+            // Perhaps stored, perhaps not: the same id again tells the server it is a retry.
+            Waiting::Caller(reply, notes, Some((sequence, body)))
+                if matches!(ended, Ended::Lost) && !reply.is_closed() =>
+            {
+                memory.retries.push(Retry {
+                    sequence,
+                    body,
+                    reply,
+                    notes,
+                });
+            }
+            Waiting::Caller(reply, ..) => {
                 let _ = reply.send(Err(ClientError::Disconnected));
             }
             Waiting::Rejoin(_, replies) => {
@@ -369,7 +439,7 @@ async fn handle(
         answer => {
             let reference = reference_of(&answer)?;
             match pending.remove(&reference)? {
-                Waiting::Caller(reply, notes) => {
+                Waiting::Caller(reply, notes, _) => {
                     match (&notes, &answer) {
                         (Notes::Join(room), ServerEvent::Ack(ack)) => memory.note_joined(room, ack),
                         (Notes::Epoch(room), ServerEvent::Ack(ack)) => {

@@ -296,3 +296,87 @@ async fn a_rejoin_into_a_recreated_stream_of_a_room_that_had_messages_is_reporte
 async fn a_rejoin_into_a_recreated_stream_of_a_room_joined_empty_is_reported() {
     a_rejoin_into_a_recreated_stream_is_reported(0).await;
 }
+
+/// A TCP relay between the client and the server that can hold back the server's frames and
+/// cut the connections it carries, so that a request reaches the server while its answer is
+/// lost with the connection.
+struct Relay {
+    addr: SocketAddr,
+    /// While set, bytes from the server are dropped.
+    mute: Arc<AtomicBool>,
+    cut: Arc<tokio::sync::Notify>,
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> Relay {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mute = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let (muted, cutting) = (mute.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+                let (mut client_read, mut client_write) = inbound.into_split();
+                let (mut server_read, mut server_write) = outbound.into_split();
+                let (muted, cutting) = (muted.clone(), cutting.clone());
+                tokio::spawn(async move {
+                    let upstream = tokio::io::copy(&mut client_read, &mut server_write);
+                    let downstream = async {
+                        let mut buffer = vec![0u8; 16 * 1024];
+                        loop {
+                            let read = server_read.read(&mut buffer).await?;
+                            if read == 0 {
+                                return std::io::Result::Ok(());
+                            }
+                            if !muted.load(Ordering::SeqCst) {
+                                client_write.write_all(&buffer[..read]).await?;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = upstream => {}
+                        _ = downstream => {}
+                        _ = cutting.notified() => {}
+                    }
+                });
+            }
+        });
+        Relay { addr, mute, cut }
+    }
+}
+
+#[tokio::test]
+async fn a_publish_whose_ack_is_lost_with_the_connection_is_retried_and_stored_once() {
+    let server = start("127.0.0.1:0".parse().unwrap()).await;
+    let relay = Relay::start(server.addr).await;
+    let alice = Client::connect(&format!("ws://{}/ws", relay.addr), server.options("alice"))
+        .await
+        .unwrap();
+    alice.join("lobby").await.unwrap();
+    let mut bob = server.client("bob").await;
+    bob.join("lobby").await.unwrap();
+
+    relay.mute.store(true, Ordering::SeqCst);
+    let publishing = tokio::spawn(async move {
+        let ack = alice.publish("lobby", json!("once")).await;
+        (alice, ack)
+    });
+    // Stored and delivered: only its ack is missing.
+    let delivered = next_message(&mut bob).await;
+    relay.mute.store(false, Ordering::SeqCst);
+    relay.cut.notify_waiters();
+
+    let (alice, ack) = tokio::time::timeout(WAIT, publishing)
+        .await
+        .unwrap()
+        .unwrap();
+    let ack = ack.expect("the retry is answered with the first attempt's ack");
+    assert_eq!(ack.id.as_deref(), Some(delivered.id.as_str()));
+    let page = server.node.room_history("lobby", None, None).await.unwrap();
+    assert_eq!(page.messages.len(), 1, "stored once");
+    alice.close().await;
+    bob.close().await;
+    server.stop().await;
+}

@@ -2,8 +2,17 @@
 //!
 //! Tokens are HS256 with a shared secret, or RS256/ES256 verified with a PEM public key. Only the
 //! configured algorithm is accepted, so `alg: none` and algorithm-confusion tokens fail. `sub`
-//! is the user id; `exp` is required; `rooms` (optional) limits the rooms the user may join or
-//! publish to; `admin: true` allows broadcast.
+//! is the user id; `exp` is required; `nbf`, when present, is checked; `aud` and `iss` are
+//! required and checked when `auth.audience` and `auth.issuer` are set, so tokens an identity
+//! provider issued for other applications are refused.
+//!
+//! What a token allows:
+//! - `rooms` (optional) limits the rooms: `join`, `publish`, `members` and room `history` of
+//!   any other room are refused. It says nothing about users.
+//! - `direct` (optional, default `true`): `false` refuses everything about other users by
+//!   name: `send` (direct messages), `presence` and conversation `history`. Direct messages sent
+//!   *to* the user still arrive. A token limited to a few rooms usually wants `direct: false`.
+//! - `admin: true` allows `broadcast`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -30,7 +39,22 @@ pub struct Claims {
     pub rooms: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub admin: bool,
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub direct: bool,
 }
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
+}
+
+/// The latest expiry a token can have: the last second of year 9999. Later `exp` values mean
+/// "never" and are read as this, so that no conversion (to milliseconds, to the writer's packed
+/// deadline) can overflow and wrap into the past.
+pub const MAX_EXPIRY_UNIX_SECS: u64 = 253_402_300_799;
 
 /// Who a connection is and what it may do, fixed at authentication.
 #[derive(Debug, Clone)]
@@ -39,7 +63,11 @@ pub struct Identity {
     /// `None`: any room. `Some`: only these.
     pub rooms: Option<Arc<HashSet<String>>>,
     pub admin: bool,
-    /// Unix seconds when the token expires; `None` for anonymous development users.
+    /// Whether the user may address other users by name (`send`, `presence`, conversation
+    /// history).
+    pub direct: bool,
+    /// Unix seconds when the token expires, at most [`MAX_EXPIRY_UNIX_SECS`]; `None` for
+    /// anonymous development users.
     pub expires_at: Option<u64>,
 }
 
@@ -57,6 +85,8 @@ pub enum AuthError {
     Missing,
     #[error("token expired")]
     Expired,
+    #[error("token not valid yet (nbf)")]
+    NotYetValid,
     #[error("invalid token: {0}")]
     Invalid(String),
     #[error("invalid user name: {0}")]
@@ -130,16 +160,22 @@ impl Authenticator {
         };
         let mut validation = Validation::new(algorithm);
         validation.leeway = 5;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
         match &config.audience {
             Some(audience) => {
                 validation.set_audience(&[audience]);
-                validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+                required.push("aud");
             }
             // Identity providers put an `aud` in their tokens; without a configured audience
             // there is nothing to compare it with.
             None => validation.validate_aud = false,
         }
+        if let Some(issuer) = &config.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
         Ok(Authenticator {
             decoding,
             validation,
@@ -156,6 +192,7 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 _ => AuthError::Invalid(e.to_string()),
             })?;
         let claims = data.claims;
@@ -166,7 +203,8 @@ impl Authenticator {
                 .rooms
                 .map(|rooms| Arc::new(rooms.into_iter().collect())),
             admin: claims.admin,
-            expires_at: Some(claims.exp),
+            direct: claims.direct,
+            expires_at: Some(claims.exp.min(MAX_EXPIRY_UNIX_SECS)),
         })
     }
 
@@ -177,6 +215,7 @@ impl Authenticator {
             user: user.into(),
             rooms: None,
             admin: false,
+            direct: true,
             expires_at: None,
         })
     }
@@ -194,6 +233,7 @@ impl Authenticator {
             exp: unix_now() + ttl.as_secs(),
             rooms,
             admin,
+            direct: true,
         };
         Ok(
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
@@ -307,6 +347,48 @@ mod tests {
         assert!(chat.verify(&token).is_ok());
         let other = Authenticator::from_config(&config("billing"), None).unwrap();
         assert!(other.verify(&token).is_err());
+    }
+
+    fn signed(claims: serde_json::Value) -> String {
+        let key = EncodingKey::from_secret(b"0123456789abcdef-test");
+        jsonwebtoken::encode(&Header::default(), &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn issuer_is_required_and_checked_when_configured() {
+        let config = AuthConfig {
+            secret: Some("0123456789abcdef-test".into()),
+            issuer: Some("https://id.example".into()),
+            ..AuthConfig::default()
+        };
+        let auth = Authenticator::from_config(&config, None).unwrap();
+        let exp = unix_now() + 60;
+        let ours = signed(serde_json::json!({"sub": "a", "exp": exp, "iss": "https://id.example"}));
+        let theirs = signed(serde_json::json!({"sub": "a", "exp": exp, "iss": "https://other"}));
+        let none = signed(serde_json::json!({"sub": "a", "exp": exp}));
+        assert!(auth.verify(&ours).is_ok());
+        assert!(auth.verify(&theirs).is_err());
+        assert!(auth.verify(&none).is_err());
+    }
+
+    #[test]
+    fn a_token_before_its_nbf_is_refused() {
+        let now = unix_now();
+        let later = signed(serde_json::json!({"sub": "a", "exp": now + 600, "nbf": now + 300}));
+        assert_eq!(hs256().verify(&later).unwrap_err(), AuthError::NotYetValid);
+        let valid = signed(serde_json::json!({"sub": "a", "exp": now + 600, "nbf": now - 1}));
+        assert!(hs256().verify(&valid).is_ok());
+    }
+
+    #[test]
+    fn a_far_future_exp_is_read_as_the_latest_expiry() {
+        let token = signed(serde_json::json!({"sub": "a", "exp": u64::MAX}));
+        let identity = hs256().verify(&token).unwrap();
+        assert_eq!(identity.expires_at, Some(MAX_EXPIRY_UNIX_SECS));
+        assert!(identity.direct);
+        let limited =
+            signed(serde_json::json!({"sub": "a", "exp": unix_now() + 60, "direct": false}));
+        assert!(!hs256().verify(&limited).unwrap().direct);
     }
 
     #[test]

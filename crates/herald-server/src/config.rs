@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use crate::engine::sqlite::Synchronous;
+pub use crate::http::client_addr::ForwardedHeader;
 
 /// The sections of the configuration, also the only `HERALD_*` prefixes read as keys.
 const SECTIONS: [&str; 11] = [
@@ -65,6 +67,19 @@ pub struct ServerConfig {
     /// closes the listener, so load balancers stop sending it new clients first.
     #[serde(with = "duration")]
     pub shutdown_delay: Duration,
+    /// Reverse proxies (IP addresses or CIDR ranges) whose `client_address_header` names the
+    /// client. Connections from anywhere else are keyed on their own address.
+    #[serde(deserialize_with = "networks", serialize_with = "networks_as_text")]
+    pub trusted_proxies: Vec<IpNet>,
+    /// The header trusted proxies record the client's address in: `x-forwarded-for` or
+    /// `forwarded` (RFC 7239). Only this one is read.
+    pub client_address_header: ForwardedHeader,
+    /// Host names (the `Host` header, port ignored) the server answers to; empty: any. In the
+    /// development modes (`auth.anonymous`, `auth.dev_login`) an empty list means the loopback
+    /// names and the listen address only, so a page whose name resolves to this server (DNS
+    /// rebinding) cannot use them.
+    #[serde(deserialize_with = "list")]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +90,9 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             shutdown_delay: Duration::ZERO,
+            trusted_proxies: Vec::new(),
+            client_address_header: ForwardedHeader::XForwardedFor,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -90,18 +108,24 @@ pub struct AuthConfig {
     pub algorithm: Option<String>,
     /// When set, tokens must carry this `aud`; when unset, `aud` is not checked.
     pub audience: Option<String>,
+    /// When set, tokens must carry this `iss`; when unset, `iss` is not checked.
+    pub issuer: Option<String>,
     /// Development only: accept `?user=NAME` without a token.
     pub anonymous: bool,
     /// Development only: `POST /dev/token {"user": NAME}` hands out tokens to anyone, for the
     /// chat page's name sign-in. Needs `auth.secret`.
     pub dev_login: bool,
+    /// Let `anonymous` or `dev_login` run on an address other than loopback. Anyone who can
+    /// reach the port can then act as any user.
+    pub allow_insecure_public: bool,
     /// Accept a handshake without a token in a pending state; the first message must be
     /// `{"type":"auth","token":…}`.
     pub message_auth: bool,
     /// How long a pending connection has to authenticate.
     #[serde(with = "duration")]
     pub timeout: Duration,
-    /// Invalid `auth` messages before a pending connection is closed.
+    /// Invalid `auth` messages before a pending connection is closed (4102); as many frames
+    /// of any other kind close it too (1008).
     pub max_attempts: u32,
     /// How long before the token's `exp` the server asks the client to refresh it.
     #[serde(with = "duration")]
@@ -115,8 +139,10 @@ impl Default for AuthConfig {
             public_key: None,
             algorithm: None,
             audience: None,
+            issuer: None,
             anonymous: false,
             dev_login: false,
+            allow_insecure_public: false,
             message_auth: true,
             timeout: Duration::from_secs(5),
             max_attempts: 3,
@@ -167,8 +193,15 @@ pub struct LimitsConfig {
     pub allowed_origins: Vec<String>,
     /// Connections still waiting for their `auth` message, on this node.
     pub max_pending_auth: usize,
-    /// Connections waiting for their `auth` message from one IP address.
+    /// Connections waiting for their `auth` message from one client address (an IPv6 /64).
     pub max_pending_auth_per_ip: usize,
+    /// How long the `id` of a stored `publish` or `send` is remembered, so that a retry with
+    /// the same `id` and request gets the first one's ack instead of storing it again. `0s`
+    /// turns this off.
+    #[serde(with = "duration")]
+    pub idempotency_window: Duration,
+    /// Most ids remembered per user within the window; the oldest is forgotten first.
+    pub idempotency_keys_per_user: usize,
 }
 
 impl Default for LimitsConfig {
@@ -186,6 +219,8 @@ impl Default for LimitsConfig {
             allowed_origins: Vec::new(),
             max_pending_auth: 10_000,
             max_pending_auth_per_ip: 100,
+            idempotency_window: Duration::from_secs(120),
+            idempotency_keys_per_user: 256,
         }
     }
 }
@@ -529,6 +564,10 @@ impl Config {
             "limits.max_pending_auth_per_ip",
             limits.max_pending_auth_per_ip,
         )?;
+        positive(
+            "limits.idempotency_keys_per_user",
+            limits.idempotency_keys_per_user,
+        )?;
         positive("auth.max_attempts", self.auth.max_attempts as usize)?;
         positive("store.history_max_limit", self.store.history_max_limit)?;
         positive("store.max_recovery", self.store.max_recovery)?;
@@ -564,6 +603,23 @@ impl Config {
                     reason,
                 });
             }
+        }
+        let development = [
+            ("auth.anonymous", self.auth.anonymous),
+            ("auth.dev_login", self.auth.dev_login),
+        ];
+        if let Some((key, _)) = development.iter().find(|(_, on)| *on)
+            && !self.server.listen.ip().is_loopback()
+            && !self.auth.allow_insecure_public
+        {
+            return Err(ConfigError::Key {
+                key,
+                reason: format!(
+                    "lets anyone act as any user, so it only runs on a loopback server.listen \
+                     (not {}) unless auth.allow_insecure_public is set",
+                    self.server.listen
+                ),
+            });
         }
         if self.auth.dev_login && self.auth.public_key.is_some() {
             return Err(ConfigError::Key {
@@ -621,6 +677,27 @@ mod duration {
             serde::de::Error::custom(format!("{text:?} is not a duration like \"25s\": {e}"))
         })
     }
+}
+
+/// Networks given as addresses (`10.0.0.1`, a single host) or CIDR ranges (`10.0.0.0/8`), in
+/// a list or one comma-separated string.
+fn networks<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
+    list(deserializer)?
+        .iter()
+        .map(|item| {
+            item.parse::<IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{item:?} is not an IP address or a CIDR range like 10.0.0.0/8"
+                    ))
+                })
+        })
+        .collect()
+}
+
+fn networks_as_text<S: Serializer>(networks: &[IpNet], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(networks.iter().map(ToString::to_string))
 }
 
 /// A list given as an array or as one comma-separated string.

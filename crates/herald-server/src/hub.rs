@@ -20,6 +20,7 @@
 //! - `users[u]` holds exactly the registered connections of `u`; empty entries are removed.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,6 +42,8 @@ pub struct ConnHandle {
 struct HandleInner {
     id: ConnId,
     user: Arc<str>,
+    /// The client's address, as resolved at the handshake (behind trusted proxies).
+    addr: IpAddr,
     outbox: Arc<Outbox>,
     control: Arc<ConnControl>,
     /// Streams being caught up on, with their held live frames. std Mutex: held to push or
@@ -79,11 +82,18 @@ struct CatchUp {
 }
 
 impl ConnHandle {
-    pub fn new(id: ConnId, user: Arc<str>, outbox: Arc<Outbox>, control: Arc<ConnControl>) -> Self {
+    pub fn new(
+        id: ConnId,
+        user: Arc<str>,
+        addr: IpAddr,
+        outbox: Arc<Outbox>,
+        control: Arc<ConnControl>,
+    ) -> Self {
         ConnHandle {
             inner: Arc::new(HandleInner {
                 id,
                 user,
+                addr,
                 outbox,
                 control,
                 catching_up: Mutex::new(Vec::new()),
@@ -98,6 +108,10 @@ impl ConnHandle {
 
     pub fn user(&self) -> &Arc<str> {
         &self.inner.user
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        self.inner.addr
     }
 
     pub fn stats(&self) -> &ConnStats {
@@ -519,7 +533,13 @@ mod tests {
         let outbox = Arc::new(Outbox::new(queue));
         let signal = Arc::new(ConnControl::new());
         (
-            ConnHandle::new(ConnId(id), user.into(), outbox.clone(), signal.clone()),
+            ConnHandle::new(
+                ConnId(id),
+                user.into(),
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                outbox.clone(),
+                signal.clone(),
+            ),
             outbox,
             signal,
         )

@@ -15,6 +15,8 @@
 //! - [`catch_up`]: replaying stored messages to one connection (inbox at connect, `join` with
 //!   `since`) with no gap and no duplicate at the seam with live ones.
 //! - [`hub`]: this node's connections by id, user and room; fans out shared bytes.
+//! - [`idempotency`]: request ids of recent stored messages, so a retry is answered, not
+//!   stored twice.
 //! - [`engine`]: `Broker`, `Presence` and `Store` traits with their embedded backends
 //!   (in-memory broker and presence, SQLite store), and timing decorators for any backend.
 //! - [`delivery`]: the types that travel between them (encoded frames, channels, ids).
@@ -29,6 +31,7 @@ pub mod delivery;
 pub mod engine;
 pub mod http;
 pub mod hub;
+pub mod idempotency;
 pub mod metrics;
 pub mod node;
 pub mod server;

@@ -4,7 +4,7 @@
 //! small blocking client (no async runtime needed for one request) on the same rustls/ring
 //! stack as the server, so a cron job or shell script can push with one command.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -267,12 +267,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let secret: String = (0..32)
             .map(|_| format!("{:02x}", rand::random::<u8>()))
             .collect();
-        tracing::warn!(
-            "auth.secret is not set: generated a random secret for this run only. Tokens stop \
-             working when the server stops. Mint tokens with: \
-             HERALD_AUTH_SECRET={secret} herald token --user NAME \
-             (set auth.secret or HERALD_AUTH_SECRET to keep one)"
-        );
+        announce_generated_secret(&secret);
         secret
     });
     if config.auth.dev_login {
@@ -311,6 +306,24 @@ fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("stopped");
         anyhow::Ok(())
     })
+}
+
+/// Tells the operator about a secret generated for this run. The secret itself goes to the
+/// terminal only, written directly rather than through `tracing`: whoever can read the logs
+/// could otherwise mint tokens for any user, admins included. When standard error is not a
+/// terminal (a service manager, a pipe into a log collector) it is not shown at all.
+fn announce_generated_secret(secret: &str) {
+    let shown = std::io::stderr().is_terminal();
+    tracing::warn!(
+        secret_shown_on_terminal = shown,
+        "auth.secret is not set: generated a random secret for this run only; tokens stop \
+         working when the server stops (set auth.secret or HERALD_AUTH_SECRET to keep one)"
+    );
+    if shown {
+        eprintln!(
+            "\nMint tokens for this run with:\n  HERALD_AUTH_SECRET={secret} herald token --user NAME\n"
+        );
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

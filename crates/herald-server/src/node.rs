@@ -40,6 +40,7 @@ use crate::engine::store::{
 };
 use crate::engine::timed::{TimedBroker, TimedPresence};
 use crate::hub::{ConnHandle, Hub, RegisterError, StreamKey};
+use crate::idempotency::Idempotency;
 
 /// Committed messages waiting for the fan-out task.
 const FANOUT_QUEUE: usize = 8192;
@@ -73,6 +74,8 @@ pub struct Node {
     draining: CancellationToken,
     /// Connections accepted without a token, still waiting for their `auth` message.
     pub pending: Arc<PendingAuth>,
+    /// Request ids of recent stored messages, so a client's retry is not stored twice.
+    pub idempotency: Idempotency,
 }
 
 /// What the sender of a direct message learns.
@@ -190,6 +193,10 @@ impl Node {
             config.server.node_id.as_str().into()
         };
         let (fanout, fanout_queue) = mpsc::channel(FANOUT_QUEUE);
+        let idempotency = Idempotency::new(
+            config.limits.idempotency_window,
+            config.limits.idempotency_keys_per_user,
+        );
         let node = Arc::new(Node {
             id,
             config,
@@ -205,6 +212,7 @@ impl Node {
             tasks: TaskTracker::new(),
             draining: CancellationToken::new(),
             pending: Arc::default(),
+            idempotency,
         });
         node.broker.start(node.clone());
         tokio::spawn(fan_out(node.broker.clone(), fanout_queue));

@@ -4,65 +4,13 @@ mod common;
 
 use std::time::Duration;
 
+use common::pending::Pending;
 use common::{TestServer, handshake, refusal};
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{FutureExt, StreamExt};
 use herald_protocol::{ErrorCode, ServerEvent};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
-
-/// A connection opened without any token, still pending.
-struct Pending {
-    ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-}
-
-impl Pending {
-    async fn open(server: &TestServer) -> Pending {
-        let request = server.url("/ws").into_client_request().unwrap();
-        let ws = handshake(request)
-            .await
-            .expect("pending handshake accepted");
-        Pending { ws }
-    }
-
-    async fn send(&mut self, value: serde_json::Value) {
-        self.ws
-            .send(WsMessage::text(value.to_string()))
-            .await
-            .unwrap();
-    }
-
-    async fn next_event(&mut self) -> ServerEvent {
-        loop {
-            let message = tokio::time::timeout(common::EVENT_TIMEOUT, self.ws.next())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
-            match message {
-                WsMessage::Text(text) => return ServerEvent::decode(&text).unwrap(),
-                WsMessage::Close(frame) => panic!("closed: {frame:?}"),
-                _ => continue,
-            }
-        }
-    }
-
-    async fn expect_close(&mut self) -> tungstenite::protocol::CloseFrame {
-        loop {
-            let message = tokio::time::timeout(common::EVENT_TIMEOUT, self.ws.next())
-                .await
-                .unwrap();
-            match message {
-                Some(Ok(WsMessage::Close(Some(frame)))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("no close frame: {other:?}"),
-            }
-        }
-    }
-}
 
 #[tokio::test]
 async fn a_valid_auth_message_gets_the_same_welcome_as_a_handshake_token() {

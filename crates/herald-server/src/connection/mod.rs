@@ -16,6 +16,7 @@ pub mod pending;
 pub mod session;
 pub mod writer;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures::future::{self, Either};
@@ -62,6 +63,7 @@ pub fn serve(
     node: Arc<Node>,
     admission: Admission,
     rooms: Vec<String>,
+    client: IpAddr,
 ) -> impl Future<Output = ()> + Send {
     let (sink, stream) = ws.split();
     let control = Arc::new(ConnControl::new());
@@ -77,6 +79,7 @@ pub fn serve(
         node,
         admission,
         rooms,
+        client,
         control,
         outbox,
         timing,
@@ -98,6 +101,8 @@ struct Start {
     node: Arc<Node>,
     admission: Admission,
     rooms: Vec<String>,
+    /// The client's address (behind trusted proxies, the one they name).
+    client: IpAddr,
     control: Arc<ConnControl>,
     outbox: Arc<Outbox>,
     timing: writer::Timing,
@@ -111,6 +116,7 @@ async fn admit(start: Box<Start>) -> Option<(SplitStream<Socket>, Arc<ConnContro
         node,
         admission,
         rooms,
+        client,
         control,
         outbox,
         timing,
@@ -125,8 +131,13 @@ async fn admit(start: Box<Start>) -> Option<(SplitStream<Socket>, Arc<ConnContro
                 at_unix_ms: deadline,
                 kind: ExpiryKind::AuthDeadline,
             }));
-            let anonymous =
-                ConnHandle::new(conn_id, Arc::from(""), outbox.clone(), control.clone());
+            let anonymous = ConnHandle::new(
+                conn_id,
+                Arc::from(""),
+                client,
+                outbox.clone(),
+                control.clone(),
+            );
             let identity = Box::pin(pending::authenticate(
                 &mut stream,
                 &node,
@@ -141,6 +152,7 @@ async fn admit(start: Box<Start>) -> Option<(SplitStream<Socket>, Arc<ConnContro
     let handle = ConnHandle::new(
         conn_id,
         identity.user.clone(),
+        client,
         outbox.clone(),
         control.clone(),
     );
@@ -166,7 +178,7 @@ async fn admit(start: Box<Start>) -> Option<(SplitStream<Socket>, Arc<ConnContro
             ConnectError::Engine(_) => CloseCode::INTERNAL_ERROR,
             ConnectError::ShuttingDown => CloseCode::GOING_AWAY,
         };
-        tracing::info!(user = %identity.user, %error, "connection refused after upgrade");
+        tracing::info!(user = %identity.user, %client, %error, "connection refused after upgrade");
         drop(outbox.take_now());
         control.close(CloseReason::Send(code));
         outbox.release();
@@ -176,7 +188,7 @@ async fn admit(start: Box<Start>) -> Option<(SplitStream<Socket>, Arc<ConnContro
     // writing the welcome, sees the token's expiry.
     outbox.release();
     control.set_expiry(token_expiry(&identity));
-    tracing::debug!(conn = %handle.id(), user = %identity.user, "connected");
+    tracing::debug!(conn = %handle.id(), user = %identity.user, %client, "connected");
     metrics::counter!("herald_connects_total").increment(1);
 
     let mut session = Session::new(node, handle, identity, control.clone());
@@ -281,7 +293,7 @@ mod tests {
     #[test]
     #[allow(unreachable_code)]
     fn an_idle_connection_future_fits_its_memory_budget() {
-        let serving = future_size(|| serve(todo!(), todo!(), todo!(), todo!()));
+        let serving = future_size(|| serve(todo!(), todo!(), todo!(), todo!(), todo!()));
         assert!(
             serving <= 896,
             "the connection future takes {serving} bytes"

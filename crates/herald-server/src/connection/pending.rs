@@ -2,8 +2,12 @@
 //! `{"type":"auth","token":…}` they may do nothing else.
 //!
 //! Pending connections are cheap to open and hold no identity, so they are capped in total and
-//! per source IP ([`PendingAuth`]), closed at `auth.timeout` by the writer's deadline (4101),
-//! and after `auth.max_attempts` bad tokens (4102).
+//! per client address ([`PendingAuth`]; an IPv6 client by its /64, a client behind trusted
+//! proxies by the address they name), closed at `auth.timeout` by the writer's deadline (4101),
+//! after `auth.max_attempts` bad tokens (4102), and after `auth.max_attempts` other data frames
+//! (1008, policy violation: the client is not following the protocol, and reconnecting would
+//! not help). Every refused frame is parsed and answered, so without that cap a pending
+//! connection could make the server work for it without limit.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,7 +25,8 @@ use crate::delivery::OutFrame;
 use crate::hub::ConnHandle;
 use crate::node::Node;
 
-/// Counts pending connections, in total and per source IP.
+/// Counts pending connections, in total and per client address key
+/// ([`crate::http::client_addr::limit_key`]).
 #[derive(Default)]
 pub struct PendingAuth {
     /// Held only to bump a counter, never across an `.await`.
@@ -106,6 +111,7 @@ where
     S: Stream<Item = Frame> + Unpin,
 {
     let mut failures = 0;
+    let mut refused = 0;
     loop {
         let frame = tokio::select! {
             biased;
@@ -148,14 +154,20 @@ where
                     (id, error.to_string())
                 }
             },
-            Ok(Request { id, body }) => (
-                id,
-                format!(
-                    "\"{}\" before authentication: send {{\"type\":\"auth\",\"token\":…}} first",
-                    body.kind()
-                ),
-            ),
-            Err(error) => (error.id, format!("authenticate first ({})", error.message)),
+            Ok(Request { id, body }) => {
+                refused += 1;
+                (
+                    id,
+                    format!(
+                        "\"{}\" before authentication: send {{\"type\":\"auth\",\"token\":…}} first",
+                        body.kind()
+                    ),
+                )
+            }
+            Err(error) => {
+                refused += 1;
+                (error.id, format!("authenticate first ({})", error.message))
+            }
         };
         let event = ServerEvent::Error(ErrorEvent {
             code: ErrorCode::Unauthenticated,
@@ -163,8 +175,14 @@ where
             reference: id,
         });
         reply.offer(OutFrame::Text(event.encode()));
-        if failures >= node.config.auth.max_attempts {
+        let max_attempts = node.config.auth.max_attempts;
+        if failures >= max_attempts {
             control.close(CloseReason::Send(CloseCode::AUTH_FAILED));
+            return None;
+        }
+        if refused >= max_attempts {
+            tracing::debug!(refused, "pending connection closed: frames other than auth");
+            control.close(CloseReason::Send(CloseCode::POLICY_VIOLATION));
             return None;
         }
     }

@@ -24,6 +24,7 @@ use crate::delivery::OutFrame;
 use crate::engine::EngineError;
 use crate::engine::store::{Epoch, Offset, StoreError};
 use crate::hub::ConnHandle;
+use crate::idempotency::{Claim, Recorder, Target};
 use crate::node::{Node, Published, Recovery};
 
 /// What the reader does after a frame.
@@ -162,24 +163,80 @@ impl Session {
     }
 
     /// Queues the answer to a stored message's request: `ack` once it has committed (when the
-    /// request has an `id`), or the error. Answered in order by [`next_commit`](Self::next_commit).
+    /// request has an `id`, also remembered for retries), or the error. Answered in order by
+    /// [`next_commit`](Self::next_commit).
     fn answer_when_committed<T>(
         &mut self,
         committing: impl Future<Output = Result<T, EngineError>> + Send + 'static,
         id: Option<String>,
-        ack: impl FnOnce(String, T) -> ServerEvent + Send + 'static,
+        recorder: Option<Recorder>,
+        ack: impl FnOnce(T) -> Ack + Send + 'static,
     ) {
         let handle = self.handle.clone();
         self.committing.push_back(Box::pin(async move {
             match committing.await {
                 Ok(done) => {
                     if let Some(reference) = id {
-                        answer(&handle, &ack(reference, done));
+                        let mut ack = ack(done);
+                        if let Some(recorder) = recorder {
+                            recorder.record(&ack);
+                        }
+                        ack.reference = Some(reference);
+                        answer(&handle, &ServerEvent::Ack(ack));
                     }
                 }
                 Err(error) => answer_error(&handle, internal(error, &id)),
             }
         }));
+    }
+
+    /// Looks a stored message's request up among the recent ones. A retry is answered (in
+    /// order, like the others) with the first attempt's ack and yields `Err`; a new request
+    /// yields what records its ack.
+    fn claim(
+        &mut self,
+        id: &Option<String>,
+        kind: &str,
+        target: Target<'_>,
+        content: &Payload,
+    ) -> Result<Option<Recorder>, ()> {
+        let Some(reference) = id else {
+            return Ok(None);
+        };
+        let claim =
+            self.node
+                .idempotency
+                .claim(&self.identity.user, reference, kind, target, content);
+        match claim {
+            None => Ok(None),
+            Some(Claim::New(recorder)) => Ok(Some(recorder)),
+            Some(Claim::Retry(mut first)) => {
+                let handle = self.handle.clone();
+                let reference = reference.clone();
+                self.committing.push_back(Box::pin(async move {
+                    let ack = first
+                        .wait_for(Option::is_some)
+                        .await
+                        .ok()
+                        .and_then(|a| a.clone());
+                    match ack {
+                        Some(mut ack) => {
+                            ack.reference = Some(reference);
+                            answer(&handle, &ServerEvent::Ack(ack));
+                        }
+                        None => answer_error(
+                            &handle,
+                            ProtocolError::new(
+                                ErrorCode::Internal,
+                                "the first attempt with this id failed: send it again",
+                                Some(reference),
+                            ),
+                        ),
+                    }
+                }));
+                Err(())
+            }
+        }
     }
 
     async fn dispatch(&mut self, request: Request) -> Outcome {
@@ -280,6 +337,9 @@ impl Session {
     }
 
     async fn send(&mut self, id: Option<String>, to: Vec<String>, content: Payload) -> Outcome {
+        if !self.identity.direct {
+            return Err(no_direct("send", id));
+        }
         let max = self.node.config.limits.max_recipients;
         if to.len() > max {
             return Err(ProtocolError::new(
@@ -288,20 +348,20 @@ impl Session {
                 id,
             ));
         }
+        let Ok(recorder) = self.claim(&id, "send", Target::Users(&to), &content) else {
+            return Ok(None);
+        };
         let committing = self
             .node
             .send_direct_queued(&self.identity.user, Some(self.handle.id()), to, content)
             .await
             .map_err(|e| internal(e, &id))?;
-        self.answer_when_committed(committing, id, |reference, outcome| {
-            ServerEvent::Ack(Ack {
-                reference: Some(reference),
-                id: Some(outcome.id),
-                online: Some(outcome.online),
-                offline: Some(outcome.offline),
-                offsets: Some(outcome.offsets),
-                ..Ack::default()
-            })
+        self.answer_when_committed(committing, id, recorder, |outcome| Ack {
+            id: Some(outcome.id),
+            online: Some(outcome.online),
+            offline: Some(outcome.offline),
+            offsets: Some(outcome.offsets),
+            ..Ack::default()
         });
         Ok(None)
     }
@@ -392,6 +452,15 @@ impl Session {
         if !self.identity.may_use_room(&room) {
             return Err(forbidden_room(&room, id));
         }
+        // Only stored messages are remembered: an ephemeral one is not worth a retry.
+        let recorder = if persist {
+            let Ok(recorder) = self.claim(&id, "publish", Target::Room(&room), &content) else {
+                return Ok(None);
+            };
+            recorder
+        } else {
+            None
+        };
         let committing = self
             .node
             .publish_queued(
@@ -407,9 +476,14 @@ impl Session {
         if !persist {
             // Already relayed (and nothing is in flight: see `dispatch`): answer now.
             let published = committing.await.map_err(|e| internal(e, &id))?;
-            return Ok(id.map(|reference| publish_ack(reference, published)));
+            return Ok(id.map(|reference| {
+                ServerEvent::Ack(Ack {
+                    reference: Some(reference),
+                    ..publish_ack(published)
+                })
+            }));
         }
-        self.answer_when_committed(committing, id, publish_ack);
+        self.answer_when_committed(committing, id, recorder, publish_ack);
         Ok(None)
     }
 
@@ -433,6 +507,9 @@ impl Session {
                 (Some(room), None, page)
             }
             HistoryTarget::With(user) => {
+                if !self.identity.direct {
+                    return Err(no_direct("history", id));
+                }
                 let page = self
                     .node
                     .conversation_history(&self.identity.user, &user, before, limit)
@@ -492,6 +569,9 @@ impl Session {
     }
 
     async fn presence(&mut self, id: Option<String>, users: Vec<String>) -> Outcome {
+        if !self.identity.direct {
+            return Err(no_direct("presence", id));
+        }
         let max = self.node.config.limits.max_recipients;
         if users.len() > max {
             return Err(ProtocolError::new(
@@ -537,6 +617,11 @@ impl Session {
 
     /// Leaves every room and detaches from the node. Runs once, when the connection ends.
     pub async fn finish(mut self) {
+        // Messages still committing are stored whether or not their acks can go out; waiting
+        // for them records their acks, so a retry from the client gets them.
+        while let Some(answer) = self.committing.pop_front() {
+            answer.await;
+        }
         for room in std::mem::take(&mut self.rooms) {
             if let Err(error) = self.node.leave(&self.handle, &room).await {
                 tracing::warn!(conn = %self.handle.id(), %room, %error, "leave on disconnect failed");
@@ -571,6 +656,15 @@ fn forbidden_room(room: &str, id: Option<String>) -> ProtocolError {
     )
 }
 
+/// A request naming other users, from a token with `"direct": false`.
+fn no_direct(kind: &str, id: Option<String>) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::Forbidden,
+        format!("the token does not allow {kind:?} with other users (\"direct\": false)"),
+        id,
+    )
+}
+
 fn not_member(room: &str, id: Option<String>) -> ProtocolError {
     ProtocolError::new(
         ErrorCode::NotMember,
@@ -579,18 +673,18 @@ fn not_member(room: &str, id: Option<String>) -> ProtocolError {
     )
 }
 
-fn publish_ack(reference: String, published: Published) -> ServerEvent {
+/// The ack of a publish, without its `ref`.
+fn publish_ack(published: Published) -> Ack {
     let (offset, epoch) = match published.position {
         Some(position) => (Some(position.offset.0), Some(position.epoch.0)),
         None => (None, None),
     };
-    ServerEvent::Ack(Ack {
-        reference: Some(reference),
+    Ack {
         id: Some(published.id),
         offset,
         epoch,
         ..Ack::default()
-    })
+    }
 }
 
 fn answer(handle: &ConnHandle, event: &ServerEvent) {

@@ -8,9 +8,11 @@
 //! `docs/openapi.yaml` documents exactly these, which `tests/openapi.rs` checks both ways.
 
 pub mod api;
+pub mod client_addr;
 mod dev;
 mod error;
 mod health;
+mod host;
 mod metrics;
 mod static_files;
 mod upgrade;
@@ -134,6 +136,9 @@ pub fn app(node: Arc<Node>) -> Router {
     }
     if let Some(files) = static_files::service(&node.config.static_files) {
         router = router.merge(files);
+    }
+    if let Some(policy) = host::HostPolicy::from_config(&node.config) {
+        router = router.layer(axum::middleware::from_fn_with_state(policy, host::check));
     }
     router.with_state(node)
 }

@@ -6,9 +6,8 @@
 //! per IP) for a handshake without a token when `auth.message_auth` is on. The connection itself is served in a task tracked by
 //! the node, so shutdown waits for its Close frame.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-
-use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
@@ -16,6 +15,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 
 use super::HttpError;
+use super::client_addr;
 use crate::auth::{self, AuthError, Identity};
 use crate::connection::pending::PendingLimit;
 use crate::connection::{self, Admission};
@@ -60,7 +60,14 @@ fn accept(
 ) -> Result<Response, HttpError> {
     let headers = request.headers();
     check_origin(headers, &node.config.limits.allowed_origins)?;
-    let admission = admit(&node, peer, &params, headers)?;
+    let server = &node.config.server;
+    let client = client_addr::client_ip(
+        peer.ip(),
+        headers,
+        &server.trusted_proxies,
+        server.client_address_header,
+    );
+    let admission = admit(&node, client, &params, headers)?;
     let rooms = rooms_at_connect(params.rooms.as_deref(), path_room)?;
     if let Admission::Authenticated(identity) = &admission {
         check_rooms_claim(identity, &rooms)?;
@@ -98,15 +105,22 @@ fn accept(
     // captures (for its whole life, even once moved out) or holds across an await. So it
     // captures one box, freed once upgraded, holding the upgrade future and what the
     // connection starts with; and the WebSocket leaves the `match` before the long await.
-    let start = Box::new((Box::pin(upgrade), handshake_timeout, node, admission, rooms));
+    let start = Box::new((
+        Box::pin(upgrade),
+        handshake_timeout,
+        node,
+        admission,
+        rooms,
+        client,
+    ));
     tasks.spawn(async move {
-        let (upgrade, handshake_timeout, node, admission, rooms) = *start;
+        let (upgrade, handshake_timeout, node, admission, rooms, client) = *start;
         let ws = match tokio::time::timeout(handshake_timeout, upgrade).await {
             Ok(Ok(ws)) => ws,
             Ok(Err(error)) => return tracing::debug!(%error, "upgrade failed"),
             Err(_) => return tracing::debug!("upgrade timed out"),
         };
-        connection::serve(ws, node, admission, rooms).await
+        connection::serve(ws, node, admission, rooms, client).await
     });
     Ok(response)
 }
@@ -115,7 +129,7 @@ fn accept(
 /// or pending its `auth` message (within the pending limits); otherwise 401.
 fn admit(
     node: &Node,
-    peer: SocketAddr,
+    client: IpAddr,
     params: &HandshakeParams,
     headers: &HeaderMap,
 ) -> Result<Admission, HttpError> {
@@ -143,7 +157,7 @@ fn admit(
     let limits = &node.config.limits;
     node.pending
         .admit(
-            peer.ip(),
+            client_addr::limit_key(client),
             limits.max_pending_auth,
             limits.max_pending_auth_per_ip,
         )
@@ -151,7 +165,7 @@ fn admit(
         .map_err(|limit| {
             metrics::counter!("herald_handshakes_refused_total", "reason" => "pending_limit")
                 .increment(1);
-            tracing::warn!(peer = %peer.ip(), %limit, "pending authentication limit reached");
+            tracing::warn!(%client, %limit, "pending authentication limit reached");
             let status = match limit {
                 PendingLimit::Total => StatusCode::SERVICE_UNAVAILABLE,
                 PendingLimit::PerIp => StatusCode::TOO_MANY_REQUESTS,

@@ -29,6 +29,8 @@ pub struct ConnectionStats {
     id: String,
     user: String,
     node: String,
+    /// The client's IP address (behind trusted proxies, the one they name).
+    addr: String,
     /// Unix milliseconds.
     connected_at: u64,
     messages_in: u64,
@@ -97,6 +99,7 @@ fn stats(node: &Node, handle: &ConnHandle, rooms: Vec<Arc<str>>) -> ConnectionSt
         id: handle.id().to_string(),
         user: handle.user().to_string(),
         node: node.id.to_string(),
+        addr: handle.addr().to_string(),
         connected_at: snapshot
             .connected_at
             .duration_since(UNIX_EPOCH)

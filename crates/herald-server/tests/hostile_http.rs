@@ -1,0 +1,115 @@
+//! HTTP requests an attacker would try: hidden files and links out of the static folder, API
+//! keys that almost match, and bodies far over the limit.
+
+mod common;
+
+use std::path::Path;
+
+use common::{API_KEY, TestServer};
+
+const SECRET_TEXT: &str = "outside-the-web-folder";
+
+/// `root/web` with a page, hidden files, and links pointing in and out of it; `root/secret.txt`
+/// beside it.
+fn site() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let web = root.path().join("web");
+    std::fs::create_dir_all(web.join(".git")).unwrap();
+    std::fs::write(web.join("app.js"), "console.log('hi')").unwrap();
+    std::fs::write(web.join(".env"), SECRET_TEXT).unwrap();
+    std::fs::write(web.join(".git/config"), SECRET_TEXT).unwrap();
+    std::fs::write(root.path().join("secret.txt"), SECRET_TEXT).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::symlink;
+        symlink(root.path().join("secret.txt"), web.join("leak.txt")).unwrap();
+        symlink(root.path(), web.join("up")).unwrap();
+        symlink(web.join("app.js"), web.join("alias.js")).unwrap();
+    }
+    root
+}
+
+async fn serve(root: &Path) -> TestServer {
+    let dir = root.join("web");
+    TestServer::start_with(move |config| config.static_files.dir = dir).await
+}
+
+fn status_of(raw: &str) -> u16 {
+    raw.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn hidden_files_are_not_served_however_the_path_is_spelled() {
+    let root = site();
+    let server = serve(root.path()).await;
+    for target in [
+        "/.env",
+        "/%2eenv",
+        "/%2Eenv",
+        "/.git/config",
+        "/%2egit/config",
+        "/.git%2fconfig",
+        "/./.env",
+    ] {
+        let raw = server.raw_http(target).await;
+        assert_eq!(status_of(&raw), 404, "{target}:\n{raw}");
+        assert!(!raw.contains(SECRET_TEXT), "{target} leaked");
+    }
+    assert_eq!(status_of(&server.raw_http("/app.js").await), 200);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn links_out_of_the_folder_are_not_followed_and_links_inside_it_are() {
+    let root = site();
+    let server = serve(root.path()).await;
+    for target in ["/leak.txt", "/up/secret.txt"] {
+        let raw = server.raw_http(target).await;
+        assert_eq!(status_of(&raw), 404, "{target}:\n{raw}");
+        assert!(!raw.contains(SECRET_TEXT), "{target} leaked");
+    }
+    let alias = server.raw_http("/alias.js").await;
+    assert_eq!(status_of(&alias), 200, "{alias}");
+}
+
+#[tokio::test]
+async fn api_keys_that_almost_match_are_refused() {
+    let server = TestServer::start().await;
+    let mut one_off = API_KEY.to_owned();
+    one_off.replace_range(3..4, "X");
+    let near_misses = [
+        one_off,
+        API_KEY[..API_KEY.len() - 1].to_owned(),
+        format!("{API_KEY}0"),
+        API_KEY.to_ascii_uppercase(),
+        format!("{API_KEY}{API_KEY}"),
+        String::new(),
+    ];
+    for key in &near_misses {
+        let (status, body) = server
+            .api_with_key("GET", "/api/rooms", None, Some(key))
+            .await;
+        assert_eq!(status, 401, "{key:?}: {body}");
+        assert_eq!(body["field"], "Authorization", "{key:?}: {body}");
+    }
+    let (status, _) = server.api("GET", "/api/rooms", None).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_two_mebibyte_api_body_is_refused_with_413() {
+    let server = TestServer::start().await;
+    let content = "x".repeat(2 * 1024 * 1024);
+    let body = serde_json::json!({"room": "lobby", "content": content}).to_string();
+    let reply = server
+        .http("POST", "/api/publish", Some(body), Some(API_KEY))
+        .await;
+    assert_eq!(reply.status, 413, "{}", reply.body);
+    assert!(reply.body.contains("api.max_body_bytes"), "{}", reply.body);
+    // The server is unharmed.
+    let (status, _) = server.api("GET", "/api/rooms", None).await;
+    assert_eq!(status, 200);
+}
