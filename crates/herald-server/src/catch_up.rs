@@ -40,8 +40,11 @@ pub const PAGE: usize = 500;
 
 /// Where a replay reads its next pages.
 pub enum Source {
-    /// The user's inbox, above its acknowledged mark.
-    Inbox(Arc<str>),
+    /// The user's inbox, above the mark of one device (or the user's, without one).
+    Inbox {
+        user: Arc<str>,
+        device: Option<Arc<str>>,
+    },
     Room(Arc<str>),
 }
 
@@ -52,7 +55,10 @@ impl Source {
         after: Offset,
     ) -> Result<Vec<StoredMessage>, StoreError> {
         match self {
-            Source::Inbox(user) => Ok(store.read_inbox(user, after, PAGE).await?.messages),
+            Source::Inbox { user, device } => Ok(store
+                .read_inbox(user, device.as_deref(), after, PAGE)
+                .await?
+                .messages),
             Source::Room(room) => Ok(store.read_room(room, after, PAGE).await?.messages),
         }
     }

@@ -226,15 +226,20 @@ impl Node {
     /// replaying the inbox entries its user has not acknowledged, before any live direct
     /// message. The replay runs in its own task, beside the connection's request loop, once
     /// the first page is read: it waits for the writer to drain each page (the welcome, queued
-    /// before, goes first), and the client may `ack` meanwhile.
-    pub async fn connect(&self, handle: &ConnHandle) -> Result<(), ConnectError> {
+    /// before, goes first), and the client may `ack` meanwhile. With a `device`, the replay
+    /// starts at that device's mark.
+    pub async fn connect(
+        &self,
+        handle: &ConnHandle,
+        device: Option<Arc<str>>,
+    ) -> Result<(), ConnectError> {
         handle.begin_catch_up(StreamKey::Inbox);
         if let Err(error) = self.attach(handle).await {
             handle.end_catch_up(&StreamKey::Inbox);
             return Err(error);
         }
         metrics::gauge!("herald_connections").increment(1.0);
-        match self.start_inbox_replay(handle).await {
+        match self.start_inbox_replay(handle, device).await {
             Ok(Some(replay)) => {
                 self.tasks.spawn(async move {
                     replay.run().await;
@@ -252,17 +257,31 @@ impl Node {
 
     /// Reads the first page of the inbox replay; `None` when there is nothing to replay (the
     /// handle is live then).
-    async fn start_inbox_replay(&self, handle: &ConnHandle) -> Result<Option<Replay>, EngineError> {
+    async fn start_inbox_replay(
+        &self,
+        handle: &ConnHandle,
+        device: Option<Arc<str>>,
+    ) -> Result<Option<Replay>, EngineError> {
         // Checked after the connection is registered: an entry committed after this check is
         // fanned out to it live (and was held until now), one committed before is in the set.
-        if !self.store.inbox_may_hold_unacked(handle.user()) {
+        // A device is read every time: it may be new and need its mark.
+        if device.is_none() && !self.store.inbox_may_hold_unacked(handle.user()) {
             handle.end_catch_up(&StreamKey::Inbox);
             return Ok(None);
         }
         let read = self
             .store
-            .read_inbox(handle.user(), Offset(0), PAGE)
+            .read_inbox(handle.user(), device.as_deref(), Offset(0), PAGE)
             .await?;
+        if let Some(device) = device.as_deref()
+            && !read.device_has_mark
+        {
+            // A new device gets its mark where it starts reading: from now on, acks of the
+            // user's other devices do not hide entries from it.
+            self.store
+                .ack_inbox(handle.user(), Some(device), read.acked)
+                .await?;
+        }
         Ok(Some(Replay::paged(
             handle.clone(),
             StreamKey::Inbox,
@@ -270,7 +289,10 @@ impl Node {
             self.replay_wait(),
             read.messages,
             self.store.clone(),
-            Source::Inbox(handle.user().clone()),
+            Source::Inbox {
+                user: handle.user().clone(),
+                device,
+            },
         )))
     }
 
@@ -710,9 +732,15 @@ impl Node {
             .clamp(1, self.config.store.history_max_limit)
     }
 
-    /// Records that `user` received their inbox up to `offset`; returns the mark after.
-    pub async fn ack_inbox(&self, user: &str, offset: Offset) -> Result<Offset, StoreError> {
-        self.store.ack_inbox(user, offset).await
+    /// Records that `user` (on `device`, when given) received their inbox up to `offset`;
+    /// returns the mark after (the device's, when given).
+    pub async fn ack_inbox(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        offset: Offset,
+    ) -> Result<Offset, StoreError> {
+        self.store.ack_inbox(user, device, offset).await
     }
 
     /// Runs one retention pass now (the background task runs one every

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use herald_server::engine::sqlite::{SqliteStore, Synchronous, schema};
-use herald_server::engine::store::{Offset, Store};
+use herald_server::engine::store::{Offset, Store, StoreLimits};
 
 /// The tables exactly as the last release before versioned migrations wrote them (its `meta`
 /// says schema "3"), with a room message, a direct message from alice to bob (inbox and both
@@ -86,14 +86,15 @@ async fn a_store_written_before_migrations_opens_with_every_message_and_keeps_co
     let folder = tempfile::tempdir().unwrap();
     write_release_3(folder.path());
 
-    let store = SqliteStore::open(folder.path(), Synchronous::Normal).unwrap();
+    let store =
+        SqliteStore::open(folder.path(), Synchronous::Normal, StoreLimits::default()).unwrap();
     let room = store.read_room("lobby", Offset(0), 10).await.unwrap();
     assert_eq!(room.bounds.top.offset, Offset(2));
     assert_eq!(room.bounds.top.epoch.0, "00000000000000aa");
     let ids: Vec<_> = room.messages.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["m1", "m2"]);
 
-    let inbox = store.read_inbox("bob", Offset(0), 10).await.unwrap();
+    let inbox = store.read_inbox("bob", None, Offset(0), 10).await.unwrap();
     assert_eq!(inbox.acked, Offset(1));
     let pending: Vec<_> = inbox.messages.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(pending, ["d2"], "only what bob had not acknowledged");
@@ -108,7 +109,9 @@ async fn a_store_written_before_migrations_opens_with_every_message_and_keeps_co
         .map(|m| m.id.as_str())
         .collect();
     assert_eq!(ids, ["d1", "d2"]);
-    assert_eq!(store.ack_inbox("bob", Offset(2)).await.unwrap(), Offset(2));
+    // A device mark lives in a table of migration 2.
+    let mark = store.ack_inbox("bob", Some("phone"), Offset(2)).await;
+    assert_eq!(mark.unwrap(), Offset(2));
     store.close().await;
 
     assert_eq!(
@@ -116,17 +119,21 @@ async fn a_store_written_before_migrations_opens_with_every_message_and_keeps_co
         schema::current_version() as i64
     );
     // Migrated once: it opens again as it is, marks and all.
-    let store = SqliteStore::open(folder.path(), Synchronous::Normal).unwrap();
-    let inbox = store.read_inbox("bob", Offset(0), 10).await.unwrap();
+    let store =
+        SqliteStore::open(folder.path(), Synchronous::Normal, StoreLimits::default()).unwrap();
+    let inbox = store.read_inbox("bob", None, Offset(0), 10).await.unwrap();
     assert_eq!(inbox.acked, Offset(2));
     assert!(inbox.messages.is_empty());
+    let phone = store.read_inbox("bob", Some("phone"), Offset(0), 10).await;
+    assert!(phone.unwrap().device_has_mark);
     store.close().await;
 }
 
 #[tokio::test]
 async fn a_store_written_by_a_newer_herald_is_refused_and_left_untouched() {
     let folder = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(folder.path(), Synchronous::Normal).unwrap();
+    let store =
+        SqliteStore::open(folder.path(), Synchronous::Normal, StoreLimits::default()).unwrap();
     store.close().await;
     drop(store);
     let newer = schema::current_version() as i64 + 1;
@@ -137,7 +144,7 @@ async fn a_store_written_by_a_newer_herald_is_refused_and_left_untouched() {
     .unwrap();
     drop(conn);
 
-    let error = SqliteStore::open(folder.path(), Synchronous::Normal)
+    let error = SqliteStore::open(folder.path(), Synchronous::Normal, StoreLimits::default())
         .err()
         .expect("a newer schema must be refused");
     let text = error.to_string();

@@ -62,6 +62,7 @@ pub fn serve(
     node: Arc<Node>,
     admission: Admission,
     rooms: Vec<String>,
+    device: Option<Arc<str>>,
 ) -> impl Future<Output = ()> + Send {
     let (sink, stream) = ws.split();
     let control = Arc::new(ConnControl::new());
@@ -77,6 +78,7 @@ pub fn serve(
         node,
         admission,
         rooms,
+        device,
         control,
         outbox,
         timing,
@@ -98,6 +100,8 @@ struct Start {
     node: Arc<Node>,
     admission: Admission,
     rooms: Vec<String>,
+    /// `?device=`: the device whose inbox mark the connection reads and moves.
+    device: Option<Arc<str>>,
     control: Arc<ConnControl>,
     outbox: Arc<Outbox>,
     timing: writer::Timing,
@@ -111,6 +115,7 @@ async fn admit(start: Box<Start>) -> Option<(SplitStream<Socket>, Arc<ConnContro
         node,
         admission,
         rooms,
+        device,
         control,
         outbox,
         timing,
@@ -160,7 +165,7 @@ async fn admit(start: Box<Start>) -> Option<(SplitStream<Socket>, Arc<ConnContro
         })
         .encode(),
     ));
-    if let Err(error) = Box::pin(node.connect(&handle)).await {
+    if let Err(error) = Box::pin(node.connect(&handle, device.clone())).await {
         let code = match error {
             ConnectError::Limit(_) => CloseCode::TRY_AGAIN_LATER,
             ConnectError::Engine(_) => CloseCode::INTERNAL_ERROR,
@@ -179,7 +184,7 @@ async fn admit(start: Box<Start>) -> Option<(SplitStream<Socket>, Arc<ConnContro
     tracing::debug!(conn = %handle.id(), user = %identity.user, "connected");
     metrics::counter!("herald_connects_total").increment(1);
 
-    let mut session = Session::new(node, handle, identity, control.clone());
+    let mut session = Session::new(node, handle, identity, device, control.clone());
     session.join_initial(rooms).await;
     Some((stream, control, session))
 }
@@ -281,7 +286,7 @@ mod tests {
     #[test]
     #[allow(unreachable_code)]
     fn an_idle_connection_future_fits_its_memory_budget() {
-        let serving = future_size(|| serve(todo!(), todo!(), todo!(), todo!()));
+        let serving = future_size(|| serve(todo!(), todo!(), todo!(), todo!(), todo!()));
         assert!(
             serving <= 896,
             "the connection future takes {serving} bytes"

@@ -38,6 +38,8 @@ pub struct Session {
     handle: ConnHandle,
     control: Arc<ConnControl>,
     identity: Identity,
+    /// The device named at the handshake (`?device=`): its acks move its own inbox mark.
+    device: Option<Arc<str>>,
     rooms: HashSet<Arc<str>>,
     limiter: DefaultDirectRateLimiter,
     /// Frames refused by the rate limiter since the last accepted one.
@@ -69,6 +71,7 @@ impl Session {
         node: Arc<Node>,
         handle: ConnHandle,
         identity: Identity,
+        device: Option<Arc<str>>,
         control: Arc<ConnControl>,
     ) -> Self {
         let limits = &node.config.limits;
@@ -84,6 +87,7 @@ impl Session {
             handle,
             control,
             identity,
+            device,
             rooms: HashSet::new(),
             limiter,
             limited_in_row: 0,
@@ -455,7 +459,7 @@ impl Session {
     async fn ack_inbox(&mut self, id: Option<String>, offset: u64) -> Outcome {
         match self
             .node
-            .ack_inbox(&self.identity.user, Offset(offset))
+            .ack_inbox(&self.identity.user, self.device.as_deref(), Offset(offset))
             .await
         {
             Ok(acked) => Ok(id.map(|reference| {

@@ -30,6 +30,8 @@ pub struct HandshakeParams {
     user: Option<String>,
     /// Rooms to join at connect, comma-separated.
     rooms: Option<String>,
+    /// A stable id of the client's device, with its own inbox mark.
+    device: Option<String>,
 }
 
 pub async fn websocket(
@@ -62,6 +64,7 @@ fn accept(
     check_origin(headers, &node.config.limits.allowed_origins)?;
     let admission = admit(&node, peer, &params, headers)?;
     let rooms = rooms_at_connect(params.rooms.as_deref(), path_room)?;
+    let device = device_at_connect(params.device.as_deref())?;
     if let Admission::Authenticated(identity) = &admission {
         check_rooms_claim(identity, &rooms)?;
         let limit = node.config.limits.max_connections_per_user;
@@ -98,15 +101,22 @@ fn accept(
     // captures (for its whole life, even once moved out) or holds across an await. So it
     // captures one box, freed once upgraded, holding the upgrade future and what the
     // connection starts with; and the WebSocket leaves the `match` before the long await.
-    let start = Box::new((Box::pin(upgrade), handshake_timeout, node, admission, rooms));
+    let start = Box::new((
+        Box::pin(upgrade),
+        handshake_timeout,
+        node,
+        admission,
+        rooms,
+        device,
+    ));
     tasks.spawn(async move {
-        let (upgrade, handshake_timeout, node, admission, rooms) = *start;
+        let (upgrade, handshake_timeout, node, admission, rooms, device) = *start;
         let ws = match tokio::time::timeout(handshake_timeout, upgrade).await {
             Ok(Ok(ws)) => ws,
             Ok(Err(error)) => return tracing::debug!(%error, "upgrade failed"),
             Err(_) => return tracing::debug!("upgrade timed out"),
         };
-        connection::serve(ws, node, admission, rooms).await
+        connection::serve(ws, node, admission, rooms, device).await
     });
     Ok(response)
 }
@@ -190,6 +200,20 @@ fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), HttpError
         StatusCode::FORBIDDEN,
         format!("origin {origin:?} is not allowed (see limits.allowed_origins)"),
     ))
+}
+
+/// `?device=`, checked like a name (it is a key in the store and appears in logs).
+fn device_at_connect(device: Option<&str>) -> Result<Option<Arc<str>>, HttpError> {
+    let Some(device) = device else {
+        return Ok(None);
+    };
+    check_name(device).map_err(|reason| {
+        HttpError::new(
+            StatusCode::BAD_REQUEST,
+            format!("device {device:?} {reason}"),
+        )
+    })?;
+    Ok(Some(device.into()))
 }
 
 fn rooms_at_connect(

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::store::{
     Append, InboxRead, Offset, OnCommit, Page, PruneReport, Retention, Store, StoreError,
-    StreamBounds, StreamRead,
+    StoreLimits, StreamBounds, StreamRead,
 };
 use read::ReaderPool;
 pub use schema::Synchronous;
@@ -84,8 +84,13 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the store in `folder`. Every failure names the path.
-    pub fn open(folder: &Path, synchronous: Synchronous) -> Result<SqliteStore, StoreError> {
+    /// Opens (creating if needed, migrating if older) the store in `folder`. Every failure
+    /// names the path.
+    pub fn open(
+        folder: &Path,
+        synchronous: Synchronous,
+        limits: StoreLimits,
+    ) -> Result<SqliteStore, StoreError> {
         let open_error = |path: &Path, reason: String| StoreError::Open {
             path: path.display().to_string(),
             reason,
@@ -141,6 +146,7 @@ impl SqliteStore {
             stats.clone(),
             stop_checkpoints,
             unacked.clone(),
+            limits,
         );
         let thread = std::thread::Builder::new()
             .name("herald-store-writer".into())
@@ -249,21 +255,29 @@ impl Store for SqliteStore {
     async fn read_inbox(
         &self,
         user: &str,
+        device: Option<&str>,
         after: Offset,
         limit: usize,
     ) -> Result<InboxRead, StoreError> {
         let user = user.to_owned();
+        let device = device.map(str::to_owned);
         self.readers
             .read("read inbox", move |tx| {
-                read::read_inbox(tx, &user, after, limit)
+                read::read_inbox(tx, &user, device.as_deref(), after, limit)
             })
             .await
     }
 
-    async fn ack_inbox(&self, user: &str, offset: Offset) -> Result<Offset, StoreError> {
+    async fn ack_inbox(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        offset: Offset,
+    ) -> Result<Offset, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.command(Command::Ack {
             user: user.to_owned(),
+            device: device.map(str::to_owned),
             offset,
             reply,
         })

@@ -5,6 +5,7 @@
 //!   newest offset and (inboxes) acked mark. Names are `r/ROOM`, `u/USER`, `c/A,B` (A ≤ B);
 //!   names never contain a comma, so the pair name is unambiguous. Other tables refer to a
 //!   stream by its id: keys are small integers, rows short, comparisons cheap.
+//! - `inbox_marks (stream, device)`: the acknowledged mark of each device of an inbox.
 //! - `room_messages (stream, pos)`: room history.
 //! - `direct_messages (seq)`: each direct message once, appended in commit order (a rowid
 //!   table, so a new row goes at the end of the B-tree, on pages it shares with its neighbours).
@@ -99,6 +100,16 @@ CREATE TABLE inbox (
     pos INTEGER NOT NULL,
     message INTEGER NOT NULL,
     PRIMARY KEY (stream, pos)
+) WITHOUT ROWID;
+",
+    // 2: each device's inbox mark (`used_ms`: its last acknowledgement, for eviction).
+    "
+CREATE TABLE inbox_marks (
+    stream INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    acked INTEGER NOT NULL,
+    used_ms INTEGER NOT NULL,
+    PRIMARY KEY (stream, device)
 ) WITHOUT ROWID;
 ",
 ];
@@ -223,10 +234,16 @@ pub fn room_name(name: &mut String, room: &str) {
     name.push_str(room);
 }
 
-/// The users whose inbox has entries beyond their acknowledged mark.
+/// A stream's floor (see the store contract): its mark, or its lowest device mark if lower.
+/// An SQL expression over a `streams` row.
+pub const FLOOR: &str = "min(streams.acked, coalesce((SELECT min(m.acked) FROM inbox_marks m
+     WHERE m.stream = streams.id), streams.acked))";
+
+/// The users whose inbox has entries beyond their floor.
 pub fn unacked_inboxes(conn: &Connection) -> rusqlite::Result<Vec<String>> {
-    let mut statement =
-        conn.prepare("SELECT name FROM streams WHERE name LIKE 'u/%' AND last_pos > acked")?;
+    let mut statement = conn.prepare(&format!(
+        "SELECT name FROM streams WHERE name LIKE 'u/%' AND last_pos > {FLOOR}"
+    ))?;
     let names = statement.query_map([], |row| row.get::<_, String>(0))?;
     names
         .map(|name| name.map(|name| name["u/".len()..].to_owned()))
