@@ -219,6 +219,9 @@ pub struct StoreConfig {
     /// Device inbox marks kept per user (`?device=`); a new device beyond it evicts the mark
     /// acknowledged least recently.
     pub max_devices_per_user: usize,
+    /// Unacknowledged direct messages one user's inbox holds; a `send` to a user at the bound
+    /// is refused with `limit_exceeded`. 0: no bound.
+    pub max_inbox_messages: u64,
 }
 
 impl Default for StoreConfig {
@@ -233,6 +236,7 @@ impl Default for StoreConfig {
             history_max_limit: 100,
             max_recovery: 1000,
             max_devices_per_user: 16,
+            max_inbox_messages: 100_000,
         }
     }
 }
@@ -249,6 +253,7 @@ impl StoreConfig {
     pub fn limits(&self) -> crate::engine::store::StoreLimits {
         crate::engine::store::StoreLimits {
             max_devices_per_user: self.max_devices_per_user,
+            max_inbox_messages: self.max_inbox_messages,
         }
     }
 }

@@ -28,6 +28,7 @@ async fn server_without_rate_limit() -> TestServer {
         config.limits.messages_per_second = 10_000_000;
         config.limits.burst = 10_000_000;
         config.store.synchronous = Synchronous::Normal;
+        config.store.max_inbox_messages = 2 * PENDING;
     })
     .await
 }

@@ -300,6 +300,7 @@ async fn past_the_device_bound_the_least_recently_acknowledged_mark_is_evicted()
         let folder = tempfile::tempdir().unwrap();
         let limits = StoreLimits {
             max_devices_per_user: 2,
+            ..StoreLimits::default()
         };
         let store = open(folder.path(), limits).unwrap();
         for n in 0..3 {

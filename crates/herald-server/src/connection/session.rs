@@ -181,6 +181,10 @@ impl Session {
                         answer(&handle, &ack(reference, done));
                     }
                 }
+                Err(error) if error.limit_exceeded => answer_error(
+                    &handle,
+                    ProtocolError::new(ErrorCode::LimitExceeded, error.message, id),
+                ),
                 Err(error) => answer_error(&handle, internal(error, &id)),
             }
         }));

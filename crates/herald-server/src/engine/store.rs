@@ -180,12 +180,16 @@ pub struct InboxRead {
 pub struct StoreLimits {
     /// Device marks one user's inbox keeps (see the contract).
     pub max_devices_per_user: usize,
+    /// Entries one inbox holds above its floor; a direct message to a user at this bound is
+    /// refused ([`StoreError::InboxFull`]). 0: no bound.
+    pub max_inbox_messages: u64,
 }
 
 impl Default for StoreLimits {
     fn default() -> Self {
         StoreLimits {
             max_devices_per_user: 16,
+            max_inbox_messages: 100_000,
         }
     }
 }
@@ -225,6 +229,12 @@ pub enum StoreError {
     },
     #[error("inbox offset {requested} is beyond the newest inbox offset {newest}")]
     AckBeyondInbox { requested: u64, newest: u64 },
+    #[error(
+        "the inbox of {} holds {limit} unacknowledged messages, the most it keeps \
+         (store.max_inbox_messages)",
+        users.join(", ")
+    )]
+    InboxFull { users: Vec<String>, limit: u64 },
     #[error("the store is closed")]
     Closed,
 }

@@ -254,14 +254,14 @@ impl Writer {
         match outcome {
             Ok((appended, acked)) => {
                 // Before the callbacks: a message's fan-out must not overtake its user's mark.
-                self.mark_unacked(&appended, &acks);
+                self.mark_unacked(appended.iter().flatten(), &acks);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .appends
                     .fetch_add(appended.len() as u64, Ordering::Relaxed);
                 let callbacks_started = Instant::now();
                 for (on_commit, appended) in callbacks.into_iter().zip(appended) {
-                    on_commit(Ok(appended));
+                    on_commit(appended);
                 }
                 for ((_, _, _, reply), result) in acks.into_iter().zip(acked) {
                     let _ = reply.send(result);
@@ -289,9 +289,8 @@ impl Writer {
 
     /// Updates [`UnackedInboxes`] for every inbox the committed batch touched, from the
     /// streams' states after it (appends run before acks in a batch).
-    fn mark_unacked(&self, appended: &[Appended], acks: &[PendingAck]) {
+    fn mark_unacked<'a>(&self, appended: impl Iterator<Item = &'a Appended>, acks: &[PendingAck]) {
         let recipients = appended
-            .iter()
             .flat_map(|appended| match appended {
                 Appended::Direct { inbox, .. } => inbox.as_slice(),
                 Appended::Room { .. } => &[],
@@ -310,14 +309,17 @@ impl Writer {
         );
     }
 
-    /// One transaction for the whole batch. SQL errors abort it; an invalid ack only fails
-    /// itself.
+    /// One transaction for the whole batch. SQL errors abort it; an invalid ack, or a direct
+    /// message to a full inbox, only fails itself.
     #[allow(clippy::type_complexity)]
     fn transact(
         &mut self,
         appends: Vec<Append>,
         acks: &[PendingAck],
-    ) -> rusqlite::Result<(Vec<Appended>, Vec<Result<Offset, StoreError>>)> {
+    ) -> rusqlite::Result<(
+        Vec<Result<Appended, StoreError>>,
+        Vec<Result<Offset, StoreError>>,
+    )> {
         let started = Instant::now();
         let tx = self
             .conn
@@ -472,7 +474,7 @@ impl<'a> Batch<'a> {
         (state.id, state.last)
     }
 
-    fn append(&mut self, append: Append) -> rusqlite::Result<Appended> {
+    fn append(&mut self, append: Append) -> rusqlite::Result<Result<Appended, StoreError>> {
         match append {
             Append::Room { room, message } => {
                 room_name(&mut self.name, &room);
@@ -488,14 +490,14 @@ impl<'a> Batch<'a> {
                     is_binary,
                     content
                 ])?;
-                Ok(Appended::Room {
+                Ok(Ok(Appended::Room {
                     room,
                     message,
                     position: StreamPosition {
                         offset: Offset(pos),
                         epoch: Epoch(self.streams.states[slot].epoch.clone()),
                     },
-                })
+                }))
             }
             Append::Direct {
                 to,
@@ -504,7 +506,14 @@ impl<'a> Batch<'a> {
             } => {
                 let mut inbox = Vec::with_capacity(recipients.len());
                 if recipients.is_empty() {
-                    return Ok(Appended::Direct { to, message, inbox });
+                    return Ok(Ok(Appended::Direct { to, message, inbox }));
+                }
+                let full = self.full_inboxes(&recipients)?;
+                if !full.is_empty() {
+                    return Ok(Err(StoreError::InboxFull {
+                        users: full,
+                        limit: self.limits.max_inbox_messages,
+                    }));
                 }
                 // Stored once; each conversation and inbox entry points at it.
                 let (is_binary, content) = content_bytes(&message.content);
@@ -531,9 +540,27 @@ impl<'a> Batch<'a> {
                         .execute(params![stream, pos as i64, seq])?;
                     inbox.push((recipient, Offset(pos)));
                 }
-                Ok(Appended::Direct { to, message, inbox })
+                Ok(Ok(Appended::Direct { to, message, inbox }))
             }
         }
+    }
+
+    /// The recipients whose inbox already holds `max_inbox_messages` entries above its floor.
+    fn full_inboxes(&mut self, recipients: &[String]) -> rusqlite::Result<Vec<String>> {
+        let limit = self.limits.max_inbox_messages;
+        let mut full = Vec::new();
+        if limit == 0 {
+            return Ok(full);
+        }
+        for recipient in recipients {
+            inbox_name(&mut self.name, recipient);
+            let slot = self.slot()?;
+            let state = &self.streams.states[slot];
+            if state.last - state.floor() >= limit {
+                full.push(recipient.clone());
+            }
+        }
+        Ok(full)
     }
 
     fn ack(
