@@ -239,12 +239,12 @@ pub fn room_name(name: &mut String, room: &str) {
 pub const FLOOR: &str = "min(streams.acked, coalesce((SELECT min(m.acked) FROM inbox_marks m
      WHERE m.stream = streams.id), streams.acked))";
 
-/// The users whose inbox has entries beyond their floor.
-pub fn unacked_inboxes(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+/// Up to `limit` users whose inbox has entries beyond their floor.
+pub fn unacked_inboxes(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<String>> {
     let mut statement = conn.prepare(&format!(
-        "SELECT name FROM streams WHERE name LIKE 'u/%' AND last_pos > {FLOOR}"
+        "SELECT name FROM streams WHERE name LIKE 'u/%' AND last_pos > {FLOOR} LIMIT ?1"
     ))?;
-    let names = statement.query_map([], |row| row.get::<_, String>(0))?;
+    let names = statement.query_map([limit as i64], |row| row.get::<_, String>(0))?;
     names
         .map(|name| name.map(|name| name["u/".len()..].to_owned()))
         .collect()
