@@ -337,6 +337,42 @@ async fn past_the_device_bound_the_least_recently_acknowledged_mark_is_evicted()
 }
 
 #[tokio::test]
+async fn inboxes_and_conversations_emptied_by_age_are_removed_but_acknowledged_ones_stay() {
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+    for (name, open) in backends() {
+        let folder = tempfile::tempdir().unwrap();
+        let store = open(folder.path(), StoreLimits::default()).unwrap();
+        let now = 100 * DAY_MS;
+        // To made-up names: never read, so only age removes them.
+        for ghost in ["ghost-1", "ghost-2"] {
+            direct(&*store, "spammer", &[ghost], now - 10 * DAY_MS, "x").await;
+        }
+        // A real user who read everything: the inbox empties by acknowledgement.
+        direct(&*store, "alice", &["bob"], now, "x").await;
+        store.ack_inbox("bob", None, Offset(1)).await.unwrap();
+        let retention = Retention {
+            room_max_messages: 0,
+            room_max_age: Duration::ZERO,
+            inbox_max_age: Duration::from_millis(DAY_MS),
+        };
+        let report = store.prune(retention, now).await.unwrap();
+        // Two inboxes and two conversations.
+        assert_eq!(report.empty_streams, 4, "{name}: {report:?}");
+        assert!(!store.inbox_may_hold_unacked("ghost-1"), "{name}");
+        // A ghost's inbox starts afresh; bob's goes on.
+        assert_eq!(
+            direct(&*store, "spammer", &["ghost-1"], now, "x").await,
+            [1],
+            "{name}"
+        );
+        assert_eq!(direct(&*store, "alice", &["bob"], now, "x").await, [2]);
+        let again = store.prune(retention, now).await.unwrap();
+        assert_eq!(again.empty_streams, 0, "{name}: {again:?}");
+        store.close().await;
+    }
+}
+
+#[tokio::test]
 async fn retention_removes_old_prefixes_by_count_and_by_age() {
     const DAY_MS: u64 = 24 * 3600 * 1000;
     for (name, open) in backends() {
@@ -476,7 +512,8 @@ async fn pruned_direct_messages_leave_the_file_and_new_ones_read_back_whole() {
     };
     let report = store.prune(retention, now).await.unwrap();
     assert_eq!((report.direct_messages, report.inbox_entries), (6, 6));
-    assert_eq!(direct(&store, "alice", &["bob"], now, "new").await, [4]);
+    // Every stream emptied by age went too: bob's inbox starts afresh.
+    assert_eq!(direct(&store, "alice", &["bob"], now, "new").await, [1]);
     let inbox = store.read_inbox("bob", None, Offset(0), 10).await.unwrap();
     let texts: Vec<String> = inbox
         .messages
@@ -486,7 +523,7 @@ async fn pruned_direct_messages_leave_the_file_and_new_ones_read_back_whole() {
             Payload::Binary(_) => panic!("stored as JSON"),
         })
         .collect();
-    assert_eq!(texts, ["\"new\"@4"]);
+    assert_eq!(texts, ["\"new\"@1"]);
     store.close().await;
 
     let file = rusqlite::Connection::open(folder.path().join("herald.db")).unwrap();

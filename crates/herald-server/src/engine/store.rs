@@ -26,6 +26,8 @@
 //! - Reads see a consistent snapshot of committed data; pages come oldest first.
 //! - Pruning removes whole prefixes of streams (oldest first), in small steps between appends,
 //!   so retention never leaves a hole in the middle of a stream nor stalls the writer for long.
+//!   An inbox or conversation it empties by age (not an inbox emptied by acknowledgements) is
+//!   removed altogether: a later message recreates it with a new epoch.
 
 use std::fmt;
 use std::sync::Arc;
@@ -209,6 +211,9 @@ pub struct PruneReport {
     pub room_messages: u64,
     pub direct_messages: u64,
     pub inbox_entries: u64,
+    /// Inboxes and conversations that retention emptied by age, removed with their positions;
+    /// not counted in [`total`](Self::total), which counts messages.
+    pub empty_streams: u64,
 }
 
 impl PruneReport {

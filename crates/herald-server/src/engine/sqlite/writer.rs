@@ -347,7 +347,21 @@ impl Writer {
             return;
         };
         self.stats.prune_steps.fetch_add(1, Ordering::Relaxed);
-        match prune_some(&mut self.conn, job) {
+        let mut removed = Vec::new();
+        let outcome = prune_some(&mut self.conn, job, &mut removed);
+        if outcome.is_ok() {
+            // Committed: forget the removed streams, so a later message creates them afresh.
+            for name in &removed {
+                self.streams.slots.remove(name);
+            }
+            self.unacked.set(
+                removed
+                    .iter()
+                    .filter_map(|name| name.strip_prefix("u/"))
+                    .map(|user| (user, false)),
+            );
+        }
+        match outcome {
             Ok(false) => {}
             Ok(true) => {
                 if let Some(job) = self.prune.pop_front() {
@@ -666,8 +680,13 @@ fn content_bytes(content: &Payload) -> (bool, &[u8]) {
 }
 
 /// One pruning step: looks at up to [`PRUNE_STEP_STREAMS`] streams after the job's cursor and
-/// deletes at most [`PRUNE_STEP_ROWS`] rows. Returns whether the pass is complete.
-fn prune_some(conn: &mut Connection, job: &mut PruneJob) -> rusqlite::Result<bool> {
+/// deletes at most [`PRUNE_STEP_ROWS`] rows, and the streams it left empty by age (their names
+/// go to `removed`). Returns whether the pass is complete.
+fn prune_some(
+    conn: &mut Connection,
+    job: &mut PruneJob,
+    removed: &mut Vec<String>,
+) -> rusqlite::Result<bool> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let streams: Vec<(i64, String, u64, u64)> = tx
         .prepare_cached(&format!(
@@ -693,6 +712,9 @@ fn prune_some(conn: &mut Connection, job: &mut PruneJob) -> rusqlite::Result<boo
         let finished = prune_stream(&tx, job, id, &name, last, acked, &mut budget)?;
         if !finished {
             break;
+        }
+        if remove_if_expired(&tx, job, id, &name, last, acked)? {
+            removed.push(name);
         }
         job.cursor = id;
         if budget == 0 {
@@ -773,6 +795,49 @@ fn prune_stream(
         _ => job.report.direct_messages += deleted,
     }
     Ok(*budget > 0)
+}
+
+/// Removes an inbox or a conversation that retention emptied by age: its row (so its epoch and
+/// offsets go; a later message starts a new epoch) and its device marks. Without this, every
+/// name a direct message was ever sent to would keep rows forever. An inbox emptied because its
+/// entries were acknowledged stays, and so do rooms: connected clients count on their offsets
+/// going on.
+fn remove_if_expired(
+    tx: &Transaction<'_>,
+    job: &mut PruneJob,
+    id: i64,
+    name: &str,
+    last: u64,
+    floor: u64,
+) -> rusqlite::Result<bool> {
+    let retention = job.retention;
+    let (table, age) = if name.starts_with("u/") {
+        if floor >= last {
+            return Ok(false);
+        }
+        ("inbox", retention.inbox_max_age)
+    } else if name.starts_with("c/") {
+        ("conversations", retention.inbox_max_age)
+    } else {
+        return Ok(false);
+    };
+    if age.is_zero() || last == 0 {
+        return Ok(false);
+    }
+    let holds_entries: bool = tx
+        .prepare_cached(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {table} WHERE stream = ?1)"
+        ))?
+        .query_row([id], |row| row.get(0))?;
+    if holds_entries {
+        return Ok(false);
+    }
+    tx.prepare_cached("DELETE FROM inbox_marks WHERE stream = ?1")?
+        .execute([id])?;
+    tx.prepare_cached("DELETE FROM streams WHERE id = ?1")?
+        .execute([id])?;
+    job.report.empty_streams += 1;
+    Ok(true)
 }
 
 /// Deletes up to [`PRUNE_STEP_ROWS`] of the oldest direct messages older than the inbox age
