@@ -79,6 +79,12 @@ export declare class HeraldError extends Error {
 export interface ClientOptions {
   /** A token, or a function returning one (called on every connect and on refresh notices). */
   token: string | (() => string | Promise<string>);
+  /** A stable id of this device (the rules of a user name: no whitespace, control characters
+   * or commas, at most 128 bytes), sent as the `device` query parameter: the server keeps this device's own inbox mark, so it
+   * receives every direct message once even when another device of the user acknowledged it.
+   * Without it the inbox mark is shared by all of the user's connections. Keep it across
+   * restarts (localStorage, a file). */
+  device?: string;
   /** A WebSocket constructor, when the platform has no global one. */
   WebSocket?: unknown;
   reconnect?: { initialDelay?: number; maxDelay?: number; factor?: number };

@@ -163,7 +163,7 @@ export class HeraldClient {
     if (this.stopped) return;
     let socket;
     try {
-      socket = new this.WebSocket(this.url);
+      socket = new this.WebSocket(this.socketUrl());
     } catch (error) {
       this.emit('error', error);
       this.scheduleReconnect();
@@ -193,6 +193,15 @@ export class HeraldClient {
       // calling close() would only fire another error.
       this.onClose(1006, 'connection failed');
     };
+  }
+
+  /** The URL to open: with the device id as the `device` query parameter when one is set. */
+  socketUrl() {
+    const { device } = this.options;
+    if (!device) return this.url;
+    const url = new URL(this.url);
+    url.searchParams.set('device', device);
+    return url.toString();
   }
 
   async token() {

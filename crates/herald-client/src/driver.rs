@@ -164,6 +164,20 @@ fn backoff(options: &ClientOptions, attempt: u32) -> Duration {
     ceiling.mul_f64(rand::random::<f64>())
 }
 
+/// `url` with `device=ID` added to its query, the id percent-encoded.
+fn with_device(url: &str, device: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let mut encoded = String::with_capacity(device.len());
+    for byte in device.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    format!("{url}{separator}device={encoded}")
+}
+
 async fn open(url: &str, options: &ClientOptions) -> Option<(Socket, Welcome)> {
     let token = match (options.token)().await {
         Ok(token) => token,
@@ -171,6 +185,10 @@ async fn open(url: &str, options: &ClientOptions) -> Option<(Socket, Welcome)> {
             tracing::warn!(%error, "token function failed");
             return None;
         }
+    };
+    let url = match &options.device {
+        Some(device) => with_device(url, device),
+        None => url.to_owned(),
     };
     let (mut socket, _) = match tokio_tungstenite::connect_async(url).await {
         Ok(connected) => connected,
@@ -611,4 +629,21 @@ fn offset_of(text: &str) -> Option<u64> {
         .ok()?
         .get("offset")?
         .as_u64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_device;
+
+    #[test]
+    fn the_device_id_joins_the_query_percent_encoded() {
+        assert_eq!(
+            with_device("ws://h/ws", "phone-1"),
+            "ws://h/ws?device=phone-1"
+        );
+        assert_eq!(
+            with_device("ws://h/ws?rooms=a", "ana's phone&1"),
+            "ws://h/ws?rooms=a&device=ana%27s%20phone%261"
+        );
+    }
 }

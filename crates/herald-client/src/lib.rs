@@ -47,6 +47,10 @@ pub struct ClientOptions {
     pub request_timeout: Duration,
     /// Requests kept while disconnected (beyond it, callers wait).
     pub max_queued: usize,
+    /// A stable id of this device, sent as the `device` query parameter: the server keeps its
+    /// own inbox mark, so this device gets every direct message once even when another device
+    /// of the user acknowledged it. `None`: the mark is shared by all of the user's connections.
+    pub device: Option<String>,
 }
 
 impl ClientOptions {
@@ -72,6 +76,7 @@ impl ClientOptions {
             heartbeat: Duration::from_secs(20),
             request_timeout: Duration::from_secs(10),
             max_queued: 1000,
+            device: None,
         }
     }
 }

@@ -20,7 +20,7 @@ use herald_protocol::Payload;
 use herald_server::config::{Config, Synchronous};
 use herald_server::engine::memory::{MemoryBroker, MemoryPresence};
 use herald_server::engine::sqlite::SqliteStore;
-use herald_server::engine::store::{Append, NewMessage, Store};
+use herald_server::engine::store::{Append, NewMessage, Store, StoreLimits};
 use herald_server::node::Node;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
@@ -139,7 +139,8 @@ async fn main() {
         .path
         .clone()
         .unwrap_or_else(|| temporary.path().to_owned());
-    let store = Arc::new(SqliteStore::open(&folder, args.synchronous).unwrap());
+    let store =
+        Arc::new(SqliteStore::open(&folder, args.synchronous, StoreLimits::default()).unwrap());
     let started = Instant::now();
     if args.via_node {
         run_node(&args, store.clone()).await;

@@ -251,6 +251,12 @@ pub struct StoreConfig {
     /// Most messages replayed to a `join` with `since`; a larger gap is answered with
     /// `recovered: false` and the newest page.
     pub max_recovery: usize,
+    /// Device inbox marks kept per user (`?device=`); a new device beyond it evicts the mark
+    /// acknowledged least recently.
+    pub max_devices_per_user: usize,
+    /// Unacknowledged direct messages one user's inbox holds; a `send` to a user at the bound
+    /// is refused with `limit_exceeded`. 0: no bound.
+    pub max_inbox_messages: u64,
 }
 
 impl Default for StoreConfig {
@@ -264,6 +270,8 @@ impl Default for StoreConfig {
             prune_interval: Duration::from_secs(60),
             history_max_limit: 100,
             max_recovery: 1000,
+            max_devices_per_user: 16,
+            max_inbox_messages: 100_000,
         }
     }
 }
@@ -274,6 +282,13 @@ impl StoreConfig {
             room_max_messages: self.room_max_messages,
             room_max_age: self.room_max_age,
             inbox_max_age: self.inbox_max_age,
+        }
+    }
+
+    pub fn limits(&self) -> crate::engine::store::StoreLimits {
+        crate::engine::store::StoreLimits {
+            max_devices_per_user: self.max_devices_per_user,
+            max_inbox_messages: self.max_inbox_messages,
         }
     }
 }
@@ -571,6 +586,10 @@ impl Config {
         positive("auth.max_attempts", self.auth.max_attempts as usize)?;
         positive("store.history_max_limit", self.store.history_max_limit)?;
         positive("store.max_recovery", self.store.max_recovery)?;
+        positive(
+            "store.max_devices_per_user",
+            self.store.max_devices_per_user,
+        )?;
         if self.store.prune_interval.is_zero() {
             return Err(ConfigError::Key {
                 key: "store.prune_interval",

@@ -79,6 +79,9 @@ struct CatchUp {
     held: HeldFrames,
     /// Set when the stream went live: frames at or below this offset were replayed already.
     live_above: Option<u64>,
+    /// Set while the replay is more than a page behind: frames with an offset are dropped
+    /// (the replay reads them from the store later), frames without one pass.
+    skipping: bool,
 }
 
 impl ConnHandle {
@@ -176,6 +179,7 @@ impl ConnHandle {
             key,
             held: Vec::new(),
             live_above: None,
+            skipping: false,
         });
         self.inner
             .catching_up_count
@@ -195,6 +199,29 @@ impl ConnHandle {
             return None;
         }
         Some(std::mem::take(&mut catch_up.held))
+    }
+
+    /// While a replay is more than a page behind (see [`crate::catch_up`]): from now on, live
+    /// frames of `key` that carry an offset are dropped, since every one of them is committed
+    /// and the replay reads it from the store later; frames without an offset (not part of
+    /// the stream) are queued. Frames held so far are treated the same way. Holding starts
+    /// again with [`begin_catch_up`](Self::begin_catch_up), before the replay's next read.
+    pub fn skip_live(&self, key: &StreamKey) {
+        let mut catching_up = self.lock_catching_up();
+        let Some(catch_up) = catching_up
+            .iter_mut()
+            .find(|c| &c.key == key && c.live_above.is_none())
+        else {
+            return;
+        };
+        catch_up.skipping = true;
+        let held = std::mem::take(&mut catch_up.held);
+        drop(catching_up);
+        for (offset, held) in held {
+            if offset.is_none() && !self.offer_accepted_at(held.frame, held.accepted) {
+                break;
+            }
+        }
     }
 
     /// Ends a catch-up that will not replay: queues whatever was held and goes live.
@@ -243,6 +270,10 @@ impl ConnHandle {
                     }
                     drop(catching_up);
                     return self.offer_accepted_at(frame.clone(), accepted);
+                }
+                if catch_up.skipping {
+                    drop(catching_up);
+                    return offset.is_none() && self.offer_accepted_at(frame.clone(), accepted);
                 }
                 // Held frames count against the same bound as the outbox.
                 if catch_up.held.len() >= self.inner.outbox.capacity() {

@@ -64,7 +64,11 @@ pub fn embedded_node(
     generated_secret: Option<&str>,
 ) -> Result<Arc<Node>, SetupError> {
     let auth = Authenticator::from_config(&config.auth, generated_secret)?;
-    let store = SqliteStore::open(&config.store.path, config.store.synchronous)?;
+    let store = SqliteStore::open(
+        &config.store.path,
+        config.store.synchronous,
+        config.store.limits(),
+    )?;
     Ok(Node::new(
         Arc::new(config),
         auth,

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::catch_up::{Replay, history_message};
+use crate::catch_up::{PAGE, Replay, Source, history_message};
 use crate::config::Config;
 use crate::connection::control::CloseReason;
 use crate::connection::pending::PendingAuth;
@@ -44,9 +44,6 @@ use crate::idempotency::Idempotency;
 
 /// Committed messages waiting for the fan-out task.
 const FANOUT_QUEUE: usize = 8192;
-
-/// Inbox entries read per page while replaying an inbox at connect.
-const INBOX_PAGE: usize = 500;
 
 /// Messages in a `history` page when the request names no limit (capped by
 /// `store.history_max_limit`), and in the page sent with `recovered: false`.
@@ -233,66 +230,78 @@ impl Node {
         self.conn_ids.next()
     }
 
-    /// Registers an open connection (hub with limits, user channel, presence) and sends it the
-    /// inbox entries its user has not acknowledged, before any live message.
-    pub async fn connect(&self, handle: &ConnHandle) -> Result<(), ConnectError> {
+    /// Registers an open connection (hub with limits, user channel, presence) and starts
+    /// replaying the inbox entries its user has not acknowledged, before any live direct
+    /// message. The replay runs in its own task, beside the connection's request loop, once
+    /// the first page is read: it waits for the writer to drain each page (the welcome, queued
+    /// before, goes first), and the client may `ack` meanwhile. With a `device`, the replay
+    /// starts at that device's mark.
+    pub async fn connect(
+        &self,
+        handle: &ConnHandle,
+        device: Option<Arc<str>>,
+    ) -> Result<(), ConnectError> {
         handle.begin_catch_up(StreamKey::Inbox);
         if let Err(error) = self.attach(handle).await {
             handle.end_catch_up(&StreamKey::Inbox);
             return Err(error);
         }
         metrics::gauge!("herald_connections").increment(1.0);
-        if let Err(error) = self.replay_inbox(handle).await {
-            self.disconnect(handle).await;
-            return Err(error.into());
+        match self.start_inbox_replay(handle, device).await {
+            Ok(Some(replay)) => {
+                self.tasks.spawn(async move {
+                    replay.run().await;
+                });
+            }
+            Ok(None) => {}
+            Err(error) => {
+                handle.end_catch_up(&StreamKey::Inbox);
+                self.disconnect(handle).await;
+                return Err(error.into());
+            }
         }
         Ok(())
     }
 
-    async fn replay_inbox(&self, handle: &ConnHandle) -> Result<(), EngineError> {
+    /// Reads the first page of the inbox replay; `None` when there is nothing to replay (the
+    /// handle is live then).
+    async fn start_inbox_replay(
+        &self,
+        handle: &ConnHandle,
+        device: Option<Arc<str>>,
+    ) -> Result<Option<Replay>, EngineError> {
         // Checked after the connection is registered: an entry committed after this check is
         // fanned out to it live (and was held until now), one committed before is in the set.
-        if !self.store.inbox_may_hold_unacked(handle.user()) {
+        // A device is read every time: it may be new and need its mark.
+        if device.is_none() && !self.store.inbox_may_hold_unacked(handle.user()) {
             handle.end_catch_up(&StreamKey::Inbox);
-            return Ok(());
+            return Ok(None);
         }
-        let mut replay: Option<Replay> = None;
-        let mut after = Offset(0);
-        loop {
-            let read = match self
-                .store
-                .read_inbox(handle.user(), after, INBOX_PAGE)
-                .await
-            {
-                Ok(read) => read,
-                Err(error) => {
-                    if replay.is_none() {
-                        handle.end_catch_up(&StreamKey::Inbox);
-                    }
-                    return Err(error.into());
-                }
-            };
-            let replay = replay.get_or_insert_with(|| {
-                Replay::new(
-                    handle.clone(),
-                    StreamKey::Inbox,
-                    read.acked,
-                    self.replay_wait(),
-                )
-            });
-            let full_page = read.messages.len() == INBOX_PAGE;
-            if let Some(last) = read.messages.last() {
-                after = last.offset;
-            }
-            metrics::counter!("herald_inbox_replayed_total").increment(read.messages.len() as u64);
-            if !replay.send(read.messages).await || !full_page {
-                break;
-            }
+        let read = self
+            .store
+            .read_inbox(handle.user(), device.as_deref(), Offset(0), PAGE)
+            .await?;
+        if let Some(device) = device.as_deref()
+            && !read.device_has_mark
+        {
+            // A new device gets its mark where it starts reading: from now on, acks of the
+            // user's other devices do not hide entries from it.
+            self.store
+                .ack_inbox(handle.user(), Some(device), read.acked)
+                .await?;
         }
-        if let Some(replay) = replay {
-            replay.run().await;
-        }
-        Ok(())
+        Ok(Some(Replay::paged(
+            handle.clone(),
+            StreamKey::Inbox,
+            read.acked,
+            self.replay_wait(),
+            read.messages,
+            self.store.clone(),
+            Source::Inbox {
+                user: handle.user().clone(),
+                device,
+            },
+        )))
     }
 
     async fn attach(&self, handle: &ConnHandle) -> Result<(), ConnectError> {
@@ -392,7 +401,8 @@ impl Node {
             return Ok((bounds.top, None, None));
         };
         let max = self.config.store.max_recovery;
-        let read = self.store.read_room(room, recovery.since, max + 1).await?;
+        // One page now; the replay reads the rest page by page as the writer drains them.
+        let read = self.store.read_room(room, recovery.since, PAGE).await?;
         let mut top = read.bounds.top;
         // A client's epoch against a room that has none (recreated and still empty) differs too.
         // Without an epoch the client's offset is taken as one of the room's current stream.
@@ -401,12 +411,20 @@ impl Node {
             _ => true,
         };
         let covered = recovery.since <= top.offset && recovery.since.next() >= read.bounds.first;
-        let recovered = epoch_matches && covered && read.messages.len() <= max;
+        let missed = top.offset.0.saturating_sub(recovery.since.0);
+        let recovered = epoch_matches && covered && missed <= max as u64;
         let key = StreamKey::Room(room.clone());
-        let mut replay;
+        let replay;
         if recovered {
-            replay = Replay::new(handle.clone(), key, recovery.since, self.replay_wait());
-            replay.queue(read.messages);
+            replay = Replay::paged(
+                handle.clone(),
+                key,
+                recovery.since,
+                self.replay_wait(),
+                read.messages,
+                self.store.clone(),
+                Source::Room(room.clone()),
+            );
             metrics::counter!("herald_recoveries_total", "outcome" => "recovered").increment(1);
         } else {
             let limit = DEFAULT_HISTORY_LIMIT.min(self.config.store.history_max_limit);
@@ -415,8 +433,13 @@ impl Node {
                 top.offset = top.offset.max(last.offset);
                 top.epoch = page.epoch.clone();
             }
-            replay = Replay::new(handle.clone(), key, Offset(0), self.replay_wait());
-            replay.queue(page.messages);
+            replay = Replay::new(
+                handle.clone(),
+                key,
+                Offset(0),
+                self.replay_wait(),
+                page.messages,
+            );
             metrics::counter!("herald_recoveries_total", "outcome" => "not_recovered").increment(1);
         }
         Ok((top, Some(recovered), Some(replay)))
@@ -717,9 +740,15 @@ impl Node {
             .clamp(1, self.config.store.history_max_limit)
     }
 
-    /// Records that `user` received their inbox up to `offset`; returns the mark after.
-    pub async fn ack_inbox(&self, user: &str, offset: Offset) -> Result<Offset, StoreError> {
-        self.store.ack_inbox(user, offset).await
+    /// Records that `user` (on `device`, when given) received their inbox up to `offset`;
+    /// returns the mark after (the device's, when given).
+    pub async fn ack_inbox(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        offset: Offset,
+    ) -> Result<Offset, StoreError> {
+        self.store.ack_inbox(user, device, offset).await
     }
 
     /// Runs one retention pass now (the background task runs one every

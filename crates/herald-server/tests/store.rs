@@ -8,16 +8,16 @@ use std::time::Duration;
 use herald_protocol::Payload;
 use herald_server::engine::sqlite::{SqliteStore, Synchronous};
 use herald_server::engine::store::{
-    Append, Appended, NewMessage, Offset, Retention, Store, StoreError,
+    Append, Appended, NewMessage, Offset, Retention, Store, StoreError, StoreLimits,
 };
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-type Factory = fn(&Path) -> Result<Arc<dyn Store>, StoreError>;
+type Factory = fn(&Path, StoreLimits) -> Result<Arc<dyn Store>, StoreError>;
 
 fn backends() -> Vec<(&'static str, Factory)> {
-    vec![("sqlite", |folder| {
-        Ok(Arc::new(SqliteStore::open(folder, Synchronous::Normal)?) as Arc<dyn Store>)
+    vec![("sqlite", |folder, limits| {
+        Ok(Arc::new(SqliteStore::open(folder, Synchronous::Normal, limits)?) as Arc<dyn Store>)
     })]
 }
 
@@ -81,7 +81,7 @@ async fn direct(store: &dyn Store, from: &str, to: &[&str], ts: u64, text: &str)
 async fn offsets_are_dense_per_stream_and_survive_a_reopen_with_the_same_epoch() {
     for (name, open) in backends() {
         let folder = tempfile::tempdir().unwrap();
-        let store = open(folder.path()).unwrap();
+        let store = open(folder.path(), StoreLimits::default()).unwrap();
         for n in 1..=3 {
             assert_eq!(to_room(&*store, "a", 1, "x").await, n, "{name}");
         }
@@ -94,7 +94,7 @@ async fn offsets_are_dense_per_stream_and_survive_a_reopen_with_the_same_epoch()
         store.close().await;
         drop(store);
 
-        let store = open(folder.path()).unwrap();
+        let store = open(folder.path(), StoreLimits::default()).unwrap();
         let after = store.room_bounds("a").await.unwrap();
         assert_eq!(after, before, "{name}");
         assert_eq!(to_room(&*store, "a", 1, "x").await, 4, "{name}");
@@ -106,7 +106,7 @@ async fn offsets_are_dense_per_stream_and_survive_a_reopen_with_the_same_epoch()
 async fn commit_callbacks_run_in_offset_order_under_concurrent_appends() {
     for (name, open) in backends() {
         let folder = tempfile::tempdir().unwrap();
-        let store = open(folder.path()).unwrap();
+        let store = open(folder.path(), StoreLimits::default()).unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for task in 0..8 {
@@ -153,7 +153,7 @@ async fn commit_callbacks_run_in_offset_order_under_concurrent_appends() {
 async fn history_pages_are_oldest_first_with_a_more_flag() {
     for (name, open) in backends() {
         let folder = tempfile::tempdir().unwrap();
-        let store = open(folder.path()).unwrap();
+        let store = open(folder.path(), StoreLimits::default()).unwrap();
         for n in 1..=5 {
             to_room(&*store, "r", n, &format!("m{n}")).await;
         }
@@ -179,14 +179,14 @@ async fn history_pages_are_oldest_first_with_a_more_flag() {
 async fn a_direct_message_lands_in_every_inbox_and_both_conversations() {
     for (name, open) in backends() {
         let folder = tempfile::tempdir().unwrap();
-        let store = open(folder.path()).unwrap();
+        let store = open(folder.path(), StoreLimits::default()).unwrap();
         assert_eq!(direct(&*store, "alice", &["bob"], 1, "one").await, [1]);
         assert_eq!(
             direct(&*store, "carol", &["bob", "dave"], 2, "two").await,
             [2, 1],
             "{name}: each recipient's inbox counts alone"
         );
-        let inbox = store.read_inbox("bob", Offset(0), 10).await.unwrap();
+        let inbox = store.read_inbox("bob", None, Offset(0), 10).await.unwrap();
         let from: Vec<&str> = inbox.messages.iter().map(|m| m.from.as_str()).collect();
         assert_eq!(from, ["alice", "carol"], "{name}");
         assert_eq!(
@@ -211,13 +211,19 @@ async fn a_direct_message_lands_in_every_inbox_and_both_conversations() {
 async fn the_inbox_mark_only_moves_forward_and_never_past_the_newest_entry() {
     for (name, open) in backends() {
         let folder = tempfile::tempdir().unwrap();
-        let store = open(folder.path()).unwrap();
+        let store = open(folder.path(), StoreLimits::default()).unwrap();
         for n in 0..3 {
             direct(&*store, "alice", &["bob"], n, "x").await;
         }
-        assert_eq!(store.ack_inbox("bob", Offset(2)).await.unwrap(), Offset(2));
-        assert_eq!(store.ack_inbox("bob", Offset(1)).await.unwrap(), Offset(2));
-        let error = store.ack_inbox("bob", Offset(9)).await.unwrap_err();
+        assert_eq!(
+            store.ack_inbox("bob", None, Offset(2)).await.unwrap(),
+            Offset(2)
+        );
+        assert_eq!(
+            store.ack_inbox("bob", None, Offset(1)).await.unwrap(),
+            Offset(2)
+        );
+        let error = store.ack_inbox("bob", None, Offset(9)).await.unwrap_err();
         assert!(
             matches!(
                 error,
@@ -228,10 +234,140 @@ async fn the_inbox_mark_only_moves_forward_and_never_past_the_newest_entry() {
             ),
             "{name}: {error}"
         );
-        let pending = store.read_inbox("bob", Offset(0), 10).await.unwrap();
+        let pending = store.read_inbox("bob", None, Offset(0), 10).await.unwrap();
         assert_eq!(pending.acked, Offset(2));
         let offsets: Vec<u64> = pending.messages.iter().map(|m| m.offset.0).collect();
         assert_eq!(offsets, [3], "{name}");
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn each_device_reads_from_its_own_mark_and_a_new_one_from_the_floor() {
+    for (name, open) in backends() {
+        let folder = tempfile::tempdir().unwrap();
+        let store = open(folder.path(), StoreLimits::default()).unwrap();
+        for n in 0..4 {
+            direct(&*store, "alice", &["bob"], n, "x").await;
+        }
+        let pending = |device: Option<&'static str>| {
+            let store = store.clone();
+            async move {
+                let read = store
+                    .read_inbox("bob", device, Offset(0), 10)
+                    .await
+                    .unwrap();
+                let offsets: Vec<u64> = read.messages.iter().map(|m| m.offset.0).collect();
+                (offsets, read.device_has_mark)
+            }
+        };
+        assert_eq!(
+            pending(Some("phone")).await,
+            (vec![1, 2, 3, 4], false),
+            "{name}"
+        );
+        let mark = store.ack_inbox("bob", Some("phone"), Offset(1)).await;
+        assert_eq!(mark.unwrap(), Offset(1));
+        let mark = store.ack_inbox("bob", Some("laptop"), Offset(3)).await;
+        assert_eq!(
+            mark.unwrap(),
+            Offset(3),
+            "{name}: a new device starts at the floor"
+        );
+        // Moves backwards for nobody.
+        let mark = store.ack_inbox("bob", Some("laptop"), Offset(2)).await;
+        assert_eq!(mark.unwrap(), Offset(3), "{name}");
+        assert_eq!(
+            pending(Some("phone")).await,
+            (vec![2, 3, 4], true),
+            "{name}"
+        );
+        assert_eq!(pending(Some("laptop")).await, (vec![4], true), "{name}");
+        // The user's mark follows every ack; a new device starts at the lowest device mark.
+        assert_eq!(pending(None).await.0, [4], "{name}");
+        assert_eq!(
+            pending(Some("tablet")).await,
+            (vec![2, 3, 4], false),
+            "{name}"
+        );
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn past_the_device_bound_the_least_recently_acknowledged_mark_is_evicted() {
+    for (name, open) in backends() {
+        let folder = tempfile::tempdir().unwrap();
+        let limits = StoreLimits {
+            max_devices_per_user: 2,
+            ..StoreLimits::default()
+        };
+        let store = open(folder.path(), limits).unwrap();
+        for n in 0..3 {
+            direct(&*store, "alice", &["bob"], n, "x").await;
+        }
+        store
+            .ack_inbox("bob", Some("old"), Offset(1))
+            .await
+            .unwrap();
+        store
+            .ack_inbox("bob", Some("kept"), Offset(3))
+            .await
+            .unwrap();
+        store
+            .ack_inbox("bob", Some("new"), Offset(3))
+            .await
+            .unwrap();
+        let kept = store
+            .read_inbox("bob", Some("kept"), Offset(0), 10)
+            .await
+            .unwrap();
+        assert!(kept.device_has_mark, "{name}");
+        let old = store
+            .read_inbox("bob", Some("old"), Offset(0), 10)
+            .await
+            .unwrap();
+        assert!(
+            !old.device_has_mark,
+            "{name}: the least recently used mark went"
+        );
+        assert_eq!(old.acked, Offset(3), "{name}: it reads from the floor now");
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn inboxes_and_conversations_emptied_by_age_are_removed_but_acknowledged_ones_stay() {
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+    for (name, open) in backends() {
+        let folder = tempfile::tempdir().unwrap();
+        let store = open(folder.path(), StoreLimits::default()).unwrap();
+        let now = 100 * DAY_MS;
+        // To made-up names: never read, so only age removes them.
+        for ghost in ["ghost-1", "ghost-2"] {
+            direct(&*store, "spammer", &[ghost], now - 10 * DAY_MS, "x").await;
+        }
+        // A real user who read everything: the inbox empties by acknowledgement.
+        direct(&*store, "alice", &["bob"], now, "x").await;
+        store.ack_inbox("bob", None, Offset(1)).await.unwrap();
+        let retention = Retention {
+            room_max_messages: 0,
+            room_max_age: Duration::ZERO,
+            inbox_max_age: Duration::from_millis(DAY_MS),
+        };
+        let report = store.prune(retention, now).await.unwrap();
+        // Two inboxes and two conversations.
+        assert_eq!(report.empty_streams, 4, "{name}: {report:?}");
+        assert!(!store.inbox_may_hold_unacked("ghost-1"), "{name}");
+        // A ghost's inbox starts afresh; bob's goes on.
+        assert_eq!(
+            direct(&*store, "spammer", &["ghost-1"], now, "x").await,
+            [1],
+            "{name}"
+        );
+        assert_eq!(direct(&*store, "alice", &["bob"], now, "x").await, [2]);
+        let again = store.prune(retention, now).await.unwrap();
+        assert_eq!(again.empty_streams, 0, "{name}: {again:?}");
         store.close().await;
     }
 }
@@ -241,7 +377,7 @@ async fn retention_removes_old_prefixes_by_count_and_by_age() {
     const DAY_MS: u64 = 24 * 3600 * 1000;
     for (name, open) in backends() {
         let folder = tempfile::tempdir().unwrap();
-        let store = open(folder.path()).unwrap();
+        let store = open(folder.path(), StoreLimits::default()).unwrap();
         let now = 100 * DAY_MS;
         for n in 1..=10 {
             to_room(&*store, "counted", now, &n.to_string()).await;
@@ -250,7 +386,7 @@ async fn retention_removes_old_prefixes_by_count_and_by_age() {
             to_room(&*store, "aged", now - age_days * DAY_MS, "x").await;
             direct(&*store, "alice", &["bob"], now - age_days * DAY_MS, "x").await;
         }
-        store.ack_inbox("bob", Offset(1)).await.unwrap();
+        store.ack_inbox("bob", None, Offset(1)).await.unwrap();
         let retention = Retention {
             room_max_messages: 4,
             room_max_age: Duration::from_millis(3 * DAY_MS - 1),
@@ -275,7 +411,7 @@ async fn retention_removes_old_prefixes_by_count_and_by_age() {
             .await
             .unwrap();
         assert_eq!(conversation.messages.len(), 1, "{name}");
-        let inbox = store.read_inbox("bob", Offset(0), 100).await.unwrap();
+        let inbox = store.read_inbox("bob", None, Offset(0), 100).await.unwrap();
         assert_eq!(inbox.messages.len(), 1, "{name}");
 
         // Pruning never reuses offsets: the stream continues where it was.
@@ -290,7 +426,9 @@ async fn retention_removes_old_prefixes_by_count_and_by_age() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_are_not_held_up_behind_a_long_pruning_pass() {
     let folder = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(folder.path(), Synchronous::Normal).unwrap());
+    let store = Arc::new(
+        SqliteStore::open(folder.path(), Synchronous::Normal, StoreLimits::default()).unwrap(),
+    );
     // A backlog of 30,000 messages, appended without waiting for each commit.
     let mut waits = Vec::new();
     for n in 0..30_000u64 {
@@ -356,7 +494,8 @@ async fn pruned_direct_messages_leave_the_file_and_new_ones_read_back_whole() {
     const DAY_MS: u64 = 24 * 3600 * 1000;
     let now = 100 * DAY_MS;
     let folder = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(folder.path(), Synchronous::Normal).unwrap();
+    let store =
+        SqliteStore::open(folder.path(), Synchronous::Normal, StoreLimits::default()).unwrap();
     for age_days in [5, 4, 3] {
         direct(
             &store,
@@ -373,8 +512,9 @@ async fn pruned_direct_messages_leave_the_file_and_new_ones_read_back_whole() {
     };
     let report = store.prune(retention, now).await.unwrap();
     assert_eq!((report.direct_messages, report.inbox_entries), (6, 6));
-    assert_eq!(direct(&store, "alice", &["bob"], now, "new").await, [4]);
-    let inbox = store.read_inbox("bob", Offset(0), 10).await.unwrap();
+    // Every stream emptied by age went too: bob's inbox starts afresh.
+    assert_eq!(direct(&store, "alice", &["bob"], now, "new").await, [1]);
+    let inbox = store.read_inbox("bob", None, Offset(0), 10).await.unwrap();
     let texts: Vec<String> = inbox
         .messages
         .iter()
@@ -383,7 +523,7 @@ async fn pruned_direct_messages_leave_the_file_and_new_ones_read_back_whole() {
             Payload::Binary(_) => panic!("stored as JSON"),
         })
         .collect();
-    assert_eq!(texts, ["\"new\"@4"]);
+    assert_eq!(texts, ["\"new\"@1"]);
     store.close().await;
 
     let file = rusqlite::Connection::open(folder.path().join("herald.db")).unwrap();
@@ -397,8 +537,9 @@ async fn pruned_direct_messages_leave_the_file_and_new_ones_read_back_whole() {
 #[tokio::test]
 async fn a_second_store_on_the_same_folder_is_refused_while_the_first_is_open() {
     let folder = tempfile::tempdir().unwrap();
-    let first = SqliteStore::open(folder.path(), Synchronous::Full).unwrap();
-    let error = SqliteStore::open(folder.path(), Synchronous::Full)
+    let first =
+        SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default()).unwrap();
+    let error = SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
         .err()
         .expect("a second writer on one folder must be refused");
     let text = error.to_string();
@@ -408,7 +549,8 @@ async fn a_second_store_on_the_same_folder_is_refused_while_the_first_is_open() 
         "{text}"
     );
     first.close().await;
-    SqliteStore::open(folder.path(), Synchronous::Full).expect("free again after close");
+    SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
+        .expect("free again after close");
 }
 
 #[tokio::test]
@@ -420,7 +562,7 @@ async fn a_file_that_is_not_a_database_is_refused_naming_its_path() {
         b"these are not the bytes of a SQLite database, not at all",
     )
     .unwrap();
-    let error = SqliteStore::open(folder.path(), Synchronous::Full)
+    let error = SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
         .err()
         .expect("must be refused");
     let text = error.to_string();
@@ -437,7 +579,7 @@ async fn a_sqlite_file_of_another_application_is_refused() {
         .execute_batch("CREATE TABLE accounts (id INTEGER PRIMARY KEY);")
         .unwrap();
     drop(other);
-    let error = SqliteStore::open(folder.path(), Synchronous::Full)
+    let error = SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
         .err()
         .expect("must be refused");
     let text = error.to_string();
@@ -459,7 +601,7 @@ async fn a_store_of_an_older_schema_version_is_refused_and_left_untouched() {
     )
     .unwrap();
     drop(old);
-    let error = SqliteStore::open(folder.path(), Synchronous::Full)
+    let error = SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
         .err()
         .expect("must be refused");
     let text = error.to_string();

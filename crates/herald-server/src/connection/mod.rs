@@ -64,6 +64,7 @@ pub fn serve(
     admission: Admission,
     rooms: Vec<String>,
     client: IpAddr,
+    device: Option<Arc<str>>,
 ) -> impl Future<Output = ()> + Send {
     let (sink, stream) = ws.split();
     let control = Arc::new(ConnControl::new());
@@ -80,6 +81,7 @@ pub fn serve(
         admission,
         rooms,
         client,
+        device,
         control,
         outbox,
         timing,
@@ -103,6 +105,8 @@ struct Start {
     rooms: Vec<String>,
     /// The client's address (behind trusted proxies, the one they name).
     client: IpAddr,
+    /// `?device=`: the device whose inbox mark the connection reads and moves.
+    device: Option<Arc<str>>,
     control: Arc<ConnControl>,
     outbox: Arc<Outbox>,
     timing: writer::Timing,
@@ -117,6 +121,7 @@ async fn admit(start: Box<Start>) -> Option<(SplitStream<Socket>, Arc<ConnContro
         admission,
         rooms,
         client,
+        device,
         control,
         outbox,
         timing,
@@ -172,7 +177,7 @@ async fn admit(start: Box<Start>) -> Option<(SplitStream<Socket>, Arc<ConnContro
         })
         .encode(),
     ));
-    if let Err(error) = Box::pin(node.connect(&handle)).await {
+    if let Err(error) = Box::pin(node.connect(&handle, device.clone())).await {
         let code = match error {
             ConnectError::Limit(_) => CloseCode::TRY_AGAIN_LATER,
             ConnectError::Engine(_) => CloseCode::INTERNAL_ERROR,
@@ -191,7 +196,7 @@ async fn admit(start: Box<Start>) -> Option<(SplitStream<Socket>, Arc<ConnContro
     tracing::debug!(conn = %handle.id(), user = %identity.user, %client, "connected");
     metrics::counter!("herald_connects_total").increment(1);
 
-    let mut session = Session::new(node, handle, identity, control.clone());
+    let mut session = Session::new(node, handle, identity, device, control.clone());
     session.join_initial(rooms).await;
     Some((stream, control, session))
 }
@@ -293,7 +298,7 @@ mod tests {
     #[test]
     #[allow(unreachable_code)]
     fn an_idle_connection_future_fits_its_memory_budget() {
-        let serving = future_size(|| serve(todo!(), todo!(), todo!(), todo!(), todo!()));
+        let serving = future_size(|| serve(todo!(), todo!(), todo!(), todo!(), todo!(), todo!()));
         assert!(
             serving <= 896,
             "the connection future takes {serving} bytes"

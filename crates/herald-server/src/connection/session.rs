@@ -39,6 +39,8 @@ pub struct Session {
     handle: ConnHandle,
     control: Arc<ConnControl>,
     identity: Identity,
+    /// The device named at the handshake (`?device=`): its acks move its own inbox mark.
+    device: Option<Arc<str>>,
     rooms: HashSet<Arc<str>>,
     limiter: DefaultDirectRateLimiter,
     /// Frames refused by the rate limiter since the last accepted one.
@@ -70,6 +72,7 @@ impl Session {
         node: Arc<Node>,
         handle: ConnHandle,
         identity: Identity,
+        device: Option<Arc<str>>,
         control: Arc<ConnControl>,
     ) -> Self {
         let limits = &node.config.limits;
@@ -85,6 +88,7 @@ impl Session {
             handle,
             control,
             identity,
+            device,
             rooms: HashSet::new(),
             limiter,
             limited_in_row: 0,
@@ -185,6 +189,10 @@ impl Session {
                         answer(&handle, &ServerEvent::Ack(ack));
                     }
                 }
+                Err(error) if error.limit_exceeded => answer_error(
+                    &handle,
+                    ProtocolError::new(ErrorCode::LimitExceeded, error.message, id),
+                ),
                 Err(error) => answer_error(&handle, internal(error, &id)),
             }
         }));
@@ -532,7 +540,7 @@ impl Session {
     async fn ack_inbox(&mut self, id: Option<String>, offset: u64) -> Outcome {
         match self
             .node
-            .ack_inbox(&self.identity.user, Offset(offset))
+            .ack_inbox(&self.identity.user, self.device.as_deref(), Offset(offset))
             .await
         {
             Ok(acked) => Ok(id.map(|reference| {

@@ -23,6 +23,9 @@ pub mod timed;
 pub struct EngineError {
     pub engine: &'static str,
     pub message: String,
+    /// The request hit a limit the client can act on (a full inbox): `message` is meant for
+    /// the client, and retrying as is will not help.
+    pub limit_exceeded: bool,
 }
 
 impl EngineError {
@@ -30,12 +33,17 @@ impl EngineError {
         EngineError {
             engine,
             message: message.into(),
+            limit_exceeded: false,
         }
     }
 }
 
 impl From<store::StoreError> for EngineError {
     fn from(error: store::StoreError) -> Self {
-        EngineError::new("store", error.to_string())
+        let limit_exceeded = matches!(error, store::StoreError::InboxFull { .. });
+        EngineError {
+            limit_exceeded,
+            ..EngineError::new("store", error.to_string())
+        }
     }
 }

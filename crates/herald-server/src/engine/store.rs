@@ -14,12 +14,20 @@
 //!   order; a callback may block briefly (a bounded queue's backpressure) and that slows the
 //!   writer, never reorders it.
 //! - A direct message is stored in the conversation of the sender with each recipient and
-//!   appended to each recipient's inbox. An inbox keeps an acknowledged mark: the highest offset
-//!   the user confirmed; pending entries are those above it. Acknowledging never moves the mark
-//!   backwards nor past the inbox's newest offset.
+//!   appended to each recipient's inbox. An inbox keeps acknowledged marks, each the highest
+//!   offset confirmed: the user's, raised by every acknowledgement, and one per device that
+//!   acknowledged with its id, raised by that device's only. Pending entries are those above
+//!   the reader's mark: the device's, or for a device without one yet, the user's *floor* (the
+//!   lowest of its device marks, or the user's mark while it has none); without a device, the
+//!   user's mark. Acknowledging never moves a mark backwards nor past the inbox's newest offset.
+//!   A user keeps at most [`StoreLimits::max_devices_per_user`] device marks: a new one evicts
+//!   the one acknowledged least recently (that device then reads as a new one).
+//! - Entries at or below the floor were delivered to every device and may be pruned.
 //! - Reads see a consistent snapshot of committed data; pages come oldest first.
 //! - Pruning removes whole prefixes of streams (oldest first), in small steps between appends,
 //!   so retention never leaves a hole in the middle of a stream nor stalls the writer for long.
+//!   An inbox or conversation it empties by age (not an inbox emptied by acknowledgements) is
+//!   removed altogether: a later message recreates it with a new epoch.
 
 use std::fmt;
 use std::sync::Arc;
@@ -161,9 +169,31 @@ pub struct Page {
 /// Inbox entries above the acknowledged mark.
 #[derive(Debug, Clone, Default)]
 pub struct InboxRead {
+    /// The mark read from (the device's, its floor, or the user's).
     pub acked: Offset,
+    /// With a device: whether it has a mark of its own (false: it read from the floor).
+    pub device_has_mark: bool,
     /// Ascending by inbox offset; each message's `offset` is its inbox offset.
     pub messages: Vec<StoredMessage>,
+}
+
+/// Bounds a store keeps per user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Device marks one user's inbox keeps (see the contract).
+    pub max_devices_per_user: usize,
+    /// Entries one inbox holds above its floor; a direct message to a user at this bound is
+    /// refused ([`StoreError::InboxFull`]). 0: no bound.
+    pub max_inbox_messages: u64,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            max_devices_per_user: 16,
+            max_inbox_messages: 100_000,
+        }
+    }
 }
 
 /// How long messages are kept. A zero count or duration means "no limit".
@@ -181,6 +211,9 @@ pub struct PruneReport {
     pub room_messages: u64,
     pub direct_messages: u64,
     pub inbox_entries: u64,
+    /// Inboxes and conversations that retention emptied by age, removed with their positions;
+    /// not counted in [`total`](Self::total), which counts messages.
+    pub empty_streams: u64,
 }
 
 impl PruneReport {
@@ -201,6 +234,12 @@ pub enum StoreError {
     },
     #[error("inbox offset {requested} is beyond the newest inbox offset {newest}")]
     AckBeyondInbox { requested: u64, newest: u64 },
+    #[error(
+        "the inbox of {} holds {limit} unacknowledged messages, the most it keeps \
+         (store.max_inbox_messages)",
+        users.join(", ")
+    )]
+    InboxFull { users: Vec<String>, limit: u64 },
     #[error("the store is closed")]
     Closed,
 }
@@ -239,22 +278,30 @@ pub trait Store: Send + Sync {
         limit: usize,
     ) -> Result<Page, StoreError>;
 
-    /// False only when `user`'s inbox certainly holds nothing unacknowledged, so the inbox
+    /// False only when `user`'s inbox certainly holds nothing above its floor, so the inbox
     /// read at connect can be skipped. A store that does not track it says true.
     fn inbox_may_hold_unacked(&self, _user: &str) -> bool {
         true
     }
 
-    /// Inbox entries above `max(after, acked mark)`, at most `limit`.
+    /// Inbox entries above `max(after, mark)`, at most `limit`, where the mark is `device`'s
+    /// (or the user's floor while it has none) or, without a device, the user's.
     async fn read_inbox(
         &self,
         user: &str,
+        device: Option<&str>,
         after: Offset,
         limit: usize,
     ) -> Result<InboxRead, StoreError>;
 
-    /// Raises the acknowledged mark of the user's inbox to `offset`; returns the mark after.
-    async fn ack_inbox(&self, user: &str, offset: Offset) -> Result<Offset, StoreError>;
+    /// Raises the user's mark, and `device`'s when given, to `offset`; returns the mark after
+    /// (the device's when given).
+    async fn ack_inbox(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        offset: Offset,
+    ) -> Result<Offset, StoreError>;
 
     /// Removes what `retention` no longer covers at time `now_ms`.
     async fn prune(&self, retention: Retention, now_ms: u64) -> Result<PruneReport, StoreError>;

@@ -30,6 +30,8 @@ pub struct HandshakeParams {
     user: Option<String>,
     /// Rooms to join at connect, comma-separated.
     rooms: Option<String>,
+    /// A stable id of the client's device, with its own inbox mark.
+    device: Option<String>,
 }
 
 pub async fn websocket(
@@ -69,6 +71,7 @@ fn accept(
     );
     let admission = admit(&node, client, &params, headers)?;
     let rooms = rooms_at_connect(params.rooms.as_deref(), path_room)?;
+    let device = device_at_connect(params.device.as_deref())?;
     if let Admission::Authenticated(identity) = &admission {
         check_rooms_claim(identity, &rooms)?;
         let limit = node.config.limits.max_connections_per_user;
@@ -112,15 +115,16 @@ fn accept(
         admission,
         rooms,
         client,
+        device,
     ));
     tasks.spawn(async move {
-        let (upgrade, handshake_timeout, node, admission, rooms, client) = *start;
+        let (upgrade, handshake_timeout, node, admission, rooms, client, device) = *start;
         let ws = match tokio::time::timeout(handshake_timeout, upgrade).await {
             Ok(Ok(ws)) => ws,
             Ok(Err(error)) => return tracing::debug!(%error, "upgrade failed"),
             Err(_) => return tracing::debug!("upgrade timed out"),
         };
-        connection::serve(ws, node, admission, rooms, client).await
+        connection::serve(ws, node, admission, rooms, client, device).await
     });
     Ok(response)
 }
@@ -204,6 +208,20 @@ fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), HttpError
         StatusCode::FORBIDDEN,
         format!("origin {origin:?} is not allowed (see limits.allowed_origins)"),
     ))
+}
+
+/// `?device=`, checked like a name (it is a key in the store and appears in logs).
+fn device_at_connect(device: Option<&str>) -> Result<Option<Arc<str>>, HttpError> {
+    let Some(device) = device else {
+        return Ok(None);
+    };
+    check_name(device).map_err(|reason| {
+        HttpError::new(
+            StatusCode::BAD_REQUEST,
+            format!("device {device:?} {reason}"),
+        )
+    })?;
+    Ok(Some(device.into()))
 }
 
 fn rooms_at_connect(

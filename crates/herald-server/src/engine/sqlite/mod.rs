@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::store::{
     Append, InboxRead, Offset, OnCommit, Page, PruneReport, Retention, Store, StoreError,
-    StreamBounds, StreamRead,
+    StoreLimits, StreamBounds, StreamRead,
 };
 use read::ReaderPool;
 pub use schema::Synchronous;
@@ -39,34 +39,67 @@ const WRITER_QUEUE: usize = 16 * 1024;
 /// Reader connections: reads are short, and the machine's cores are shared with the writer.
 const READERS: usize = 4;
 
-/// The users whose inbox holds entries they have not acknowledged: loaded at open, kept by the
-/// writer after each commit. A connect whose user is not here skips the inbox read (a trip to
-/// the blocking pool and a SQLite query, a fifth of a handshake's cost) since there is nothing
-/// to replay. std Mutex: held for one set operation, never across an `.await`.
-#[derive(Default)]
+/// Users tracked in [`UnackedInboxes`] at most. Direct messages to made-up names (or to users
+/// who never read) would otherwise grow the set without bound; past it the set stops telling
+/// "nothing to replay", which only costs each connect an inbox read.
+const MAX_TRACKED_INBOXES: usize = 100_000;
+
+/// The users whose inbox holds entries they have not acknowledged: loaded at open (at most
+/// [`MAX_TRACKED_INBOXES`] of them), kept by the writer after each commit. A connect whose user
+/// is known to have none skips the inbox read (a trip to the blocking pool and a SQLite query,
+/// a fifth of a handshake's cost) since there is nothing to replay. std Mutex: held for one set
+/// operation, never across an `.await`.
 pub struct UnackedInboxes {
-    users: Mutex<HashSet<Box<str>>>,
+    users: Mutex<Tracked>,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct Tracked {
+    users: HashSet<Box<str>>,
+    /// Set once a user could not be added for lack of room: from then on a user missing from
+    /// the set may still have entries.
+    overflowed: bool,
+}
+
+impl Default for UnackedInboxes {
+    fn default() -> Self {
+        UnackedInboxes::with_capacity(MAX_TRACKED_INBOXES)
+    }
 }
 
 impl UnackedInboxes {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<Box<str>>> {
+    fn with_capacity(capacity: usize) -> Self {
+        UnackedInboxes {
+            users: Mutex::default(),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tracked> {
         self.users
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn contains(&self, user: &str) -> bool {
-        self.lock().contains(user)
+    /// False only when `user` certainly has no unacknowledged entry.
+    pub fn may_contain(&self, user: &str) -> bool {
+        let tracked = self.lock();
+        tracked.overflowed || tracked.users.contains(user)
     }
 
     /// Records, under one lock, whether each user's inbox holds unacknowledged entries.
     pub fn set<'a>(&self, changes: impl IntoIterator<Item = (&'a str, bool)>) {
-        let mut users = self.lock();
+        let mut tracked = self.lock();
         for (user, unacked) in changes {
             if !unacked {
-                users.remove(user);
-            } else if !users.contains(user) {
-                users.insert(user.into());
+                tracked.users.remove(user);
+            } else if !tracked.users.contains(user) {
+                if tracked.users.len() < self.capacity {
+                    tracked.users.insert(user.into());
+                } else {
+                    tracked.overflowed = true;
+                }
             }
         }
     }
@@ -84,8 +117,13 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the store in `folder`. Every failure names the path.
-    pub fn open(folder: &Path, synchronous: Synchronous) -> Result<SqliteStore, StoreError> {
+    /// Opens (creating if needed, migrating if older) the store in `folder`. Every failure
+    /// names the path.
+    pub fn open(
+        folder: &Path,
+        synchronous: Synchronous,
+        limits: StoreLimits,
+    ) -> Result<SqliteStore, StoreError> {
         let open_error = |path: &Path, reason: String| StoreError::Open {
             path: path.display().to_string(),
             reason,
@@ -125,8 +163,9 @@ impl SqliteStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
 
         let unacked = Arc::new(UnackedInboxes::default());
-        let users =
-            schema::unacked_inboxes(&writer_conn).map_err(|e| open_error(&path, e.to_string()))?;
+        // One more than fits: if it is found, the set overflows as it should.
+        let users = schema::unacked_inboxes(&writer_conn, MAX_TRACKED_INBOXES + 1)
+            .map_err(|e| open_error(&path, e.to_string()))?;
         unacked.set(users.iter().map(|user| (user.as_str(), true)));
         let stats = Arc::new(WriterStats::default());
         let (commands, receiver) = mpsc::channel(WRITER_QUEUE);
@@ -141,6 +180,7 @@ impl SqliteStore {
             stats.clone(),
             stop_checkpoints,
             unacked.clone(),
+            limits,
         );
         let thread = std::thread::Builder::new()
             .name("herald-store-writer".into())
@@ -243,27 +283,35 @@ impl Store for SqliteStore {
     }
 
     fn inbox_may_hold_unacked(&self, user: &str) -> bool {
-        self.unacked.contains(user)
+        self.unacked.may_contain(user)
     }
 
     async fn read_inbox(
         &self,
         user: &str,
+        device: Option<&str>,
         after: Offset,
         limit: usize,
     ) -> Result<InboxRead, StoreError> {
         let user = user.to_owned();
+        let device = device.map(str::to_owned);
         self.readers
             .read("read inbox", move |tx| {
-                read::read_inbox(tx, &user, after, limit)
+                read::read_inbox(tx, &user, device.as_deref(), after, limit)
             })
             .await
     }
 
-    async fn ack_inbox(&self, user: &str, offset: Offset) -> Result<Offset, StoreError> {
+    async fn ack_inbox(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        offset: Offset,
+    ) -> Result<Offset, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.command(Command::Ack {
             user: user.to_owned(),
+            device: device.map(str::to_owned),
             offset,
             reply,
         })
@@ -306,5 +354,23 @@ impl Store for SqliteStore {
             batches = self.stats.batches.load(Ordering::Relaxed),
             "store closed"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UnackedInboxes;
+
+    #[test]
+    fn past_its_capacity_the_unacked_set_stops_ruling_users_out() {
+        let set = UnackedInboxes::with_capacity(2);
+        set.set([("a", true), ("b", true)]);
+        assert!(!set.may_contain("c"));
+        set.set([("a", false)]);
+        assert!(!set.may_contain("a"), "an ack removes a user");
+        set.set([("c", true), ("d", true)]);
+        assert!(set.may_contain("d"), "not tracked, so possibly unacked");
+        assert!(set.may_contain("someone-else"));
+        assert_eq!(set.lock().users.len(), 2, "bounded");
     }
 }

@@ -228,11 +228,16 @@ pub fn conversation_history(
 pub fn read_inbox(
     tx: &rusqlite::Transaction<'_>,
     user: &str,
+    device: Option<&str>,
     after: Offset,
     limit: usize,
 ) -> Result<InboxRead, StoreError> {
     let stream = stream(tx, |name| inbox_name(name, user)).map_err(|e| backend("read inbox", e))?;
-    let from = after.max(stream.acked);
+    let (acked, device_has_mark) = match device {
+        None => (stream.acked, false),
+        Some(device) => device_mark(tx, &stream, device).map_err(|e| backend("read inbox", e))?,
+    };
+    let from = after.max(acked);
     let rows = tx
         .prepare_cached(&format!(
             "SELECT {DIRECT_COLUMNS} FROM inbox e CROSS JOIN direct_messages d
@@ -246,9 +251,28 @@ pub fn read_inbox(
         })
         .map_err(|e| backend("read inbox", e))?;
     Ok(InboxRead {
-        acked: stream.acked,
+        acked,
+        device_has_mark,
         messages: rows.into_iter().collect::<Result<_, _>>()?,
     })
+}
+
+/// The mark `device` reads from (its own, or the inbox's floor while it has none) and whether
+/// it has one.
+fn device_mark(
+    tx: &rusqlite::Transaction<'_>,
+    stream: &Stream,
+    device: &str,
+) -> rusqlite::Result<(Offset, bool)> {
+    let (own, floor): (Option<i64>, i64) = tx
+        .prepare_cached(
+            "SELECT (SELECT acked FROM inbox_marks WHERE stream = ?1 AND device = ?2),
+                 min(?3, coalesce((SELECT min(acked) FROM inbox_marks WHERE stream = ?1), ?3))",
+        )?
+        .query_row(params![stream.id, device, stream.acked.0 as i64], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?;
+    Ok((Offset(own.unwrap_or(floor) as u64), own.is_some()))
 }
 
 /// SQLite integers are signed: "no upper bound" is the largest one.

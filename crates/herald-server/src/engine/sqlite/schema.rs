@@ -5,6 +5,7 @@
 //!   newest offset and (inboxes) acked mark. Names are `r/ROOM`, `u/USER`, `c/A,B` (A ≤ B);
 //!   names never contain a comma, so the pair name is unambiguous. Other tables refer to a
 //!   stream by its id: keys are small integers, rows short, comparisons cheap.
+//! - `inbox_marks (stream, device)`: the acknowledged mark of each device of an inbox.
 //! - `room_messages (stream, pos)`: room history.
 //! - `direct_messages (seq)`: each direct message once, appended in commit order (a rowid
 //!   table, so a new row goes at the end of the B-tree, on pages it shares with its neighbours).
@@ -27,8 +28,9 @@ use std::time::Duration;
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension};
 
-/// Bumped when the tables change incompatibly; a file from another version is refused.
-const SCHEMA_VERSION: &str = "3";
+/// The `meta` schema value of the files written before migrations: they hold exactly the
+/// tables of migration 1.
+const PRE_MIGRATION_SCHEMA: &str = "3";
 
 /// Marks the file as Herald's in the SQLite header ("HRLD").
 const APPLICATION_ID: i64 = 0x4852_4c44;
@@ -51,19 +53,24 @@ pub enum Synchronous {
     Normal,
 }
 
-const TABLES: &str = "
-CREATE TABLE IF NOT EXISTS meta (
+/// The schema's history: entry `i` takes a file from version `i` to version `i + 1` (kept in
+/// the header's `user_version`). Released entries are never edited; a change to the tables is
+/// a new entry at the end.
+const MIGRATIONS: &[&str] = &[
+    // 1: the tables as released before versioned migrations.
+    "
+CREATE TABLE meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS streams (
+CREATE TABLE streams (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
     epoch TEXT NOT NULL,
     last_pos INTEGER NOT NULL,
     acked INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS room_messages (
+CREATE TABLE room_messages (
     stream INTEGER NOT NULL,
     pos INTEGER NOT NULL,
     id TEXT NOT NULL,
@@ -73,7 +80,7 @@ CREATE TABLE IF NOT EXISTS room_messages (
     content BLOB NOT NULL,
     PRIMARY KEY (stream, pos)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS direct_messages (
+CREATE TABLE direct_messages (
     seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL,
     sender TEXT NOT NULL,
@@ -82,19 +89,35 @@ CREATE TABLE IF NOT EXISTS direct_messages (
     is_binary INTEGER NOT NULL,
     content BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS conversations (
+CREATE TABLE conversations (
     stream INTEGER NOT NULL,
     pos INTEGER NOT NULL,
     message INTEGER NOT NULL,
     PRIMARY KEY (stream, pos)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS inbox (
+CREATE TABLE inbox (
     stream INTEGER NOT NULL,
     pos INTEGER NOT NULL,
     message INTEGER NOT NULL,
     PRIMARY KEY (stream, pos)
 ) WITHOUT ROWID;
-";
+",
+    // 2: each device's inbox mark (`used_ms`: its last acknowledgement, for eviction).
+    "
+CREATE TABLE inbox_marks (
+    stream INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    acked INTEGER NOT NULL,
+    used_ms INTEGER NOT NULL,
+    PRIMARY KEY (stream, device)
+) WITHOUT ROWID;
+",
+];
+
+/// The version this herald writes: the number of migrations.
+pub fn current_version() -> usize {
+    MIGRATIONS.len()
+}
 
 /// Settings every connection needs. Fails on a file that is not a SQLite database.
 pub fn configure(conn: &Connection, synchronous: Synchronous) -> rusqlite::Result<()> {
@@ -122,8 +145,10 @@ pub fn configure(conn: &Connection, synchronous: Synchronous) -> rusqlite::Resul
     Ok(())
 }
 
-/// Creates the tables on a new file; checks that an existing file is a Herald store of this
-/// version. Returns a reason when it is not.
+/// Brings the file to the current version: creates the tables on a new file, runs the
+/// migrations an older file lacks, each in its own transaction with its version, and refuses
+/// (untouched) a file of another application or written by a newer herald. Returns a reason
+/// when it refuses or a migration fails (the failed migration is rolled back).
 pub fn prepare(conn: &Connection) -> Result<(), String> {
     let application_id: i64 = conn
         .query_row("PRAGMA application_id", [], |row| row.get(0))
@@ -143,29 +168,62 @@ pub fn prepare(conn: &Connection) -> Result<(), String> {
     if has_tables && application_id == 0 {
         return Err("the file is a SQLite database, but not a Herald store".into());
     }
-    if has_tables {
-        // Checked before anything is created, so a file of another version stays untouched.
-        let version: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |row| {
-                row.get(0)
-            })
-            .optional()
-            .map_err(|e| e.to_string())?;
-        let version = version.unwrap_or_else(|| "unknown".into());
-        if version != SCHEMA_VERSION {
-            return Err(format!(
-                "the store has schema version {version}; this herald reads version \
-                 {SCHEMA_VERSION} (start with an empty data folder, or run the herald that \
-                 wrote it)"
-            ));
-        }
+    let mut version = stored_version(conn, has_tables)?;
+    if version > MIGRATIONS.len() {
+        return Err(format!(
+            "the store has schema version {version}, written by a newer herald; this herald \
+             knows versions up to {} (run the newer herald)",
+            MIGRATIONS.len()
+        ));
     }
-    conn.execute_batch(&format!(
-        "BEGIN IMMEDIATE; {TABLES} PRAGMA application_id = {APPLICATION_ID};
-         INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '{SCHEMA_VERSION}');
-         COMMIT;"
-    ))
-    .map_err(|e| e.to_string())
+    while version < MIGRATIONS.len() {
+        let next = version + 1;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {} PRAGMA application_id = {APPLICATION_ID};
+             PRAGMA user_version = {next};
+             INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', 'migration {next}');
+             COMMIT;",
+            MIGRATIONS[version]
+        ))
+        .map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            format!("migrating the store to schema version {next} failed: {e}")
+        })?;
+        tracing::info!(version = next, "store schema migrated");
+        version = next;
+    }
+    Ok(())
+}
+
+/// The file's schema version: `user_version`, or 1 for a file written before migrations
+/// (its `meta` says schema "3", which holds the tables of migration 1).
+fn stored_version(conn: &Connection, has_tables: bool) -> Result<usize, String> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(|e| e.to_string())?;
+    if version > 0 || !has_tables {
+        return usize::try_from(version)
+            .map_err(|_| format!("the store has an invalid schema version {version}"));
+    }
+    let schema: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |row| {
+            row.get(0)
+        })
+        .optional()
+        .map_err(|e| e.to_string())?;
+    match schema.as_deref() {
+        Some(PRE_MIGRATION_SCHEMA) => {
+            // Recorded at once, so the file reads as version 1 even before a later migration.
+            conn.execute_batch("PRAGMA user_version = 1")
+                .map_err(|e| e.to_string())?;
+            Ok(1)
+        }
+        other => Err(format!(
+            "the store has schema version {}, older than any this herald can migrate from \
+             (version {PRE_MIGRATION_SCHEMA} and later); run the herald that wrote it",
+            other.unwrap_or("unknown")
+        )),
+    }
 }
 
 /// Stream names. Each writes into `name` (cleared first), so the writer can reuse one buffer
@@ -176,11 +234,17 @@ pub fn room_name(name: &mut String, room: &str) {
     name.push_str(room);
 }
 
-/// The users whose inbox has entries beyond their acknowledged mark.
-pub fn unacked_inboxes(conn: &Connection) -> rusqlite::Result<Vec<String>> {
-    let mut statement =
-        conn.prepare("SELECT name FROM streams WHERE name LIKE 'u/%' AND last_pos > acked")?;
-    let names = statement.query_map([], |row| row.get::<_, String>(0))?;
+/// A stream's floor (see the store contract): its mark, or its lowest device mark if lower.
+/// An SQL expression over a `streams` row.
+pub const FLOOR: &str = "min(streams.acked, coalesce((SELECT min(m.acked) FROM inbox_marks m
+     WHERE m.stream = streams.id), streams.acked))";
+
+/// Up to `limit` users whose inbox has entries beyond their floor.
+pub fn unacked_inboxes(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<String>> {
+    let mut statement = conn.prepare(&format!(
+        "SELECT name FROM streams WHERE name LIKE 'u/%' AND last_pos > {FLOOR} LIMIT ?1"
+    ))?;
+    let names = statement.query_map([limit as i64], |row| row.get::<_, String>(0))?;
     names
         .map(|name| name.map(|name| name["u/".len()..].to_owned()))
         .collect()

@@ -29,9 +29,10 @@ use rusqlite::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::UnackedInboxes;
-use super::schema::{conversation_name, inbox_name, room_name};
+use super::schema::{FLOOR, conversation_name, inbox_name, room_name};
 use crate::engine::store::{
-    Append, Appended, Epoch, Offset, OnCommit, PruneReport, Retention, StoreError, StreamPosition,
+    Append, Appended, Epoch, Offset, OnCommit, PruneReport, Retention, StoreError, StoreLimits,
+    StreamPosition,
 };
 
 /// Most commands in one transaction.
@@ -51,6 +52,7 @@ pub enum Command {
     Append(Append, OnCommit),
     Ack {
         user: String,
+        device: Option<String>,
         offset: Offset,
         reply: oneshot::Sender<Result<Offset, StoreError>>,
     },
@@ -85,6 +87,16 @@ struct StreamState {
     epoch: String,
     last: u64,
     acked: u64,
+    /// Inboxes: the lowest device mark, if any device has one.
+    lowest_device_mark: Option<u64>,
+}
+
+impl StreamState {
+    /// Entries at or below this were acknowledged by every reader (see the store contract).
+    fn floor(&self) -> u64 {
+        self.lowest_device_mark
+            .map_or(self.acked, |lowest| lowest.min(self.acked))
+    }
 }
 
 /// The streams the writer has touched, by name. States sit in a vector so a batch can list the
@@ -104,8 +116,14 @@ struct PruneJob {
     reply: oneshot::Sender<Result<PruneReport, StoreError>>,
 }
 
-/// An ack waiting for its batch: the user, the offset, and where the mark after goes.
-type PendingAck = (String, Offset, oneshot::Sender<Result<Offset, StoreError>>);
+/// An ack waiting for its batch: the user, the device, the offset, and where the mark after
+/// goes.
+type PendingAck = (
+    String,
+    Option<String>,
+    Offset,
+    oneshot::Sender<Result<Offset, StoreError>>,
+);
 
 pub struct Writer {
     conn: Connection,
@@ -119,6 +137,7 @@ pub struct Writer {
     last_wal_restart: Instant,
     /// Users whose inbox holds unacknowledged entries, kept in step with each commit.
     unacked: Arc<UnackedInboxes>,
+    limits: StoreLimits,
 }
 
 impl Writer {
@@ -128,6 +147,7 @@ impl Writer {
         stats: Arc<WriterStats>,
         checkpointer: std::sync::mpsc::Sender<()>,
         unacked: Arc<UnackedInboxes>,
+        limits: StoreLimits,
     ) -> Writer {
         Writer {
             conn,
@@ -138,6 +158,7 @@ impl Writer {
             _checkpointer: checkpointer,
             last_wal_restart: Instant::now(),
             unacked,
+            limits,
         }
     }
 
@@ -221,9 +242,10 @@ impl Writer {
                 }
                 Command::Ack {
                     user,
+                    device,
                     offset,
                     reply,
-                } => acks.push((user, offset, reply)),
+                } => acks.push((user, device, offset, reply)),
                 Command::Prune { .. } | Command::Close(_) => {}
             }
         }
@@ -232,16 +254,16 @@ impl Writer {
         match outcome {
             Ok((appended, acked)) => {
                 // Before the callbacks: a message's fan-out must not overtake its user's mark.
-                self.mark_unacked(&appended, &acks);
+                self.mark_unacked(appended.iter().flatten(), &acks);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .appends
                     .fetch_add(appended.len() as u64, Ordering::Relaxed);
                 let callbacks_started = Instant::now();
                 for (on_commit, appended) in callbacks.into_iter().zip(appended) {
-                    on_commit(Ok(appended));
+                    on_commit(appended);
                 }
-                for ((_, _, reply), result) in acks.into_iter().zip(acked) {
+                for ((_, _, _, reply), result) in acks.into_iter().zip(acked) {
                     let _ = reply.send(result);
                 }
                 add_elapsed(&self.stats.callback_ns, callbacks_started);
@@ -257,7 +279,7 @@ impl Writer {
                 for on_commit in callbacks {
                     on_commit(Err(error.clone()));
                 }
-                for (_, _, reply) in acks {
+                for (_, _, _, reply) in acks {
                     let _ = reply.send(Err(error.clone()));
                 }
             }
@@ -267,9 +289,8 @@ impl Writer {
 
     /// Updates [`UnackedInboxes`] for every inbox the committed batch touched, from the
     /// streams' states after it (appends run before acks in a batch).
-    fn mark_unacked(&self, appended: &[Appended], acks: &[PendingAck]) {
+    fn mark_unacked<'a>(&self, appended: impl Iterator<Item = &'a Appended>, acks: &[PendingAck]) {
         let recipients = appended
-            .iter()
             .flat_map(|appended| match appended {
                 Appended::Direct { inbox, .. } => inbox.as_slice(),
                 Appended::Room { .. } => &[],
@@ -279,35 +300,38 @@ impl Writer {
         let streams = &self.streams;
         self.unacked.set(
             recipients
-                .chain(acks.iter().map(|(user, _, _)| user.as_str()))
+                .chain(acks.iter().map(|(user, _, _, _)| user.as_str()))
                 .filter_map(|user| {
                     inbox_name(&mut name, user);
                     let state = &streams.states[*streams.slots.get(&name)?];
-                    Some((user, state.last > state.acked))
+                    Some((user, state.last > state.floor()))
                 }),
         );
     }
 
-    /// One transaction for the whole batch. SQL errors abort it; an invalid ack only fails
-    /// itself.
+    /// One transaction for the whole batch. SQL errors abort it; an invalid ack, or a direct
+    /// message to a full inbox, only fails itself.
     #[allow(clippy::type_complexity)]
     fn transact(
         &mut self,
         appends: Vec<Append>,
         acks: &[PendingAck],
-    ) -> rusqlite::Result<(Vec<Appended>, Vec<Result<Offset, StoreError>>)> {
+    ) -> rusqlite::Result<(
+        Vec<Result<Appended, StoreError>>,
+        Vec<Result<Offset, StoreError>>,
+    )> {
         let started = Instant::now();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut batch = Batch::new(&tx, &mut self.streams)?;
+        let mut batch = Batch::new(&tx, &mut self.streams, self.limits)?;
         let mut appended = Vec::with_capacity(appends.len());
         for append in appends {
             appended.push(batch.append(append)?);
         }
         let mut acked = Vec::with_capacity(acks.len());
-        for (user, offset, _) in acks {
-            acked.push(batch.ack(user, *offset)?);
+        for (user, device, offset, _) in acks {
+            acked.push(batch.ack(user, device.as_deref(), *offset)?);
         }
         batch.flush()?;
         drop(batch);
@@ -323,7 +347,21 @@ impl Writer {
             return;
         };
         self.stats.prune_steps.fetch_add(1, Ordering::Relaxed);
-        match prune_some(&mut self.conn, job) {
+        let mut removed = Vec::new();
+        let outcome = prune_some(&mut self.conn, job, &mut removed);
+        if outcome.is_ok() {
+            // Committed: forget the removed streams, so a later message creates them afresh.
+            for name in &removed {
+                self.streams.slots.remove(name);
+            }
+            self.unacked.set(
+                removed
+                    .iter()
+                    .filter_map(|name| name.strip_prefix("u/"))
+                    .map(|user| (user, false)),
+            );
+        }
+        match outcome {
             Ok(false) => {}
             Ok(true) => {
                 if let Some(job) = self.prune.pop_front() {
@@ -350,6 +388,7 @@ fn add_elapsed(counter: &AtomicU64, since: Instant) {
 /// The writes of one transaction, with its statements prepared once.
 struct Batch<'a> {
     streams: &'a mut Streams,
+    limits: StoreLimits,
     /// Streams changed in this batch (indexes into `streams.states`), written back before the
     /// commit.
     dirty: Vec<usize>,
@@ -366,14 +405,22 @@ struct Batch<'a> {
 }
 
 impl<'a> Batch<'a> {
-    fn new(tx: &'a Transaction<'a>, streams: &'a mut Streams) -> rusqlite::Result<Batch<'a>> {
+    fn new(
+        tx: &'a Transaction<'a>,
+        streams: &'a mut Streams,
+        limits: StoreLimits,
+    ) -> rusqlite::Result<Batch<'a>> {
         Ok(Batch {
             streams,
+            limits,
             dirty: Vec::new(),
             name: String::new(),
             tx,
-            select_stream: tx
-                .prepare_cached("SELECT id, epoch, last_pos, acked FROM streams WHERE name = ?1")?,
+            select_stream: tx.prepare_cached(
+                "SELECT id, epoch, last_pos, acked,
+                     (SELECT min(m.acked) FROM inbox_marks m WHERE m.stream = streams.id)
+                 FROM streams WHERE name = ?1",
+            )?,
             insert_stream: tx.prepare_cached(
                 "INSERT INTO streams (name, epoch, last_pos, acked) VALUES (?1, ?2, 0, 0)",
             )?,
@@ -408,6 +455,7 @@ impl<'a> Batch<'a> {
                     epoch: row.get(1)?,
                     last: row.get::<_, i64>(2)? as u64,
                     acked: row.get::<_, i64>(3)? as u64,
+                    lowest_device_mark: row.get::<_, Option<i64>>(4)?.map(|mark| mark as u64),
                 })
             })
             .optional()?;
@@ -422,6 +470,7 @@ impl<'a> Batch<'a> {
                     epoch,
                     last: 0,
                     acked: 0,
+                    lowest_device_mark: None,
                 }
             }
         };
@@ -439,7 +488,7 @@ impl<'a> Batch<'a> {
         (state.id, state.last)
     }
 
-    fn append(&mut self, append: Append) -> rusqlite::Result<Appended> {
+    fn append(&mut self, append: Append) -> rusqlite::Result<Result<Appended, StoreError>> {
         match append {
             Append::Room { room, message } => {
                 room_name(&mut self.name, &room);
@@ -455,14 +504,14 @@ impl<'a> Batch<'a> {
                     is_binary,
                     content
                 ])?;
-                Ok(Appended::Room {
+                Ok(Ok(Appended::Room {
                     room,
                     message,
                     position: StreamPosition {
                         offset: Offset(pos),
                         epoch: Epoch(self.streams.states[slot].epoch.clone()),
                     },
-                })
+                }))
             }
             Append::Direct {
                 to,
@@ -471,7 +520,14 @@ impl<'a> Batch<'a> {
             } => {
                 let mut inbox = Vec::with_capacity(recipients.len());
                 if recipients.is_empty() {
-                    return Ok(Appended::Direct { to, message, inbox });
+                    return Ok(Ok(Appended::Direct { to, message, inbox }));
+                }
+                let full = self.full_inboxes(&recipients)?;
+                if !full.is_empty() {
+                    return Ok(Err(StoreError::InboxFull {
+                        users: full,
+                        limit: self.limits.max_inbox_messages,
+                    }));
                 }
                 // Stored once; each conversation and inbox entry points at it.
                 let (is_binary, content) = content_bytes(&message.content);
@@ -498,26 +554,103 @@ impl<'a> Batch<'a> {
                         .execute(params![stream, pos as i64, seq])?;
                     inbox.push((recipient, Offset(pos)));
                 }
-                Ok(Appended::Direct { to, message, inbox })
+                Ok(Ok(Appended::Direct { to, message, inbox }))
             }
         }
     }
 
-    fn ack(&mut self, user: &str, offset: Offset) -> rusqlite::Result<Result<Offset, StoreError>> {
+    /// The recipients whose inbox already holds `max_inbox_messages` entries above its floor.
+    fn full_inboxes(&mut self, recipients: &[String]) -> rusqlite::Result<Vec<String>> {
+        let limit = self.limits.max_inbox_messages;
+        let mut full = Vec::new();
+        if limit == 0 {
+            return Ok(full);
+        }
+        for recipient in recipients {
+            inbox_name(&mut self.name, recipient);
+            let slot = self.slot()?;
+            let state = &self.streams.states[slot];
+            if state.last - state.floor() >= limit {
+                full.push(recipient.clone());
+            }
+        }
+        Ok(full)
+    }
+
+    fn ack(
+        &mut self,
+        user: &str,
+        device: Option<&str>,
+        offset: Offset,
+    ) -> rusqlite::Result<Result<Offset, StoreError>> {
         inbox_name(&mut self.name, user);
         let slot = self.slot()?;
-        let state = &mut self.streams.states[slot];
+        let state = &self.streams.states[slot];
         if offset.0 > state.last {
             return Ok(Err(StoreError::AckBeyondInbox {
                 requested: offset.0,
                 newest: state.last,
             }));
         }
+        let device_mark = match device {
+            Some(device) => Some(self.ack_device(slot, device, offset.0)?),
+            None => None,
+        };
+        let state = &mut self.streams.states[slot];
         if offset.0 > state.acked {
             state.acked = offset.0;
             self.dirty.push(slot);
         }
-        Ok(Ok(Offset(state.acked)))
+        Ok(Ok(Offset(device_mark.unwrap_or(state.acked))))
+    }
+
+    /// Raises one device's mark to `offset` (from the inbox's floor for a device without
+    /// one, evicting the least recently used mark when the user has the most allowed); returns
+    /// the device's mark after.
+    fn ack_device(&mut self, slot: usize, device: &str, offset: u64) -> rusqlite::Result<u64> {
+        let state = &self.streams.states[slot];
+        let (stream, floor) = (state.id, state.floor());
+        let known: Option<i64> = self
+            .tx
+            .prepare_cached("SELECT acked FROM inbox_marks WHERE stream = ?1 AND device = ?2")?
+            .query_row(params![stream, device], |row| row.get(0))
+            .optional()?;
+        if known.is_none() {
+            let marks: i64 = self
+                .tx
+                .prepare_cached("SELECT count(*) FROM inbox_marks WHERE stream = ?1")?
+                .query_row([stream], |row| row.get(0))?;
+            if marks as usize >= self.limits.max_devices_per_user {
+                let evicted: Option<String> = self
+                    .tx
+                    .prepare_cached(
+                        "DELETE FROM inbox_marks WHERE stream = ?1 AND device =
+                         (SELECT device FROM inbox_marks WHERE stream = ?1
+                          ORDER BY used_ms, acked, device LIMIT 1)
+                         RETURNING device",
+                    )?
+                    .query_row([stream], |row| row.get(0))
+                    .optional()?;
+                tracing::info!(
+                    stream,
+                    ?evicted,
+                    "store.max_devices_per_user reached: the least recently used device mark was dropped"
+                );
+            }
+        }
+        let mark = (known.map_or(floor, |mark| mark as u64)).max(offset);
+        self.tx
+            .prepare_cached(
+                "INSERT INTO inbox_marks (stream, device, acked, used_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (stream, device) DO UPDATE SET acked = ?3, used_ms = ?4",
+            )?
+            .execute(params![stream, device, mark as i64, unix_millis()])?;
+        let lowest: Option<i64> = self
+            .tx
+            .prepare_cached("SELECT min(acked) FROM inbox_marks WHERE stream = ?1")?
+            .query_row([stream], |row| row.get(0))?;
+        self.streams.states[slot].lowest_device_mark = lowest.map(|mark| mark as u64);
+        Ok(mark)
     }
 
     /// Writes every changed stream's state.
@@ -533,6 +666,12 @@ impl<'a> Batch<'a> {
     }
 }
 
+fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
 fn content_bytes(content: &Payload) -> (bool, &[u8]) {
     match content {
         Payload::Json(raw) => (false, raw.get().as_bytes()),
@@ -541,13 +680,18 @@ fn content_bytes(content: &Payload) -> (bool, &[u8]) {
 }
 
 /// One pruning step: looks at up to [`PRUNE_STEP_STREAMS`] streams after the job's cursor and
-/// deletes at most [`PRUNE_STEP_ROWS`] rows. Returns whether the pass is complete.
-fn prune_some(conn: &mut Connection, job: &mut PruneJob) -> rusqlite::Result<bool> {
+/// deletes at most [`PRUNE_STEP_ROWS`] rows, and the streams it left empty by age (their names
+/// go to `removed`). Returns whether the pass is complete.
+fn prune_some(
+    conn: &mut Connection,
+    job: &mut PruneJob,
+    removed: &mut Vec<String>,
+) -> rusqlite::Result<bool> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let streams: Vec<(i64, String, u64, u64)> = tx
-        .prepare_cached(
-            "SELECT id, name, last_pos, acked FROM streams WHERE id > ?1 ORDER BY id LIMIT ?2",
-        )?
+        .prepare_cached(&format!(
+            "SELECT id, name, last_pos, {FLOOR} FROM streams WHERE id > ?1 ORDER BY id LIMIT ?2"
+        ))?
         .query_map(params![job.cursor, PRUNE_STEP_STREAMS], |row| {
             Ok((
                 row.get(0)?,
@@ -568,6 +712,9 @@ fn prune_some(conn: &mut Connection, job: &mut PruneJob) -> rusqlite::Result<boo
         let finished = prune_stream(&tx, job, id, &name, last, acked, &mut budget)?;
         if !finished {
             break;
+        }
+        if remove_if_expired(&tx, job, id, &name, last, acked)? {
+            removed.push(name);
         }
         job.cursor = id;
         if budget == 0 {
@@ -648,6 +795,49 @@ fn prune_stream(
         _ => job.report.direct_messages += deleted,
     }
     Ok(*budget > 0)
+}
+
+/// Removes an inbox or a conversation that retention emptied by age: its row (so its epoch and
+/// offsets go; a later message starts a new epoch) and its device marks. Without this, every
+/// name a direct message was ever sent to would keep rows forever. An inbox emptied because its
+/// entries were acknowledged stays, and so do rooms: connected clients count on their offsets
+/// going on.
+fn remove_if_expired(
+    tx: &Transaction<'_>,
+    job: &mut PruneJob,
+    id: i64,
+    name: &str,
+    last: u64,
+    floor: u64,
+) -> rusqlite::Result<bool> {
+    let retention = job.retention;
+    let (table, age) = if name.starts_with("u/") {
+        if floor >= last {
+            return Ok(false);
+        }
+        ("inbox", retention.inbox_max_age)
+    } else if name.starts_with("c/") {
+        ("conversations", retention.inbox_max_age)
+    } else {
+        return Ok(false);
+    };
+    if age.is_zero() || last == 0 {
+        return Ok(false);
+    }
+    let holds_entries: bool = tx
+        .prepare_cached(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {table} WHERE stream = ?1)"
+        ))?
+        .query_row([id], |row| row.get(0))?;
+    if holds_entries {
+        return Ok(false);
+    }
+    tx.prepare_cached("DELETE FROM inbox_marks WHERE stream = ?1")?
+        .execute([id])?;
+    tx.prepare_cached("DELETE FROM streams WHERE id = ?1")?
+        .execute([id])?;
+    job.report.empty_streams += 1;
+    Ok(true)
 }
 
 /// Deletes up to [`PRUNE_STEP_ROWS`] of the oldest direct messages older than the inbox age

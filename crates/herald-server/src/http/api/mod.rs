@@ -268,6 +268,9 @@ pub fn valid_name(field: &str, name: &str) -> Result<(), HttpError> {
 
 /// An engine failure: logged in full, answered with a generic 503.
 pub fn engine_failure(error: EngineError) -> HttpError {
+    if error.limit_exceeded {
+        return HttpError::new(StatusCode::TOO_MANY_REQUESTS, error.message);
+    }
     tracing::error!(%error, "engine failure while serving an API request");
     HttpError::new(
         StatusCode::SERVICE_UNAVAILABLE,
