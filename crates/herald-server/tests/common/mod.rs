@@ -3,6 +3,7 @@
 //! server API (ureq), and in `tls` a test certificate authority (rcgen).
 #![allow(dead_code)]
 
+pub mod hostile;
 pub mod process;
 pub mod tls;
 
