@@ -170,6 +170,42 @@ pub fn parse_binary(frame: &Bytes) -> Result<Request, ProtocolError> {
     fields.into_request(Some(payload))
 }
 
+/// A JSON object's fields, refusing one named twice: a map would keep the last silently, and
+/// a proxy or another parser reading the first would then see a different request.
+struct UniqueFields<'a>(BTreeMap<Cow<'a, str>, &'a RawValue>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for UniqueFields<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = UniqueFields<'a>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut fields = BTreeMap::new();
+                while let Some((name, value)) = map.next_entry::<Cow<'a, str>, &'a RawValue>()? {
+                    if fields.contains_key(&name) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "field \"{name}\" appears twice"
+                        )));
+                    }
+                    fields.insert(name, value);
+                }
+                Ok(UniqueFields(fields))
+            }
+        }
+
+        deserializer.deserialize_map(Visitor(std::marker::PhantomData))
+    }
+}
+
 /// The top-level fields of a request object, each still raw JSON.
 struct RawFields<'a> {
     fields: BTreeMap<Cow<'a, str>, &'a RawValue>,
@@ -178,14 +214,13 @@ struct RawFields<'a> {
 
 impl<'a> RawFields<'a> {
     fn parse(frame: &'a [u8]) -> Result<Self, ProtocolError> {
-        let fields: BTreeMap<Cow<'a, str>, &'a RawValue> =
-            serde_json::from_slice(frame).map_err(|e| {
-                ProtocolError::new(
-                    ErrorCode::InvalidJson,
-                    format!("frame is not a JSON object: {e}"),
-                    None,
-                )
-            })?;
+        let UniqueFields(fields) = serde_json::from_slice(frame).map_err(|e| {
+            ProtocolError::new(
+                ErrorCode::InvalidJson,
+                format!("frame is not a JSON object: {e}"),
+                None,
+            )
+        })?;
         let mut parsed = RawFields { fields, id: None };
         parsed.id = parsed.id_field()?;
         Ok(parsed)
@@ -434,6 +469,19 @@ mod tests {
         let error = error_of(r#"{"type":"teleport","id":"t"}"#);
         assert_eq!(error.code, ErrorCode::UnknownType);
         assert_eq!(error.id.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn a_field_named_twice_is_refused_whichever_it_is() {
+        for frame in [
+            r#"{"type":"ping","id":"a","id":"b"}"#,
+            r#"{"type":"ping","type":"join","room":"r"}"#,
+            r#"{"type":"publish","room":"a","room":"b","content":1}"#,
+        ] {
+            let error = error_of(frame);
+            assert_eq!(error.code, ErrorCode::InvalidJson, "{frame}");
+            assert!(error.message.contains("appears twice"), "{}", error.message);
+        }
     }
 
     #[test]

@@ -80,6 +80,9 @@ pub struct ServerConfig {
     /// rebinding) cannot use them.
     #[serde(deserialize_with = "list")]
     pub allowed_hosts: Vec<String>,
+    /// Open sockets (HTTP, TLS handshakes, WebSockets) before the server stops accepting until
+    /// one closes; 0 takes the process's open-file limit less a reserve for other files.
+    pub max_sockets: usize,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +96,7 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             client_address_header: ForwardedHeader::XForwardedFor,
             allowed_hosts: Vec::new(),
+            max_sockets: 0,
         }
     }
 }
@@ -188,6 +192,14 @@ pub struct LimitsConfig {
     pub max_recipients: usize,
     /// Messages queued for one connection before it is cut off as a slow consumer.
     pub send_queue: usize,
+    /// Bytes queued or being written for one connection before it is cut off as a slow
+    /// consumer; a reply larger than this (a page of history) is refused with
+    /// `limit_exceeded`.
+    pub send_queue_bytes: usize,
+    /// How long a write to a connection may go without the socket taking a byte before the
+    /// connection is cut off as a slow consumer.
+    #[serde(with = "duration")]
+    pub write_timeout: Duration,
     /// Origins allowed to open WebSockets besides the server's own; `*` allows any.
     #[serde(deserialize_with = "list")]
     pub allowed_origins: Vec<String>,
@@ -216,6 +228,8 @@ impl Default for LimitsConfig {
             max_connections: 100_000,
             max_recipients: 100,
             send_queue: 1024,
+            send_queue_bytes: 8 * 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
             allowed_origins: Vec::new(),
             max_pending_auth: 10_000,
             max_pending_auth_per_ip: 100,
@@ -574,6 +588,18 @@ impl Config {
         positive("limits.max_connections", limits.max_connections)?;
         positive("limits.max_recipients", limits.max_recipients)?;
         positive("limits.send_queue", limits.send_queue)?;
+        if limits.send_queue_bytes < limits.max_message_bytes {
+            return Err(ConfigError::Key {
+                key: "limits.send_queue_bytes",
+                reason: "must be at least limits.max_message_bytes".into(),
+            });
+        }
+        if limits.write_timeout.is_zero() {
+            return Err(ConfigError::Key {
+                key: "limits.write_timeout",
+                reason: "must be greater than zero".into(),
+            });
+        }
         positive("limits.max_pending_auth", limits.max_pending_auth)?;
         positive(
             "limits.max_pending_auth_per_ip",

@@ -77,6 +77,8 @@ pub type HeldFrames = Vec<(Option<u64>, Outgoing)>;
 struct CatchUp {
     key: StreamKey,
     held: HeldFrames,
+    /// The bytes of `held`, bounded like the outbox's.
+    held_bytes: usize,
     /// Set when the stream went live: frames at or below this offset were replayed already.
     live_above: Option<u64>,
     /// Set while the replay is more than a page behind: frames with an offset are dropped
@@ -115,6 +117,11 @@ impl ConnHandle {
 
     pub fn addr(&self) -> IpAddr {
         self.inner.addr
+    }
+
+    /// Most bytes the connection's outbox holds (`limits.send_queue_bytes`).
+    pub fn byte_budget(&self) -> usize {
+        self.inner.outbox.byte_capacity()
     }
 
     pub fn stats(&self) -> &ConnStats {
@@ -178,6 +185,7 @@ impl ConnHandle {
         catching_up.push(CatchUp {
             key,
             held: Vec::new(),
+            held_bytes: 0,
             live_above: None,
             skipping: false,
         });
@@ -198,6 +206,7 @@ impl ConnHandle {
             catch_up.live_above = Some(replayed);
             return None;
         }
+        catch_up.held_bytes = 0;
         Some(std::mem::take(&mut catch_up.held))
     }
 
@@ -215,6 +224,7 @@ impl ConnHandle {
             return;
         };
         catch_up.skipping = true;
+        catch_up.held_bytes = 0;
         let held = std::mem::take(&mut catch_up.held);
         drop(catching_up);
         for (offset, held) in held {
@@ -275,12 +285,16 @@ impl ConnHandle {
                     drop(catching_up);
                     return offset.is_none() && self.offer_accepted_at(frame.clone(), accepted);
                 }
-                // Held frames count against the same bound as the outbox.
-                if catch_up.held.len() >= self.inner.outbox.capacity() {
+                // Held frames count against the same bounds as the outbox.
+                let held_bytes = catch_up.held_bytes + frame.len();
+                if catch_up.held.len() >= self.inner.outbox.capacity()
+                    || held_bytes > self.inner.outbox.byte_capacity()
+                {
                     drop(catching_up);
                     self.cut_off_slow();
                     return false;
                 }
+                catch_up.held_bytes = held_bytes;
                 catch_up.held.push((
                     offset,
                     Outgoing {
@@ -547,6 +561,15 @@ impl Hub {
     }
 
     /// Every local connection, for shutdown.
+    /// The registered connection whose control block is `control`. A scan of every connection:
+    /// only for the cleanup after a connection's task panicked, which has nothing else left.
+    pub fn find_by_control(&self, control: &Arc<ConnControl>) -> Option<ConnHandle> {
+        self.conns
+            .iter()
+            .find(|entry| Arc::ptr_eq(&entry.value().inner.control, control))
+            .map(|entry| entry.value().clone())
+    }
+
     pub fn snapshot(&self) -> Vec<ConnHandle> {
         self.conns
             .iter()
@@ -561,7 +584,7 @@ mod tests {
     use bytes::Bytes;
 
     fn handle(id: u64, user: &str, queue: usize) -> (ConnHandle, Arc<Outbox>, Arc<ConnControl>) {
-        let outbox = Arc::new(Outbox::new(queue));
+        let outbox = Arc::new(Outbox::new(queue, 1 << 20));
         let signal = Arc::new(ConnControl::new());
         (
             ConnHandle::new(

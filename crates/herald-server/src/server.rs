@@ -6,10 +6,19 @@
 //! shutdown `/ready` starts answering 503; after `server.shutdown_delay` the listener closes,
 //! every WebSocket gets Close 1001 from its own writer, and `run` waits (at most
 //! `server.shutdown_grace`) for the connection tasks to finish, then closes the node's store.
+//!
+//! Open sockets are capped (`server.max_sockets`): the accept loop takes a permit before it
+//! accepts, and the permit travels with the socket (into hyper, then into the upgraded
+//! WebSocket's task), so it is returned when the socket closes, whatever it turned into. At the
+//! cap the loop waits and the kernel's accept queue holds newcomers; the server never runs out
+//! of file descriptors for the store or for sockets already open.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -18,8 +27,9 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,6 +41,10 @@ use crate::tls::ServerTls;
 
 /// Pending connections the kernel may queue: tokio's default of 128 stalls connection storms.
 const LISTEN_BACKLOG: u32 = 4096;
+
+/// File descriptors kept free for everything but sockets (the store, logs, certificates) when
+/// `server.max_sockets` is derived from the open-file limit.
+const RESERVED_FDS: u64 = 64;
 
 /// Binds the server socket with a deep accept queue.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -74,6 +88,7 @@ async fn serve(
     let http_tasks = TaskTracker::new();
     let handshake_timeout = node.config.server.handshake_timeout;
     let shutdown_delay = node.config.server.shutdown_delay;
+    let sockets = Arc::new(Semaphore::new(max_sockets(node.config.server.max_sockets)));
     // Set once shutdown begins with a delay: the listener stays open until then.
     let mut draining_until: Option<Instant> = None;
     tokio::pin!(shutdown);
@@ -92,7 +107,7 @@ async fn serve(
                 continue;
             }
             _ = sleep_until_some(draining_until) => break,
-            accepted = listener.accept() => accepted,
+            accepted = accept(&listener, &sockets) => accepted,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
@@ -103,7 +118,6 @@ async fn serve(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let router = router.clone();
         let stop = node.shutdown.clone();
         let tls = tls.clone();
@@ -177,6 +191,90 @@ async fn serve_http<I>(
             connection.as_mut().graceful_shutdown();
             let _ = connection.await;
         }
+    }
+}
+
+/// The socket cap: `configured`, or with 0 the open-file limit less [`RESERVED_FDS`].
+fn max_sockets(configured: usize) -> usize {
+    let limit = if configured > 0 {
+        configured
+    } else {
+        match rlimit::Resource::NOFILE.get() {
+            Ok((soft, _)) => {
+                usize::try_from(soft.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "open-file limit unknown; sockets are not capped");
+                usize::MAX
+            }
+        }
+    };
+    limit.clamp(1, Semaphore::MAX_PERMITS)
+}
+
+/// Waits for room under the socket cap, then accepts one connection holding that room.
+async fn accept(
+    listener: &TcpListener,
+    sockets: &Arc<Semaphore>,
+) -> io::Result<(Counted<TcpStream>, SocketAddr)> {
+    let Ok(permit) = sockets.clone().acquire_owned().await else {
+        // The semaphore is never closed.
+        return std::future::pending().await;
+    };
+    let (stream, peer) = listener.accept().await?;
+    let _ = stream.set_nodelay(true);
+    Ok((
+        Counted {
+            io: stream,
+            _permit: permit,
+        },
+        peer,
+    ))
+}
+
+/// A socket holding its place under `server.max_sockets` until it is dropped.
+struct Counted<I> {
+    io: I,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

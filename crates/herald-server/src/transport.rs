@@ -14,7 +14,9 @@
 //!   ordinary close (1000), where RFC 6455 §5.5 requires failing the connection (1002).
 //! - **[`ServerSocket`]**, which closes as RFC 6455 §7 says: the peer's Close is echoed, and a
 //!   protocol error gets 1002, 1007 or 1009, where yawc would send 1003, nothing, or the 1000
-//!   its own `close` adds.
+//!   its own `close` adds. It also keeps yawc's Pongs bounded: yawc queues one per Ping and
+//!   writes them only when a read would block, so a peer sending Pings without reading grew
+//!   that queue without end; this socket reads nothing more until the Pong it owes is written.
 //!
 //! Memory: a direction without context takeover borrows its deflate state from one process-wide
 //! [`DeflatePool`] for one message at a time, so an idle connection holds none.
@@ -26,7 +28,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll, ready};
 
@@ -320,8 +322,10 @@ fn split_unquoted(text: &str, separator: char) -> Vec<&str> {
 pub struct ServerSocket<S> {
     inner: WebSocket<ControlFrameGuard<S>>,
     state: State,
-    /// The guard's flag: a protocol error is its doing.
-    oversized_control_frame: Arc<AtomicBool>,
+    /// What the guard saw: whether a protocol error is its doing, and the bytes written.
+    guard: Arc<GuardState>,
+    /// A Ping was handed on and yawc queued its Pong: the Pong goes out before the next read.
+    pong_owed: bool,
 }
 
 enum State {
@@ -339,14 +343,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerSocket<S> {
     /// (the response's `Sec-WebSocket-Extensions`, if any).
     pub fn new(io: S, extensions: Option<&str>, options: Options) -> Result<Self, WebSocketError> {
         let guard = ControlFrameGuard::new(io);
-        let oversized_control_frame = guard.tripped();
+        let state = guard.state();
         let inner =
             WebSocket::from_stream_with_extensions(guard, Role::Server, extensions, options)?;
         Ok(ServerSocket {
             inner,
             state: State::Open,
-            oversized_control_frame,
+            guard: state,
+            pong_owed: false,
         })
+    }
+
+    /// A counter of the bytes written to the socket, which the writer watches to tell a slow
+    /// write from one that makes no progress at all.
+    pub fn write_progress(&self) -> WriteProgress {
+        WriteProgress(self.guard.clone())
+    }
+}
+
+/// Bytes written to one socket so far (see [`ServerSocket::write_progress`]).
+#[derive(Clone)]
+pub struct WriteProgress(Arc<GuardState>);
+
+impl WriteProgress {
+    pub fn bytes(&self) -> u64 {
+        self.0.written.load(Ordering::Relaxed)
     }
 }
 
@@ -373,14 +394,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for ServerSocket<S> {
         let this = self.get_mut();
         loop {
             match &mut this.state {
+                State::Open if this.pong_owed => {
+                    // yawc writes the Pongs it owes only when a read would block, so a peer that
+                    // sends Pings without reading would have them pile up without bound. The
+                    // sink's readiness writes them out: reading waits until they are gone.
+                    if ready!(this.inner.poll_ready_unpin(cx)).is_err() {
+                        this.state = State::Failed(None);
+                        return Poll::Ready(None);
+                    }
+                    this.pong_owed = false;
+                }
                 State::Open => match ready!(this.inner.poll_next_frame(cx)) {
                     Ok(frame) if frame.opcode() == OpCode::Close => {
                         this.state = State::Echoing(Some(frame));
                     }
-                    Ok(frame) => return Poll::Ready(Some(frame)),
+                    Ok(frame) => {
+                        this.pong_owed = frame.opcode() == OpCode::Ping;
+                        return Poll::Ready(Some(frame));
+                    }
                     Err(error) => {
                         let close = failure_code(&error).map(|code| {
-                            let reason = if this.oversized_control_frame.load(Ordering::Relaxed) {
+                            let reason = if this.guard.tripped.load(Ordering::Relaxed) {
                                 "control frame payload over 125 bytes".to_owned()
                             } else {
                                 error.to_string()
@@ -458,11 +492,21 @@ fn truncate(text: &str, max: usize) -> &str {
 /// that byte to "unmasked, no payload", which yawc's server codec rejects as a protocol error
 /// the moment it decodes it: yawc sends Close 1002 and ends the connection. Nothing after
 /// that byte is decoded.
+///
+/// It also counts the bytes written, so the writer can tell a stalled socket from a slow one.
 pub struct ControlFrameGuard<S> {
     inner: S,
     scanner: HeaderScanner,
+    state: Arc<GuardState>,
+}
+
+/// What a [`ControlFrameGuard`] shares with the socket above it; one allocation for both.
+#[derive(Default)]
+struct GuardState {
     /// Set when the guard turned a frame away, so the Close can name the real reason.
-    tripped: Arc<AtomicBool>,
+    tripped: AtomicBool,
+    /// Bytes written to the socket so far.
+    written: AtomicU64,
 }
 
 impl<S> ControlFrameGuard<S> {
@@ -470,13 +514,21 @@ impl<S> ControlFrameGuard<S> {
         ControlFrameGuard {
             inner,
             scanner: HeaderScanner::default(),
-            tripped: Arc::default(),
+            state: Arc::default(),
         }
     }
 
-    /// A flag that turns true once the guard has turned an oversized control frame away.
-    pub fn tripped(&self) -> Arc<AtomicBool> {
-        self.tripped.clone()
+    fn state(&self) -> Arc<GuardState> {
+        self.state.clone()
+    }
+
+    fn count_written(&self, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(bytes)) = written {
+            self.state
+                .written
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+        written
     }
 }
 
@@ -490,7 +542,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ControlFrameGuard<S> {
         let start = buf.filled().len();
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         if this.scanner.scan(&mut buf.filled_mut()[start..]) {
-            this.tripped.store(true, Ordering::Relaxed);
+            this.state.tripped.store(true, Ordering::Relaxed);
         }
         Poll::Ready(Ok(()))
     }
@@ -502,7 +554,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ControlFrameGuard<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.count_written(written)
     }
 
     fn poll_write_vectored(
@@ -510,7 +563,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ControlFrameGuard<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.count_written(written)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -8,7 +8,9 @@
 //! The reader owns the [`session::Session`]; the writer owns the sending half and the heartbeat
 //! deadline; they share a [`control::ConnControl`] through which either side (or the hub, for a
 //! slow consumer, or the node, at shutdown) ends the connection. Cleanup (rooms, presence, hub)
-//! runs once, after the writer has sent its Close frame.
+//! runs once, after the writer has sent its Close frame. A panic anywhere in the connection's
+//! future is caught at its top and the same cleanup runs from what the hub knows, so a bug
+//! reached by one client never leaves its user online or in a room.
 
 pub mod control;
 pub mod outbox;
@@ -17,6 +19,7 @@ pub mod session;
 pub mod writer;
 
 use std::net::IpAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use futures::future::{self, Either};
@@ -66,14 +69,19 @@ pub fn serve(
     client: IpAddr,
     device: Option<Arc<str>>,
 ) -> impl Future<Output = ()> + Send {
+    let progress = ws.write_progress();
     let (sink, stream) = ws.split();
     let control = Arc::new(ConnControl::new());
-    let outbox = Arc::new(Outbox::new(node.config.limits.send_queue));
+    let limits = &node.config.limits;
+    let outbox = Arc::new(Outbox::new(limits.send_queue, limits.send_queue_bytes));
     let timing = writer::Timing {
         heartbeat: node.config.heartbeat.interval,
         refresh_notice: node.config.auth.refresh_notice,
+        write_timeout: limits.write_timeout,
     };
-    let writer = writer::run(sink, outbox.clone(), control.clone(), timing);
+    let writer = writer::run(sink, outbox.clone(), control.clone(), progress, timing);
+    // Kept outside the connection's future: what a cleanup after a panic starts from.
+    let after_panic = (node.clone(), control.clone());
     // Admission runs once, boxed: the idle connection keeps only the request loop's state.
     let admitted = Box::pin(admit(Box::new(Start {
         stream,
@@ -90,12 +98,48 @@ pub fn serve(
         Some((stream, control, session)) => Either::Left(read_requests(stream, control, session)),
         None => Either::Right(future::ready(None)),
     });
-    future::join(reader, writer).then(|(session, ())| async move {
+    let served = future::join(reader, writer).then(|(session, ())| async move {
         if let Some(session) = session {
             Box::pin(finish(session)).await;
         }
-    })
+    });
+    // Unwind safety: after a panic nothing of the connection's own state is used again; the
+    // cleanup reads the hub and the engines, which never hold a lock across a call into it.
+    AssertUnwindSafe(served)
+        .catch_unwind()
+        .then(move |served| match served {
+            Ok(()) => Either::Left(future::ready(())),
+            Err(_) => {
+                let (node, control) = after_panic;
+                Either::Right(Box::pin(clean_up_after_panic(node, control)))
+            }
+        })
 }
+
+/// Ends a connection whose task panicked. Its session (the rooms it joined) went with the
+/// unwound future, so the hub says where it was; then the usual leave and disconnect run, and
+/// the other members see `left` as for any disconnect.
+async fn clean_up_after_panic(node: Arc<Node>, control: Arc<ConnControl>) {
+    control.close(CloseReason::Send(CloseCode::INTERNAL_ERROR));
+    let Some(handle) = node.hub.find_by_control(&control) else {
+        tracing::error!("a connection panicked before it was registered");
+        return;
+    };
+    tracing::error!(conn = %handle.id(), user = %handle.user(), "a connection panicked; cleaning up");
+    for room in node.hub.rooms_of(handle.id()) {
+        if let Err(error) = node.leave(&handle, &room).await {
+            tracing::warn!(conn = %handle.id(), %room, %error, "leave after a panic failed");
+        }
+    }
+    node.disconnect(&handle).await;
+    metrics::counter!("herald_disconnects_total", "reason" => CloseCode::INTERNAL_ERROR.reason)
+        .increment(1);
+}
+
+/// A text frame that makes the connection panic, for the test of the cleanup above. Compiled
+/// only with the `test-hooks` feature, which the crate's own tests turn on.
+#[cfg(feature = "test-hooks")]
+pub const PANIC_REQUEST: &str = "{\"type\":\"test-hook-panic\"}";
 
 /// What the reader starts with.
 struct Start {
@@ -227,6 +271,10 @@ fn read_requests(
                 break;
             };
             control.touch();
+            #[cfg(feature = "test-hooks")]
+            if frame.payload().as_ref() == PANIC_REQUEST.as_bytes() {
+                panic!("test hook: a request that panics");
+            }
             if matches!(frame.opcode(), OpCode::Text | OpCode::Binary) {
                 control.stats.received(frame.payload().len());
                 crate::metrics::HOT
@@ -242,11 +290,14 @@ fn read_requests(
                     control.close(CloseReason::PeerGone);
                     break;
                 }
-                // Ping is answered by the library; Pong only proves liveness (touched above).
+                // The library answers a Ping; either kind costs the rate limit like a request,
+                // or Pings alone could keep the server writing Pongs at any rate.
+                OpCode::Ping | OpCode::Pong => session.on_control(),
                 _ => Flow::Continue,
             };
             if let Flow::Close(code) = flow {
                 control.close(CloseReason::Send(code));
+                Box::pin(drain_until_closed(&mut stream)).await;
                 break;
             }
         }
@@ -275,6 +326,17 @@ pub fn token_expiry(identity: &Identity) -> Option<Expiry> {
         at_unix_ms: exp.saturating_mul(1000),
         kind: ExpiryKind::TokenExpiry,
     })
+}
+
+/// Reads and drops what the peer still sends, until it closes or [`writer::CLOSE_WAIT`] passes.
+/// A socket closed with unread input is reset by the kernel, and a reset can destroy data the
+/// peer has not read yet: a client that was sending fast (the flood that got it closed) would
+/// lose the Close frame that says why.
+async fn drain_until_closed<S: futures::Stream + Unpin>(stream: &mut S) {
+    let _ = tokio::time::timeout(writer::CLOSE_WAIT, async {
+        while stream.next().await.is_some() {}
+    })
+    .await;
 }
 
 /// Polls the stream once more after it ended: the library writes the Close frame it queued (its

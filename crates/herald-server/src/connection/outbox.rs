@@ -5,8 +5,14 @@
 //! [`Outgoing`]) up front plus a 512-byte shared state, and most connections are idle most of
 //! the time. This queue holds nothing while empty: the writer takes the whole `VecDeque` at
 //! once, leaving an empty one in its place, so an idle connection keeps only this struct
-//! (about 150 bytes). The writer takes everything queued under one short lock, rather than
+//! (about 160 bytes). The writer takes everything queued under one short lock, rather than
 //! one lock per frame.
+//!
+//! Two bounds hold: frames queued (`limits.send_queue`) and bytes (`limits.send_queue_bytes`).
+//! The bytes of a batch the writer has taken count until it reports them written, so what one
+//! connection holds in memory for sending stays within the byte bound however large its frames
+//! (a page of history can be megabytes). A frame larger than the whole byte bound gets in only
+//! while nothing else is counted; replies that large are refused before they get here.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -31,6 +37,7 @@ pub struct Outbox {
     /// std Mutex: held to push one frame or to swap the queue out, never across an `.await`.
     queue: Mutex<Queue>,
     capacity: usize,
+    byte_capacity: usize,
     /// The writer, woken when a frame lands in an empty queue.
     writer: AtomicWaker,
     /// Senders waiting for room ([`Outbox::push_waiting`]), woken when the writer takes frames.
@@ -42,17 +49,22 @@ struct Queue {
     closed: bool,
     /// The writer takes nothing while set (see [`Outbox::hold`]).
     held: bool,
+    /// Bytes queued, plus those the writer took and has not reported written.
+    bytes: usize,
 }
 
 impl Outbox {
-    pub fn new(capacity: usize) -> Outbox {
+    /// An outbox of at most `capacity` frames and `byte_capacity` bytes.
+    pub fn new(capacity: usize, byte_capacity: usize) -> Outbox {
         Outbox {
             queue: Mutex::new(Queue {
                 frames: VecDeque::new(),
                 closed: false,
                 held: false,
+                bytes: 0,
             }),
             capacity: capacity.max(1),
+            byte_capacity: byte_capacity.max(1),
             writer: AtomicWaker::new(),
             room: Notify::new(),
         }
@@ -72,10 +84,12 @@ impl Outbox {
         if queue.closed {
             return Err((Refused::Closed, frame));
         }
-        if queue.frames.len() >= self.capacity {
+        let bytes = queue.bytes + frame.frame.len();
+        if queue.frames.len() >= self.capacity || (bytes > self.byte_capacity && queue.bytes > 0) {
             return Err((Refused::Full, frame));
         }
         let was_empty = queue.frames.is_empty();
+        queue.bytes = bytes;
         queue.frames.push_back(frame);
         drop(queue);
         // The writer only sleeps after finding the queue empty (under the same lock), so only
@@ -88,8 +102,13 @@ impl Outbox {
 
     /// Queues a frame, waiting up to `wait` for room.
     pub async fn push_waiting(&self, frame: Outgoing, wait: Duration) -> Result<(), Refused> {
+        // Usually there is room: no waiter registered, no clock read.
+        let mut frame = match self.push(frame) {
+            Ok(()) => return Ok(()),
+            Err((Refused::Closed, _)) => return Err(Refused::Closed),
+            Err((Refused::Full, back)) => back,
+        };
         let deadline = tokio::time::Instant::now() + wait;
-        let mut frame = frame;
         loop {
             // Registered before the attempt, so room made in between is not missed.
             let room = self.room.notified();
@@ -109,6 +128,19 @@ impl Outbox {
     /// Most frames the queue holds.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Most bytes the queue and the writer's batch hold together.
+    pub fn byte_capacity(&self) -> usize {
+        self.byte_capacity
+    }
+
+    /// The writer has written `bytes` of what it took: room for as many more.
+    pub fn written(&self, bytes: usize) {
+        let mut queue = self.lock();
+        queue.bytes = queue.bytes.saturating_sub(bytes);
+        drop(queue);
+        self.room.notify_waiters();
     }
 
     /// The writer's side: everything queued, or `Pending` until something is. An empty queue is
@@ -132,7 +164,13 @@ impl Outbox {
 
     /// Everything queued, without waiting (possibly nothing).
     pub fn take_now(&self) -> VecDeque<Outgoing> {
-        let frames = std::mem::take(&mut self.lock().frames);
+        let frames = {
+            let mut queue = self.lock();
+            let frames = std::mem::take(&mut queue.frames);
+            let taken: usize = frames.iter().map(|f| f.frame.len()).sum();
+            queue.bytes = queue.bytes.saturating_sub(taken);
+            frames
+        };
         self.room.notify_waiters();
         frames
     }
@@ -165,6 +203,7 @@ impl Outbox {
         let dropped = {
             let mut queue = self.lock();
             queue.closed = true;
+            queue.bytes = 0;
             std::mem::take(&mut queue.frames)
         };
         drop(dropped);
@@ -198,7 +237,7 @@ mod tests {
 
     #[test]
     fn holds_no_memory_while_empty_and_gives_everything_in_order() {
-        let outbox = Outbox::new(8);
+        let outbox = Outbox::new(8, 1 << 20);
         outbox.push(frame("a")).unwrap();
         outbox.push(frame("b")).unwrap();
         assert_eq!(outbox.len(), 2);
@@ -208,7 +247,7 @@ mod tests {
 
     #[test]
     fn refuses_past_capacity_and_after_close() {
-        let outbox = Outbox::new(2);
+        let outbox = Outbox::new(2, 1 << 20);
         outbox.push(frame("a")).unwrap();
         outbox.push(frame("b")).unwrap();
         assert_eq!(outbox.push(frame("c")).unwrap_err().0, Refused::Full);
@@ -219,7 +258,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_wakes_for_a_frame_and_for_close() {
-        let outbox = Arc::new(Outbox::new(4));
+        let outbox = Arc::new(Outbox::new(4, 1 << 20));
         let writer = tokio::spawn({
             let outbox = outbox.clone();
             async move { texts(outbox.take().await) }
@@ -239,7 +278,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_held_outbox_gives_the_writer_nothing_until_released() {
-        let outbox = Arc::new(Outbox::new(4));
+        let outbox = Arc::new(Outbox::new(4, 1 << 20));
         outbox.hold();
         outbox.push(frame("welcome")).unwrap();
         let writer = tokio::spawn({
@@ -255,7 +294,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_push_gets_in_once_the_writer_takes_and_gives_up_after_its_wait() {
-        let outbox = Arc::new(Outbox::new(1));
+        let outbox = Arc::new(Outbox::new(1, 1 << 20));
         outbox.push(frame("first")).unwrap();
         let waiting = tokio::spawn({
             let outbox = outbox.clone();
@@ -273,5 +312,32 @@ mod tests {
             .push_waiting(frame("third"), Duration::from_millis(20))
             .await;
         assert_eq!(refused, Err(Refused::Full));
+    }
+
+    #[tokio::test]
+    async fn bytes_count_until_written_and_bound_what_is_queued() {
+        let outbox = Outbox::new(100, 10);
+        outbox.push(frame("12345")).unwrap();
+        outbox.push(frame("6789")).unwrap();
+        assert_eq!(outbox.push(frame("ab")).unwrap_err().0, Refused::Full);
+        let taken = outbox.take().await;
+        assert_eq!(texts(taken), ["12345", "6789"]);
+        assert_eq!(
+            outbox.push(frame("ab")).unwrap_err().0,
+            Refused::Full,
+            "a batch being written still counts"
+        );
+        outbox.written(9);
+        outbox.push(frame("ab")).unwrap();
+    }
+
+    #[test]
+    fn a_frame_over_the_byte_bound_gets_in_only_alone() {
+        let outbox = Outbox::new(100, 4);
+        outbox.push(frame("abcdef")).unwrap();
+        assert_eq!(outbox.push(frame("g")).unwrap_err().0, Refused::Full);
+        assert_eq!(texts(outbox.take_now()), ["abcdef"]);
+        outbox.push(frame("g")).unwrap();
+        assert_eq!(outbox.push(frame("hijklm")).unwrap_err().0, Refused::Full);
     }
 }

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use governor::clock::DefaultClock;
@@ -20,7 +21,7 @@ use herald_protocol::{
 use super::control::ConnControl;
 use super::token_expiry;
 use crate::auth::Identity;
-use crate::delivery::OutFrame;
+use crate::delivery::{OutFrame, Outgoing};
 use crate::engine::EngineError;
 use crate::engine::store::{Epoch, Offset, StoreError};
 use crate::hub::ConnHandle;
@@ -140,9 +141,24 @@ impl Session {
             Err(error) => Err(error),
         };
         match outcome {
-            Ok(Some(event)) => self.reply(&event),
+            Ok(Some(event)) => self.reply_within_budget(&event).await,
             Ok(None) => {}
             Err(error) => self.reply_error(error),
+        }
+        Flow::Continue
+    }
+
+    /// A Ping or Pong from the peer. It costs the rate limit like a request (every Ping makes a
+    /// Pong) and counts toward `limits.abuse_threshold`, but is never answered with an error.
+    pub fn on_control(&mut self) -> Flow {
+        if self.limiter.check().is_ok() {
+            self.limited_in_row = 0;
+            return Flow::Continue;
+        }
+        self.limited_in_row += 1;
+        metrics::counter!("herald_rate_limited_total").increment(1);
+        if self.limited_in_row >= self.node.config.limits.abuse_threshold {
+            return Flow::Close(CloseCode::POLICY_VIOLATION);
         }
         Flow::Continue
     }
@@ -617,6 +633,40 @@ impl Session {
 
     fn reply(&self, event: &ServerEvent) {
         answer(&self.handle, event);
+    }
+
+    /// Answers a request whose reply may be large (a page of `history`, the `members` of a big
+    /// room). One larger than the connection's whole byte budget (`limits.send_queue_bytes`)
+    /// is refused with `limit_exceeded`; one larger than what is left waits for the writer to
+    /// make room, up to `limits.write_timeout`, then the connection is cut off as a slow
+    /// consumer, as a full outbox is.
+    async fn reply_within_budget(&mut self, event: &ServerEvent) {
+        let frame = event.encode();
+        let budget = self.handle.byte_budget();
+        if frame.len() > budget {
+            let reference = match event {
+                ServerEvent::History(history) => history.reference.clone(),
+                ServerEvent::Members(members) => members.reference.clone(),
+                _ => None,
+            };
+            self.reply_error(ProtocolError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "the reply would be {} bytes, over limits.send_queue_bytes ({budget}); \
+                     ask for less (a smaller \"limit\")",
+                    frame.len()
+                ),
+                reference,
+            ));
+            return;
+        }
+        let outgoing = Outgoing {
+            frame: OutFrame::Text(frame),
+            accepted: Instant::now(),
+        };
+        self.handle
+            .send(outgoing, self.node.config.limits.write_timeout)
+            .await;
     }
 
     fn reply_error(&self, error: ProtocolError) {

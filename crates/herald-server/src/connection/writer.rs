@@ -7,10 +7,13 @@
 //! token expires, and the expiry itself (the token's `exp`, or a pending connection's auth
 //! deadline). Whatever ends the connection, the writer sends the Close frame with its code,
 //! under a bounded wait. After each write it records the traffic (connection stats, metrics)
-//! and each frame's delivery latency, once per batch.
+//! and each frame's delivery latency, once per batch. A write during which the socket takes no
+//! byte for `limits.write_timeout` ends the connection as a slow consumer (4001): a peer that
+//! stops reading cannot hold the connection's memory for longer than that.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant as StdInstant};
 
 use futures::{Sink, SinkExt};
@@ -21,6 +24,7 @@ use super::control::{CloseReason, ConnControl, Expiry, ExpiryKind, Side, instant
 use super::outbox::Outbox;
 use crate::delivery::{OutFrame, Outgoing};
 use crate::metrics::HOT;
+use crate::transport::WriteProgress;
 use herald_protocol::{CloseCode, RefreshNotice, ServerEvent};
 
 /// How long a Close frame may take to go out before the socket is simply dropped.
@@ -33,6 +37,9 @@ pub struct Timing {
     pub heartbeat: Duration,
     /// How long before the token's expiry the client is asked to refresh it.
     pub refresh_notice: Duration,
+    /// How long a write may go without the socket taking a byte before the connection is cut
+    /// off as a slow consumer.
+    pub write_timeout: Duration,
 }
 
 /// Runs the writer until the connection has closed.
@@ -45,6 +52,7 @@ pub fn run<S>(
     mut sink: S,
     outbox: Arc<Outbox>,
     control: Arc<ConnControl>,
+    progress: WriteProgress,
     timing: Timing,
 ) -> impl Future<Output = ()> + Send
 where
@@ -75,14 +83,18 @@ where
                         break CloseReason::PeerGone; // the outbox was closed
                     }
                     // Boxed, like the Ping below: an allocation per batch written, so that an idle
-                    // writer's future does not keep room for a write in progress.
+                    // writer's future does not keep room for a write in progress (and its timer).
+                    let write = write_batch(&mut sink, frames, &outbox, &control);
+                    let stall = clock.timing.write_timeout;
                     let written = tokio::select! {
-                        written = Box::pin(write_batch(&mut sink, frames, &control)) => written,
+                        written = Box::pin(unless_stalled(write, &progress, stall)) => written,
                         // The socket is not draining and someone asked to close: give up on it.
                         _ = &mut closed => return,
                     };
-                    if written.is_err() {
-                        break CloseReason::PeerGone;
+                    match written {
+                        Some(Ok(())) => {}
+                        Some(Err(_)) => break CloseReason::PeerGone,
+                        None => break stalled(&control),
                     }
                 }
                 _ = &mut wake => {
@@ -92,12 +104,16 @@ where
                         // The expiry moved (a refresh): recompute the deadline.
                         Due::Nothing => continue,
                     };
+                    let send = sink.send(frame);
+                    let stall = clock.timing.write_timeout;
                     let sent = tokio::select! {
-                        sent = Box::pin(sink.send(frame)) => sent,
+                        sent = Box::pin(unless_stalled(send, &progress, stall)) => sent,
                         _ = &mut closed => return,
                     };
-                    if sent.is_err() {
-                        break CloseReason::PeerGone;
+                    match sent {
+                        Some(Ok(())) => {}
+                        Some(Err(_)) => break CloseReason::PeerGone,
+                        None => break stalled(&control),
                     }
                 }
             }
@@ -108,6 +124,40 @@ where
         let _ = Box::pin(timeout(CLOSE_WAIT, close(&mut sink, &outbox, reason))).await;
         outbox.close();
     }
+}
+
+/// Runs `write` to its end, or gives up (`None`) once the socket has taken no byte for `stall`.
+async fn unless_stalled<F: Future>(
+    write: F,
+    progress: &WriteProgress,
+    stall: Duration,
+) -> Option<F::Output> {
+    tokio::pin!(write);
+    // Most writes finish at once: they never start a timer.
+    if let Poll::Ready(done) = futures::poll!(write.as_mut()) {
+        return Some(done);
+    }
+    let mut seen = progress.bytes();
+    loop {
+        if let Ok(done) = timeout(stall, write.as_mut()).await {
+            return Some(done);
+        }
+        let now = progress.bytes();
+        if now == seen {
+            return None;
+        }
+        seen = now;
+    }
+}
+
+/// The reason a connection whose socket stopped taking bytes ends with.
+fn stalled(control: &ConnControl) -> CloseReason {
+    let reason = CloseReason::Send(CloseCode::SLOW_CONSUMER);
+    if control.close(reason.clone()) {
+        metrics::counter!("herald_slow_consumers_total").increment(1);
+        tracing::info!("slow consumer cut off: its socket took nothing for limits.write_timeout");
+    }
+    reason
 }
 
 /// The writer's timekeeping: when to ping, when the peer's silence, the token's expiry or its
@@ -197,6 +247,7 @@ impl Clock {
 async fn write_batch<S>(
     sink: &mut S,
     mut frames: VecDeque<Outgoing>,
+    outbox: &Outbox,
     control: &ConnControl,
 ) -> Result<(), WebSocketError>
 where
@@ -216,6 +267,7 @@ where
     // Counted before the flush: whoever has read these frames finds them in the stats.
     control.stats.sent(frames.len(), bytes);
     sink.flush().await?;
+    outbox.written(bytes);
     let flushed = StdInstant::now();
     for item in &frames {
         HOT.delivery_latency.record(
@@ -278,6 +330,7 @@ mod tests {
     const TIMING: Timing = Timing {
         heartbeat: Duration::from_secs(25),
         refresh_notice: Duration::from_secs(30),
+        write_timeout: Duration::from_secs(10),
     };
 
     fn expiring(kind: ExpiryKind, at_unix_ms: u64) -> ConnControl {

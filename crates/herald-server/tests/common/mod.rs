@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod pending;
+pub mod hostile;
 pub mod process;
 pub mod tls;
 
