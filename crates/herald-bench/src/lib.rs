@@ -11,7 +11,9 @@
 //! - [`client`]: opening a connection (source address, handshake) and its task.
 //! - [`pacer`]: the open-loop schedule that spreads a message rate over the senders.
 //! - [`recorder`]: sharded latency histograms and delivery counters.
-//! - [`scenario`]: fanout, rooms, direct (traffic), connect (handshakes/s), idle (memory).
+//! - [`scenario`]: fanout, rooms, direct (traffic), connect (handshakes/s), idle (memory),
+//!   soak (resources under long churn).
+//! - [`spawned`]: a Herald server the tool starts itself (`soak --spawn-server`).
 //! - [`procfs`]: CPU time and RSS of the server and of this process, the load average.
 //! - [`net`]: the open-file limit and source addresses spread over 127.0.0.0/8.
 //! - [`tokens`]: HS256 tokens minted with the server's secret.
@@ -28,5 +30,6 @@ pub mod procfs;
 pub mod recorder;
 pub mod report;
 pub mod scenario;
+pub mod spawned;
 pub mod stamp;
 pub mod tokens;

@@ -9,7 +9,9 @@ use clap::{Args, Parser, Subcommand};
 
 use herald_bench::adapter::ServerKind;
 use herald_bench::compare::{self, Reference};
+use herald_bench::scenario::soak::SoakParams;
 use herald_bench::scenario::{self, Options, Scenario};
+use herald_bench::spawned::SpawnedServer;
 use herald_bench::{chart, procfs};
 
 /// Load tool for Herald and its peers: fan-out, rooms, direct messages, handshakes, idle memory.
@@ -71,6 +73,35 @@ enum Command {
         /// Wait after the last connection before reading memory.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         settle: Duration,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Churn and mixed traffic for --length; fails if server memory, open files, tasks or
+    /// queues keep growing (rule in docs/benchmarks.md#soak). Herald only.
+    Soak {
+        /// Connections at once, one user each.
+        #[arg(long, default_value_t = 200)]
+        users: usize,
+        /// Of those, connections that stay for the whole run (the others churn).
+        #[arg(long, default_value_t = 50)]
+        residents: usize,
+        #[arg(long, default_value_t = 20)]
+        rooms: usize,
+        /// Messages per second per connection.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        /// Mean session length of a churning connection.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        session: Duration,
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        length: Duration,
+        /// How often the server's resources are read.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        sample_every: Duration,
+        /// Start this herald binary on a free port (and watch its pid) instead of using
+        /// --target.
+        #[arg(long, value_name = "PATH")]
+        spawn_server: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
     },
@@ -175,6 +206,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut spawned = None;
     let (scenario, common) = match cli.command {
         Command::Compare {
             dir,
@@ -244,6 +276,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
             common,
         ),
+        Command::Soak {
+            users,
+            residents,
+            rooms,
+            rate,
+            session,
+            length,
+            sample_every,
+            spawn_server,
+            mut common,
+        } => {
+            if let Some(binary) = spawn_server {
+                let server = SpawnedServer::start(&binary, &common.secret)?;
+                common.target = server.addr().to_string();
+                common.server_pid = Some(server.pid());
+                spawned = Some(server);
+            }
+            (
+                Scenario::Soak(SoakParams {
+                    users,
+                    residents,
+                    rooms,
+                    rate,
+                    session,
+                    length,
+                    sample_every,
+                }),
+                common,
+            )
+        }
     };
     let options = common.options()?;
     // One runtime with a worker per CPU the tool may use (`taskset` narrows it).
@@ -261,6 +323,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         println!("{json}");
     } else {
         print!("{}", report.table());
+    }
+    drop(spawned);
+    if let Some(soak) = &report.soak {
+        anyhow::ensure!(
+            soak.bounded,
+            "a server resource kept growing in the second half of the soak"
+        );
     }
     Ok(())
 }

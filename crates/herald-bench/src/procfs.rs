@@ -73,6 +73,18 @@ impl Proc {
             })
     }
 
+    /// File descriptors the process holds open (sockets included).
+    pub fn open_files(self) -> Result<usize, ProcError> {
+        let pid = self.dir();
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|entries| entries.count())
+            .map_err(|source| ProcError::Read {
+                pid,
+                file: "fd",
+                source,
+            })
+    }
+
     /// The command name, to check that a pid is the server one meant.
     pub fn command(self) -> Result<String, ProcError> {
         Ok(self.read("comm")?.trim().to_owned())

@@ -24,6 +24,8 @@ pub struct RunReport {
     pub steps: Vec<Step>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle: Option<Idle>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soak: Option<Soak>,
     pub errors: Errors,
 }
 
@@ -114,6 +116,64 @@ pub struct Idle {
     /// Server CPU while the connections sat idle, share of one core.
     pub server_idle_cpu_cores: Option<f64>,
     pub connects_per_s: f64,
+}
+
+/// What a soak run saw: the server's resources over time and whether each stayed bounded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Soak {
+    /// Every watched series stayed bounded (see `scenario::soak::judge`).
+    pub bounded: bool,
+    pub series: Vec<SeriesVerdict>,
+    pub traffic: SoakTraffic,
+    pub samples: Vec<Sample>,
+}
+
+/// The server's resources at one instant of a soak.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    /// Seconds since the start of the run.
+    pub t_s: f64,
+    /// By series: `rss_kib`, `open_files`, `connections`, `tasks`, `fanout_queue`,
+    /// `writer_queue` (each present when it could be read).
+    pub values: std::collections::BTreeMap<String, f64>,
+}
+
+/// One watched series over a soak, and the verdict on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SeriesVerdict {
+    pub name: String,
+    pub samples: usize,
+    pub start: f64,
+    pub end: f64,
+    pub max: f64,
+    pub first_half_max: f64,
+    pub second_half_max: f64,
+    /// How much the least-squares trend of the second half rises over that half.
+    pub second_half_rise: f64,
+    /// The rise allowed: a share of the first half's maximum, at least the series' floor.
+    pub allowance: f64,
+    pub bounded: bool,
+}
+
+/// What the soak's clients did and saw.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SoakTraffic {
+    /// Connections opened (sessions), and those that could not be opened or set up.
+    pub sessions: u64,
+    pub failed_sessions: u64,
+    /// Established connections the server closed.
+    pub lost_connections: u64,
+    pub published: u64,
+    pub sent_direct: u64,
+    /// Messages received (live, replayed inbox and recovery alike).
+    pub received: u64,
+    pub joins: u64,
+    /// Joins with `since` whose ack said every missed message was replayed.
+    pub recovered_joins: u64,
+    pub inbox_acks: u64,
+    /// Error frames, undecodable frames and failed sessions, with the first few verbatim.
+    pub errors: u64,
+    pub first_errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -216,6 +276,43 @@ impl RunReport {
                 opt(idle.server_idle_cpu_cores, 3),
                 thousands(idle.connects_per_s),
             );
+        }
+        if let Some(soak) = &self.soak {
+            let t = &soak.traffic;
+            let _ = writeln!(
+                out,
+                "soak: {} sessions ({} failed, {} lost), {} published, {} direct, {} received, \
+                 {} joins ({} recovered), {} inbox acks, {} errors",
+                t.sessions,
+                t.failed_sessions,
+                t.lost_connections,
+                t.published,
+                t.sent_direct,
+                t.received,
+                t.joins,
+                t.recovered_joins,
+                t.inbox_acks,
+                t.errors,
+            );
+            let _ = writeln!(
+                out,
+                "{:<14} {:>12} {:>12} {:>12} {:>14} {:>14} {:>12}  bounded",
+                "series", "start", "end", "max", "1st-half max", "2nd-half rise", "allowance"
+            );
+            for s in &soak.series {
+                let _ = writeln!(
+                    out,
+                    "{:<14} {:>12.0} {:>12.0} {:>12.0} {:>14.0} {:>14.1} {:>12.0}  {}",
+                    s.name,
+                    s.start,
+                    s.end,
+                    s.max,
+                    s.first_half_max,
+                    s.second_half_rise,
+                    s.allowance,
+                    if s.bounded { "yes" } else { "NO" },
+                );
+            }
         }
         let errors = &self.errors;
         if errors.refused + errors.lost_connections > 0 || errors.failed_connections > 0 {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use herald_bench::adapter::ServerKind;
 use herald_bench::report::RunReport;
+use herald_bench::scenario::soak::SoakParams;
 use herald_bench::scenario::{self, Options, RunError, Scenario};
 use herald_server::config::Config;
 use herald_server::{embedded_node, server};
@@ -165,4 +166,49 @@ async fn a_token_the_server_refuses_fails_setup_with_its_answer() {
         panic!("not a setup error: {error}")
     };
     assert!(error.to_string().contains("401"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_soak_churns_recovers_and_keeps_every_resource_bounded() {
+    let herald = start_herald().await;
+    let params = SoakParams {
+        users: 30,
+        residents: 10,
+        rooms: 6,
+        rate: 4.0,
+        session: Duration::from_secs(2),
+        length: Duration::from_secs(40),
+        sample_every: Duration::from_secs(1),
+    };
+    let report = scenario::run(options(herald.addr), Scenario::Soak(params))
+        .await
+        .unwrap();
+    let soak = report.soak.expect("a soak report");
+    let traffic = &soak.traffic;
+    assert_eq!(traffic.errors, 0, "{traffic:#?}");
+    assert_eq!(traffic.failed_sessions, 0, "{traffic:#?}");
+    assert_eq!(traffic.lost_connections, 0, "{traffic:#?}");
+    assert!(
+        traffic.sessions > 2 * 20,
+        "the churners reconnected: {traffic:#?}"
+    );
+    assert!(
+        traffic.recovered_joins > 0,
+        "rejoins with since: {traffic:#?}"
+    );
+    assert!(traffic.published > 0 && traffic.sent_direct > 0 && traffic.received > 0);
+    let watched: Vec<&str> = soak.series.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        watched,
+        [
+            "rss_kib",
+            "open_files",
+            "connections",
+            "tasks",
+            "fanout_queue",
+            "writer_queue"
+        ],
+        "every series was sampled"
+    );
+    assert!(soak.bounded, "{:#?}", soak.series);
 }

@@ -553,6 +553,17 @@ impl Config {
         Ok(config)
     }
 
+    /// Loads defaults < the TOML `text`, without the environment or flags: what `load` makes of
+    /// a file holding `text` (the configuration fuzz target feeds it any text).
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         fn positive(key: &'static str, value: usize) -> Result<(), ConfigError> {
             if value == 0 {

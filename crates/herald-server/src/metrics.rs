@@ -162,6 +162,18 @@ fn describe() {
         "herald_api_requests_total",
         "Server API requests, by endpoint and status code."
     );
+    describe_gauge!(
+        "herald_runtime_alive_tasks",
+        "Tasks alive on the server's tokio runtime, read when /metrics is scraped."
+    );
+    describe_gauge!(
+        "herald_fanout_queue_depth",
+        "Committed messages waiting for the fan-out task, read each time it takes one."
+    );
+    describe_gauge!(
+        "herald_store_writer_queue_depth",
+        "Commands waiting for the SQLite writer thread, read each time it takes a batch."
+    );
     describe_counter!(
         "herald_tls_reloads_total",
         "Certificate reloads, by result (ok, error)."

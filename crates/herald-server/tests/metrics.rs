@@ -113,3 +113,29 @@ async fn metrics_can_be_turned_off() {
     assert_eq!(status, 404);
     assert!(body["error"].as_str().unwrap().contains("metrics.enabled"));
 }
+
+#[tokio::test]
+async fn runtime_tasks_and_queue_depths_are_gauges() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    alice.join("lobby").await;
+    // A stored publish is acknowledged after the writer committed it and the fan-out task took
+    // it: both have set their gauge by then.
+    alice
+        .request(json!({"type": "publish", "room": "lobby", "content": "hello"}))
+        .await;
+    let scrape = server.scrape().await;
+    for gauge in [
+        "herald_runtime_alive_tasks",
+        "herald_fanout_queue_depth",
+        "herald_store_writer_queue_depth",
+    ] {
+        assert!(
+            scrape.text.contains(&format!("# TYPE {gauge} gauge")),
+            "missing {gauge} in\n{}",
+            scrape.text
+        );
+    }
+    // At least this connection's reader and writer, and the fan-out task.
+    assert!(scrape.value("herald_runtime_alive_tasks") >= 3.0);
+}

@@ -6,11 +6,13 @@
 //! - `direct`: N connections in pairs, each sending direct messages to its partner.
 //! - `connect`: open, authenticate (JWT) and close connections as fast as `concurrency` allows.
 //! - `idle`: N authenticated connections doing nothing; server RSS per connection.
+//! - `soak`: a long run of churn and mixed traffic; fails when a server resource keeps growing.
 
 mod connect;
 mod idle;
 mod progress;
 mod setup;
+pub mod soak;
 mod traffic;
 
 use std::net::SocketAddr;
@@ -50,6 +52,7 @@ pub enum Scenario {
         connections: usize,
         settle: Duration,
     },
+    Soak(soak::SoakParams),
 }
 
 impl Scenario {
@@ -60,6 +63,7 @@ impl Scenario {
             Scenario::Direct { .. } => "direct",
             Scenario::Connect { .. } => "connect",
             Scenario::Idle { .. } => "idle",
+            Scenario::Soak(_) => "soak",
         }
     }
 }
@@ -220,6 +224,7 @@ pub async fn run(options: Options, scenario: Scenario) -> Result<RunReport, RunE
             connections,
             settle,
         } => idle::run(&run, *connections, *settle).await?,
+        Scenario::Soak(params) => soak::run(&run, params).await?,
     };
     run.progress.finish();
     report.server = run.options.server.name().to_owned();
@@ -249,6 +254,7 @@ pub fn blank_report(connections: usize) -> RunReport {
         setup: Default::default(),
         steps: Vec::new(),
         idle: None,
+        soak: None,
         errors: Default::default(),
     }
 }

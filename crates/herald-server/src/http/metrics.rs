@@ -21,6 +21,13 @@ pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
         )
         .into_response();
     }
+    // Read at scrape time: the runtime counts its tasks anyway, so this costs nothing between
+    // scrapes.
+    metrics::gauge!("herald_runtime_alive_tasks").set(
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks() as f64,
+    );
     let mut response = crate::metrics::render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

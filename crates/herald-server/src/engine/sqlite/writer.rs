@@ -165,6 +165,9 @@ impl Writer {
     /// Runs until a `Close` command or until every sender is gone.
     pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut closed_by = None;
+        // A handle taken before the recorder exists would stay a no-op.
+        crate::metrics::install();
+        let depth = metrics::gauge!("herald_store_writer_queue_depth");
         'serve: loop {
             let first = if self.prune.is_empty() {
                 match commands.blocking_recv() {
@@ -188,6 +191,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            depth.set(commands.len() as f64);
             let mut writes = Vec::with_capacity(batch.len());
             for command in batch {
                 match command {
