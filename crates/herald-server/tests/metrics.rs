@@ -3,8 +3,8 @@
 mod common;
 
 use common::{Scrape, TestServer};
-use herald_server::metrics::Kind;
 use herald_protocol::ServerEvent;
+use herald_server::metrics::Kind;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -178,5 +178,9 @@ async fn a_fresh_server_exposes_every_series_at_zero_and_the_process_series() {
             reply.body
         );
     }
-    assert!(reply.body.contains("# TYPE process_cpu_seconds_total counter"));
+    assert!(
+        reply
+            .body
+            .contains("# TYPE process_cpu_seconds_total counter")
+    );
 }
