@@ -16,6 +16,17 @@ let active = null;
 let members = [];
 /** user -> online, for the direct-message list. */
 const online = new Map();
+/**
+ * Presence of the people you talk to stays live: it is asked again whenever one of them joins
+ * or leaves a room you share, when a conversation opens, after a reconnect, and every
+ * PRESENCE_POLL for partners who share no room with you.
+ */
+const PRESENCE_POLL = 15000;
+/**
+ * A `left` is sent before the server drops the connection from presence: when an answer right
+ * after a `left` still says online, ask once more after this delay.
+ */
+const PRESENCE_RECHECK = 1000;
 
 // ---- sign-in ------------------------------------------------------------------------------
 
@@ -74,7 +85,10 @@ function start() {
     // A development sign-in gets a fresh token on every connect and refresh.
     token: signin.token ? () => signin.token : () => devToken(signin.name),
   });
-  client.on('state', ({ state }) => renderConnection(state));
+  client.on('state', ({ state }) => {
+    renderConnection(state);
+    if (state === 'open') refreshOnline();
+  });
   client.on('welcome', (welcome) => {
     me = welcome.user;
     $('me-name').textContent = me;
@@ -98,7 +112,7 @@ function start() {
       $('signin').hidden = false;
       $('chat').hidden = true;
     });
-  setInterval(refreshOnline, 15000);
+  setInterval(() => refreshOnline(), PRESENCE_POLL);
 }
 
 function renderConnection(state) {
@@ -148,6 +162,7 @@ async function open(key) {
   $('title').textContent = conv.kind === 'room' ? `#${conv.name}` : conv.name;
   $('text').disabled = false;
   $('composer').querySelector('button').disabled = false;
+  if (conv.kind === 'direct') refreshOnline([conv.name]);
   if (!conv.loaded) {
     conv.loaded = true;
     await loadOlder(conv);
@@ -193,6 +208,11 @@ function onPresence(event, kind) {
   const conv = conversation(`#${event.room}`);
   conv.count = event.count;
   notice(`#${event.room}`, `${event.user} ${kind}`);
+  if (event.user !== me && conversations.has(`@${event.user}`)) {
+    // Joining proves they are online; leaving a room may or may not mean they went offline.
+    if (kind === 'joined') setOnline(event.user, true);
+    else refreshOnline([event.user], { recheck: true });
+  }
   renderLists();
   if (active === `#${event.room}`) renderMembers();
 }
@@ -203,13 +223,24 @@ function notice(key, text) {
   if (key === active) renderMessages({ toBottom: true });
 }
 
-async function refreshOnline() {
-  const users = [...conversations.values()].filter((c) => c.kind === 'direct').map((c) => c.name);
+function directPartners() {
+  return [...conversations.values()].filter((c) => c.kind === 'direct').map((c) => c.name);
+}
+
+function setOnline(user, isOnline) {
+  if (online.get(user) === isOnline) return;
+  online.set(user, isOnline);
+  renderLists();
+  if (active === `@${user}`) renderMembers();
+}
+
+async function refreshOnline(users = directPartners(), { recheck = false } = {}) {
   if (!users.length || client?.state !== 'open') return;
   try {
     const answer = await client.request({ type: 'presence', users });
-    for (const [user, isOnline] of Object.entries(answer.online)) online.set(user, isOnline);
-    renderLists();
+    for (const [user, isOnline] of Object.entries(answer.online)) setOnline(user, isOnline);
+    const stillOnline = users.filter((user) => answer.online[user]);
+    if (recheck && stillOnline.length) setTimeout(() => refreshOnline(stillOnline), PRESENCE_RECHECK);
   } catch (error) {
     console.warn('presence:', error);
   }
@@ -298,7 +329,15 @@ async function renderMembers() {
     $('subtitle').textContent = conv ? (online.get(conv.name) ? 'online' : 'offline') : '';
     return;
   }
-  const answer = await client.members(conv.name);
+  let answer;
+  try {
+    answer = await client.members(conv.name);
+  } catch (error) {
+    // Lost with the connection: the list is drawn again at the next presence event in the
+    // room or when the room is opened again.
+    console.warn('members:', error);
+    return;
+  }
   members = answer.users;
   $('member-count').textContent = `(${answer.count})`;
   $('subtitle').textContent = `${answer.count} online`;

@@ -103,6 +103,30 @@ test('two users chat in a room and by direct message', async () => {
   await bob.context.close();
 });
 
+test('the online dot of a direct-message partner follows them leaving and coming back', async () => {
+  // Well under the page's 15 s presence poll: only presence kept live passes in time.
+  const LIVE = { state: 'attached', timeout: 3000 };
+  const alice = await signIn('heidi');
+  const bob = await signIn('ivan');
+  await alice.page.locator('#members li', { hasText: 'ivan' }).click();
+  await alice.page.waitForSelector('#title:text("ivan")');
+  await say(alice.page, 'still there?');
+  await seesMessage(alice.page, 'still there?');
+  const partner = '#directs li:has-text("ivan")';
+  await alice.page.waitForSelector(`${partner} .dot.online`, LIVE);
+
+  await bob.context.close();
+  await alice.page.waitForSelector(`${partner} .dot:not(.online)`, LIVE);
+  await alice.page.waitForSelector('#subtitle:text("offline")', LIVE);
+  await shot(alice.page, 'heidi-partner-offline');
+
+  const back = await signIn('ivan');
+  await alice.page.waitForSelector(`${partner} .dot.online`, LIVE);
+  await alice.page.waitForSelector('#subtitle:text("online")', LIVE);
+  await alice.context.close();
+  await back.context.close();
+});
+
 test('a user who closed the page finds what was sent meanwhile', async () => {
   const alice = await signIn('carol');
   const bob = await signIn('dave');

@@ -15,6 +15,7 @@ use figment::value::Value;
 
 use herald_server::auth::Authenticator;
 use herald_server::config::{Config, LogFormat};
+use herald_server::engine::sqlite::backup::backup;
 use herald_server::tls::ServerTls;
 use herald_server::{embedded_node, server, telemetry};
 
@@ -98,6 +99,14 @@ enum Command {
         #[command(flatten)]
         message: MessageArgs,
     },
+    /// Copy the database in store.path to a new file, consistently, while the server runs
+    /// (SQLite's online backup). To restore: stop the server, put the copy in the data folder
+    /// as herald.db, remove herald.db-wal and herald.db-shm, start the server.
+    Backup {
+        /// The file to write; it must not exist yet.
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
 }
 
 /// What every API message command takes. The server is found at `--url`, else `api.url`
@@ -180,6 +189,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Broadcast { message } => {
             let body = message.body()?;
             call_api(cli.config, "/api/broadcast", message.url, body)
+        }
+        Command::Backup { to } => {
+            let config = Config::load(cli.config.as_deref(), [])?;
+            let report = backup(&config.store.path, &to)?;
+            println!(
+                "backed up {} to {} ({} pages, {} bytes)",
+                config.store.path.display(),
+                to.display(),
+                report.pages,
+                report.bytes
+            );
+            Ok(())
         }
     }
 }

@@ -1,18 +1,29 @@
-//! Prometheus metrics: the process-wide recorder behind `/metrics`, the description of every
-//! metric Herald emits, and cached handles for the per-delivery hot path.
+//! Prometheus metrics: the catalogue of every metric Herald emits, the recorder behind
+//! `/metrics`, and cached handles for the per-delivery hot path.
 //!
 //! Code anywhere records with the `metrics` crate's macros (`metrics::counter!(…)`); this module
-//! installs the one recorder those macros feed. A process has one global recorder, while tests
-//! run several servers in one process, so [`install`] runs once per process (a `OnceLock`) and
-//! every server renders the same registry.
+//! installs the recorder those macros feed. The `metrics` facade has one recorder per process,
+//! and its macros are what keeps recording cheap at every call site (a static handle, no lookup
+//! through a server object), so Herald keeps that one registry rather than threading a registry
+//! through every layer: [`install`] runs once per process, and every server in the process (tests
+//! run several) renders the same registry. Tests therefore compare a scrape with an earlier one
+//! (deltas) or start the real binary when they need a process of their own.
+//!
+//! [`CATALOGUE`] is the one list of metrics: [`install`] describes each one (`# HELP`) and
+//! creates its series at zero, so a fresh server already exposes every series Prometheus and the
+//! dashboard (`deploy/grafana/herald.json`) query. `docs/api.md#metrics` lists the same names (a
+//! test compares them). To add a metric, add an entry here and a row there.
 //!
 //! Histograms buffer raw samples until they are folded into buckets, so a thread runs the
-//! recorder's upkeep every [`UPKEEP_INTERVAL`]: memory stays bounded even if nobody scrapes.
+//! recorder's upkeep every [`UPKEEP_INTERVAL`]: memory stays bounded even if nobody scrapes. The
+//! standard `process_*` series (CPU, memory, open files, threads) come from `metrics-process`,
+//! collected on each scrape.
 
 use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
-use metrics::{Counter, Histogram, Unit};
+use herald_protocol::CloseCode;
+use metrics::{Counter, Histogram, Label, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// How often buffered histogram samples are folded into their buckets.
@@ -24,14 +35,290 @@ const LATENCY_BUCKETS: [f64; 16] = [
     1.0, 2.5, 10.0,
 ];
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+/// What kind of series a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
 
-/// Installs the Prometheus recorder for this process (once) and returns its handle.
+impl Kind {
+    /// The word Prometheus uses in `# TYPE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One entry of the catalogue.
+#[derive(Debug)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub unit: Option<Unit>,
+    pub help: &'static str,
+    /// The label sets created at zero on start-up. Empty for a metric without labels (its one
+    /// series is created). A labelled metric lists the values its label can take when they are
+    /// a closed set; labels with open values (an API endpoint, a status) also appear as traffic
+    /// brings them.
+    pub series: &'static [&'static [(&'static str, &'static str)]],
+}
+
+const NO_LABELS: &[&[(&str, &str)]] = &[];
+
+/// The `reason` of `herald_disconnects_total` when the client closed or vanished.
+pub const PEER_CLOSED: &str = "peer closed";
+
+/// Every metric Herald emits, in the order of `docs/api.md#metrics`.
+pub const CATALOGUE: &[Metric] = &[
+    Metric {
+        name: "herald_connections",
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Open WebSocket connections on this node.",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_pending_auth_connections",
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Connections accepted without a token, waiting for their auth message.",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_connects_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "WebSocket connections accepted (registered with the node).",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_disconnects_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "WebSocket connections ended, by reason (the close reason, or \"peer closed\").",
+        series: &[
+            &[("reason", PEER_CLOSED)],
+            &[("reason", CloseCode::GOING_AWAY.reason)],
+            &[("reason", CloseCode::HEARTBEAT_TIMEOUT.reason)],
+            &[("reason", CloseCode::SLOW_CONSUMER.reason)],
+            &[("reason", CloseCode::TOKEN_EXPIRED.reason)],
+            &[("reason", CloseCode::AUTH_TIMEOUT.reason)],
+            &[("reason", CloseCode::AUTH_FAILED.reason)],
+            &[("reason", CloseCode::POLICY_VIOLATION.reason)],
+            &[("reason", CloseCode::KICKED.reason)],
+        ],
+    },
+    Metric {
+        name: "herald_handshakes_refused_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "WebSocket handshakes refused before the upgrade, by reason.",
+        series: &[
+            &[("reason", "auth")],
+            &[("reason", "origin")],
+            &[("reason", "pending_limit")],
+        ],
+    },
+    Metric {
+        name: "herald_messages_in_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Frames received from clients, by request type (\"invalid\" when unparseable).",
+        series: &[
+            &[("type", "send")],
+            &[("type", "publish")],
+            &[("type", "join")],
+            &[("type", "leave")],
+            &[("type", "invalid")],
+        ],
+    },
+    Metric {
+        name: "herald_messages_out_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Frames written to client sockets, by frame type (text or binary).",
+        series: &[&[("type", "text")], &[("type", "binary")]],
+    },
+    Metric {
+        name: "herald_received_bytes_total",
+        kind: Kind::Counter,
+        unit: Some(Unit::Bytes),
+        help: "Payload bytes of data frames received from clients.",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_sent_bytes_total",
+        kind: Kind::Counter,
+        unit: Some(Unit::Bytes),
+        help: "Payload bytes of data frames written to client sockets.",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_messages_accepted_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Messages accepted for delivery, by kind (room, ephemeral, direct, broadcast).",
+        series: &[
+            &[("kind", "room")],
+            &[("kind", "ephemeral")],
+            &[("kind", "direct")],
+            &[("kind", "broadcast")],
+        ],
+    },
+    Metric {
+        name: "herald_messages_stored_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Messages committed to the store (room messages and direct messages).",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_messages_queued_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Copies of messages queued on local connections' outboxes.",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_delivery_latency_seconds",
+        kind: Kind::Histogram,
+        unit: Some(Unit::Seconds),
+        help: "Time from a message reaching this node's hub (for a stored message: after its \
+               commit) to its frame being flushed to the socket.",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_slow_consumers_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Connections cut off because their bounded outbox was full.",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_rate_limited_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Client frames dropped by the per-connection rate limit.",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_request_errors_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Error frames sent to clients, by error code.",
+        series: &[
+            &[("code", "invalid_json")],
+            &[("code", "unknown_type")],
+            &[("code", "invalid_field")],
+            &[("code", "not_member")],
+            &[("code", "forbidden")],
+            &[("code", "rate_limited")],
+            &[("code", "limit_exceeded")],
+            &[("code", "unauthenticated")],
+            &[("code", "internal")],
+        ],
+    },
+    Metric {
+        name: "herald_inbox_replayed_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Unacknowledged inbox messages replayed to connections at connect.",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_recoveries_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Joins that asked to recover missed room messages, by outcome.",
+        series: &[&[("outcome", "recovered")], &[("outcome", "not_recovered")]],
+    },
+    Metric {
+        name: "herald_store_commit_seconds",
+        kind: Kind::Histogram,
+        unit: Some(Unit::Seconds),
+        help: "Time the store's writer takes to commit one batch of messages.",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_store_pruned_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Stored messages removed by retention passes.",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_engine_operation_seconds",
+        kind: Kind::Histogram,
+        unit: Some(Unit::Seconds),
+        help: "Latency of engine calls, by engine (broker, presence) and operation.",
+        series: &[
+            &[("engine", "broker"), ("operation", "publish")],
+            &[("engine", "broker"), ("operation", "subscribe")],
+            &[("engine", "presence"), ("operation", "join")],
+            &[("engine", "presence"), ("operation", "connect")],
+        ],
+    },
+    Metric {
+        name: "herald_api_requests_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Server API requests, by endpoint and status code.",
+        series: &[&[("endpoint", "/api/publish"), ("status", "200")]],
+    },
+    Metric {
+        name: "herald_tls_reloads_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Certificate reloads, by result (ok, error).",
+        series: &[&[("result", "ok")], &[("result", "error")]],
+    },
+    Metric {
+        name: "herald_runtime_alive_tasks",
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Tasks alive on the server's tokio runtime, read when /metrics is scraped.",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_fanout_queue_depth",
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Committed messages waiting for the fan-out task, read each time it takes one.",
+        series: NO_LABELS,
+    },
+    Metric {
+        name: "herald_store_writer_queue_depth",
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Commands waiting for the SQLite writer thread, read each time it takes a batch.",
+        series: NO_LABELS,
+    },
+];
+
+/// The recorder's handle and the process collector, made once per process.
+struct Exporter {
+    handle: PrometheusHandle,
+    process: metrics_process::Collector,
+}
+
+static EXPORTER: OnceLock<Exporter> = OnceLock::new();
+
+/// Installs the Prometheus recorder for this process (once), describes every metric and
+/// creates its series at zero.
 ///
 /// When another recorder is already installed (Herald embedded in an application that has its
 /// own), Herald's metrics go to that one and `/metrics` renders an empty page.
 pub fn install() -> &'static PrometheusHandle {
-    HANDLE.get_or_init(|| {
+    &exporter().handle
+}
+
+fn exporter() -> &'static Exporter {
+    EXPORTER.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
             .expect("the bucket list is not empty")
@@ -40,7 +327,10 @@ pub fn install() -> &'static PrometheusHandle {
         if let Err(error) = metrics::set_global_recorder(recorder) {
             tracing::warn!(%error, "another metrics recorder is installed; /metrics stays empty");
         }
-        describe();
+        CATALOGUE.iter().for_each(register);
+        let process = metrics_process::Collector::default();
+        process.describe();
+        process.collect();
         let upkeep = handle.clone();
         let spawned = std::thread::Builder::new()
             .name("herald-metrics-upkeep".into())
@@ -53,13 +343,46 @@ pub fn install() -> &'static PrometheusHandle {
         if let Err(error) = spawned {
             tracing::warn!(%error, "cannot start the metrics upkeep thread");
         }
-        handle
+        Exporter { handle, process }
     })
 }
 
-/// The metrics text in the Prometheus exposition format.
+/// Describes one metric and creates its series: counters and gauges at 0, histograms empty.
+fn register(metric: &Metric) {
+    let help = metric.help;
+    match (metric.kind, metric.unit) {
+        (Kind::Counter, Some(unit)) => metrics::describe_counter!(metric.name, unit, help),
+        (Kind::Counter, None) => metrics::describe_counter!(metric.name, help),
+        (Kind::Gauge, Some(unit)) => metrics::describe_gauge!(metric.name, unit, help),
+        (Kind::Gauge, None) => metrics::describe_gauge!(metric.name, help),
+        (Kind::Histogram, Some(unit)) => metrics::describe_histogram!(metric.name, unit, help),
+        (Kind::Histogram, None) => metrics::describe_histogram!(metric.name, help),
+    }
+    let unlabelled: &[&[(&str, &str)]] = &[&[]];
+    let series = if metric.series.is_empty() {
+        unlabelled
+    } else {
+        metric.series
+    };
+    for labels in series {
+        let labels: Vec<Label> = labels
+            .iter()
+            .map(|&(key, value)| Label::new(key, value))
+            .collect();
+        // Adding zero creates the series without disturbing a value recorded already.
+        match metric.kind {
+            Kind::Counter => metrics::counter!(metric.name, labels).increment(0),
+            Kind::Gauge => metrics::gauge!(metric.name, labels).increment(0.0),
+            Kind::Histogram => drop(metrics::histogram!(metric.name, labels)),
+        }
+    }
+}
+
+/// The metrics text in the Prometheus exposition format, with fresh `process_*` figures.
 pub fn render() -> String {
-    install().render()
+    let exporter = exporter();
+    exporter.process.collect();
+    exporter.handle.render()
 }
 
 /// Handles for the metrics recorded once per written batch, looked up once per process rather
@@ -83,99 +406,3 @@ pub static HOT: LazyLock<HotPath> = LazyLock::new(|| {
         received_bytes: metrics::counter!("herald_received_bytes_total"),
     }
 });
-
-/// `# HELP` text for every metric Herald emits; also the catalogue in
-/// `docs/api.md#metrics`.
-fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
-
-    describe_gauge!(
-        "herald_connections",
-        "Open WebSocket connections on this node."
-    );
-    describe_gauge!(
-        "herald_pending_auth_connections",
-        "Connections accepted without a token, waiting for their auth message."
-    );
-    describe_counter!(
-        "herald_connects_total",
-        "WebSocket connections accepted (registered with the node)."
-    );
-    describe_counter!(
-        "herald_disconnects_total",
-        "WebSocket connections ended, by reason (the close reason, or \"peer closed\")."
-    );
-    describe_counter!(
-        "herald_handshakes_refused_total",
-        "WebSocket handshakes refused before the upgrade, by reason."
-    );
-    describe_counter!(
-        "herald_messages_in_total",
-        "Frames received from clients, by request type (\"invalid\" when unparseable)."
-    );
-    describe_counter!(
-        "herald_messages_out_total",
-        "Frames written to client sockets, by frame type (text or binary)."
-    );
-    describe_counter!(
-        "herald_received_bytes_total",
-        Unit::Bytes,
-        "Payload bytes of data frames received from clients."
-    );
-    describe_counter!(
-        "herald_sent_bytes_total",
-        Unit::Bytes,
-        "Payload bytes of data frames written to client sockets."
-    );
-    describe_counter!(
-        "herald_messages_accepted_total",
-        "Messages accepted for delivery, by kind (room, direct, broadcast)."
-    );
-    describe_counter!(
-        "herald_messages_queued_total",
-        "Copies of messages queued on local connections' outboxes."
-    );
-    describe_histogram!(
-        "herald_delivery_latency_seconds",
-        Unit::Seconds,
-        "Time from a message reaching this node's hub (with the in-memory broker: from its \
-         acceptance) to its frame being flushed to the socket."
-    );
-    describe_counter!(
-        "herald_slow_consumers_total",
-        "Connections cut off because their bounded outbox was full."
-    );
-    describe_counter!(
-        "herald_rate_limited_total",
-        "Client frames dropped by the per-connection rate limit."
-    );
-    describe_counter!(
-        "herald_request_errors_total",
-        "Error frames sent to clients, by error code."
-    );
-    describe_histogram!(
-        "herald_engine_operation_seconds",
-        Unit::Seconds,
-        "Latency of engine calls, by engine (broker, presence) and operation."
-    );
-    describe_counter!(
-        "herald_api_requests_total",
-        "Server API requests, by endpoint and status code."
-    );
-    describe_gauge!(
-        "herald_runtime_alive_tasks",
-        "Tasks alive on the server's tokio runtime, read when /metrics is scraped."
-    );
-    describe_gauge!(
-        "herald_fanout_queue_depth",
-        "Committed messages waiting for the fan-out task, read each time it takes one."
-    );
-    describe_gauge!(
-        "herald_store_writer_queue_depth",
-        "Commands waiting for the SQLite writer thread, read each time it takes a batch."
-    );
-    describe_counter!(
-        "herald_tls_reloads_total",
-        "Certificate reloads, by result (ok, error)."
-    );
-}

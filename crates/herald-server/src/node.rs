@@ -66,6 +66,8 @@ pub struct Node {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for their close frames to go out.
     pub tasks: TaskTracker,
+    /// Background tasks that use the store (retention), stopped before it closes.
+    background: TaskTracker,
     /// Cancelled when shutdown begins, before connections close: `/ready` answers 503 from
     /// then on.
     draining: CancellationToken,
@@ -207,13 +209,14 @@ impl Node {
             conn_ids: ConnIds::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            background: TaskTracker::new(),
             draining: CancellationToken::new(),
             pending: Arc::default(),
             idempotency,
         });
         node.broker.start(node.clone());
         tokio::spawn(fan_out(node.broker.clone(), fanout_queue));
-        tokio::spawn(prune_periodically(
+        node.background.spawn(prune_periodically(
             Arc::downgrade(&node),
             node.config.store.prune_interval,
             node.shutdown.clone(),
@@ -771,8 +774,12 @@ impl Node {
         self.pruned.subscribe()
     }
 
-    /// Flushes and closes the store. Called once the connections are gone.
+    /// Stops the background tasks, then flushes and closes the store. Called once the
+    /// connections are gone. In that order, a retention pass never meets a closed store.
     pub async fn close(&self) {
+        self.shutdown.cancel();
+        self.background.close();
+        self.background.wait().await;
         self.store.close().await;
     }
 
@@ -1015,7 +1022,8 @@ async fn fan_out(broker: Arc<dyn Broker>, mut queue: mpsc::Receiver<Fanout>) {
     }
 }
 
-/// Runs a retention pass every `interval` until shutdown.
+/// Runs a retention pass every `interval` until shutdown; a pass under way when shutdown
+/// begins is abandoned (the next start prunes what it left).
 async fn prune_periodically(
     node: std::sync::Weak<Node>,
     interval: Duration,
@@ -1031,7 +1039,11 @@ async fn prune_periodically(
             _ = ticker.tick() => {}
         }
         let Some(node) = node.upgrade() else { return };
-        if let Err(error) = node.prune().await {
+        let pass = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            pass = node.prune() => pass,
+        };
+        if let Err(error) = pass {
             tracing::warn!(%error, "retention pass failed");
         }
     }

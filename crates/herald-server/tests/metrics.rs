@@ -2,8 +2,9 @@
 
 mod common;
 
-use common::TestServer;
+use common::{Scrape, TestServer};
 use herald_protocol::ServerEvent;
+use herald_server::metrics::Kind;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -138,4 +139,79 @@ async fn runtime_tasks_and_queue_depths_are_gauges() {
     }
     // At least this connection's reader and writer, and the fan-out task.
     assert!(scrape.value("herald_runtime_alive_tasks") >= 3.0);
+}
+
+/// The series of a catalogue entry as the exposition format writes them, e.g.
+/// `herald_disconnects_total{reason="peer closed"}`; histograms by their `_count` series.
+fn catalogue_series() -> Vec<String> {
+    let mut all = Vec::new();
+    for metric in herald_server::metrics::CATALOGUE {
+        let name = match metric.kind {
+            Kind::Histogram => format!("{}_count", metric.name),
+            _ => metric.name.to_owned(),
+        };
+        if metric.series.is_empty() {
+            all.push(name.clone());
+        }
+        for labels in metric.series {
+            let labels: Vec<String> = labels
+                .iter()
+                .map(|(key, value)| format!("{key}=\"{value}\""))
+                .collect();
+            all.push(format!("{name}{{{}}}", labels.join(",")));
+        }
+    }
+    all
+}
+
+/// A scrape of a fresh `herald` process, which has its own registry: nothing has happened in it.
+#[tokio::test]
+async fn a_fresh_server_exposes_every_series_at_zero_and_the_process_series() {
+    use common::process::{herald, wait_for_log};
+    use tokio::io::AsyncBufReadExt;
+
+    let data = tempfile::tempdir().unwrap();
+    let mut child = herald(data.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("HERALD_AUTH_SECRET", common::SECRET)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let listening = wait_for_log(&mut lines, |entry| entry["address"].is_string()).await;
+    let url = format!("http://{}/metrics", listening["address"].as_str().unwrap());
+    let reply = common::fetch(url, "GET", None, None).await;
+    assert_eq!(reply.status, 200);
+    let scrape = Scrape::parse(&reply.body);
+    for series in catalogue_series() {
+        if series == "herald_runtime_alive_tasks" {
+            // Read from the runtime at each scrape: the server's own tasks are alive.
+            assert!(scrape.get(&series).is_some_and(|tasks| tasks >= 1.0));
+            continue;
+        }
+        assert_eq!(
+            scrape.get(&series),
+            Some(0.0),
+            "{series} should be 0 on a fresh server:\n{}",
+            reply.body
+        );
+    }
+    for series in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_threads",
+        "process_start_time_seconds",
+    ] {
+        let value = scrape.get(series);
+        assert!(
+            value.is_some_and(|v| v > 0.0),
+            "{series} = {value:?}:\n{}",
+            reply.body
+        );
+    }
+    assert!(
+        reply
+            .body
+            .contains("# TYPE process_cpu_seconds_total counter")
+    );
 }

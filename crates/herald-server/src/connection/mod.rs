@@ -314,7 +314,7 @@ async fn finish(session: Session) {
         Some(CloseReason::Send(code)) => code.reason,
         // The application's own reason text could be anything: keep the label set bounded.
         Some(CloseReason::Kicked { .. }) => CloseCode::KICKED.reason,
-        Some(CloseReason::PeerGone) | None => "peer closed",
+        Some(CloseReason::PeerGone) | None => crate::metrics::PEER_CLOSED,
     };
     metrics::counter!("herald_disconnects_total", "reason" => reason_label).increment(1);
     tracing::debug!(%conn, reason = reason_label, "disconnected");

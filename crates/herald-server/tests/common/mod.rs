@@ -246,7 +246,7 @@ pub struct Scrape {
 }
 
 impl Scrape {
-    fn parse(text: &str) -> Scrape {
+    pub fn parse(text: &str) -> Scrape {
         let samples = text
             .lines()
             .filter(|line| !line.starts_with('#') && !line.is_empty())
@@ -259,6 +259,11 @@ impl Scrape {
             text: text.to_owned(),
             samples,
         }
+    }
+
+    /// One series, or `None` when the scrape does not have it.
+    pub fn get(&self, series: &str) -> Option<f64> {
+        self.samples.get(series).copied()
     }
 
     /// One series, e.g. `herald_messages_in_total{type="join"}`; 0 when absent.

@@ -5,6 +5,7 @@
 //! back into the database so the writer never does. A `herald.lock` file beside the database, locked for
 //! the writer's life, keeps a second process from writing the same folder.
 
+pub mod backup;
 mod checkpoint;
 mod read;
 pub mod schema;
