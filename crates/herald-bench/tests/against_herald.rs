@@ -1,59 +1,13 @@
 //! The load tool against a real Herald server (in this process, on an ephemeral port): every
 //! scenario sets up, sends, and accounts for every message it sent.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::time::Duration;
 
-use herald_bench::adapter::ServerKind;
+use common::{options, start_herald};
 use herald_bench::report::RunReport;
-use herald_bench::scenario::soak::SoakParams;
-use herald_bench::scenario::{self, Options, RunError, Scenario};
-use herald_server::config::Config;
-use herald_server::{embedded_node, server};
-use tokio::sync::oneshot;
-
-const SECRET: &str = "bench-test-secret-0123456789";
-
-/// A Herald server without the per-connection rate limit (the tool publishes faster than a
-/// chat user), stopped when dropped.
-struct Herald {
-    addr: SocketAddr,
-    _stop: oneshot::Sender<()>,
-    /// Each server keeps its store in a folder of its own.
-    _data: tempfile::TempDir,
-}
-
-async fn start_herald() -> Herald {
-    let mut config = Config::default();
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.auth.secret = Some(SECRET.to_owned());
-    config.limits.messages_per_second = 1_000_000;
-    config.limits.burst = 1_000_000;
-    let data = tempfile::tempdir().unwrap();
-    config.store.path = data.path().to_owned();
-    let node = embedded_node(config.clone(), None).unwrap();
-    let listener = server::bind(config.server.listen).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(server::run(listener, node, async move {
-        let _ = stopped.await;
-    }));
-    Herald {
-        addr,
-        _stop: stop,
-        _data: data,
-    }
-}
-
-fn options(addr: SocketAddr) -> Options {
-    let mut options = Options::new(ServerKind::Herald, addr, SECRET);
-    options.server_pid = Some(std::process::id());
-    options.warmup = Duration::from_millis(200);
-    options.duration = Duration::from_millis(500);
-    // Correctness, not speed, is under test here: a loaded CI machine must not fail it.
-    options.latency_limit = Duration::from_secs(30);
-    options
-}
+use herald_bench::scenario::{self, RunError, Scenario};
 
 fn assert_every_message_arrived(report: &RunReport) {
     assert!(!report.steps.is_empty(), "{report:#?}");
@@ -166,49 +120,4 @@ async fn a_token_the_server_refuses_fails_setup_with_its_answer() {
         panic!("not a setup error: {error}")
     };
     assert!(error.to_string().contains("401"), "{error}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_short_soak_churns_recovers_and_keeps_every_resource_bounded() {
-    let herald = start_herald().await;
-    let params = SoakParams {
-        users: 30,
-        residents: 10,
-        rooms: 6,
-        rate: 4.0,
-        session: Duration::from_secs(2),
-        length: Duration::from_secs(40),
-        sample_every: Duration::from_secs(1),
-    };
-    let report = scenario::run(options(herald.addr), Scenario::Soak(params))
-        .await
-        .unwrap();
-    let soak = report.soak.expect("a soak report");
-    let traffic = &soak.traffic;
-    assert_eq!(traffic.errors, 0, "{traffic:#?}");
-    assert_eq!(traffic.failed_sessions, 0, "{traffic:#?}");
-    assert_eq!(traffic.lost_connections, 0, "{traffic:#?}");
-    assert!(
-        traffic.sessions > 2 * 20,
-        "the churners reconnected: {traffic:#?}"
-    );
-    assert!(
-        traffic.recovered_joins > 0,
-        "rejoins with since: {traffic:#?}"
-    );
-    assert!(traffic.published > 0 && traffic.sent_direct > 0 && traffic.received > 0);
-    let watched: Vec<&str> = soak.series.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(
-        watched,
-        [
-            "rss_kib",
-            "open_files",
-            "connections",
-            "tasks",
-            "fanout_queue",
-            "writer_queue"
-        ],
-        "every series was sampled"
-    );
-    assert!(soak.bounded, "{:#?}", soak.series);
 }

@@ -3,8 +3,8 @@
 //! server API (ureq), and in `tls` a test certificate authority (rcgen).
 #![allow(dead_code)]
 
-pub mod pending;
 pub mod hostile;
+pub mod pending;
 pub mod process;
 pub mod tls;
 

@@ -1,0 +1,54 @@
+//! What the load tool's tests share: a real Herald server in this process, on an ephemeral port.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use herald_bench::adapter::ServerKind;
+use herald_bench::scenario::Options;
+use herald_server::config::Config;
+use herald_server::{embedded_node, server};
+use tokio::sync::oneshot;
+
+pub const SECRET: &str = "bench-test-secret-0123456789";
+
+/// A Herald server without the per-connection rate limit (the tool publishes faster than a
+/// chat user), stopped when dropped.
+pub struct Herald {
+    pub addr: SocketAddr,
+    _stop: oneshot::Sender<()>,
+    /// Each server keeps its store in a folder of its own.
+    _data: tempfile::TempDir,
+}
+
+pub async fn start_herald() -> Herald {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.auth.secret = Some(SECRET.to_owned());
+    config.limits.messages_per_second = 1_000_000;
+    config.limits.burst = 1_000_000;
+    let data = tempfile::tempdir().unwrap();
+    config.store.path = data.path().to_owned();
+    let node = embedded_node(config.clone(), None).unwrap();
+    let listener = server::bind(config.server.listen).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(server::run(listener, node, async move {
+        let _ = stopped.await;
+    }));
+    Herald {
+        addr,
+        _stop: stop,
+        _data: data,
+    }
+}
+
+pub fn options(addr: SocketAddr) -> Options {
+    let mut options = Options::new(ServerKind::Herald, addr, SECRET);
+    options.server_pid = Some(std::process::id());
+    options.warmup = Duration::from_millis(200);
+    options.duration = Duration::from_millis(500);
+    // Correctness, not speed, is under test here: a loaded CI machine must not fail it.
+    options.latency_limit = Duration::from_secs(30);
+    options
+}
