@@ -230,7 +230,6 @@ async fn clients_chat_over_wss_through_nginx() {
 /// X-Forwarded-For), not nginx's. Needs `server.trusted_proxies` and the `addr` field of the
 /// connections API, which land with the robustness work.
 #[tokio::test]
-#[ignore = "needs server.trusted_proxies and the addr field of /api/connections"]
 async fn a_client_behind_the_trusted_proxy_is_seen_with_its_own_address() {
     let settings = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
