@@ -80,8 +80,7 @@ function start() {
     $('me-name').textContent = me;
   });
   client.on('message', onMessage);
-  client.on('joined', (event) => onPresence(event, 'joined'));
-  client.on('left', (event) => onPresence(event, 'left'));
+  client.on('presence', onPresence);
   client.on('rejoined', ({ room, recovered }) => {
     if (recovered === false) notice(`#${room}`, 'some messages could not be recovered');
   });
@@ -189,10 +188,12 @@ function onMessage(message) {
   if (key === active) renderMessages({ toBottom: true });
 }
 
-function onPresence(event, kind) {
-  const conv = conversation(`#${event.room}`);
-  conv.count = event.count;
-  notice(`#${event.room}`, `${event.user} ${kind}`);
+// One `presence_diff` per room and window; in a big room it carries only the count.
+function onPresence(diff) {
+  const conv = conversation(`#${diff.room}`);
+  conv.count = diff.count;
+  for (const user of diff.joined ?? []) notice(`#${diff.room}`, `${user} joined`);
+  for (const user of diff.left ?? []) notice(`#${diff.room}`, `${user} left`);
   renderLists();
   if (active === `#${event.room}`) renderMembers();
 }
