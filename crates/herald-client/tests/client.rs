@@ -98,7 +98,12 @@ async fn next_message(client: &mut Client) -> herald_protocol::Message {
 }
 
 /// Applies the room's presence events to `roster` until `done` holds.
-async fn follow(client: &mut Client, room: &str, roster: &mut Roster, done: impl Fn(&Roster) -> bool) {
+async fn follow(
+    client: &mut Client,
+    room: &str,
+    roster: &mut Roster,
+    done: impl Fn(&Roster) -> bool,
+) {
     while !done(roster) {
         match tokio::time::timeout(WAIT, client.next_event())
             .await

@@ -524,7 +524,9 @@ impl Node {
     ) -> Result<MembersPage, EngineError> {
         let users = self.presence.members(room).await?;
         let limit = limit.unwrap_or(MAX_MEMBERS_PAGE).clamp(1, MAX_MEMBERS_PAGE);
-        let start = after.map_or(0, |after| users.partition_point(|user| user.as_str() <= after));
+        let start = after.map_or(0, |after| {
+            users.partition_point(|user| user.as_str() <= after)
+        });
         let end = (start + limit).min(users.len());
         let next = (end < users.len()).then(|| users[end - 1].clone());
         Ok(MembersPage {

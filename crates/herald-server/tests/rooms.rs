@@ -140,7 +140,8 @@ async fn rooms_matching_a_presence_off_pattern_send_no_diff() {
     // Presence in `chat` proves the window has passed; nothing of `live-final` came before.
     let diff = alice.diff_listing("chat", "bob", true).await;
     assert_eq!(diff.room, "chat");
-    bob.request(json!({"type": "leave", "room": "live-final"})).await;
+    bob.request(json!({"type": "leave", "room": "live-final"}))
+        .await;
     bob.request(json!({"type": "leave", "room": "chat"})).await;
     let next = alice.next_diff("chat").await;
     assert_eq!(next.left, users(&["bob"]));

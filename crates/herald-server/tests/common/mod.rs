@@ -519,7 +519,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         loop {
             let diff = self.next_diff(room).await;
             let list = if present { &diff.joined } else { &diff.left };
-            if list.as_ref().is_some_and(|users| users.iter().any(|u| u == user)) {
+            if list
+                .as_ref()
+                .is_some_and(|users| users.iter().any(|u| u == user))
+            {
                 return diff;
             }
         }

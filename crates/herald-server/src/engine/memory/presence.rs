@@ -76,7 +76,10 @@ impl Presence for MemoryPresence {
     }
 
     async fn count(&self, room: &str) -> Result<u64, EngineError> {
-        Ok(self.rooms.get(room).map_or(0, |members| members.len() as u64))
+        Ok(self
+            .rooms
+            .get(room)
+            .map_or(0, |members| members.len() as u64))
     }
 
     async fn connect(&self, user: &str, conn: ConnId) -> Result<(), EngineError> {
