@@ -94,8 +94,7 @@ function start() {
     $('me-name').textContent = me;
   });
   client.on('message', onMessage);
-  client.on('joined', (event) => onPresence(event, 'joined'));
-  client.on('left', (event) => onPresence(event, 'left'));
+  client.on('presence', onPresence);
   client.on('rejoined', ({ room, recovered }) => {
     if (recovered === false) notice(`#${room}`, 'some messages could not be recovered');
   });
@@ -204,17 +203,24 @@ function onMessage(message) {
   if (key === active) renderMessages({ toBottom: true });
 }
 
-function onPresence(event, kind) {
-  const conv = conversation(`#${event.room}`);
-  conv.count = event.count;
-  notice(`#${event.room}`, `${event.user} ${kind}`);
-  if (event.user !== me && conversations.has(`@${event.user}`)) {
-    // Joining proves they are online; leaving a room may or may not mean they went offline.
-    if (kind === 'joined') setOnline(event.user, true);
-    else refreshOnline([event.user], { recheck: true });
+// One `presence_diff` per room and window; in a big room it carries only the count.
+function onPresence(diff) {
+  const conv = conversation(`#${diff.room}`);
+  conv.count = diff.count;
+  for (const user of diff.joined ?? []) {
+    notice(`#${diff.room}`, `${user} joined`);
+    // Joining proves they are online.
+    if (user !== me && conversations.has(`@${user}`)) setOnline(user, true);
   }
+  const partnersLeft = [];
+  for (const user of diff.left ?? []) {
+    notice(`#${diff.room}`, `${user} left`);
+    if (user !== me && conversations.has(`@${user}`)) partnersLeft.push(user);
+  }
+  // Leaving a room may or may not mean they went offline: ask.
+  if (partnersLeft.length) refreshOnline(partnersLeft, { recheck: true });
   renderLists();
-  if (active === `#${event.room}`) renderMembers();
+  if (active === `#${diff.room}`) renderMembers();
 }
 
 function notice(key, text) {

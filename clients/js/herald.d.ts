@@ -30,12 +30,25 @@ export interface Message {
   offset?: number;
 }
 
-export interface PresenceChange {
-  type: 'joined' | 'left';
+/** Who joined and who left a room during one presence window. Each user is listed once, with
+ * where they are at the end of the window. Above the server's `presence.max_members_listed`,
+ * `joined` and `left` are absent and only `count` is sent. */
+export interface PresenceDiff {
+  type: 'presence_diff';
   room: string;
-  user: string;
-  /** Users in the room afterwards. */
+  joined?: string[];
+  left?: string[];
+  /** Users in the room at the end of the window. */
   count: number;
+}
+
+/** A room's member list kept from `members()` and the room's 'presence' events. */
+export declare class Roster {
+  constructor(members: Members);
+  /** null once a diff came with the count only. */
+  users: Set<string> | null;
+  count: number;
+  apply(diff: PresenceDiff): void;
 }
 
 export interface Ack {
@@ -56,8 +69,11 @@ export interface Members {
   type: 'members';
   ref: string;
   room: string;
+  /** Users in the whole room. */
   count: number;
   users: string[];
+  /** More users follow: ask again with `after` = this value. */
+  next?: string;
 }
 
 export interface History {
@@ -102,8 +118,7 @@ export interface EventMap {
   state: { state: State; attempt?: number; code?: number; reason?: string; welcome?: Welcome };
   welcome: Welcome;
   message: Message;
-  joined: PresenceChange;
-  left: PresenceChange;
+  presence: PresenceDiff;
   /** A room rejoined after a reconnect, with the last offset seen and its epoch; emitted before
    * the replayed messages. `recovered: true`: every missed message follows. `false`: they could
    * not all be replayed (the room's stream was recreated, e.g. a new data folder, or the gap
@@ -138,7 +153,10 @@ export declare class HeraldClient {
   /** A stored publish (not `persist: false`) cut off by a lost connection is retried like `send`. */
   publish(room: string, content: unknown, options?: { echo?: boolean; persist?: boolean }): Promise<Ack>;
   broadcast(content: unknown): Promise<Ack>;
+  /** Every user in the room (all pages). */
   members(room: string): Promise<Members>;
+  /** One page of the room's users, sorted: those after `after`, at most `limit`. */
+  membersPage(room: string, page?: { after?: string; limit?: number }): Promise<Members>;
   history(query: { room?: string; with?: string; before?: number; limit?: number }): Promise<History>;
   ping(): Promise<{ type: 'pong'; ref: string }>;
 }

@@ -28,6 +28,30 @@ const DEFAULTS = {
 const isFinal = (code) => (code >= 4400 && code < 4500) || code === 1008;
 
 /** An error answered by the server, or a request that could not complete. */
+/**
+ * A room's members as a client follows them: build it from `members(room)` right after the
+ * join, then `apply` every 'presence' event of the room received since the join, in order
+ * (those that arrived before the `members` answer too). `users` is null once the room is too
+ * big for the server to list (the diffs then carry only the count).
+ */
+export class Roster {
+  constructor(members) {
+    this.users = new Set(members.users);
+    this.count = members.count;
+  }
+
+  apply(diff) {
+    this.count = diff.count;
+    if (!diff.joined || !diff.left) {
+      this.users = null;
+      return;
+    }
+    if (!this.users) return;
+    for (const user of diff.joined) this.users.add(user);
+    for (const user of diff.left) this.users.delete(user);
+  }
+}
+
 export class HeraldError extends Error {
   constructor(code, message, ref) {
     super(message);
@@ -296,9 +320,8 @@ export class HeraldClient {
       case 'message':
         this.onMessage(event);
         break;
-      case 'joined':
-      case 'left':
-        this.emit(event.type, event);
+      case 'presence_diff':
+        this.emit('presence', event);
         break;
       case 'refresh':
         this.refreshToken();
@@ -614,8 +637,24 @@ export class HeraldClient {
     return this.withContent({ type: 'broadcast' }, content);
   }
 
-  members(room) {
-    return this.request({ type: 'members', room });
+  /** Every user in the room, following the pages of `members` to the last. */
+  async members(room) {
+    const all = await this.membersPage(room);
+    while (all.next != null) {
+      const page = await this.membersPage(room, { after: all.next });
+      all.users.push(...page.users);
+      all.count = page.count;
+      all.next = page.next;
+    }
+    return all;
+  }
+
+  /** One page of the room's users: those after `after`, at most `limit` (server default 1000). */
+  membersPage(room, { after, limit } = {}) {
+    const body = { type: 'members', room };
+    if (after != null) body.after = after;
+    if (limit != null) body.limit = limit;
+    return this.request(body);
   }
 
   /** One page of history: `{room}` or `{with: user}`, optional `before` offset and `limit`. */

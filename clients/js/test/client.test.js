@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 
-import { HeraldClient, HeraldError } from '../herald.js';
+import { HeraldClient, HeraldError, Roster } from '../herald.js';
 import { mint, nextEvent, startServer } from './server.js';
 
 const clients = [];
@@ -60,10 +60,16 @@ describe('messaging', () => {
     const ben = client(server, 'ben');
     await Promise.all([ann.connect(), ben.connect()]);
     await ann.join('lobby');
-    const joined = nextEvent(ann, 'joined');
+    const roster = new Roster(await ann.members('lobby'));
+    const diffs = [];
+    ann.on('presence', (diff) => diffs.push(diff));
+    const joined = nextEvent(ann, 'presence', (diff) => diff.joined?.includes('ben'));
     const ack = await ben.join('lobby');
     assert.equal(ack.count, 2);
-    assert.equal((await joined).user, 'ben');
+    assert.equal((await joined).count, 2);
+    for (const diff of diffs.splice(0)) roster.apply(diff);
+    assert.deepEqual([...roster.users].sort(), ['ann', 'ben']);
+    assert.equal(roster.count, 2);
 
     const got = nextEvent(ben, 'message');
     await ann.publish('lobby', 'hello room', { echo: false });
@@ -73,9 +79,15 @@ describe('messaging', () => {
 
     const members = await ann.members('lobby');
     assert.deepEqual(members.users, ['ann', 'ben']);
-    const left = nextEvent(ann, 'left');
+    const page = await ann.membersPage('lobby', { limit: 1 });
+    assert.deepEqual([page.users, page.next], [['ann'], 'ann']);
+    const rest = await ann.membersPage('lobby', { after: page.next });
+    assert.deepEqual([rest.users, rest.next], [['ben'], undefined]);
+    const left = nextEvent(ann, 'presence', (diff) => diff.left?.includes('ben'));
     await ben.leave('lobby');
     assert.equal((await left).count, 1);
+    for (const diff of diffs.splice(0)) roster.apply(diff);
+    assert.deepEqual([...roster.users], ['ann']);
   });
 
   test('binary content travels as bytes', async () => {

@@ -70,7 +70,7 @@ mod tests {
     #[test]
     fn frames_without_the_marker_have_no_send_instant() {
         assert_eq!(
-            find(r#"{"type":"joined","room":"r","user":"u","count":2}"#),
+            find(r#"{"type":"presence_diff","room":"r","joined":["u"],"left":[],"count":2}"#),
             None
         );
         assert_eq!(find(r#"{"ts":5,"hb_t":}"#), None);

@@ -439,12 +439,8 @@ async fn handle(
             }
             reply
         }
-        ServerEvent::Joined(change) => {
-            let _ = events.send(Event::Joined(change)).await;
-            None
-        }
-        ServerEvent::Left(change) => {
-            let _ = events.send(Event::Left(change)).await;
+        ServerEvent::PresenceDiff(diff) => {
+            let _ = events.send(Event::Presence(diff)).await;
             None
         }
         ServerEvent::Refresh(_) => {

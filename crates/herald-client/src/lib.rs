@@ -28,7 +28,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use herald_protocol::{Ack, ErrorEvent, Members, Message, PresenceChange, ServerEvent, Welcome};
+use std::collections::BTreeSet;
+
+use herald_protocol::{Ack, ErrorEvent, Members, Message, PresenceDiff, ServerEvent, Welcome};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -96,14 +98,57 @@ pub enum State {
     },
 }
 
+/// A room's members as a client follows them: start from [`Client::members`] right after
+/// joining, then [`apply`](Roster::apply) every [`Event::Presence`] of the room received since
+/// the join, in order (those that arrived before the `members` answer too).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Roster {
+    users: BTreeSet<String>,
+    count: u64,
+    /// False once a diff came with the count only: the list is no longer followed.
+    listed: bool,
+}
+
+impl Roster {
+    pub fn from_members(members: &Members) -> Roster {
+        Roster {
+            users: members.users.iter().cloned().collect(),
+            count: members.count,
+            listed: true,
+        }
+    }
+
+    pub fn apply(&mut self, diff: &PresenceDiff) {
+        self.count = diff.count;
+        match (&diff.joined, &diff.left) {
+            (Some(joined), Some(left)) => {
+                self.users.extend(joined.iter().cloned());
+                for user in left {
+                    self.users.remove(user);
+                }
+            }
+            _ => self.listed = false,
+        }
+    }
+
+    /// The users in the room, while the room is small enough for the server to list them.
+    pub fn users(&self) -> Option<&BTreeSet<String>> {
+        self.listed.then_some(&self.users)
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
 /// What the server sends that was not an answer to a request.
 #[derive(Debug, Clone)]
 pub enum Event {
     Message(Message),
     /// A binary message: its header and its bytes.
     Binary(Message, Bytes),
-    Joined(PresenceChange),
-    Left(PresenceChange),
+    /// Who joined and who left a room during the server's presence window (see [`Roster`]).
+    Presence(PresenceDiff),
     /// A room rejoined after a reconnect, sent before the replayed messages. `Some(true)`: every
     /// missed message follows. `Some(false)`: they could not all be replayed (the room's stream
     /// was recreated, e.g. a new data folder, or the gap was pruned or too long); the newest
@@ -237,11 +282,33 @@ impl Client {
             .await
     }
 
+    /// Every user in a room, following the pages of `members` to the last.
     pub async fn members(&self, room: &str) -> Result<Members, ClientError> {
-        match self
-            .request(json!({"type": "members", "room": room}))
-            .await?
-        {
+        let mut all = self.members_page(room, None, None).await?;
+        while let Some(after) = all.next.take() {
+            let page = self.members_page(room, Some(&after), None).await?;
+            all.users.extend(page.users);
+            all.count = page.count;
+            all.next = page.next;
+        }
+        Ok(all)
+    }
+
+    /// One page of a room's users: those after `after`, at most `limit` (server default 1000).
+    pub async fn members_page(
+        &self,
+        room: &str,
+        after: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<Members, ClientError> {
+        let mut request = json!({"type": "members", "room": room});
+        if let Some(after) = after {
+            request["after"] = json!(after);
+        }
+        if let Some(limit) = limit {
+            request["limit"] = json!(limit);
+        }
+        match self.request(request).await? {
             ServerEvent::Members(members) => Ok(members),
             other => Err(unexpected(other)),
         }

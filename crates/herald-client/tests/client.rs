@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use herald_client::{Client, ClientError, ClientOptions, Event, State};
+use herald_client::{Client, ClientError, ClientOptions, Event, Roster, State};
 use herald_server::config::Config;
 use herald_server::node::Node;
 use herald_server::{embedded_node, server};
@@ -95,6 +95,44 @@ async fn next_message(client: &mut Client) -> herald_protocol::Message {
             None => panic!("client closed"),
         }
     }
+}
+
+/// Applies the room's presence events to `roster` until `done` holds.
+async fn follow(
+    client: &mut Client,
+    room: &str,
+    roster: &mut Roster,
+    done: impl Fn(&Roster) -> bool,
+) {
+    while !done(roster) {
+        match tokio::time::timeout(WAIT, client.next_event())
+            .await
+            .unwrap()
+        {
+            Some(Event::Presence(diff)) if diff.room == room => roster.apply(&diff),
+            Some(_) => continue,
+            None => panic!("client closed"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_roster_follows_a_room_through_presence_diffs() {
+    let server = start("127.0.0.1:0".parse().unwrap()).await;
+    let mut alice = server.client("alice").await;
+    let bob = server.client("bob").await;
+    alice.join("room").await.unwrap();
+    let mut roster = Roster::from_members(&alice.members("room").await.unwrap());
+    bob.join("room").await.unwrap();
+    let both = |r: &Roster| r.count() == 2 && r.users().is_some_and(|u| u.len() == 2);
+    follow(&mut alice, "room", &mut roster, both).await;
+    assert!(roster.users().unwrap().contains("bob"));
+
+    bob.leave("room").await.unwrap();
+    let alone = |r: &Roster| r.count() == 1 && r.users().is_some_and(|u| !u.contains("bob"));
+    follow(&mut alice, "room", &mut roster, alone).await;
+    assert_eq!(roster.users().unwrap().len(), 1);
+    server.stop().await;
 }
 
 #[tokio::test]

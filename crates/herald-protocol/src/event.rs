@@ -63,11 +63,20 @@ pub enum ContentEncoding {
     Base64,
 }
 
-/// Someone entered (`joined`) or left (`left`) a room; `count` is the number of users now in it.
+/// Who entered and who left a room during one presence window, and how many users it holds
+/// at the end of it. A user is listed at most once, with where they are at the end of the
+/// window: in `joined` if they are in the room, in `left` if they are not, whatever they did
+/// in between; so adding `joined` to a member list and removing `left` from it always gives
+/// the room's members. Above the server's `presence.max_members_listed` the lists are absent
+/// and only `count` is sent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PresenceChange {
+pub struct PresenceDiff {
     pub room: String,
-    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joined: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left: Option<Vec<String>>,
+    /// Users in the room at the end of the window.
     pub count: u64,
 }
 
@@ -127,15 +136,19 @@ pub struct History {
     pub more: bool,
 }
 
-/// The answer to `members`.
+/// The answer to `members`: one page of the room's users.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Members {
     #[serde(rename = "ref")]
     pub reference: Option<String>,
     pub room: String,
+    /// Users in the whole room.
     pub count: u64,
-    /// Users in the room, sorted.
+    /// The page: users sorted by name, each after the request's `after`.
     pub users: Vec<String>,
+    /// Set when more users follow: ask again with `after` = this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// The answer to `presence`: for each user asked about, whether they are online.
@@ -175,8 +188,7 @@ pub struct RefreshNotice {
 pub enum ServerEvent {
     Welcome(Welcome),
     Message(Message),
-    Joined(PresenceChange),
-    Left(PresenceChange),
+    PresenceDiff(PresenceDiff),
     Ack(Ack),
     Members(Members),
     Presence(PresenceReply),
@@ -216,8 +228,7 @@ impl ServerEvent {
         Ok(match tag.kind.as_ref() {
             "welcome" => ServerEvent::Welcome(serde_json::from_str(text)?),
             "message" => ServerEvent::Message(serde_json::from_str(text)?),
-            "joined" => ServerEvent::Joined(serde_json::from_str(text)?),
-            "left" => ServerEvent::Left(serde_json::from_str(text)?),
+            "presence_diff" => ServerEvent::PresenceDiff(serde_json::from_str(text)?),
             "ack" => ServerEvent::Ack(serde_json::from_str(text)?),
             "members" => ServerEvent::Members(serde_json::from_str(text)?),
             "presence" => ServerEvent::Presence(serde_json::from_str(text)?),
@@ -281,15 +292,17 @@ mod tests {
                 node: "n".into(),
                 heartbeat: 25,
             }),
-            ServerEvent::Joined(PresenceChange {
+            ServerEvent::PresenceDiff(PresenceDiff {
                 room: "r".into(),
-                user: "u".into(),
+                joined: Some(vec!["u".into()]),
+                left: Some(vec!["v".into()]),
                 count: 2,
             }),
-            ServerEvent::Left(PresenceChange {
+            ServerEvent::PresenceDiff(PresenceDiff {
                 room: "r".into(),
-                user: "u".into(),
-                count: 1,
+                joined: None,
+                left: None,
+                count: 10_000,
             }),
             ServerEvent::Ack(Ack {
                 reference: Some("1".into()),
@@ -301,6 +314,7 @@ mod tests {
                 room: "r".into(),
                 count: 1,
                 users: vec!["u".into()],
+                next: Some("u".into()),
             }),
             ServerEvent::Error(ErrorEvent {
                 code: ErrorCode::Forbidden,

@@ -21,7 +21,7 @@ pub mod request;
 
 pub use codes::{CloseCode, ErrorCode};
 pub use event::{
-    Ack, ContentEncoding, ErrorEvent, History, Members, Message, Pong, PresenceChange,
-    PresenceReply, RefreshNotice, ServerEvent, Welcome,
+    Ack, ContentEncoding, ErrorEvent, History, Members, Message, Pong, PresenceDiff, PresenceReply,
+    RefreshNotice, ServerEvent, Welcome,
 };
 pub use request::{HistoryTarget, Payload, ProtocolError, Request, RequestBody};

@@ -54,9 +54,12 @@ pub enum RequestBody {
         echo: bool,
         persist: bool,
     },
-    /// The users in a room and their count.
+    /// One page of the users in a room, sorted by name, and their count: the users after
+    /// `after` (a name from a previous page's `next`), at most `limit` of them.
     Members {
         room: String,
+        after: Option<String>,
+        limit: Option<u32>,
     },
     /// Whether each listed user has an open connection anywhere.
     Presence {
@@ -330,6 +333,19 @@ impl<'a> RawFields<'a> {
         })
     }
 
+    fn members(&self) -> Result<RequestBody, ProtocolError> {
+        let room = self.room()?;
+        let limit: Option<u32> = self.optional("limit", "a positive integer")?;
+        if limit == Some(0) {
+            return Err(self.invalid("\"limit\" must be a positive integer"));
+        }
+        let after: Option<String> = self.optional("after", "a user id")?;
+        if let Some(after) = &after {
+            check_name(after).map_err(|why| self.invalid(format!("\"after\" {why}")))?;
+        }
+        Ok(RequestBody::Members { room, after, limit })
+    }
+
     fn into_request(self, binary: Option<Bytes>) -> Result<Request, ProtocolError> {
         let kind: String = match self.fields.get("type") {
             None => {
@@ -379,7 +395,7 @@ impl<'a> RawFields<'a> {
                 echo: self.optional("echo", "true or false")?.unwrap_or(true),
                 persist: self.optional("persist", "true or false")?.unwrap_or(true),
             },
-            "members" => RequestBody::Members { room: self.room()? },
+            "members" => self.members()?,
             "presence" => RequestBody::Presence {
                 users: self.users("users")?,
             },
@@ -529,6 +545,28 @@ mod tests {
         );
         let error = error_of(r#"{"type":"join","room":"lobby","since":"7"}"#);
         assert!(error.message.contains("\"since\""), "{}", error.message);
+    }
+
+    #[test]
+    fn members_pages_with_after_and_limit() {
+        let request =
+            parse_text(br#"{"type":"members","room":"lobby","after":"bob","limit":2}"#).unwrap();
+        assert_eq!(
+            request.body,
+            RequestBody::Members {
+                room: "lobby".into(),
+                after: Some("bob".into()),
+                limit: Some(2),
+            }
+        );
+        for (frame, field) in [
+            (r#"{"type":"members","room":"a","limit":0}"#, "\"limit\""),
+            (r#"{"type":"members","room":"a","after":7}"#, "\"after\""),
+            (r#"{"type":"members","room":"a","after":""}"#, "\"after\""),
+        ] {
+            let error = error_of(frame);
+            assert!(error.message.contains(field), "{frame}: {}", error.message);
+        }
     }
 
     #[test]

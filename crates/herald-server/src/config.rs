@@ -19,7 +19,7 @@ pub use crate::engine::sqlite::Synchronous;
 pub use crate::http::client_addr::ForwardedHeader;
 
 /// The sections of the configuration, also the only `HERALD_*` prefixes read as keys.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "server",
     "auth",
     "heartbeat",
@@ -31,6 +31,7 @@ const SECTIONS: [&str; 11] = [
     "static",
     "compression",
     "store",
+    "presence",
 ];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -48,6 +49,7 @@ pub struct Config {
     pub static_files: StaticConfig,
     pub compression: CompressionConfig,
     pub store: StoreConfig,
+    pub presence: PresenceConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -168,6 +170,49 @@ impl Default for HeartbeatConfig {
         HeartbeatConfig {
             interval: Duration::from_secs(25),
         }
+    }
+}
+
+/// Room presence events (`presence_diff`): see docs/protocol.md.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// Joins and leaves in a room within this long after its first pending change go out
+    /// together in one `presence_diff`.
+    #[serde(with = "duration")]
+    pub window: Duration,
+    /// Above this many users a room's `presence_diff` carries only the count.
+    pub max_members_listed: u64,
+    /// Glob patterns (`live-*`) of rooms that send no `presence_diff` at all.
+    #[serde(deserialize_with = "list")]
+    pub off: Vec<String>,
+}
+
+/// Longest `presence.window`: members would see a stale room for longer.
+const MAX_PRESENCE_WINDOW: Duration = Duration::from_secs(10);
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            window: Duration::from_millis(200),
+            max_members_listed: 1000,
+            off: Vec::new(),
+        }
+    }
+}
+
+impl PresenceConfig {
+    /// The `off` patterns as one matcher.
+    pub fn off_matcher(&self) -> Result<globset::GlobSet, globset::Error> {
+        let mut set = globset::GlobSetBuilder::new();
+        for pattern in &self.off {
+            set.add(
+                globset::GlobBuilder::new(pattern)
+                    .literal_separator(false)
+                    .build()?,
+            );
+        }
+        set.build()
     }
 }
 
@@ -700,6 +745,21 @@ impl Config {
         }
         positive("api.max_recipients", self.api.max_recipients)?;
         positive("api.max_body_bytes", self.api.max_body_bytes)?;
+        if self.presence.window.is_zero() || self.presence.window > MAX_PRESENCE_WINDOW {
+            return Err(ConfigError::Key {
+                key: "presence.window",
+                reason: format!(
+                    "must be greater than zero and at most {}",
+                    humantime::format_duration(MAX_PRESENCE_WINDOW)
+                ),
+            });
+        }
+        if let Err(error) = self.presence.off_matcher() {
+            return Err(ConfigError::Key {
+                key: "presence.off",
+                reason: error.to_string(),
+            });
+        }
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => {
                 return Err(ConfigError::Key {
@@ -822,6 +882,26 @@ mod tests {
         writeln!(file, "[limits]\nmax_mesage_bytes = 1").unwrap();
         let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
         assert!(error.contains("max_mesage_bytes"), "{error}");
+    }
+
+    #[test]
+    fn presence_keys_are_checked_and_named() {
+        for (text, key) in [
+            ("window = \"0s\"", "presence.window"),
+            ("window = \"11s\"", "presence.window"),
+            ("off = [\"live-[\"]", "presence.off"),
+        ] {
+            let mut file = tempfile::NamedTempFile::new().unwrap();
+            writeln!(file, "[presence]\n{text}").unwrap();
+            let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+            assert!(error.contains(key), "{text}: {error}");
+        }
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[presence]\noff = \"live-*, stage-?\"").unwrap();
+        let config = Config::load(Some(file.path()), []).unwrap();
+        let off = config.presence.off_matcher().unwrap();
+        assert!(off.is_match("live-final") && off.is_match("stage-1"));
+        assert!(!off.is_match("lobby") && !off.is_match("stage-10"));
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //!   heartbeat deadline), and the control block they share.
 //! - [`node`]: every operation (send, publish, join, history, …) joining the hub to the
 //!   engines; messages are encoded once here, stored ones after their commit.
+//! - [`presence_window`]: room joins and leaves gathered per window into one
+//!   `presence_diff` per room.
 //! - [`catch_up`]: replaying stored messages to one connection (inbox at connect, `join` with
 //!   `since`) with no gap and no duplicate at the seam with live ones.
 //! - [`hub`]: this node's connections by id, user and room; fans out shared bytes.
@@ -34,6 +36,7 @@ pub mod hub;
 pub mod idempotency;
 pub mod metrics;
 pub mod node;
+pub mod presence_window;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::Either;
-use herald_protocol::{CloseCode, Message, Payload, PresenceChange, ServerEvent};
+use herald_protocol::{CloseCode, Message, Payload, ServerEvent};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,6 +41,7 @@ use crate::engine::store::{
 use crate::engine::timed::{TimedBroker, TimedPresence};
 use crate::hub::{ConnHandle, Hub, RegisterError, StreamKey};
 use crate::idempotency::Idempotency;
+use crate::presence_window::{self, PresenceWindow};
 
 /// Committed messages waiting for the fan-out task.
 const FANOUT_QUEUE: usize = 8192;
@@ -49,6 +50,9 @@ const FANOUT_QUEUE: usize = 8192;
 /// `store.history_max_limit`), and in the page sent with `recovered: false`.
 pub const DEFAULT_HISTORY_LIMIT: usize = 50;
 
+/// Users in a `members` page when the request names no limit, and the most it may ask for.
+pub const MAX_MEMBERS_PAGE: usize = 1000;
+
 pub struct Node {
     pub id: Arc<str>,
     pub config: Arc<Config>,
@@ -56,6 +60,8 @@ pub struct Node {
     pub hub: Hub,
     broker: Arc<dyn Broker>,
     presence: Arc<dyn Presence>,
+    /// Gathers rooms' joins and leaves into one `presence_diff` per window.
+    presence_window: PresenceWindow,
     store: Arc<dyn Store>,
     /// Frames of committed messages, in commit order, for the fan-out task.
     fanout: mpsc::Sender<Fanout>,
@@ -114,6 +120,16 @@ pub struct Joined {
     /// With a recovery: what to send after the join's ack ([`Replay::run`]); dropping it
     /// instead releases the held live frames.
     pub replay: Option<Replay>,
+}
+
+/// One page of a room's users.
+#[derive(Debug, Clone)]
+pub struct MembersPage {
+    /// Users in the whole room.
+    pub count: u64,
+    pub users: Vec<String>,
+    /// The last user of the page when more follow: the next page's `after`.
+    pub next: Option<String>,
 }
 
 /// One page of a room's or a conversation's history, oldest first.
@@ -196,13 +212,18 @@ impl Node {
             config.limits.idempotency_window,
             config.limits.idempotency_keys_per_user,
         );
+        let broker: Arc<dyn Broker> = Arc::new(TimedBroker(broker));
+        let presence: Arc<dyn Presence> = Arc::new(TimedPresence(presence));
+        let presence_window =
+            PresenceWindow::start(&config.presence, broker.clone(), presence.clone());
         let node = Arc::new(Node {
             id,
             config,
             auth,
             hub: Hub::new(),
-            broker: Arc::new(TimedBroker(broker)),
-            presence: Arc::new(TimedPresence(presence)),
+            broker,
+            presence,
+            presence_window,
             store,
             fanout,
             pruned: watch::Sender::new(PruneReport::default()),
@@ -354,7 +375,8 @@ impl Node {
         }
     }
 
-    /// Adds a connection to a room and tells the other members if the user is new to it. With
+    /// Adds a connection to a room and, if the user is new to it, queues the change for the
+    /// room's next `presence_diff`. With
     /// a `recovery`, also reads what the client missed; the caller runs the returned replay
     /// after answering the join.
     pub async fn join(
@@ -468,18 +490,19 @@ impl Node {
             }
         };
         if change.user_changed {
-            let event = ServerEvent::Joined(PresenceChange {
-                room: room.to_string(),
-                user: handle.user().to_string(),
-                count: change.count,
-            });
-            self.publish_frame(channel, OutFrame::Text(event.encode()), Some(handle.id()))
-                .await?;
+            self.presence_window
+                .record(presence_window::RoomChange {
+                    room: room.clone(),
+                    user: handle.user().clone(),
+                    present: true,
+                })
+                .await;
         }
         Ok(change)
     }
 
-    /// Removes a connection from a room and tells the others if the user left it.
+    /// Removes a connection from a room and, if the user left it, queues the change for the
+    /// room's next `presence_diff`.
     pub async fn leave(
         &self,
         handle: &ConnHandle,
@@ -491,17 +514,13 @@ impl Node {
             .leave(room, handle.user(), handle.id())
             .await?;
         if change.user_changed {
-            let event = ServerEvent::Left(PresenceChange {
-                room: room.to_string(),
-                user: handle.user().to_string(),
-                count: change.count,
-            });
-            self.publish_frame(
-                Channel::Room(room.clone()),
-                OutFrame::Text(event.encode()),
-                None,
-            )
-            .await?;
+            self.presence_window
+                .record(presence_window::RoomChange {
+                    room: room.clone(),
+                    user: handle.user().clone(),
+                    present: false,
+                })
+                .await;
         }
         Ok(change)
     }
@@ -519,6 +538,28 @@ impl Node {
 
     pub async fn members(&self, room: &str) -> Result<Vec<String>, EngineError> {
         self.presence.members(room).await
+    }
+
+    /// One page of a room's users, sorted: those after `after`, at most `limit` (default and
+    /// cap [`MAX_MEMBERS_PAGE`]).
+    pub async fn members_page(
+        &self,
+        room: &str,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<MembersPage, EngineError> {
+        let users = self.presence.members(room).await?;
+        let limit = limit.unwrap_or(MAX_MEMBERS_PAGE).clamp(1, MAX_MEMBERS_PAGE);
+        let start = after.map_or(0, |after| {
+            users.partition_point(|user| user.as_str() <= after)
+        });
+        let end = (start + limit).min(users.len());
+        let next = (end < users.len()).then(|| users[end - 1].clone());
+        Ok(MembersPage {
+            count: users.len() as u64,
+            users: users[start..end].to_vec(),
+            next,
+        })
     }
 
     /// For each user, whether they have an open connection on any node.

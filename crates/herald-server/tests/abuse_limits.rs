@@ -196,7 +196,7 @@ async fn sockets_over_max_sockets_wait_until_one_closes_even_once_upgraded() {
 
 #[tokio::test]
 async fn a_connection_that_panics_leaves_its_rooms_and_goes_offline() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(common::presence_on).await;
     let mut alice = server.connect("alice").await;
     let mut bob = server.connect("bob").await;
     alice.join("lobby").await;
@@ -208,12 +208,15 @@ async fn a_connection_that_panics_leaves_its_rooms_and_goes_offline() {
         ))
         .await;
     let left = bob
-        .next_matching(|event| matches!(event, ServerEvent::Left(_)))
+        .next_matching(|event| {
+            matches!(event, ServerEvent::PresenceDiff(diff)
+                if diff.left.iter().flatten().any(|user| user == "alice"))
+        })
         .await;
-    let ServerEvent::Left(change) = left else {
+    let ServerEvent::PresenceDiff(diff) = left else {
         unreachable!()
     };
-    assert_eq!((change.user.as_str(), change.count), ("alice", 1));
+    assert_eq!(diff.count, 1);
     assert!(
         alice
             .expect_close()

@@ -190,6 +190,7 @@ async fn a_slow_consumer_is_cut_off_while_a_fast_one_receives_everything() {
         c.limits.max_message_bytes = 128 * 1024;
         c.limits.messages_per_second = 100_000;
         c.limits.burst = 100_000;
+        common::presence_on(c);
     })
     .await;
     let mut publisher = server.connect("publisher").await;
@@ -209,7 +210,11 @@ async fn a_slow_consumer_is_cut_off_while_a_fast_one_receives_everything() {
                     received.push(message);
                     progress.send_replace(received.len());
                 }
-                ServerEvent::Left(change) if change.user == "slow" => slow_left = true,
+                ServerEvent::PresenceDiff(diff)
+                    if diff.left.iter().flatten().any(|user| user == "slow") =>
+                {
+                    slow_left = true
+                }
                 _ => {}
             }
         }

@@ -13,7 +13,11 @@ const INTERVAL: Duration = Duration::from_millis(300);
 
 #[tokio::test]
 async fn a_silent_client_is_closed_after_two_intervals_and_leaves_its_rooms() {
-    let server = TestServer::start_with(|c| c.heartbeat.interval = INTERVAL).await;
+    let server = TestServer::start_with(|c| {
+        c.heartbeat.interval = INTERVAL;
+        common::presence_on(c);
+    })
+    .await;
     let mut watcher = server.connect("watcher").await;
     watcher.join("r").await;
     let mut silent = server.connect("silent").await;
@@ -21,9 +25,7 @@ async fn a_silent_client_is_closed_after_two_intervals_and_leaves_its_rooms() {
     let silent_since = Instant::now();
     // From here `silent` reads nothing, so it answers no Ping. The watcher keeps reading (the
     // client library answers Pings while reading), so it stays connected.
-    let left = watcher
-        .next_matching(|e| matches!(e, ServerEvent::Left(c) if c.user == "silent"))
-        .await;
+    let left = watcher.diff_listing("r", "silent", false).await;
     let waited = silent_since.elapsed();
     assert!(
         waited >= INTERVAL * 2 - Duration::from_millis(50),
@@ -33,7 +35,7 @@ async fn a_silent_client_is_closed_after_two_intervals_and_leaves_its_rooms() {
         waited < INTERVAL * 2 + Duration::from_secs(2),
         "closed too late: {waited:?}"
     );
-    assert!(matches!(left, ServerEvent::Left(c) if c.count == 1));
+    assert_eq!(left.count, 1);
 
     let close = silent.expect_close().await.expect("a close frame");
     assert_eq!(close.code, CloseCode::from(4000));

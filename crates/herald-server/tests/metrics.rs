@@ -43,7 +43,7 @@ async fn metrics_move_when_traffic_flows() {
     assert!(after.value("herald_connections") >= 2.0);
     assert!(moved(r#"herald_messages_in_total{type="join"}"#) >= 2.0);
     assert!(moved(r#"herald_messages_in_total{type="publish"}"#) >= 1.0);
-    // welcome ×2, join acks ×2, the publish ack, bob's copy, alice's `joined` notice of bob
+    // welcome ×2, join acks ×2, the publish ack, bob's copy, alice's rate-limit error
     assert!(moved(r#"herald_messages_out_total{type="text"}"#) >= 7.0);
     assert!(moved(r#"herald_messages_accepted_total{kind="room"}"#) >= 1.0);
     assert!(moved("herald_received_bytes_total") > 0.0);

@@ -12,7 +12,7 @@ const BURST: u64 = 40;
 
 #[tokio::test]
 async fn a_burst_of_publishes_shares_commits_and_keeps_its_order() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(common::presence_on).await;
     let mut alice = server.connect("alice").await;
     let mut bob = server.connect("bob").await;
     alice.join("lobby").await;
@@ -48,26 +48,26 @@ async fn a_burst_of_publishes_shares_commits_and_keeps_its_order() {
                 );
                 offsets.push(ack.offset.expect("a stored message has an offset"));
             }
-            ServerEvent::Message(_) | ServerEvent::Joined(_) => {}
+            ServerEvent::Message(_) | ServerEvent::PresenceDiff(_) => {}
             other => panic!("unexpected {other:?} after {offsets:?}"),
         }
     }
     assert_eq!(offsets, (1..=BURST).collect::<Vec<_>>());
 
     for n in 1..=BURST {
-        let message = match bob.next_event().await {
-            ServerEvent::Message(message) => message,
-            other => panic!("message {n} expected, got {other:?}"),
+        let message = loop {
+            match bob.next_event().await {
+                ServerEvent::Message(message) => break message,
+                ServerEvent::PresenceDiff(diff) => assert_eq!(diff.left, Some(vec![]), "{n}"),
+                other => panic!("message {n} expected, got {other:?}"),
+            }
         };
         assert_eq!(content_json(&message), json!(n));
         assert_eq!(message.offset, Some(n));
     }
     // Alice's leave came after her publishes, and so does what Bob sees of it.
-    let left = bob.next_event().await;
-    assert!(
-        matches!(&left, ServerEvent::Left(change) if change.user == "alice"),
-        "{left:?}"
-    );
+    let left = bob.diff_listing("lobby", "alice", false).await;
+    assert_eq!(left.count, 1);
 
     let commits = server
         .scrape()
@@ -82,7 +82,7 @@ async fn a_burst_of_publishes_shares_commits_and_keeps_its_order() {
 
 #[tokio::test]
 async fn a_burst_of_direct_messages_keeps_its_order() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(common::presence_on).await;
     let mut alice = server.connect("alice").await;
     let mut bob = server.connect("bob").await;
     for n in 1..=BURST {

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{Client, TestServer, content_of};
 use herald_protocol::{ErrorCode, ServerEvent};
 use serde_json::json;
@@ -9,77 +11,141 @@ use serde_json::json;
 fn count_of(event: &ServerEvent) -> u64 {
     match event {
         ServerEvent::Ack(ack) => ack.count.expect("ack has a count"),
-        ServerEvent::Joined(change) | ServerEvent::Left(change) => change.count,
         other => panic!("no count in {other:?}"),
     }
 }
 
+fn users(names: &[&str]) -> Option<Vec<String>> {
+    Some(names.iter().map(|name| name.to_string()).collect())
+}
+
+/// A window long enough that a test's requests all land in it, however busy the machine.
+const LONG_WINDOW: Duration = Duration::from_secs(2);
+
+async fn server_with_window(window: Duration) -> TestServer {
+    TestServer::start_with(|c| {
+        common::presence_on(c);
+        c.presence.window = window;
+    })
+    .await
+}
+
 #[tokio::test]
-async fn joining_tells_the_other_members_and_acks_with_the_count() {
-    let server = TestServer::start().await;
+async fn joins_within_one_window_reach_every_member_in_one_diff() {
+    let server = server_with_window(LONG_WINDOW).await;
     let mut alice = server.connect("alice").await;
     let mut bob = server.connect("bob").await;
     assert_eq!(count_of(&alice.join("lobby").await), 1);
     assert_eq!(count_of(&bob.join("lobby").await), 2);
 
-    let joined = alice.next_event().await;
-    let ServerEvent::Joined(change) = &joined else {
-        panic!("{joined:?}")
-    };
-    assert_eq!(
-        (change.room.as_str(), change.user.as_str(), change.count),
-        ("lobby", "bob", 2)
-    );
+    for client in [&mut alice, &mut bob] {
+        let diff = client.next_diff("lobby").await;
+        assert_eq!(diff.joined, users(&["alice", "bob"]));
+        assert_eq!(diff.left, users(&[]));
+        assert_eq!(diff.count, 2);
+        client.expect_nothing_queued().await;
+    }
 }
 
 #[tokio::test]
-async fn leaving_and_disconnecting_tell_the_others_with_the_new_count() {
-    let server = TestServer::start().await;
+async fn leaving_and_disconnecting_reach_the_others_with_the_new_count() {
+    let server = TestServer::start_with(common::presence_on).await;
     let mut alice = server.connect("alice").await;
     let mut bob = server.connect("bob").await;
     let mut carol = server.connect("carol").await;
     for client in [&mut alice, &mut bob, &mut carol] {
         client.join("lobby").await;
     }
+    alice.diff_listing("lobby", "carol", true).await;
     let ack = bob.request(json!({"type": "leave", "room": "lobby"})).await;
     assert_eq!(count_of(&ack), 2);
-    let left = alice
-        .next_matching(|e| matches!(e, ServerEvent::Left(_)))
-        .await;
-    let ServerEvent::Left(change) = &left else {
-        unreachable!()
-    };
-    assert_eq!((change.user.as_str(), change.count), ("bob", 2));
+    let diff = alice.diff_listing("lobby", "bob", false).await;
+    assert_eq!((diff.joined, diff.count), (users(&[]), 2));
 
     drop(carol);
-    let left = alice
-        .next_matching(|e| matches!(e, ServerEvent::Left(_)))
-        .await;
-    let ServerEvent::Left(change) = &left else {
-        unreachable!()
-    };
-    assert_eq!((change.user.as_str(), change.count), ("carol", 1));
+    let diff = alice.diff_listing("lobby", "carol", false).await;
+    assert_eq!((diff.joined, diff.count), (users(&[]), 1));
+}
+
+#[tokio::test]
+async fn a_user_who_joins_and_leaves_within_one_window_is_listed_once_as_left() {
+    let server = server_with_window(LONG_WINDOW).await;
+    let mut alice = server.connect("alice").await;
+    alice.join("lobby").await;
+    alice.diff_listing("lobby", "alice", true).await;
+    let mut bob = server.connect("bob").await;
+    bob.join("lobby").await;
+    bob.request(json!({"type": "leave", "room": "lobby"})).await;
+
+    let diff = alice.next_diff("lobby").await;
+    assert_eq!((diff.joined, diff.left), (users(&[]), users(&["bob"])));
+    assert_eq!(diff.count, 1);
 }
 
 #[tokio::test]
 async fn a_user_with_two_connections_is_one_member() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(common::presence_on).await;
     let mut watcher = server.connect("watcher").await;
     watcher.join("r").await;
+    watcher.diff_listing("r", "watcher", true).await;
     let mut tab1 = server.connect("alice").await;
     let mut tab2 = server.connect("alice").await;
     assert_eq!(count_of(&tab1.join("r").await), 2);
     assert_eq!(count_of(&tab2.join("r").await), 2);
-    // One joined event for alice, not two; then one left only when her last tab leaves.
-    let first = watcher.next_event().await;
-    assert!(matches!(&first, ServerEvent::Joined(c) if c.user == "alice"));
+    let joined = watcher.diff_listing("r", "alice", true).await;
+    assert_eq!(joined.count, 2);
+    // Her first tab leaving changes nothing; her last one does.
     tab1.request(json!({"type": "leave", "room": "r"})).await;
     tab2.request(json!({"type": "leave", "room": "r"})).await;
-    let next = watcher.next_event().await;
-    assert!(
-        matches!(&next, ServerEvent::Left(c) if c.user == "alice" && c.count == 1),
-        "{next:?}"
-    );
+    let next = watcher.next_diff("r").await;
+    assert_eq!((next.joined, next.left), (users(&[]), users(&["alice"])));
+    assert_eq!(next.count, 1);
+}
+
+#[tokio::test]
+async fn above_max_members_listed_a_diff_carries_only_the_count() {
+    let server = TestServer::start_with(|c| {
+        common::presence_on(c);
+        c.presence.max_members_listed = 2;
+    })
+    .await;
+    let mut alice = server.connect("alice").await;
+    alice.join("r").await;
+    let first = alice.next_diff("r").await;
+    assert_eq!((first.joined, first.count), (users(&["alice"]), 1));
+    let mut bob = server.connect("bob").await;
+    let mut carol = server.connect("carol").await;
+    bob.join("r").await;
+    carol.join("r").await;
+    let mut last = alice.next_diff("r").await;
+    while last.count < 3 {
+        last = alice.next_diff("r").await;
+    }
+    assert_eq!((last.joined, last.left), (None, None));
+}
+
+#[tokio::test]
+async fn rooms_matching_a_presence_off_pattern_send_no_diff() {
+    let server = TestServer::start_with(|c| {
+        common::presence_on(c);
+        c.presence.off = vec!["live-*".into()];
+    })
+    .await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    for client in [&mut alice, &mut bob] {
+        client.join("live-final").await;
+        client.join("chat").await;
+    }
+    // Presence in `chat` proves the window has passed; nothing of `live-final` came before.
+    let diff = alice.diff_listing("chat", "bob", true).await;
+    assert_eq!(diff.room, "chat");
+    bob.request(json!({"type": "leave", "room": "live-final"}))
+        .await;
+    bob.request(json!({"type": "leave", "room": "chat"})).await;
+    let next = alice.next_diff("chat").await;
+    assert_eq!(next.left, users(&["bob"]));
+    alice.expect_nothing_queued().await;
 }
 
 #[tokio::test]
@@ -90,7 +156,6 @@ async fn publish_reaches_every_member_and_echoes_to_the_sender_by_default() {
     let mut outsider = server.connect("outsider").await;
     alice.join("r").await;
     bob.join("r").await;
-    alice.next_event().await; // bob joined
 
     let ack = alice
         .request(json!({"type": "publish", "room": "r", "content": {"n": 1}}))
@@ -158,6 +223,47 @@ async fn members_lists_users_and_count() {
         .request(json!({"type": "members", "room": "nobody"}))
         .await;
     assert!(matches!(empty, ServerEvent::Members(m) if m.count == 0 && m.users.is_empty()));
+}
+
+#[tokio::test]
+async fn members_pages_follow_the_next_cursor_to_the_last_user() {
+    let server = TestServer::start().await;
+    let mut clients = Vec::new();
+    for name in ["dan", "alice", "erin", "bob", "carol"] {
+        let mut client = server.connect(name).await;
+        client.join("r").await;
+        clients.push(client);
+    }
+    let asker = &mut clients[0];
+    let mut listed = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut request = json!({"type": "members", "room": "r", "limit": 2});
+        if let Some(after) = &after {
+            request["after"] = json!(after);
+        }
+        let ServerEvent::Members(page) = asker.request(request).await else {
+            panic!("members expected")
+        };
+        pages += 1;
+        assert_eq!(page.count, 5);
+        assert!(page.users.len() <= 2);
+        listed.extend(page.users);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(listed, ["alice", "bob", "carol", "dan", "erin"]);
+    let refused = asker
+        .request(json!({"type": "members", "room": "r", "limit": 0}))
+        .await;
+    assert!(
+        matches!(&refused, ServerEvent::Error(e) if e.code == ErrorCode::InvalidField),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]

@@ -10,8 +10,9 @@ use crate::stamp;
 
 /// How every message event begins on the wire (`type` is serialized first).
 const MESSAGE_PREFIX: &str = r#"{"type":"message""#;
-/// Presence events, which the tool ignores: N subscribers joining one room cause N²/2 of them.
-const PRESENCE_PREFIXES: [&str; 2] = [r#"{"type":"joined""#, r#"{"type":"left""#];
+/// Presence events, which the tool ignores: about one per subscriber and presence window while
+/// a room forms.
+const PRESENCE_PREFIXES: [&str; 1] = [r#"{"type":"presence_diff""#];
 
 pub struct Herald;
 

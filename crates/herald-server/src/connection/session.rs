@@ -293,7 +293,9 @@ impl Session {
                 echo,
                 persist,
             } => self.publish(id, room, content, echo, persist).await,
-            RequestBody::Members { room } => self.members(id, room).await,
+            RequestBody::Members { room, after, limit } => {
+                self.members(id, room, after, limit).await
+            }
             RequestBody::Presence { users } => self.presence(id, users).await,
             RequestBody::Broadcast { content } => self.broadcast(id, content).await,
             RequestBody::Ping => Ok(Some(ServerEvent::Pong(Pong { reference: id }))),
@@ -575,20 +577,27 @@ impl Session {
         }
     }
 
-    async fn members(&mut self, id: Option<String>, room: String) -> Outcome {
+    async fn members(
+        &mut self,
+        id: Option<String>,
+        room: String,
+        after: Option<String>,
+        limit: Option<u32>,
+    ) -> Outcome {
         if !self.identity.may_use_room(&room) {
             return Err(forbidden_room(&room, id));
         }
-        let users = self
+        let page = self
             .node
-            .members(&room)
+            .members_page(&room, after.as_deref(), limit.map(|l| l as usize))
             .await
             .map_err(|e| internal(e, &id))?;
         Ok(Some(ServerEvent::Members(Members {
             reference: id,
             room,
-            count: users.len() as u64,
-            users,
+            count: page.count,
+            users: page.users,
+            next: page.next,
         })))
     }
 

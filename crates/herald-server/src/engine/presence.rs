@@ -5,7 +5,7 @@
 //!   connections is, and *online* while at least one connection is open anywhere.
 //! - `join` and `leave` report whether the user entered or left the room with this call (their
 //!   first connection in, their last out) and the number of users in the room afterwards, so
-//!   that exactly one `joined`/`left` event is sent per user.
+//!   that each user's entering and leaving is reported to the room's `presence_diff` once.
 //! - Calls for one connection are made in order by its own task; a backend shared by nodes keeps
 //!   entries alive only while their node refreshes them (entries of a dead node expire).
 
@@ -36,6 +36,8 @@ pub trait Presence: Send + Sync {
     async fn leave(&self, room: &str, user: &str, conn: ConnId) -> Result<RoomChange, EngineError>;
     /// Users in the room, sorted.
     async fn members(&self, room: &str) -> Result<Vec<String>, EngineError>;
+    /// How many users are in the room now.
+    async fn count(&self, room: &str) -> Result<u64, EngineError>;
     async fn connect(&self, user: &str, conn: ConnId) -> Result<(), EngineError>;
     async fn disconnect(&self, user: &str, conn: ConnId) -> Result<(), EngineError>;
     /// For each user, whether they have an open connection anywhere.

@@ -83,6 +83,10 @@ impl Presence for TimedPresence {
         timed("presence", "members", self.0.members(room)).await
     }
 
+    async fn count(&self, room: &str) -> Result<u64, EngineError> {
+        timed("presence", "count", self.0.count(room)).await
+    }
+
     async fn connect(&self, user: &str, conn: ConnId) -> Result<(), EngineError> {
         timed("presence", "connect", self.0.connect(user, conn)).await
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use herald_protocol::{Ack, History, Message, ServerEvent, Welcome};
+use herald_protocol::{Ack, History, Message, PresenceDiff, ServerEvent, Welcome};
 use herald_server::config::Config;
 use herald_server::node::Node;
 use herald_server::tls::ServerTls;
@@ -69,6 +69,9 @@ impl TestServer {
         config.auth.secret = Some(SECRET.to_owned());
         config.api.keys = vec![API_KEY.to_owned()];
         config.store.path = data.path().to_owned();
+        // Presence diffs go out on a timer, at a moment a test does not choose: off unless a
+        // test turns it on ([`presence_on`]), so other tests see only the events they cause.
+        config.presence.off = vec!["*".to_owned()];
         adjust(&mut config);
         let tls = tls.then(|| ServerTls::load(&config.tls).expect("test certificate loads"));
         let node = embedded_node(config.clone(), None).expect("test config is valid");
@@ -506,6 +509,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
     }
 
+    /// The next `presence_diff` of `room`, skipping other events.
+    pub async fn next_diff(&mut self, room: &str) -> PresenceDiff {
+        match self
+            .next_matching(|event| matches!(event, ServerEvent::PresenceDiff(d) if d.room == room))
+            .await
+        {
+            ServerEvent::PresenceDiff(diff) => diff,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Reads diffs of `room` until one says a user `present` (in or out of the room).
+    pub async fn diff_listing(&mut self, room: &str, user: &str, present: bool) -> PresenceDiff {
+        loop {
+            let diff = self.next_diff(room).await;
+            let list = if present { &diff.joined } else { &diff.left };
+            if list
+                .as_ref()
+                .is_some_and(|users| users.iter().any(|u| u == user))
+            {
+                return diff;
+            }
+        }
+    }
+
     /// The next message event, skipping presence and other events.
     pub async fn next_message_event(&mut self) -> Message {
         match self
@@ -527,6 +555,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             "expected nothing before the pong, got {next:?}"
         );
     }
+}
+
+/// Turns room presence events on, with a window short enough for tests that only need them
+/// to arrive.
+pub fn presence_on(config: &mut Config) {
+    config.presence.off.clear();
+    config.presence.window = Duration::from_millis(20);
 }
 
 /// The JSON content of a message.

@@ -75,6 +75,13 @@ impl Presence for MemoryPresence {
         Ok(users)
     }
 
+    async fn count(&self, room: &str) -> Result<u64, EngineError> {
+        Ok(self
+            .rooms
+            .get(room)
+            .map_or(0, |members| members.len() as u64))
+    }
+
     async fn connect(&self, user: &str, conn: ConnId) -> Result<(), EngineError> {
         self.users.entry(user.to_owned()).or_default().push(conn);
         Ok(())
@@ -137,6 +144,8 @@ mod tests {
         );
         presence.join("r", "bob", ConnId(3)).await.unwrap();
         assert_eq!(presence.members("r").await.unwrap(), ["alice", "bob"]);
+        assert_eq!(presence.count("r").await.unwrap(), 2);
+        assert_eq!(presence.count("nowhere").await.unwrap(), 0);
 
         let left = presence.leave("r", "alice", ConnId(1)).await.unwrap();
         assert_eq!(

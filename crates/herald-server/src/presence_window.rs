@@ -1,0 +1,213 @@
+//! Room presence, coalesced: joins and leaves are gathered per room for `presence.window` and
+//! go out as one `presence_diff` frame, so a room that N users join costs about one frame per
+//! member per window instead of N frames per member.
+//!
+//! One task owns every room's pending changes; connection tasks message it with each user who
+//! entered or left a room (the presence engine says who did). When a room's window ends the
+//! task encodes the diff once and publishes it on the room's channel through the broker, like
+//! any room frame, so it reaches members on every node whichever broker carries it.
+//!
+//! Invariants:
+//! - a user is listed at most once per diff, with where they were at the end of the window
+//!   (the last change received wins);
+//! - a room's window opens at its first pending change and is never extended, so no change
+//!   waits longer than `presence.window` (plus the time to drain the queue);
+//! - `count` is read from the presence engine when the diff is built, so it is never older
+//!   than the changes listed (changes still in the queue then go in the next diff).
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use globset::GlobSet;
+use herald_protocol::{PresenceDiff, ServerEvent};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::config::PresenceConfig;
+use crate::delivery::{Channel, Delivery, OutFrame};
+use crate::engine::broker::Broker;
+use crate::engine::presence::Presence;
+
+/// Changes waiting for the task; a full queue makes joins and leaves wait for room.
+const CHANGE_QUEUE: usize = 8192;
+
+/// Changes taken from the queue per wakeup.
+const DRAIN_BATCH: usize = 512;
+
+/// A user entering or leaving a room, as the presence engine reported it.
+#[derive(Debug)]
+pub struct RoomChange {
+    pub room: Arc<str>,
+    pub user: Arc<str>,
+    /// Whether the user is in the room after this change.
+    pub present: bool,
+}
+
+/// The handle the node records changes through.
+pub struct PresenceWindow {
+    changes: mpsc::Sender<RoomChange>,
+    /// Rooms that send no presence events (`presence.off`).
+    off: GlobSet,
+}
+
+impl PresenceWindow {
+    /// Starts the task; it ends once the handle is dropped and the queue is drained.
+    /// `presence.off` is checked when the configuration loads; a configuration built in code
+    /// with an invalid pattern gets presence in every room.
+    pub fn start(
+        config: &PresenceConfig,
+        broker: Arc<dyn Broker>,
+        presence: Arc<dyn Presence>,
+    ) -> PresenceWindow {
+        let off = config.off_matcher().unwrap_or_else(|error| {
+            tracing::warn!(%error, "presence.off ignored");
+            GlobSet::empty()
+        });
+        let (changes, queue) = mpsc::channel(CHANGE_QUEUE);
+        let rooms = PendingRooms {
+            window: config.window,
+            max_listed: config.max_members_listed,
+            rooms: HashMap::new(),
+            due: VecDeque::new(),
+        };
+        tokio::spawn(rooms.run(queue, broker, presence));
+        PresenceWindow { changes, off }
+    }
+
+    /// Whether the room sends presence events at all.
+    pub fn is_on(&self, room: &str) -> bool {
+        !self.off.is_match(room)
+    }
+
+    /// Queues a change for its room's next diff (nothing for rooms with presence off).
+    pub async fn record(&self, change: RoomChange) {
+        if !self.is_on(&change.room) {
+            return;
+        }
+        // Fails only once the task is gone, with the node: nobody is left to tell.
+        let _ = self.changes.send(change).await;
+    }
+}
+
+/// One room's changes since its last diff.
+struct Pending {
+    /// user → whether they are in the room after their last change.
+    users: HashMap<Arc<str>, bool>,
+}
+
+struct PendingRooms {
+    window: Duration,
+    max_listed: u64,
+    rooms: HashMap<Arc<str>, Pending>,
+    /// Rooms in the order their windows end: every window has the same length, so the order
+    /// they opened in is the order they end in.
+    due: VecDeque<(Instant, Arc<str>)>,
+}
+
+impl PendingRooms {
+    async fn run(
+        mut self,
+        mut queue: mpsc::Receiver<RoomChange>,
+        broker: Arc<dyn Broker>,
+        presence: Arc<dyn Presence>,
+    ) {
+        let engines = Engines {
+            broker: broker.as_ref(),
+            presence: presence.as_ref(),
+        };
+        let mut batch = Vec::with_capacity(DRAIN_BATCH);
+        loop {
+            let next_due = self.due.front().map(|(at, _)| *at);
+            tokio::select! {
+                received = queue.recv_many(&mut batch, DRAIN_BATCH) => {
+                    if received == 0 {
+                        break;
+                    }
+                    let now = Instant::now();
+                    for change in batch.drain(..) {
+                        self.add(change, now);
+                    }
+                }
+                () = sleep_until(next_due), if next_due.is_some() => {}
+            }
+            let now = Instant::now();
+            while let Some((at, _)) = self.due.front()
+                && *at <= now
+            {
+                let (_, room) = self.due.pop_front().expect("front was just seen");
+                self.flush(room, &engines).await;
+            }
+        }
+        while let Some((_, room)) = self.due.pop_front() {
+            self.flush(room, &engines).await;
+        }
+    }
+
+    fn add(&mut self, change: RoomChange, now: Instant) {
+        let pending = match self.rooms.entry(change.room) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                self.due.push_back((now + self.window, entry.key().clone()));
+                entry.insert(Pending {
+                    users: HashMap::new(),
+                })
+            }
+        };
+        pending.users.insert(change.user, change.present);
+    }
+
+    async fn flush(&mut self, room: Arc<str>, engines: &Engines<'_>) {
+        let Some(pending) = self.rooms.remove(&room) else {
+            return;
+        };
+        let count = match engines.presence.count(&room).await {
+            Ok(count) => count,
+            Err(error) => {
+                tracing::warn!(%room, %error, "presence diff dropped: no member count");
+                return;
+            }
+        };
+        let (joined, left) = if count > self.max_listed {
+            (None, None)
+        } else {
+            let mut joined = Vec::new();
+            let mut left = Vec::new();
+            for (user, present) in pending.users {
+                let list = if present { &mut joined } else { &mut left };
+                list.push(user.to_string());
+            }
+            joined.sort_unstable();
+            left.sort_unstable();
+            (Some(joined), Some(left))
+        };
+        let event = ServerEvent::PresenceDiff(PresenceDiff {
+            room: room.to_string(),
+            joined,
+            left,
+            count,
+        });
+        let channel = Channel::Room(room);
+        let delivery = Delivery {
+            frame: OutFrame::Text(event.encode()),
+            except: None,
+            offset: None,
+        };
+        if let Err(error) = engines.broker.publish(&channel, delivery).await {
+            tracing::warn!(%channel, %error, "presence diff not published");
+        }
+    }
+}
+
+struct Engines<'a> {
+    broker: &'a dyn Broker,
+    presence: &'a dyn Presence,
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
