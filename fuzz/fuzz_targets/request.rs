@@ -47,9 +47,12 @@ fn check(parsed: Result<Request, ProtocolError>, kind: FrameKind) {
         other => {
             assert_eq!(kind, FrameKind::Text, "{other:?} accepted in a binary frame");
             match other {
-                RequestBody::Join { room, .. }
-                | RequestBody::Leave { room }
-                | RequestBody::Members { room } => valid(room),
+                RequestBody::Join { room, .. } | RequestBody::Leave { room } => valid(room),
+                RequestBody::Members { room, after, limit } => {
+                    valid(room);
+                    after.iter().for_each(|user| valid(user));
+                    assert_ne!(*limit, Some(0));
+                }
                 RequestBody::Presence { users } => {
                     assert!(!users.is_empty());
                     users.iter().for_each(|user| valid(user));
