@@ -28,6 +28,15 @@ use crate::hub::ConnHandle;
 use crate::idempotency::{Claim, Recorder, Target};
 use crate::node::{Node, Published, Recovery};
 
+/// Whether a frame was over the rate limit.
+enum Limited {
+    No,
+    /// Over it: the frame is dropped.
+    Yes,
+    /// Over it `limits.abuse_threshold` times in a row: the connection is closed.
+    TooOften,
+}
+
 /// What the reader does after a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -118,24 +127,22 @@ impl Session {
             .as_ref()
             .map_or("invalid", |request| request.body.kind());
         metrics::counter!("herald_messages_in_total", "type" => kind).increment(1);
-        if self.limiter.check().is_err() {
-            self.limited_in_row += 1;
-            metrics::counter!("herald_rate_limited_total").increment(1);
-            if self.limited_in_row >= self.node.config.limits.abuse_threshold {
-                return Flow::Close(CloseCode::POLICY_VIOLATION);
+        match self.rate_limit() {
+            Limited::No => {}
+            Limited::TooOften => return Flow::Close(CloseCode::POLICY_VIOLATION),
+            Limited::Yes => {
+                let id = match &parsed {
+                    Ok(request) => request.id.clone(),
+                    Err(error) => error.id.clone(),
+                };
+                self.reply_error(ProtocolError::new(
+                    ErrorCode::RateLimited,
+                    "message rate limit exceeded; the request was dropped",
+                    id,
+                ));
+                return Flow::Continue;
             }
-            let id = match &parsed {
-                Ok(request) => request.id.clone(),
-                Err(error) => error.id.clone(),
-            };
-            self.reply_error(ProtocolError::new(
-                ErrorCode::RateLimited,
-                "message rate limit exceeded; the request was dropped",
-                id,
-            ));
-            return Flow::Continue;
         }
-        self.limited_in_row = 0;
         let outcome = match parsed {
             Ok(request) => self.dispatch(request).await,
             Err(error) => Err(error),
@@ -151,16 +158,26 @@ impl Session {
     /// A Ping or Pong from the peer. It costs the rate limit like a request (every Ping makes a
     /// Pong) and counts toward `limits.abuse_threshold`, but is never answered with an error.
     pub fn on_control(&mut self) -> Flow {
+        match self.rate_limit() {
+            Limited::TooOften => Flow::Close(CloseCode::POLICY_VIOLATION),
+            Limited::No | Limited::Yes => Flow::Continue,
+        }
+    }
+
+    /// Charges one frame to the rate limit, counting refusals in a row toward
+    /// `limits.abuse_threshold`.
+    fn rate_limit(&mut self) -> Limited {
         if self.limiter.check().is_ok() {
             self.limited_in_row = 0;
-            return Flow::Continue;
+            return Limited::No;
         }
         self.limited_in_row += 1;
         metrics::counter!("herald_rate_limited_total").increment(1);
         if self.limited_in_row >= self.node.config.limits.abuse_threshold {
-            return Flow::Close(CloseCode::POLICY_VIOLATION);
+            Limited::TooOften
+        } else {
+            Limited::Yes
         }
-        Flow::Continue
     }
 
     /// True while stored messages wait for their commit.
