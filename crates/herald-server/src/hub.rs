@@ -560,7 +560,6 @@ impl Hub {
         self.open.load(Ordering::Acquire)
     }
 
-    /// Every local connection, for shutdown.
     /// The registered connection whose control block is `control`. A scan of every connection:
     /// only for the cleanup after a connection's task panicked, which has nothing else left.
     pub fn find_by_control(&self, control: &Arc<ConnControl>) -> Option<ConnHandle> {
@@ -570,6 +569,7 @@ impl Hub {
             .map(|entry| entry.value().clone())
     }
 
+    /// Every local connection, for shutdown.
     pub fn snapshot(&self) -> Vec<ConnHandle> {
         self.conns
             .iter()
