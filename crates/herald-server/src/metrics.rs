@@ -395,6 +395,13 @@ pub struct HotPath {
     pub received_bytes: Counter,
 }
 
+/// A gauge handle for a long-lived task to keep: the recorder is installed first, since a handle
+/// taken before it exists would stay a no-op.
+pub fn gauge(name: &'static str) -> metrics::Gauge {
+    install();
+    metrics::gauge!(name)
+}
+
 /// The hot-path handles, created after the recorder is installed so they are never no-ops.
 pub static HOT: LazyLock<HotPath> = LazyLock::new(|| {
     install();

@@ -1048,9 +1048,7 @@ fn history_page(page: crate::engine::store::Page) -> HistoryPage {
 /// Encodes committed messages and hands their frames to the broker, one at a time, in commit
 /// order.
 async fn fan_out(broker: Arc<dyn Broker>, mut queue: mpsc::Receiver<Fanout>) {
-    // A handle taken before the recorder exists would stay a no-op.
-    crate::metrics::install();
-    let depth = metrics::gauge!("herald_fanout_queue_depth");
+    let depth = crate::metrics::gauge("herald_fanout_queue_depth");
     while let Some(item) = queue.recv().await {
         depth.set(queue.len() as f64);
         for (channel, delivery) in committed_frames(item.appended, item.except) {

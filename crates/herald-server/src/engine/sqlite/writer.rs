@@ -165,9 +165,7 @@ impl Writer {
     /// Runs until a `Close` command or until every sender is gone.
     pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut closed_by = None;
-        // A handle taken before the recorder exists would stay a no-op.
-        crate::metrics::install();
-        let depth = metrics::gauge!("herald_store_writer_queue_depth");
+        let depth = crate::metrics::gauge("herald_store_writer_queue_depth");
         'serve: loop {
             let first = if self.prune.is_empty() {
                 match commands.blocking_recv() {
