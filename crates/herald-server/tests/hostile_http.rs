@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{API_KEY, TestServer};
+use common::{API_KEY, TestServer, status_of};
 
 const SECRET_TEXT: &str = "outside-the-web-folder";
 
@@ -32,13 +32,6 @@ fn site() -> tempfile::TempDir {
 async fn serve(root: &Path) -> TestServer {
     let dir = root.join("web");
     TestServer::start_with(move |config| config.static_files.dir = dir).await
-}
-
-fn status_of(raw: &str) -> u16 {
-    raw.split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::TestServer;
+use common::{TestServer, status_of};
 
 const SECRET_TEXT: &str = "outside-the-web-folder";
 
@@ -30,13 +30,6 @@ async fn serve(root: &Path, max_age: Duration) -> TestServer {
         config.static_files.max_age = max_age;
     })
     .await
-}
-
-fn status_of(raw: &str) -> u16 {
-    raw.split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test]

@@ -674,3 +674,12 @@ pub fn content_of(event: &ServerEvent) -> Value {
         other => panic!("expected a message, got {other:?}"),
     }
 }
+
+/// The status code of a raw HTTP response (as [`TestServer::raw_http`] returns it); 0 when
+/// there is none.
+pub fn status_of(raw: &str) -> u16 {
+    raw.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
