@@ -19,7 +19,7 @@ pub use crate::engine::sqlite::Synchronous;
 pub use crate::http::client_addr::ForwardedHeader;
 
 /// The sections of the configuration, also the only `HERALD_*` prefixes read as keys.
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 14] = [
     "server",
     "auth",
     "heartbeat",
@@ -32,6 +32,8 @@ const SECTIONS: [&str; 12] = [
     "compression",
     "store",
     "presence",
+    "engine",
+    "redis",
 ];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -50,6 +52,8 @@ pub struct Config {
     pub compression: CompressionConfig,
     pub store: StoreConfig,
     pub presence: PresenceConfig,
+    pub engine: EngineConfig,
+    pub redis: RedisConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -186,6 +190,103 @@ pub struct PresenceConfig {
     /// Glob patterns (`live-*`) of rooms that send no `presence_diff` at all.
     #[serde(deserialize_with = "list")]
     pub off: Vec<String>,
+}
+
+/// Which engines (broker, presence, store) the node runs on: see docs/operations.md.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    pub backend: EngineBackend,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineBackend {
+    /// One process: in-memory broker and presence, SQLite store under `store.path`.
+    #[default]
+    Embedded,
+    /// Many nodes as one service: broker, presence and store in Redis (`[redis]`).
+    Redis,
+}
+
+/// The Redis shared by every node when `engine.backend = "redis"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS. One URL for a standalone
+    /// Redis; with `cluster`, any number of seed nodes.
+    #[serde(deserialize_with = "list")]
+    pub urls: Vec<String>,
+    /// A Redis Cluster: keys are hash-tagged per room and user, fan-out uses sharded pub/sub.
+    pub cluster: bool,
+    /// Prefix of every key and channel, so several deployments can share one Redis.
+    pub key_prefix: String,
+    /// How long connecting to Redis may take, at start and on each reconnect.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// How long one command may wait for its reply before it fails as temporary.
+    #[serde(with = "duration")]
+    pub response_timeout: Duration,
+    /// How long a node's presence entries outlive its last refresh: a node that dies without
+    /// cleaning up disappears from presence after at most this long. Refreshed every third.
+    #[serde(with = "duration")]
+    pub presence_ttl: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            urls: vec!["redis://127.0.0.1:6379".into()],
+            cluster: false,
+            key_prefix: "herald".into(),
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(5),
+            presence_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RedisConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let key = |key: &'static str, reason: String| Err(ConfigError::Key { key, reason });
+        if self.urls.is_empty() {
+            return key("redis.urls", "must name at least one Redis".into());
+        }
+        if !self.cluster && self.urls.len() > 1 {
+            return key(
+                "redis.urls",
+                "names several servers: set redis.cluster = true for a Redis Cluster".into(),
+            );
+        }
+        for url in &self.urls {
+            if let Err(error) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+                return key("redis.urls", format!("{url:?} is not a Redis URL: {error}"));
+            }
+        }
+        if self.key_prefix.is_empty()
+            || self
+                .key_prefix
+                .chars()
+                .any(|c| matches!(c, '{' | '}') || c.is_whitespace() || c.is_control())
+        {
+            return key(
+                "redis.key_prefix",
+                "must be non-empty, without braces, whitespace or control characters".into(),
+            );
+        }
+        for (name, value) in [
+            ("redis.connect_timeout", self.connect_timeout),
+            ("redis.response_timeout", self.response_timeout),
+        ] {
+            if value.is_zero() {
+                return key(name, "must be greater than zero".into());
+            }
+        }
+        if self.presence_ttl < Duration::from_secs(3) {
+            return key("redis.presence_ttl", "must be at least 3s".into());
+        }
+        Ok(())
+    }
 }
 
 /// Longest `presence.window`: members would see a stale room for longer.
@@ -618,6 +719,9 @@ impl Config {
                 });
             }
             Ok(())
+        }
+        if self.engine.backend == EngineBackend::Redis {
+            self.redis.validate()?;
         }
         if self.heartbeat.interval.is_zero() {
             return Err(ConfigError::Key {

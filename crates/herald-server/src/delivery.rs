@@ -101,7 +101,7 @@ impl fmt::Display for Channel {
 }
 
 /// A frame on its way to a channel's connections.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     pub frame: OutFrame,
     /// A connection that must not receive it (the publisher, when it asked for no echo).

@@ -7,15 +7,17 @@
 //!
 //! `memory/` holds the embedded single-process broker and presence, `sqlite/` the embedded
 //! store; `herald serve` uses them by default. `timed` wraps any backend to measure its calls.
-//! A Redis backend (another issue) implements the same traits; the hub never sees an engine, so
-//! adding one changes no routing code.
+//! `redis/` holds the engines that let many nodes act as one service; `wire` is the broker's
+//! format between nodes. The hub never sees an engine, so adding one changes no routing code.
 
 pub mod broker;
 pub mod memory;
 pub mod presence;
+pub mod redis;
 pub mod sqlite;
 pub mod store;
 pub mod timed;
+pub mod wire;
 
 /// An engine that could not do its job (a backend unreachable, a command refused).
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +28,11 @@ pub struct EngineError {
     /// The request hit a limit the client can act on (a full inbox): `message` is meant for
     /// the client, and retrying as is will not help.
     pub limit_exceeded: bool,
+    /// The backend may succeed if asked again later (a connection lost, a timeout): the client
+    /// is told to retry rather than that its request is wrong.
+    pub temporary: bool,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl EngineError {
@@ -34,6 +41,31 @@ impl EngineError {
             engine,
             message: message.into(),
             limit_exceeded: false,
+            temporary: false,
+            source: None,
+        }
+    }
+
+    pub fn temporary(mut self) -> Self {
+        self.temporary = true;
+        self
+    }
+
+    /// A failed Redis command, temporary when the connection or a timeout caused it.
+    pub fn from_redis(
+        engine: &'static str,
+        message: impl Into<String>,
+        error: ::redis::RedisError,
+    ) -> Self {
+        let temporary = error.is_io_error()
+            || error.is_timeout()
+            || error.is_connection_dropped()
+            || error.is_connection_refusal()
+            || error.is_cluster_error();
+        EngineError {
+            temporary,
+            source: Some(Box::new(error)),
+            ..EngineError::new(engine, message)
         }
     }
 }
@@ -41,8 +73,10 @@ impl EngineError {
 impl From<store::StoreError> for EngineError {
     fn from(error: store::StoreError) -> Self {
         let limit_exceeded = matches!(error, store::StoreError::InboxFull { .. });
+        let temporary = matches!(error, store::StoreError::Unavailable { .. });
         EngineError {
             limit_exceeded,
+            temporary,
             ..EngineError::new("store", error.to_string())
         }
     }

@@ -242,6 +242,12 @@ pub enum StoreError {
     InboxFull { users: Vec<String>, limit: u64 },
     #[error("the store is closed")]
     Closed,
+    /// The backend cannot be reached now (a networked store); nothing was stored.
+    #[error("store {operation} failed, the backend is unreachable: {reason}")]
+    Unavailable {
+        operation: &'static str,
+        reason: String,
+    },
 }
 
 #[async_trait]

@@ -1,0 +1,345 @@
+//! The broker's wire format: how a [`Delivery`] or a [`Control`] travels between nodes as one
+//! opaque byte string (a Redis pub/sub message, say).
+//!
+//! ```text
+//! +---------+------+-------+-------------+------------------+-------------+---------+--------+
+//! | version | kind | flags | except: u64 | frame length: u32 | splice: u32 | frame   | offset |
+//! |  1 byte | 1    | 1     | BE          | BE               | BE          | (len)   | ASCII  |
+//! +---------+------+-------+-------------+------------------+-------------+---------+--------+
+//! ```
+//!
+//! - `kind`: 0 a text frame, 1 a binary frame, 2 a disconnect control (its "frame" is the close
+//!   code, u16 BE, then the UTF-8 reason).
+//! - `flags`: bit 0 `except` names a connection; bit 1 an offset follows the frame.
+//! - The offset, when present, is the message's position in its stream, in decimal ASCII, and
+//!   runs to the end of the payload. It comes last so that an engine which assigns the offset
+//!   inside the backend (a Redis script appending and publishing in one step) can append it to
+//!   an envelope encoded beforehand, without knowing the format.
+//! - `splice`, when not `u32::MAX`, is where the offset's digits belong in the frame: the frame
+//!   was encoded before the offset was known, with `"offset":` followed directly by the rest of
+//!   the header. [`decode`] inserts the digits there once per node, so a receiving node never
+//!   re-encodes a message; for a binary frame it also corrects the header length prefix.
+//!
+//! A receiving node refuses (never panics on) anything malformed or of another version.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use herald_protocol::binary::PREFIX_BYTES;
+
+use crate::delivery::{ConnId, Control, Delivery, OutFrame};
+
+pub const VERSION: u8 = 1;
+
+const KIND_TEXT: u8 = 0;
+const KIND_BINARY: u8 = 1;
+const KIND_DISCONNECT: u8 = 2;
+
+const FLAG_EXCEPT: u8 = 1;
+const FLAG_OFFSET: u8 = 2;
+
+const HEADER_BYTES: usize = 1 + 1 + 1 + 8 + 4 + 4;
+const NO_SPLICE: u32 = u32::MAX;
+
+/// What one envelope carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Envelope {
+    Delivery(Delivery),
+    Control(Control),
+}
+
+/// Why an envelope was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("envelope shorter than its header")]
+    Truncated,
+    #[error("envelope version {0}, this node reads {VERSION}")]
+    Version(u8),
+    #[error("unknown envelope kind {0}")]
+    Kind(u8),
+    #[error("envelope offset is not a decimal number")]
+    Offset,
+    #[error("envelope splice position lies outside the frame")]
+    Splice,
+    #[error("disconnect control with an invalid code or reason")]
+    Control,
+}
+
+/// Encodes a delivery whose offset (if any) is already known.
+pub fn encode_delivery(delivery: &Delivery) -> Bytes {
+    let mut out = envelope_head(delivery, NO_SPLICE, delivery.offset.is_some());
+    if let Some(offset) = delivery.offset {
+        out.put_slice(offset.to_string().as_bytes());
+    }
+    out.freeze()
+}
+
+/// Encodes a delivery whose offset the backend will append: `frame` was encoded without an
+/// offset and `splice` is where its digits go (see [`splice_point`]). The envelope is complete
+/// once the backend appends the decimal offset to it.
+pub fn encode_delivery_awaiting_offset(delivery: &Delivery, splice: u32) -> Bytes {
+    envelope_head(delivery, splice, true).freeze()
+}
+
+fn envelope_head(delivery: &Delivery, splice: u32, with_offset: bool) -> BytesMut {
+    let (kind, bytes) = match &delivery.frame {
+        OutFrame::Text(bytes) => (KIND_TEXT, bytes),
+        OutFrame::Binary(bytes) => (KIND_BINARY, bytes),
+    };
+    let mut flags = 0;
+    if delivery.except.is_some() {
+        flags |= FLAG_EXCEPT;
+    }
+    if with_offset {
+        flags |= FLAG_OFFSET;
+    }
+    let mut out = BytesMut::with_capacity(HEADER_BYTES + bytes.len() + 20);
+    out.put_u8(VERSION);
+    out.put_u8(kind);
+    out.put_u8(flags);
+    out.put_u64(delivery.except.map_or(0, |conn| conn.0));
+    out.put_u32(bytes.len() as u32);
+    out.put_u32(splice);
+    out.put_slice(bytes);
+    out
+}
+
+pub fn encode_control(control: &Control) -> Bytes {
+    let Control::Disconnect { code, reason } = control;
+    let mut out = BytesMut::with_capacity(HEADER_BYTES + 2 + reason.len());
+    out.put_u8(VERSION);
+    out.put_u8(KIND_DISCONNECT);
+    out.put_u8(0);
+    out.put_u64(0);
+    out.put_u32((2 + reason.len()) as u32);
+    out.put_u32(NO_SPLICE);
+    out.put_u16(*code);
+    out.put_slice(reason.as_bytes());
+    out.freeze()
+}
+
+/// The place in an encoded frame where an offset's digits go when the frame was encoded with
+/// the placeholder offset [`PLACEHOLDER`]; returns the frame without the placeholder and the
+/// position. `None` when the frame holds no placeholder.
+pub fn splice_point(frame: &OutFrame) -> Option<(OutFrame, u32)> {
+    let (bytes, binary) = match frame {
+        OutFrame::Text(bytes) => (bytes, false),
+        OutFrame::Binary(bytes) => (bytes, true),
+    };
+    let marker = format!("\"offset\":{PLACEHOLDER}");
+    // The offset field follows the content in a text frame (whose JSON is the sender's and may
+    // hold anything), and nothing the sender wrote follows it: the last match is the field. A
+    // binary frame's payload follows its header: only the header is searched.
+    let searched = if binary {
+        let prefix: [u8; PREFIX_BYTES] = bytes.get(..PREFIX_BYTES)?.try_into().ok()?;
+        let header_end = PREFIX_BYTES + u32::from_be_bytes(prefix) as usize;
+        bytes.get(..header_end)?
+    } else {
+        &bytes[..]
+    };
+    let at = rfind(searched, marker.as_bytes())?;
+    let digits_at = at + marker.len() - PLACEHOLDER_DIGITS;
+    let mut without = BytesMut::with_capacity(bytes.len());
+    without.put_slice(&bytes[..digits_at]);
+    without.put_slice(&bytes[digits_at + PLACEHOLDER_DIGITS..]);
+    if binary {
+        adjust_header_length(&mut without, -(PLACEHOLDER_DIGITS as i64))?;
+    }
+    let without = without.freeze();
+    let frame = if binary {
+        OutFrame::Binary(without)
+    } else {
+        OutFrame::Text(without)
+    };
+    Some((frame, digits_at as u32))
+}
+
+/// An offset no stream reaches, used while encoding a frame whose offset is not known yet.
+pub const PLACEHOLDER: u64 = 9_999_999_999_999_999_999;
+const PLACEHOLDER_DIGITS: usize = 19;
+
+fn rfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .rposition(|window| window == needle)
+}
+
+fn adjust_header_length(frame: &mut BytesMut, by: i64) -> Option<()> {
+    let prefix: [u8; PREFIX_BYTES] = frame.get(..PREFIX_BYTES)?.try_into().ok()?;
+    let length = u32::from_be_bytes(prefix) as i64 + by;
+    let length = u32::try_from(length).ok()?;
+    frame[..PREFIX_BYTES].copy_from_slice(&length.to_be_bytes());
+    Some(())
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
+    if bytes.len() < HEADER_BYTES {
+        return Err(WireError::Truncated);
+    }
+    let version = bytes[0];
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    let kind = bytes[1];
+    let flags = bytes[2];
+    let except = u64::from_be_bytes(bytes[3..11].try_into().expect("8 bytes"));
+    let length = u32::from_be_bytes(bytes[11..15].try_into().expect("4 bytes")) as usize;
+    let splice = u32::from_be_bytes(bytes[15..19].try_into().expect("4 bytes"));
+    let rest = &bytes[HEADER_BYTES..];
+    if rest.len() < length {
+        return Err(WireError::Truncated);
+    }
+    let (frame, trailer) = rest.split_at(length);
+    if kind == KIND_DISCONNECT {
+        if frame.len() < 2 {
+            return Err(WireError::Control);
+        }
+        let code = u16::from_be_bytes([frame[0], frame[1]]);
+        let reason = std::str::from_utf8(&frame[2..]).map_err(|_| WireError::Control)?;
+        return Ok(Envelope::Control(Control::Disconnect {
+            code,
+            reason: reason.into(),
+        }));
+    }
+    if kind != KIND_TEXT && kind != KIND_BINARY {
+        return Err(WireError::Kind(kind));
+    }
+    let offset = if flags & FLAG_OFFSET != 0 {
+        let digits = std::str::from_utf8(trailer).map_err(|_| WireError::Offset)?;
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(WireError::Offset);
+        }
+        Some(digits.parse::<u64>().map_err(|_| WireError::Offset)?)
+    } else {
+        None
+    };
+    let frame = if splice == NO_SPLICE {
+        Bytes::copy_from_slice(frame)
+    } else {
+        let at = splice as usize;
+        let (Some(offset), true) = (offset, at <= frame.len()) else {
+            return Err(WireError::Splice);
+        };
+        let digits = offset.to_string();
+        let mut spliced = BytesMut::with_capacity(frame.len() + digits.len());
+        spliced.put_slice(&frame[..at]);
+        spliced.put_slice(digits.as_bytes());
+        spliced.put_slice(&frame[at..]);
+        if kind == KIND_BINARY {
+            adjust_header_length(&mut spliced, digits.len() as i64).ok_or(WireError::Splice)?;
+        }
+        spliced.freeze()
+    };
+    let frame = if kind == KIND_TEXT {
+        OutFrame::Text(frame)
+    } else {
+        OutFrame::Binary(frame)
+    };
+    Ok(Envelope::Delivery(Delivery {
+        frame,
+        except: (flags & FLAG_EXCEPT != 0).then_some(ConnId(except)),
+        offset,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use herald_protocol::{Message, ServerEvent};
+    use serde_json::value::RawValue;
+
+    use super::*;
+
+    fn message(offset: u64) -> Message {
+        Message {
+            id: "m1".into(),
+            from: "alice".into(),
+            to: None,
+            room: Some("lobby".into()),
+            content: None,
+            ts: 7,
+            offset: Some(offset),
+            encoding: None,
+        }
+    }
+
+    fn text(offset: u64) -> OutFrame {
+        let mut header = message(offset);
+        header.content =
+            Some(RawValue::from_string(r#"{"offset":9999999999999999999}"#.into()).unwrap());
+        OutFrame::Text(ServerEvent::Message(header).encode())
+    }
+
+    fn binary(offset: u64) -> OutFrame {
+        OutFrame::Binary(ServerEvent::encode_binary(
+            &message(offset),
+            b"\x00\x01payload",
+        ))
+    }
+
+    #[test]
+    fn a_delivery_with_a_known_offset_comes_back_whole() {
+        let delivery = Delivery {
+            frame: text(42),
+            except: Some(ConnId(9)),
+            offset: Some(42),
+        };
+        let decoded = decode(&encode_delivery(&delivery)).unwrap();
+        assert_eq!(decoded, Envelope::Delivery(delivery));
+    }
+
+    #[test]
+    fn an_offset_appended_by_the_backend_is_spliced_into_text_and_binary_frames() {
+        for (placeholder, expected) in [
+            (text(PLACEHOLDER), text(1234)),
+            (binary(PLACEHOLDER), binary(1234)),
+        ] {
+            let (frame, splice) = splice_point(&placeholder).unwrap();
+            let pending = Delivery {
+                frame,
+                except: None,
+                offset: None,
+            };
+            let mut wire = encode_delivery_awaiting_offset(&pending, splice).to_vec();
+            wire.extend_from_slice(b"1234");
+            let Envelope::Delivery(decoded) = decode(&wire).unwrap() else {
+                panic!("not a delivery");
+            };
+            assert_eq!(decoded.frame, expected);
+            assert_eq!(decoded.offset, Some(1234));
+        }
+        let (_, payload) = ServerEvent::decode_binary(match &binary(5) {
+            OutFrame::Binary(bytes) => bytes,
+            OutFrame::Text(_) => unreachable!(),
+        })
+        .unwrap();
+        assert_eq!(&payload[..], b"\x00\x01payload");
+    }
+
+    #[test]
+    fn a_control_comes_back_whole() {
+        let control = Control::Disconnect {
+            code: 4000,
+            reason: "bye".into(),
+        };
+        assert_eq!(
+            decode(&encode_control(&control)).unwrap(),
+            Envelope::Control(control)
+        );
+    }
+
+    #[test]
+    fn malformed_envelopes_are_refused_not_panicked_on() {
+        let good = encode_delivery(&Delivery {
+            frame: text(3),
+            except: None,
+            offset: Some(3),
+        });
+        for cut in 0..good.len() {
+            let _ = decode(&good[..cut]);
+        }
+        let mut other_version = good.to_vec();
+        other_version[0] = 2;
+        assert_eq!(decode(&other_version), Err(WireError::Version(2)));
+        let mut bad_splice = good.to_vec();
+        bad_splice[15..19].copy_from_slice(&u32::MAX.wrapping_sub(1).to_be_bytes());
+        assert_eq!(decode(&bad_splice), Err(WireError::Splice));
+    }
+}
