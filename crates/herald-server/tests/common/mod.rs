@@ -6,6 +6,7 @@
 pub mod hostile;
 pub mod pending;
 pub mod process;
+pub mod redis;
 pub mod tls;
 
 use std::net::SocketAddr;

@@ -1,0 +1,117 @@
+//! A real `redis-server` on a free port, started by a test and stopped when dropped. Tests that
+//! need one call [`RedisServer::start`], which returns `None` after a loud notice when the
+//! binary is absent, unless `HERALD_REQUIRE_REDIS=1` (CI sets it): then a missing binary fails.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    /// The data folder (AOF, dumps); kept across [`restart`](Self::restart).
+    pub dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    /// Starts a standalone Redis with `extra` arguments (e.g. `["--appendonly", "yes"]`).
+    pub async fn start_with(extra: &[&str]) -> Option<RedisServer> {
+        redis_binary()?;
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|arg| arg.to_string()).collect(),
+        };
+        server.spawn().await;
+        Some(server)
+    }
+
+    pub async fn start() -> Option<RedisServer> {
+        Self::start_with(&[]).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let mut child = Command::new(redis_binary().unwrap())
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server starts");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if line.contains("Ready to accept connections") {
+                    return;
+                }
+            }
+            panic!("redis-server exited before it was ready");
+        };
+        tokio::time::timeout(Duration::from_secs(20), ready)
+            .await
+            .expect("redis-server ready within 20 s");
+        // Keep draining its output so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
+    }
+
+    /// Kills the server at once (SIGKILL): what a crash looks like to its clients.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+
+    /// Starts it again on the same port and data folder (after [`kill`](Self::kill)).
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+}
+
+fn redis_binary() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("redis-server"))
+            .find(|path| path.is_file())
+    });
+    if found.is_none() {
+        if std::env::var("HERALD_REQUIRE_REDIS").as_deref() == Ok("1") {
+            panic!("redis-server is not installed and HERALD_REQUIRE_REDIS=1");
+        }
+        eprintln!(
+            "\n\n*** NOTICE: redis-server is not installed: this Redis test is SKIPPED \
+             (apt-get install redis-server) ***\n\n"
+        );
+    }
+    found
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
