@@ -6,6 +6,8 @@
 //! on one Cluster shard, so each script touches one shard and no operation needs a transaction
 //! across users.
 
+pub mod store;
+
 use redis::aio::ConnectionLike;
 use redis::{Cmd, ProtocolVersion, RedisFuture, Value};
 
@@ -27,6 +29,11 @@ impl Keys {
         Keys {
             prefix: prefix.to_owned(),
         }
+    }
+
+    /// The deployment's prefix, which every key and channel starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// A key about one room: `PREFIX:{room:ROOM}:SUFFIX`.
