@@ -46,9 +46,11 @@ use std::sync::Arc;
 
 use crate::auth::{AuthSetupError, Authenticator};
 use crate::config::Config;
+use crate::engine::broker::Broker;
 use crate::engine::memory::{MemoryBroker, MemoryPresence};
 use crate::engine::sqlite::SqliteStore;
 use crate::engine::store::StoreError;
+use crate::engine::timed::TimedBroker;
 use crate::node::Node;
 
 /// Why a node could not be built.
@@ -67,15 +69,17 @@ pub fn embedded_node(
     generated_secret: Option<&str>,
 ) -> Result<Arc<Node>, SetupError> {
     let auth = Authenticator::from_config(&config.auth, generated_secret)?;
+    let broker: Arc<dyn Broker> = Arc::new(TimedBroker(Arc::new(MemoryBroker::new())));
     let store = SqliteStore::open(
         &config.store.path,
         config.store.synchronous,
         config.store.limits(),
+        broker.clone(),
     )?;
     Ok(Node::new(
         Arc::new(config),
         auth,
-        Arc::new(MemoryBroker::new()),
+        broker,
         Arc::new(MemoryPresence::new()),
         Arc::new(store),
     ))

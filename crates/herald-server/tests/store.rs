@@ -1,4 +1,5 @@
-//! The `Store` contract, run against every backend through a factory (one today: SQLite).
+//! The `Store` contract, run against every backend through a factory. Each store publishes to a
+//! started in-memory broker whose handler records what reaches it, in order.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -6,19 +7,56 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald_protocol::Payload;
+use herald_server::delivery::{Channel, Control, Delivery};
+use herald_server::engine::broker::{Broker, DeliveryHandler};
+use herald_server::engine::memory::MemoryBroker;
 use herald_server::engine::sqlite::{SqliteStore, Synchronous};
 use herald_server::engine::store::{
     Append, Appended, NewMessage, Offset, Retention, Store, StoreError, StoreLimits,
 };
 use serde_json::value::RawValue;
-use tokio::sync::oneshot;
 
-type Factory = fn(&Path, StoreLimits) -> Result<Arc<dyn Store>, StoreError>;
+type Factory = fn(&Path, StoreLimits, Arc<dyn Broker>) -> Result<Arc<dyn Store>, StoreError>;
 
 fn backends() -> Vec<(&'static str, Factory)> {
-    vec![("sqlite", |folder, limits| {
-        Ok(Arc::new(SqliteStore::open(folder, Synchronous::Normal, limits)?) as Arc<dyn Store>)
+    vec![("sqlite", |folder, limits, broker| {
+        Ok(Arc::new(SqliteStore::open(
+            folder,
+            Synchronous::Normal,
+            limits,
+            broker,
+        )?) as Arc<dyn Store>)
     })]
+}
+
+/// What the store published, in the order the broker received it.
+#[derive(Default)]
+struct Published {
+    deliveries: Mutex<Vec<(Channel, Delivery)>>,
+}
+
+impl DeliveryHandler for Published {
+    fn deliver(&self, channel: &Channel, delivery: &Delivery) {
+        self.deliveries
+            .lock()
+            .unwrap()
+            .push((channel.clone(), delivery.clone()));
+    }
+
+    fn control(&self, _channel: &Channel, _control: &Control) {}
+}
+
+/// A started broker and what reaches it.
+fn recording_broker() -> (Arc<dyn Broker>, Arc<Published>) {
+    let published = Arc::new(Published::default());
+    let broker = Arc::new(MemoryBroker::new());
+    broker.start(published.clone());
+    (broker, published)
+}
+
+/// Opens a backend's store on a recording broker (the recording is not kept).
+fn open_store(open: Factory, folder: &Path, limits: StoreLimits) -> Arc<dyn Store> {
+    open(folder, limits, recording_broker().0).unwrap()
 }
 
 fn message(from: &str, ts: u64, text: &str) -> NewMessage {
@@ -30,19 +68,9 @@ fn message(from: &str, ts: u64, text: &str) -> NewMessage {
     }
 }
 
-/// Appends and waits for the commit.
+/// Appends and waits until it is stored and published.
 async fn append(store: &dyn Store, append: Append) -> Appended {
-    let (done, committed) = oneshot::channel();
-    store
-        .append(
-            append,
-            Box::new(move |result| {
-                let _ = done.send(result);
-            }),
-        )
-        .await
-        .unwrap();
-    committed.await.unwrap().unwrap()
+    store.append(append, None).await.unwrap().await.unwrap()
 }
 
 async fn to_room(store: &dyn Store, room: &str, ts: u64, text: &str) -> u64 {
@@ -81,7 +109,7 @@ async fn direct(store: &dyn Store, from: &str, to: &[&str], ts: u64, text: &str)
 async fn offsets_are_dense_per_stream_and_survive_a_reopen_with_the_same_epoch() {
     for (name, open) in backends() {
         let folder = tempfile::tempdir().unwrap();
-        let store = open(folder.path(), StoreLimits::default()).unwrap();
+        let store = open_store(open, folder.path(), StoreLimits::default());
         for n in 1..=3 {
             assert_eq!(to_room(&*store, "a", 1, "x").await, n, "{name}");
         }
@@ -94,7 +122,7 @@ async fn offsets_are_dense_per_stream_and_survive_a_reopen_with_the_same_epoch()
         store.close().await;
         drop(store);
 
-        let store = open(folder.path(), StoreLimits::default()).unwrap();
+        let store = open_store(open, folder.path(), StoreLimits::default());
         let after = store.room_bounds("a").await.unwrap();
         assert_eq!(after, before, "{name}");
         assert_eq!(to_room(&*store, "a", 1, "x").await, 4, "{name}");
@@ -103,36 +131,22 @@ async fn offsets_are_dense_per_stream_and_survive_a_reopen_with_the_same_epoch()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commit_callbacks_run_in_offset_order_under_concurrent_appends() {
+async fn a_streams_frames_are_published_in_offset_order_under_concurrent_appends() {
     for (name, open) in backends() {
         let folder = tempfile::tempdir().unwrap();
-        let store = open(folder.path(), StoreLimits::default()).unwrap();
-        let order = Arc::new(Mutex::new(Vec::new()));
+        let (broker, published) = recording_broker();
+        let store = open(folder.path(), StoreLimits::default(), broker).unwrap();
         let mut tasks = Vec::new();
         for task in 0..8 {
             let store = store.clone();
-            let order = order.clone();
             tasks.push(tokio::spawn(async move {
                 let mut waits = Vec::new();
                 for n in 0..200 {
-                    let (done, committed) = oneshot::channel();
-                    let order = order.clone();
-                    store
-                        .append(
-                            Append::Room {
-                                room: "busy".into(),
-                                message: message("p", 1, &format!("{task}-{n}")),
-                            },
-                            Box::new(move |result| {
-                                if let Ok(Appended::Room { position, .. }) = result {
-                                    order.lock().unwrap().push(position.offset.0);
-                                }
-                                let _ = done.send(());
-                            }),
-                        )
-                        .await
-                        .unwrap();
-                    waits.push(committed);
+                    let append = Append::Room {
+                        room: "busy".into(),
+                        message: message("p", 1, &format!("{task}-{n}")),
+                    };
+                    waits.push(store.append(append, None).await.unwrap());
                 }
                 for wait in waits {
                     wait.await.unwrap();
@@ -142,7 +156,17 @@ async fn commit_callbacks_run_in_offset_order_under_concurrent_appends() {
         for task in tasks {
             task.await.unwrap();
         }
-        let order = order.lock().unwrap().clone();
+        // Every append resolved only after its frame was published, so all 1,600 are here.
+        let order: Vec<u64> = published
+            .deliveries
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(channel, delivery)| {
+                assert_eq!(*channel, Channel::Room("busy".into()), "{name}");
+                delivery.offset.unwrap()
+            })
+            .collect();
         let expected: Vec<u64> = (1..=1600).collect();
         assert_eq!(order, expected, "{name}");
         store.close().await;
@@ -153,7 +177,7 @@ async fn commit_callbacks_run_in_offset_order_under_concurrent_appends() {
 async fn history_pages_are_oldest_first_with_a_more_flag() {
     for (name, open) in backends() {
         let folder = tempfile::tempdir().unwrap();
-        let store = open(folder.path(), StoreLimits::default()).unwrap();
+        let store = open_store(open, folder.path(), StoreLimits::default());
         for n in 1..=5 {
             to_room(&*store, "r", n, &format!("m{n}")).await;
         }
@@ -179,7 +203,7 @@ async fn history_pages_are_oldest_first_with_a_more_flag() {
 async fn a_direct_message_lands_in_every_inbox_and_both_conversations() {
     for (name, open) in backends() {
         let folder = tempfile::tempdir().unwrap();
-        let store = open(folder.path(), StoreLimits::default()).unwrap();
+        let store = open_store(open, folder.path(), StoreLimits::default());
         assert_eq!(direct(&*store, "alice", &["bob"], 1, "one").await, [1]);
         assert_eq!(
             direct(&*store, "carol", &["bob", "dave"], 2, "two").await,
@@ -211,7 +235,7 @@ async fn a_direct_message_lands_in_every_inbox_and_both_conversations() {
 async fn the_inbox_mark_only_moves_forward_and_never_past_the_newest_entry() {
     for (name, open) in backends() {
         let folder = tempfile::tempdir().unwrap();
-        let store = open(folder.path(), StoreLimits::default()).unwrap();
+        let store = open_store(open, folder.path(), StoreLimits::default());
         for n in 0..3 {
             direct(&*store, "alice", &["bob"], n, "x").await;
         }
@@ -246,7 +270,7 @@ async fn the_inbox_mark_only_moves_forward_and_never_past_the_newest_entry() {
 async fn each_device_reads_from_its_own_mark_and_a_new_one_from_the_floor() {
     for (name, open) in backends() {
         let folder = tempfile::tempdir().unwrap();
-        let store = open(folder.path(), StoreLimits::default()).unwrap();
+        let store = open_store(open, folder.path(), StoreLimits::default());
         for n in 0..4 {
             direct(&*store, "alice", &["bob"], n, "x").await;
         }
@@ -302,7 +326,7 @@ async fn past_the_device_bound_the_least_recently_acknowledged_mark_is_evicted()
             max_devices_per_user: 2,
             ..StoreLimits::default()
         };
-        let store = open(folder.path(), limits).unwrap();
+        let store = open_store(open, folder.path(), limits);
         for n in 0..3 {
             direct(&*store, "alice", &["bob"], n, "x").await;
         }
@@ -341,7 +365,7 @@ async fn inboxes_and_conversations_emptied_by_age_are_removed_but_acknowledged_o
     const DAY_MS: u64 = 24 * 3600 * 1000;
     for (name, open) in backends() {
         let folder = tempfile::tempdir().unwrap();
-        let store = open(folder.path(), StoreLimits::default()).unwrap();
+        let store = open_store(open, folder.path(), StoreLimits::default());
         let now = 100 * DAY_MS;
         // To made-up names: never read, so only age removes them.
         for ghost in ["ghost-1", "ghost-2"] {
@@ -377,7 +401,7 @@ async fn retention_removes_old_prefixes_by_count_and_by_age() {
     const DAY_MS: u64 = 24 * 3600 * 1000;
     for (name, open) in backends() {
         let folder = tempfile::tempdir().unwrap();
-        let store = open(folder.path(), StoreLimits::default()).unwrap();
+        let store = open_store(open, folder.path(), StoreLimits::default());
         let now = 100 * DAY_MS;
         for n in 1..=10 {
             to_room(&*store, "counted", now, &n.to_string()).await;
@@ -427,25 +451,22 @@ async fn retention_removes_old_prefixes_by_count_and_by_age() {
 async fn appends_are_not_held_up_behind_a_long_pruning_pass() {
     let folder = tempfile::tempdir().unwrap();
     let store = Arc::new(
-        SqliteStore::open(folder.path(), Synchronous::Normal, StoreLimits::default()).unwrap(),
+        SqliteStore::open(
+            folder.path(),
+            Synchronous::Normal,
+            StoreLimits::default(),
+            recording_broker().0,
+        )
+        .unwrap(),
     );
     // A backlog of 30,000 messages, appended without waiting for each commit.
     let mut waits = Vec::new();
     for n in 0..30_000u64 {
-        let (done, committed) = oneshot::channel();
-        store
-            .append(
-                Append::Room {
-                    room: "backlog".into(),
-                    message: message("p", n, "x"),
-                },
-                Box::new(move |_| {
-                    let _ = done.send(());
-                }),
-            )
-            .await
-            .unwrap();
-        waits.push(committed);
+        let append = Append::Room {
+            room: "backlog".into(),
+            message: message("p", n, "x"),
+        };
+        waits.push(store.append(append, None).await.unwrap());
     }
     for wait in waits {
         wait.await.unwrap();
@@ -462,20 +483,11 @@ async fn appends_are_not_held_up_behind_a_long_pruning_pass() {
     while store.stats().prune_steps.load(Ordering::Relaxed) == 0 {
         tokio::task::yield_now().await;
     }
-    let (done, committed) = oneshot::channel();
-    store
-        .append(
-            Append::Room {
-                room: "other".into(),
-                message: message("p", 0, "urgent"),
-            },
-            Box::new(move |_| {
-                let _ = done.send(());
-            }),
-        )
-        .await
-        .unwrap();
-    committed.await.unwrap();
+    let urgent = Append::Room {
+        room: "other".into(),
+        message: message("p", 0, "urgent"),
+    };
+    store.append(urgent, None).await.unwrap().await.unwrap();
     // Steps delete 1,000 rows each: most of the backlog is still there when the append is done.
     let bounds = store.room_bounds("backlog").await.unwrap();
     assert!(
@@ -494,8 +506,13 @@ async fn pruned_direct_messages_leave_the_file_and_new_ones_read_back_whole() {
     const DAY_MS: u64 = 24 * 3600 * 1000;
     let now = 100 * DAY_MS;
     let folder = tempfile::tempdir().unwrap();
-    let store =
-        SqliteStore::open(folder.path(), Synchronous::Normal, StoreLimits::default()).unwrap();
+    let store = SqliteStore::open(
+        folder.path(),
+        Synchronous::Normal,
+        StoreLimits::default(),
+        recording_broker().0,
+    )
+    .unwrap();
     for age_days in [5, 4, 3] {
         direct(
             &store,
@@ -537,11 +554,21 @@ async fn pruned_direct_messages_leave_the_file_and_new_ones_read_back_whole() {
 #[tokio::test]
 async fn a_second_store_on_the_same_folder_is_refused_while_the_first_is_open() {
     let folder = tempfile::tempdir().unwrap();
-    let first =
-        SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default()).unwrap();
-    let error = SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
-        .err()
-        .expect("a second writer on one folder must be refused");
+    let first = SqliteStore::open(
+        folder.path(),
+        Synchronous::Full,
+        StoreLimits::default(),
+        recording_broker().0,
+    )
+    .unwrap();
+    let error = SqliteStore::open(
+        folder.path(),
+        Synchronous::Full,
+        StoreLimits::default(),
+        recording_broker().0,
+    )
+    .err()
+    .expect("a second writer on one folder must be refused");
     let text = error.to_string();
     assert!(text.contains("in use by another herald process"), "{text}");
     assert!(
@@ -549,8 +576,13 @@ async fn a_second_store_on_the_same_folder_is_refused_while_the_first_is_open() 
         "{text}"
     );
     first.close().await;
-    SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
-        .expect("free again after close");
+    SqliteStore::open(
+        folder.path(),
+        Synchronous::Full,
+        StoreLimits::default(),
+        recording_broker().0,
+    )
+    .expect("free again after close");
 }
 
 #[tokio::test]
@@ -562,9 +594,14 @@ async fn a_file_that_is_not_a_database_is_refused_naming_its_path() {
         b"these are not the bytes of a SQLite database, not at all",
     )
     .unwrap();
-    let error = SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
-        .err()
-        .expect("must be refused");
+    let error = SqliteStore::open(
+        folder.path(),
+        Synchronous::Full,
+        StoreLimits::default(),
+        recording_broker().0,
+    )
+    .err()
+    .expect("must be refused");
     let text = error.to_string();
     assert!(text.contains(&path.display().to_string()), "{text}");
     assert!(text.contains("not a database"), "{text}");
@@ -579,9 +616,14 @@ async fn a_sqlite_file_of_another_application_is_refused() {
         .execute_batch("CREATE TABLE accounts (id INTEGER PRIMARY KEY);")
         .unwrap();
     drop(other);
-    let error = SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
-        .err()
-        .expect("must be refused");
+    let error = SqliteStore::open(
+        folder.path(),
+        Synchronous::Full,
+        StoreLimits::default(),
+        recording_broker().0,
+    )
+    .err()
+    .expect("must be refused");
     let text = error.to_string();
     assert!(text.contains("not a Herald store"), "{text}");
 }
@@ -601,9 +643,14 @@ async fn a_store_of_an_older_schema_version_is_refused_and_left_untouched() {
     )
     .unwrap();
     drop(old);
-    let error = SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
-        .err()
-        .expect("must be refused");
+    let error = SqliteStore::open(
+        folder.path(),
+        Synchronous::Full,
+        StoreLimits::default(),
+        recording_broker().0,
+    )
+    .err()
+    .expect("must be refused");
     let text = error.to_string();
     assert!(text.contains(&path.display().to_string()), "{text}");
     assert!(text.contains("schema version 1"), "{text}");
