@@ -43,6 +43,10 @@ use crate::hub::{ConnHandle, Hub, RegisterError, StreamKey};
 use crate::idempotency::Idempotency;
 use crate::presence_window::{self, PresenceWindow};
 
+mod subscriptions;
+
+use subscriptions::Subscriptions;
+
 /// Messages in a `history` page when the request names no limit (capped by
 /// `store.history_max_limit`), and in the page sent with `recovered: false`.
 pub const DEFAULT_HISTORY_LIMIT: usize = 50;
@@ -56,6 +60,8 @@ pub struct Node {
     pub auth: Authenticator,
     pub hub: Hub,
     broker: Arc<dyn Broker>,
+    /// Subscribes and unsubscribes the broker as local membership changes.
+    subscriptions: Subscriptions,
     presence: Arc<dyn Presence>,
     /// Gathers rooms' joins and leaves into one `presence_diff` per window.
     presence_window: PresenceWindow,
@@ -205,6 +211,7 @@ impl Node {
             config,
             auth,
             hub: Hub::new(),
+            subscriptions: Subscriptions::new(broker.clone()),
             broker,
             presence,
             presence_window,
@@ -327,7 +334,9 @@ impl Node {
         let channel = Channel::User(handle.user().clone());
         let attached = async {
             if first_local {
-                self.broker.subscribe(&channel).await?;
+                self.subscriptions
+                    .follow(&channel, || self.hub.has_user(handle.user()))
+                    .await?;
             }
             self.presence.connect(handle.user(), handle.id()).await
         }
@@ -351,7 +360,8 @@ impl Node {
     async fn release(&self, handle: &ConnHandle) {
         if self.hub.unregister(handle.id(), handle.user()) {
             let channel = Channel::User(handle.user().clone());
-            if let Err(error) = self.broker.unsubscribe(&channel).await {
+            let wanted = || self.hub.has_user(handle.user());
+            if let Err(error) = self.subscriptions.follow(&channel, wanted).await {
                 tracing::warn!(%channel, %error, "unsubscribe failed");
             }
         }
@@ -459,7 +469,10 @@ impl Node {
     ) -> Result<RoomChange, EngineError> {
         let channel = Channel::Room(room.clone());
         if self.hub.join(room, handle)
-            && let Err(error) = self.broker.subscribe(&channel).await
+            && let Err(error) = self
+                .subscriptions
+                .follow(&channel, || self.hub.has_room(room))
+                .await
         {
             self.hub.leave(room, handle.id());
             return Err(error);
@@ -512,7 +525,8 @@ impl Node {
         handle.end_catch_up(&StreamKey::Room(room.clone()));
         if self.hub.leave(room, handle.id()) {
             let channel = Channel::Room(room.clone());
-            if let Err(error) = self.broker.unsubscribe(&channel).await {
+            let wanted = || self.hub.has_room(room);
+            if let Err(error) = self.subscriptions.follow(&channel, wanted).await {
                 tracing::warn!(%channel, %error, "unsubscribe failed");
             }
         }
