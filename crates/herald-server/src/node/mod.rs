@@ -11,7 +11,7 @@
 //! Stored messages (room messages unless `persist: false`, and direct messages) go to the store,
 //! which appends and publishes them in one step (see [`crate::engine::store`]): every stream's
 //! messages reach the hub in offset order and only after they are stored, which is what lets
-//! [`crate::catch_up`] replay stored messages with no gap and no duplicate. The sender's ack is
+//! [`crate::hub::catch_up`] replay stored messages with no gap and no duplicate. The sender's ack is
 //! sent after that too. Ephemeral messages, presence events and broadcasts skip the store and
 //! go to the broker at once.
 
@@ -26,10 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::catch_up::{PAGE, Replay, Source, history_message};
 use crate::config::Config;
-use crate::connection::control::CloseReason;
-use crate::connection::pending::PendingAuth;
 use crate::delivery::{Channel, ConnId, ConnIds, Control, Delivery, OutFrame};
 use crate::engine::EngineError;
 use crate::engine::broker::{Broker, DeliveryHandler};
@@ -39,6 +36,8 @@ use crate::engine::store::{
     Append, Appended, Epoch, NewMessage, Offset, PruneReport, Store, StoreError, StreamPosition,
 };
 use crate::engine::timed::TimedPresence;
+use crate::hub::catch_up::{PAGE, Replay, Source, history_message};
+use crate::hub::control::CloseReason;
 use crate::hub::{ConnHandle, Hub, RegisterError, StreamKey};
 use crate::idempotency::Idempotency;
 use crate::presence_window::{self, PresenceWindow};
@@ -78,8 +77,6 @@ pub struct Node {
     /// Cancelled when shutdown begins, before connections close: `/ready` answers 503 from
     /// then on.
     draining: CancellationToken,
-    /// Connections accepted without a token, still waiting for their `auth` message.
-    pub pending: Arc<PendingAuth>,
     /// Request ids of recent stored messages, so a client's retry is not stored twice.
     pub idempotency: Idempotency,
 }
@@ -195,7 +192,7 @@ impl Node {
         store: Arc<dyn Store>,
     ) -> Arc<Node> {
         let id: Arc<str> = if config.server.node_id.is_empty() {
-            format!("node-{:08x}", rand::random::<u32>()).into()
+            random_id().into()
         } else {
             config.server.node_id.as_str().into()
         };
@@ -222,7 +219,6 @@ impl Node {
             tasks: TaskTracker::new(),
             background: TaskTracker::new(),
             draining: CancellationToken::new(),
-            pending: Arc::default(),
             idempotency,
         });
         node.broker.start(node.clone());
@@ -963,6 +959,11 @@ async fn prune_periodically(
             tracing::warn!(%error, "retention pass failed");
         }
     }
+}
+
+/// A name for a node configured without `server.node_id`.
+pub fn random_id() -> String {
+    format!("node-{:08x}", rand::random::<u32>())
 }
 
 fn unix_millis() -> u64 {
