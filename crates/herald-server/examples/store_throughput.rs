@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 
 use herald_protocol::Payload;
 use herald_server::config::{Config, Synchronous};
+use herald_server::engine::broker::Broker;
 use herald_server::engine::memory::{MemoryBroker, MemoryPresence};
 use herald_server::engine::sqlite::SqliteStore;
 use herald_server::engine::store::{Append, NewMessage, Store, StoreLimits};
 use herald_server::node::Node;
 use serde_json::value::RawValue;
-use tokio::sync::oneshot;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -139,11 +139,19 @@ async fn main() {
         .path
         .clone()
         .unwrap_or_else(|| temporary.path().to_owned());
-    let store =
-        Arc::new(SqliteStore::open(&folder, args.synchronous, StoreLimits::default()).unwrap());
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+    let store = Arc::new(
+        SqliteStore::open(
+            &folder,
+            args.synchronous,
+            StoreLimits::default(),
+            broker.clone(),
+        )
+        .unwrap(),
+    );
     let started = Instant::now();
     if args.via_node {
-        run_node(&args, store.clone()).await;
+        run_node(&args, broker, store.clone()).await;
     } else {
         run_store(&args, store.clone()).await;
     }
@@ -183,23 +191,13 @@ async fn run_store(args: &Args, store: Arc<SqliteStore>) {
                         message,
                     },
                 };
-                let (done, committed) = oneshot::channel();
-                store
-                    .append(
-                        append,
-                        Box::new(move |result| {
-                            let _ = done.send(result.is_ok());
-                        }),
-                    )
-                    .await
-                    .unwrap();
-                pending.push_back(committed);
+                pending.push_back(store.append(append, None).await.unwrap());
                 if pending.len() >= in_flight {
-                    assert!(pending.pop_front().unwrap().await.unwrap());
+                    pending.pop_front().unwrap().await.unwrap();
                 }
             }
             for committed in pending {
-                assert!(committed.await.unwrap());
+                committed.await.unwrap();
             }
         }));
     }
@@ -208,14 +206,14 @@ async fn run_store(args: &Args, store: Arc<SqliteStore>) {
     }
 }
 
-async fn run_node(args: &Args, store: Arc<SqliteStore>) {
+async fn run_node(args: &Args, broker: Arc<dyn Broker>, store: Arc<SqliteStore>) {
     let mut config = Config::default();
     config.auth.secret = Some("benchmark-secret-0123456789".into());
     let auth = herald_server::auth::Authenticator::from_config(&config.auth, None).unwrap();
     let node = Node::new(
         Arc::new(config),
         auth,
-        Arc::new(MemoryBroker::new()),
+        broker,
         Arc::new(MemoryPresence::new()),
         store,
     );

@@ -8,15 +8,16 @@
 //! - [`http`]: the router: WebSocket upgrade (`/ws`, `/ws/{room}`), the server API (`/api/`),
 //!   `/metrics`, `/health`, `/ready`, static files at `/`.
 //! - [`transport`]: how a request becomes a WebSocket, with which limits.
-//! - [`connection`]: one client: reader, session (requests), writer (bounded outbox, batching,
-//!   heartbeat deadline), and the control block they share.
+//! - [`connection`]: one client: reader, session (requests), writer (batching, heartbeat
+//!   deadline).
 //! - [`node`]: every operation (send, publish, join, history, …) joining the hub to the
 //!   engines; messages are encoded once here, stored ones after their commit.
 //! - [`presence_window`]: room joins and leaves gathered per window into one
 //!   `presence_diff` per room.
-//! - [`catch_up`]: replaying stored messages to one connection (inbox at connect, `join` with
-//!   `since`) with no gap and no duplicate at the seam with live ones.
-//! - [`hub`]: this node's connections by id, user and room; fans out shared bytes.
+//! - [`hub`]: this node's connections by id, user and room; fans out shared bytes into each
+//!   connection's bounded outbox; the control block a connection's reader, writer and the hub
+//!   share; catch-up (replaying stored messages to one connection, inbox at connect and `join`
+//!   with `since`, with no gap and no duplicate at the seam with live ones).
 //! - [`idempotency`]: request ids of recent stored messages, so a retry is answered, not
 //!   stored twice.
 //! - [`engine`]: `Broker`, `Presence` and `Store` traits with their embedded backends
@@ -26,7 +27,6 @@
 //! - [`metrics`]: the process-wide Prometheus recorder and the catalogue of metrics.
 
 pub mod auth;
-pub mod catch_up;
 pub mod config;
 pub mod connection;
 pub mod delivery;
@@ -46,9 +46,11 @@ use std::sync::Arc;
 
 use crate::auth::{AuthSetupError, Authenticator};
 use crate::config::Config;
+use crate::engine::broker::Broker;
 use crate::engine::memory::{MemoryBroker, MemoryPresence};
 use crate::engine::sqlite::SqliteStore;
 use crate::engine::store::StoreError;
+use crate::engine::timed::TimedBroker;
 use crate::node::Node;
 
 /// Why a node could not be built.
@@ -67,15 +69,17 @@ pub fn embedded_node(
     generated_secret: Option<&str>,
 ) -> Result<Arc<Node>, SetupError> {
     let auth = Authenticator::from_config(&config.auth, generated_secret)?;
+    let broker: Arc<dyn Broker> = Arc::new(TimedBroker(Arc::new(MemoryBroker::new())));
     let store = SqliteStore::open(
         &config.store.path,
         config.store.synchronous,
         config.store.limits(),
+        broker.clone(),
     )?;
     Ok(Node::new(
         Arc::new(config),
         auth,
-        Arc::new(MemoryBroker::new()),
+        broker,
         Arc::new(MemoryPresence::new()),
         Arc::new(store),
     ))

@@ -254,3 +254,52 @@ async fn a_slow_consumer_is_cut_off_while_a_fast_one_receives_everything() {
         "the slow consumer was cut off (got {slow_got})"
     );
 }
+
+/// A direct message costs the rate limit one unit per distinct recipient: one client cannot
+/// make the store and the fan-out do 100 deliveries per frame at the frame rate.
+#[tokio::test]
+async fn a_direct_message_costs_the_rate_limit_per_recipient() {
+    let server = TestServer::start_with(|c| {
+        c.limits.messages_per_second = 1;
+        c.limits.burst = 11;
+        c.limits.max_recipients = 20;
+    })
+    .await;
+    let mut client = server.connect("alice").await;
+    let ten: Vec<String> = (0..10).map(|n| format!("friend{n}")).collect();
+    // Ten recipients (one named twice) take ten of the eleven units...
+    let mut to = ten.clone();
+    to.push("friend0".into());
+    match client
+        .request(json!({"type": "send", "to": to, "content": "hi"}))
+        .await
+    {
+        ServerEvent::Ack(ack) => assert!(ack.offsets.is_some()),
+        other => panic!("{other:?}"),
+    }
+    // ...so the next one to ten gets its frame's unit but not the nine more it needs.
+    match client
+        .request(json!({"type": "send", "to": ten, "content": "again"}))
+        .await
+    {
+        ServerEvent::Error(error) => {
+            assert_eq!(error.code, ErrorCode::RateLimited);
+            assert!(error.message.contains("per recipient"), "{}", error.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    // More recipients than the burst can ever hold is a limit, not a wait.
+    let twenty: Vec<String> = (0..20).map(|n| format!("friend{n}")).collect();
+    // The bucket is empty: the next frame needs the unit that refills in a second.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    match client
+        .request(json!({"type": "send", "to": twenty, "content": "all"}))
+        .await
+    {
+        ServerEvent::Error(error) => {
+            assert_eq!(error.code, ErrorCode::LimitExceeded, "{}", error.message);
+            assert!(error.message.contains("limits.burst"), "{}", error.message);
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,6 +1,8 @@
 //! The `Store` contract, run against every backend: SQLite, and Redis when `redis-server` is
-//! installed (a real one per test, see `common::redis`). Tests for what only one backend does
-//! follow the shared ones.
+//! installed (a real one per test, see `common::redis`). What a store publishes is recorded in
+//! order: SQLite's through a started in-memory broker whose handler records what reaches it,
+//! Redis's by a plain pub/sub subscription, decoded as a receiving node would. Tests for what
+//! only one backend does follow the shared ones.
 
 mod common;
 
@@ -12,7 +14,9 @@ use common::redis::RedisServer;
 use futures::StreamExt;
 use herald_protocol::{Payload, ServerEvent};
 use herald_server::config::RedisConfig;
-use herald_server::delivery::{Channel, OutFrame};
+use herald_server::delivery::{Channel, Control, Delivery, OutFrame};
+use herald_server::engine::broker::{Broker, DeliveryHandler};
+use herald_server::engine::memory::MemoryBroker;
 use herald_server::engine::redis::Keys;
 use herald_server::engine::redis::store::RedisStore;
 use herald_server::engine::sqlite::{SqliteStore, Synchronous};
@@ -22,7 +26,6 @@ use herald_server::engine::store::{
 use herald_server::engine::wire::{self, Envelope};
 use serde_json::value::RawValue;
 use tempfile::TempDir;
-use tokio::sync::oneshot;
 
 /// Where a store under test keeps its data; opening it again finds the same data.
 enum Backend {
@@ -32,7 +35,7 @@ enum Backend {
 
 struct RedisBackend {
     /// Stopped when the backend is dropped.
-    _server: RedisServer,
+    server: RedisServer,
     config: RedisConfig,
 }
 
@@ -41,10 +44,7 @@ async fn backends() -> Vec<Backend> {
     let mut backends = vec![Backend::Sqlite(tempfile::tempdir().unwrap())];
     if let Some(server) = RedisServer::start().await {
         let config = redis_config(&server);
-        backends.push(Backend::Redis(Box::new(RedisBackend {
-            _server: server,
-            config,
-        })));
+        backends.push(Backend::Redis(Box::new(RedisBackend { server, config })));
     }
     backends
 }
@@ -68,12 +68,36 @@ impl Backend {
     }
 
     async fn open(&self, limits: StoreLimits) -> Arc<dyn Store> {
+        self.open_recording(limits, &[]).await.0
+    }
+
+    /// Opens the store with a recording of what it publishes on `channels`.
+    async fn open_recording(
+        &self,
+        limits: StoreLimits,
+        channels: &[Channel],
+    ) -> (Arc<dyn Store>, Recording) {
         match self {
             Backend::Sqlite(folder) => {
-                Arc::new(SqliteStore::open(folder.path(), Synchronous::Normal, limits).unwrap())
+                let (broker, published) = recording_broker();
+                let store = SqliteStore::open(folder.path(), Synchronous::Normal, limits, broker);
+                (Arc::new(store.unwrap()), Recording::Broker(published))
             }
             Backend::Redis(redis) => {
-                Arc::new(RedisStore::open(&redis.config, limits).await.unwrap())
+                let keys = Keys::new(&redis.config.key_prefix);
+                let mut subscriber = redis::Client::open(redis.server.url())
+                    .unwrap()
+                    .get_async_pubsub()
+                    .await
+                    .unwrap();
+                for channel in channels {
+                    subscriber.subscribe(keys.channel(channel)).await.unwrap();
+                }
+                let store = RedisStore::open(&redis.config, limits).await.unwrap();
+                (
+                    Arc::new(store),
+                    Recording::PubSub(Box::new(subscriber), keys),
+                )
             }
         }
     }
@@ -81,6 +105,65 @@ impl Backend {
     /// Whether `inbox_may_hold_unacked` tracks inboxes (a store may always say true).
     fn tracks_unacked_inboxes(&self) -> bool {
         matches!(self, Backend::Sqlite(_))
+    }
+}
+
+/// What the store published, in the order the broker received it.
+#[derive(Default)]
+struct Published {
+    deliveries: Mutex<Vec<(Channel, Delivery)>>,
+}
+
+impl DeliveryHandler for Published {
+    fn deliver(&self, channel: &Channel, delivery: &Delivery) {
+        self.deliveries
+            .lock()
+            .unwrap()
+            .push((channel.clone(), delivery.clone()));
+    }
+
+    fn control(&self, _channel: &Channel, _control: &Control) {}
+}
+
+/// A started broker and what reaches it.
+fn recording_broker() -> (Arc<dyn Broker>, Arc<Published>) {
+    let published = Arc::new(Published::default());
+    let broker = Arc::new(MemoryBroker::new());
+    broker.start(published.clone());
+    (broker, published)
+}
+
+/// What a store published, as a receiving node reads it.
+enum Recording {
+    Broker(Arc<Published>),
+    PubSub(Box<redis::aio::PubSub>, Keys),
+}
+
+impl Recording {
+    /// The next `count` deliveries published since the last call, in order. Appends resolve
+    /// only once published, so they have been sent by then.
+    async fn take(&mut self, count: usize) -> Vec<(Channel, Delivery)> {
+        match self {
+            Recording::Broker(published) => {
+                let mut deliveries = published.deliveries.lock().unwrap();
+                assert!(deliveries.len() >= count, "{} published", deliveries.len());
+                deliveries.drain(..count).collect()
+            }
+            Recording::PubSub(subscriber, keys) => {
+                let messages = subscriber.on_message().take(count).map(|message| {
+                    let channel = keys.parse_channel(message.get_channel_name()).unwrap();
+                    let Envelope::Delivery(delivery) =
+                        wire::decode(message.get_payload_bytes()).unwrap()
+                    else {
+                        panic!("a delivery, not a control");
+                    };
+                    (channel, delivery)
+                });
+                tokio::time::timeout(common::EVENT_TIMEOUT, messages.collect())
+                    .await
+                    .expect("every published frame arrives")
+            }
+        }
     }
 }
 
@@ -93,22 +176,13 @@ fn message(from: &str, ts: u64, text: &str) -> NewMessage {
     }
 }
 
-/// Appends and waits for the commit.
+/// Appends and waits until it is stored and published.
 async fn append(store: &dyn Store, append: Append) -> Appended {
     try_append(store, append).await.unwrap()
 }
 
 async fn try_append(store: &dyn Store, append: Append) -> Result<Appended, StoreError> {
-    let (done, committed) = oneshot::channel();
-    store
-        .append(
-            append,
-            Box::new(move |result| {
-                let _ = done.send(result);
-            }),
-        )
-        .await?;
-    committed.await.unwrap()
+    store.append(append, None).await?.await
 }
 
 async fn to_room(store: &dyn Store, room: &str, ts: u64, text: &str) -> u64 {
@@ -169,41 +243,23 @@ async fn offsets_are_dense_per_stream_and_survive_a_reopen_with_the_same_epoch()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commit_callbacks_run_in_offset_order_under_concurrent_appends() {
+async fn a_streams_frames_are_published_in_offset_order_under_concurrent_appends() {
     for backend in backends().await {
         let name = backend.name();
-        if name == "redis" {
-            // Its scripts publish in offset order themselves; its callbacks, a bridge to the
-            // callback seam, run as replies arrive. Its order is tested below, per node.
-            continue;
-        }
-        let store = backend.open(StoreLimits::default()).await;
-        let order = Arc::new(Mutex::new(Vec::new()));
+        let (store, mut published) = backend
+            .open_recording(StoreLimits::default(), &[Channel::Room("busy".into())])
+            .await;
         let mut tasks = Vec::new();
         for task in 0..8 {
             let store = store.clone();
-            let order = order.clone();
             tasks.push(tokio::spawn(async move {
                 let mut waits = Vec::new();
                 for n in 0..200 {
-                    let (done, committed) = oneshot::channel();
-                    let order = order.clone();
-                    store
-                        .append(
-                            Append::Room {
-                                room: "busy".into(),
-                                message: message("p", 1, &format!("{task}-{n}")),
-                            },
-                            Box::new(move |result| {
-                                if let Ok(Appended::Room { position, .. }) = result {
-                                    order.lock().unwrap().push(position.offset.0);
-                                }
-                                let _ = done.send(());
-                            }),
-                        )
-                        .await
-                        .unwrap();
-                    waits.push(committed);
+                    let append = Append::Room {
+                        room: "busy".into(),
+                        message: message("p", 1, &format!("{task}-{n}")),
+                    };
+                    waits.push(store.append(append, None).await.unwrap());
                 }
                 for wait in waits {
                     wait.await.unwrap();
@@ -213,7 +269,16 @@ async fn commit_callbacks_run_in_offset_order_under_concurrent_appends() {
         for task in tasks {
             task.await.unwrap();
         }
-        let order = order.lock().unwrap().clone();
+        // Every append resolved only after its frame was published, so all 1,600 are here.
+        let order: Vec<u64> = published
+            .take(1600)
+            .await
+            .iter()
+            .map(|(channel, delivery)| {
+                assert_eq!(*channel, Channel::Room("busy".into()), "{name}");
+                delivery.offset.unwrap()
+            })
+            .collect();
         let expected: Vec<u64> = (1..=1600).collect();
         assert_eq!(order, expected, "{name}");
         store.close().await;
@@ -540,16 +605,74 @@ async fn a_direct_message_to_a_full_inbox_is_refused_naming_the_user() {
     }
 }
 
+#[tokio::test]
+async fn published_frames_carry_their_streams_offsets_and_the_senders_copy_none() {
+    for backend in backends().await {
+        let name = backend.name();
+        let channels = [
+            Channel::Room("lobby".into()),
+            Channel::User("bob".into()),
+            Channel::User("alice".into()),
+            Channel::User("carol".into()),
+        ];
+        let (store, mut published) = backend
+            .open_recording(StoreLimits::default(), &channels)
+            .await;
+        for text in ["first", "second"] {
+            try_append(&*store, room_append("lobby", text))
+                .await
+                .unwrap();
+        }
+        // bob's inbox holds one entry before alice writes: his frame must carry offset 2.
+        direct(&*store, "carol", &["bob"], 1, "earlier").await;
+        direct(&*store, "alice", &["bob"], 2, "hello").await;
+        let mut frames: Vec<(Channel, Option<u64>, String)> = published
+            .take(6)
+            .await
+            .into_iter()
+            .map(|(channel, delivery)| {
+                let OutFrame::Text(frame) = &delivery.frame else {
+                    panic!("{name}: a text frame");
+                };
+                let ServerEvent::Message(event) =
+                    ServerEvent::decode(std::str::from_utf8(frame).unwrap()).unwrap()
+                else {
+                    panic!("{name}: a message event");
+                };
+                assert_eq!(
+                    event.offset, delivery.offset,
+                    "{name}: the offset in the frame"
+                );
+                (
+                    channel,
+                    delivery.offset,
+                    event.content.unwrap().get().to_owned(),
+                )
+            })
+            .collect();
+        // Channels have no order between them: sort each direct message's two frames.
+        frames[2..4].sort_by_key(|(channel, _, _)| channel.to_string());
+        frames[4..].sort_by_key(|(channel, _, _)| channel.to_string());
+        let lobby = Channel::Room("lobby".into());
+        let user = |name: &str| Channel::User(name.into());
+        let expected: [(Channel, Option<u64>, String); 6] = [
+            (lobby.clone(), Some(1), r#""first""#.into()),
+            (lobby, Some(2), r#""second""#.into()),
+            (user("bob"), Some(1), r#""earlier""#.into()),
+            (user("carol"), None, r#""earlier""#.into()),
+            (user("alice"), None, r#""hello""#.into()),
+            (user("bob"), Some(2), r#""hello""#.into()),
+        ];
+        assert_eq!(frames, expected, "{name}");
+        store.close().await;
+    }
+}
+
 async fn redis_store(limits: StoreLimits) -> Option<(RedisServer, RedisConfig, RedisStore)> {
     let server = RedisServer::start().await?;
     let config = redis_config(&server);
     let store = RedisStore::open(&config, limits).await.unwrap();
     Some((server, config, store))
-}
-
-/// Appends through the Redis store's own seam and waits for Redis to have stored it.
-async fn redis_append(store: &RedisStore, append: Append) -> Result<Appended, StoreError> {
-    store.append(append, None).await?.await
 }
 
 fn room_append(room: &str, text: &str) -> Append {
@@ -602,89 +725,6 @@ async fn appends_from_two_nodes_interleave_with_offsets_one_apart_in_each_nodes_
 }
 
 #[tokio::test]
-async fn frames_published_by_the_append_scripts_carry_their_offsets() {
-    let Some((server, config, store)) = redis_store(StoreLimits::default()).await else {
-        return;
-    };
-    let keys = Keys::new(&config.key_prefix);
-    let mut subscriber = redis::Client::open(server.url())
-        .unwrap()
-        .get_async_pubsub()
-        .await
-        .unwrap();
-    for channel in [
-        Channel::Room("lobby".into()),
-        Channel::User("bob".into()),
-        Channel::User("alice".into()),
-    ] {
-        subscriber.subscribe(keys.channel(&channel)).await.unwrap();
-    }
-    for text in ["first", "second"] {
-        redis_append(&store, room_append("lobby", text))
-            .await
-            .unwrap();
-    }
-    // bob's inbox already holds one entry: his frame must carry offset 2.
-    direct(&store, "carol", &["bob"], 1, "earlier").await;
-    let mut received = subscriber.on_message();
-    let mut next = async || {
-        let message = tokio::time::timeout(common::EVENT_TIMEOUT, received.next())
-            .await
-            .expect("a frame within the timeout")
-            .expect("the subscription stays open");
-        let channel = keys.parse_channel(message.get_channel_name()).unwrap();
-        let Envelope::Delivery(delivery) = wire::decode(message.get_payload_bytes()).unwrap()
-        else {
-            panic!("a delivery, not a control");
-        };
-        let OutFrame::Text(frame) = &delivery.frame else {
-            panic!("a text frame");
-        };
-        let ServerEvent::Message(event) =
-            ServerEvent::decode(std::str::from_utf8(frame).unwrap()).unwrap()
-        else {
-            panic!("a message event");
-        };
-        assert_eq!(event.offset, delivery.offset, "the offset in the frame");
-        (
-            channel,
-            delivery.offset,
-            event.content.unwrap().get().to_owned(),
-        )
-    };
-    assert_eq!(
-        next().await,
-        (Channel::Room("lobby".into()), Some(1), r#""first""#.into())
-    );
-    assert_eq!(
-        next().await,
-        (Channel::Room("lobby".into()), Some(2), r#""second""#.into())
-    );
-    // Published by the inbox script, on bob's shard.
-    assert_eq!(next().await.1, Some(1));
-    redis_append(
-        &store,
-        Append::Direct {
-            to: vec!["bob".into()],
-            recipients: vec!["bob".into()],
-            message: message("alice", 2, "hello"),
-        },
-    )
-    .await
-    .unwrap();
-    let mut frames = vec![next().await, next().await];
-    frames.sort_by_key(|(channel, _, _)| channel.to_string());
-    assert_eq!(
-        frames,
-        [
-            (Channel::User("alice".into()), None, r#""hello""#.into()),
-            (Channel::User("bob".into()), Some(2), r#""hello""#.into()),
-        ],
-        "bob's frame has his inbox offset; the sender's copy has none"
-    );
-}
-
-#[tokio::test]
 async fn a_retried_direct_append_with_the_same_message_id_is_stored_once() {
     let Some((_server, _config, store)) = redis_store(StoreLimits::default()).await else {
         return;
@@ -698,8 +738,8 @@ async fn a_retried_direct_append_with_the_same_message_id_is_stored_once() {
         Appended::Direct { inbox, .. } => inbox,
         other => panic!("{other:?}"),
     };
-    let first = inbox(redis_append(&store, append.clone()).await.unwrap());
-    let retried = inbox(redis_append(&store, append).await.unwrap());
+    let first = inbox(try_append(&store, append.clone()).await.unwrap());
+    let retried = inbox(try_append(&store, append).await.unwrap());
     assert_eq!(retried, first, "the retry gets the first attempt's offsets");
     for user in ["bob", "carol"] {
         let read = store.read_inbox(user, None, Offset(0), 10).await.unwrap();
@@ -724,13 +764,13 @@ async fn while_redis_is_down_an_append_fails_as_unavailable_and_nothing_acknowle
     let store = RedisStore::open(&config, StoreLimits::default())
         .await
         .unwrap();
-    let stored = redis_append(&store, room_append("lobby", "kept")).await;
+    let stored = try_append(&store, room_append("lobby", "kept")).await;
     assert!(stored.is_ok(), "{stored:?}");
     server.kill().await;
     for text in ["lost", "lost again"] {
         let outcome = tokio::time::timeout(
             Duration::from_secs(30),
-            redis_append(&store, room_append("lobby", text)),
+            try_append(&store, room_append("lobby", text)),
         )
         .await
         .expect("an append fails in bounded time while Redis is down");
@@ -743,7 +783,7 @@ async fn while_redis_is_down_an_append_fails_as_unavailable_and_nothing_acknowle
     // The connection comes back on its own; until it has, appends keep failing as unavailable.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let offset = loop {
-        match redis_append(&store, room_append("lobby", "after")).await {
+        match try_append(&store, room_append("lobby", "after")).await {
             Ok(Appended::Room { position, .. }) => break position.offset.0,
             Ok(other) => panic!("{other:?}"),
             Err(StoreError::Unavailable { .. }) if tokio::time::Instant::now() < deadline => {
@@ -773,25 +813,22 @@ async fn while_redis_is_down_an_append_fails_as_unavailable_and_nothing_acknowle
 async fn appends_are_not_held_up_behind_a_long_pruning_pass() {
     let folder = tempfile::tempdir().unwrap();
     let store = Arc::new(
-        SqliteStore::open(folder.path(), Synchronous::Normal, StoreLimits::default()).unwrap(),
+        SqliteStore::open(
+            folder.path(),
+            Synchronous::Normal,
+            StoreLimits::default(),
+            recording_broker().0,
+        )
+        .unwrap(),
     );
     // A backlog of 30,000 messages, appended without waiting for each commit.
     let mut waits = Vec::new();
     for n in 0..30_000u64 {
-        let (done, committed) = oneshot::channel();
-        store
-            .append(
-                Append::Room {
-                    room: "backlog".into(),
-                    message: message("p", n, "x"),
-                },
-                Box::new(move |_| {
-                    let _ = done.send(());
-                }),
-            )
-            .await
-            .unwrap();
-        waits.push(committed);
+        let append = Append::Room {
+            room: "backlog".into(),
+            message: message("p", n, "x"),
+        };
+        waits.push(store.append(append, None).await.unwrap());
     }
     for wait in waits {
         wait.await.unwrap();
@@ -808,20 +845,11 @@ async fn appends_are_not_held_up_behind_a_long_pruning_pass() {
     while store.stats().prune_steps.load(Ordering::Relaxed) == 0 {
         tokio::task::yield_now().await;
     }
-    let (done, committed) = oneshot::channel();
-    store
-        .append(
-            Append::Room {
-                room: "other".into(),
-                message: message("p", 0, "urgent"),
-            },
-            Box::new(move |_| {
-                let _ = done.send(());
-            }),
-        )
-        .await
-        .unwrap();
-    committed.await.unwrap();
+    let urgent = Append::Room {
+        room: "other".into(),
+        message: message("p", 0, "urgent"),
+    };
+    store.append(urgent, None).await.unwrap().await.unwrap();
     // Steps delete 1,000 rows each: most of the backlog is still there when the append is done.
     let bounds = store.room_bounds("backlog").await.unwrap();
     assert!(
@@ -840,8 +868,13 @@ async fn pruned_direct_messages_leave_the_file_and_new_ones_read_back_whole() {
     const DAY_MS: u64 = 24 * 3600 * 1000;
     let now = 100 * DAY_MS;
     let folder = tempfile::tempdir().unwrap();
-    let store =
-        SqliteStore::open(folder.path(), Synchronous::Normal, StoreLimits::default()).unwrap();
+    let store = SqliteStore::open(
+        folder.path(),
+        Synchronous::Normal,
+        StoreLimits::default(),
+        recording_broker().0,
+    )
+    .unwrap();
     for age_days in [5, 4, 3] {
         direct(
             &store,
@@ -883,11 +916,21 @@ async fn pruned_direct_messages_leave_the_file_and_new_ones_read_back_whole() {
 #[tokio::test]
 async fn a_second_store_on_the_same_folder_is_refused_while_the_first_is_open() {
     let folder = tempfile::tempdir().unwrap();
-    let first =
-        SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default()).unwrap();
-    let error = SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
-        .err()
-        .expect("a second writer on one folder must be refused");
+    let first = SqliteStore::open(
+        folder.path(),
+        Synchronous::Full,
+        StoreLimits::default(),
+        recording_broker().0,
+    )
+    .unwrap();
+    let error = SqliteStore::open(
+        folder.path(),
+        Synchronous::Full,
+        StoreLimits::default(),
+        recording_broker().0,
+    )
+    .err()
+    .expect("a second writer on one folder must be refused");
     let text = error.to_string();
     assert!(text.contains("in use by another herald process"), "{text}");
     assert!(
@@ -895,8 +938,13 @@ async fn a_second_store_on_the_same_folder_is_refused_while_the_first_is_open() 
         "{text}"
     );
     first.close().await;
-    SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
-        .expect("free again after close");
+    SqliteStore::open(
+        folder.path(),
+        Synchronous::Full,
+        StoreLimits::default(),
+        recording_broker().0,
+    )
+    .expect("free again after close");
 }
 
 #[tokio::test]
@@ -908,9 +956,14 @@ async fn a_file_that_is_not_a_database_is_refused_naming_its_path() {
         b"these are not the bytes of a SQLite database, not at all",
     )
     .unwrap();
-    let error = SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
-        .err()
-        .expect("must be refused");
+    let error = SqliteStore::open(
+        folder.path(),
+        Synchronous::Full,
+        StoreLimits::default(),
+        recording_broker().0,
+    )
+    .err()
+    .expect("must be refused");
     let text = error.to_string();
     assert!(text.contains(&path.display().to_string()), "{text}");
     assert!(text.contains("not a database"), "{text}");
@@ -925,9 +978,14 @@ async fn a_sqlite_file_of_another_application_is_refused() {
         .execute_batch("CREATE TABLE accounts (id INTEGER PRIMARY KEY);")
         .unwrap();
     drop(other);
-    let error = SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
-        .err()
-        .expect("must be refused");
+    let error = SqliteStore::open(
+        folder.path(),
+        Synchronous::Full,
+        StoreLimits::default(),
+        recording_broker().0,
+    )
+    .err()
+    .expect("must be refused");
     let text = error.to_string();
     assert!(text.contains("not a Herald store"), "{text}");
 }
@@ -947,9 +1005,14 @@ async fn a_store_of_an_older_schema_version_is_refused_and_left_untouched() {
     )
     .unwrap();
     drop(old);
-    let error = SqliteStore::open(folder.path(), Synchronous::Full, StoreLimits::default())
-        .err()
-        .expect("must be refused");
+    let error = SqliteStore::open(
+        folder.path(),
+        Synchronous::Full,
+        StoreLimits::default(),
+        recording_broker().0,
+    )
+    .err()
+    .expect("must be refused");
     let text = error.to_string();
     assert!(text.contains(&path.display().to_string()), "{text}");
     assert!(text.contains("schema version 1"), "{text}");

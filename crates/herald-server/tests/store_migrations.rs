@@ -3,6 +3,9 @@
 
 use std::path::Path;
 
+use std::sync::Arc;
+
+use herald_server::engine::memory::MemoryBroker;
 use herald_server::engine::sqlite::{SqliteStore, Synchronous, schema};
 use herald_server::engine::store::{Offset, Store, StoreLimits};
 
@@ -86,8 +89,13 @@ async fn a_store_written_before_migrations_opens_with_every_message_and_keeps_co
     let folder = tempfile::tempdir().unwrap();
     write_release_3(folder.path());
 
-    let store =
-        SqliteStore::open(folder.path(), Synchronous::Normal, StoreLimits::default()).unwrap();
+    let store = SqliteStore::open(
+        folder.path(),
+        Synchronous::Normal,
+        StoreLimits::default(),
+        Arc::new(MemoryBroker::new()),
+    )
+    .unwrap();
     let room = store.read_room("lobby", Offset(0), 10).await.unwrap();
     assert_eq!(room.bounds.top.offset, Offset(2));
     assert_eq!(room.bounds.top.epoch.0, "00000000000000aa");
@@ -119,8 +127,13 @@ async fn a_store_written_before_migrations_opens_with_every_message_and_keeps_co
         schema::current_version() as i64
     );
     // Migrated once: it opens again as it is, marks and all.
-    let store =
-        SqliteStore::open(folder.path(), Synchronous::Normal, StoreLimits::default()).unwrap();
+    let store = SqliteStore::open(
+        folder.path(),
+        Synchronous::Normal,
+        StoreLimits::default(),
+        Arc::new(MemoryBroker::new()),
+    )
+    .unwrap();
     let inbox = store.read_inbox("bob", None, Offset(0), 10).await.unwrap();
     assert_eq!(inbox.acked, Offset(2));
     assert!(inbox.messages.is_empty());
@@ -132,8 +145,13 @@ async fn a_store_written_before_migrations_opens_with_every_message_and_keeps_co
 #[tokio::test]
 async fn a_store_written_by_a_newer_herald_is_refused_and_left_untouched() {
     let folder = tempfile::tempdir().unwrap();
-    let store =
-        SqliteStore::open(folder.path(), Synchronous::Normal, StoreLimits::default()).unwrap();
+    let store = SqliteStore::open(
+        folder.path(),
+        Synchronous::Normal,
+        StoreLimits::default(),
+        Arc::new(MemoryBroker::new()),
+    )
+    .unwrap();
     store.close().await;
     drop(store);
     let newer = schema::current_version() as i64 + 1;
@@ -144,9 +162,14 @@ async fn a_store_written_by_a_newer_herald_is_refused_and_left_untouched() {
     .unwrap();
     drop(conn);
 
-    let error = SqliteStore::open(folder.path(), Synchronous::Normal, StoreLimits::default())
-        .err()
-        .expect("a newer schema must be refused");
+    let error = SqliteStore::open(
+        folder.path(),
+        Synchronous::Normal,
+        StoreLimits::default(),
+        Arc::new(MemoryBroker::new()),
+    )
+    .err()
+    .expect("a newer schema must be refused");
     let text = error.to_string();
     assert!(text.contains(&format!("schema version {newer}")), "{text}");
     assert!(text.contains("newer herald"), "{text}");

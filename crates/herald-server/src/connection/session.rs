@@ -18,13 +18,13 @@ use herald_protocol::{
     PresenceReply, ProtocolError, Request, RequestBody, ServerEvent,
 };
 
-use super::control::ConnControl;
 use super::token_expiry;
 use crate::auth::Identity;
 use crate::delivery::{OutFrame, Outgoing};
 use crate::engine::EngineError;
 use crate::engine::store::{Epoch, Offset, StoreError};
 use crate::hub::ConnHandle;
+use crate::hub::control::ConnControl;
 use crate::idempotency::{Claim, Recorder, Target};
 use crate::node::{Node, Published, Recovery};
 
@@ -391,6 +391,7 @@ impl Session {
                 id,
             ));
         }
+        self.charge_recipients(&to, &id)?;
         let Ok(recorder) = self.claim(&id, "send", Target::Users(&to), &content) else {
             return Ok(None);
         };
@@ -407,6 +408,48 @@ impl Session {
             ..Ack::default()
         });
         Ok(None)
+    }
+
+    /// Charges a direct message's other recipients to the rate limit (the frame itself paid for
+    /// the first): what a message costs the node (stored inbox entries, frames encoded and
+    /// queued) grows with its recipients, so one connection's share of the store and the
+    /// fan-out is bounded by the deliveries it causes, not by its frames. Otherwise one client
+    /// sending to 100 recipients at the frame rate would cost the node as much as 100 clients.
+    fn charge_recipients(
+        &mut self,
+        to: &[String],
+        id: &Option<String>,
+    ) -> Result<(), ProtocolError> {
+        let mut distinct: Vec<&str> = to.iter().map(String::as_str).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let Some(extra) = NonZeroU32::new(distinct.len().saturating_sub(1) as u32) else {
+            return Ok(());
+        };
+        match self.limiter.check_n(extra) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => {
+                metrics::counter!("herald_rate_limited_total").increment(1);
+                Err(ProtocolError::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "a direct message costs one unit of the message rate limit per \
+                         recipient; {} recipients exceed what is left now",
+                        distinct.len()
+                    ),
+                    id.clone(),
+                ))
+            }
+            Err(_) => Err(ProtocolError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "a direct message costs one unit of the message rate limit per recipient; \
+                     {} recipients exceed limits.burst",
+                    distinct.len()
+                ),
+                id.clone(),
+            )),
+        }
     }
 
     /// Joins a room. With a recovery the ack goes out first, then the missed messages, then

@@ -11,6 +11,7 @@
 //! format between nodes. The hub never sees an engine, so adding one changes no routing code.
 
 pub mod broker;
+pub mod fanout;
 pub mod memory;
 pub mod presence;
 pub mod redis;

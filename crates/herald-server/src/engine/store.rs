@@ -7,12 +7,12 @@
 //!   no reuse, for as long as the stream's [`Epoch`] lasts. A new epoch (a recreated database)
 //!   restarts the offsets, so a client's `(offset, epoch)` position from another epoch is
 //!   reported as not recoverable instead of being silently misread.
-//! - Appends are durable before they are acknowledged: `on_commit` runs after the transaction
-//!   holding the message has committed, and only then may the sender be told.
-//! - `on_commit` callbacks run in commit order, one at a time, on the store's writer. So a
-//!   caller that fans messages out from its callback publishes each stream's messages in offset
-//!   order; a callback may block briefly (a bounded queue's backpressure) and that slows the
-//!   writer, never reorders it.
+//! - Append and publish are one operation: [`Store::append`] stores the message and hands its
+//!   frames ([`fanout::frames`](super::fanout::frames)) to the deployment's broker, and the
+//!   future it returns resolves only once both are done, so the sender is told only about a
+//!   durable, delivered message. Each stream's frames are published in offset order, whichever
+//!   node appends (a networked store assigns the offset and publishes in one atomic step), which
+//!   is what lets a catching-up connection drop what it already replayed by offset alone.
 //! - A direct message is stored in the conversation of the sender with each recipient and
 //!   appended to each recipient's inbox. An inbox keeps acknowledged marks, each the highest
 //!   offset confirmed: the user's, raised by every acknowledgement, and one per device that
@@ -35,6 +35,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use herald_protocol::Payload;
+
+use crate::delivery::ConnId;
 
 /// A position in one stream. Starts at 1; 0 means "before the first message".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -122,8 +124,8 @@ pub enum Appended {
     },
 }
 
-/// Runs on the writer once the append has committed (or failed); see the contract.
-pub type OnCommit = Box<dyn FnOnce(Result<Appended, StoreError>) + Send>;
+/// An append on its way: resolves once the message is stored and published, or has failed.
+pub type Committing = futures::future::BoxFuture<'static, Result<Appended, StoreError>>;
 
 /// A message read back from a stream.
 #[derive(Debug, Clone)]
@@ -252,9 +254,15 @@ pub enum StoreError {
 
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Queues an append; `on_commit` reports its outcome. Waits only while the writer's bounded
-    /// queue is full. Fails at once (without calling `on_commit`) when the store is closed.
-    async fn append(&self, append: Append, on_commit: OnCommit) -> Result<(), StoreError>;
+    /// Queues an append that publishes the message's frames, skipping the connection `except`
+    /// (see the contract). Waits only while the store's bounded queue is full; appends queued
+    /// one after another by one caller commit and publish in that order. Fails at once when
+    /// the store is closed.
+    async fn append(
+        &self,
+        append: Append,
+        except: Option<ConnId>,
+    ) -> Result<Committing, StoreError>;
 
     /// The room's messages with offsets in `after+1 ..`, at most `limit`, with the bounds.
     async fn read_room(

@@ -30,7 +30,7 @@ use std::task::Poll;
 use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::{BoxFuture, join_all};
-use herald_protocol::{Message, Payload};
+use herald_protocol::Payload;
 use redis::{Script, ScriptInvocation, Value};
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
@@ -38,14 +38,13 @@ use tokio::sync::Semaphore;
 use super::{Connection, Keys};
 use crate::config::RedisConfig;
 use crate::delivery::{Channel, ConnId, Delivery};
+use crate::engine::fanout;
 use crate::engine::store::{
-    Append, Appended, Epoch, InboxRead, NewMessage, Offset, OnCommit, Page, PruneReport, Retention,
-    Store, StoreError, StoreLimits, StoredMessage, StreamBounds, StreamPosition, StreamRead,
+    Append, Appended, Committing, Epoch, InboxRead, NewMessage, Offset, Page, PruneReport,
+    Retention, Store, StoreError, StoreLimits, StoredMessage, StreamBounds, StreamPosition,
+    StreamRead,
 };
 use crate::engine::wire;
-
-/// An append under way: resolves once the message is stored and its frames published.
-pub type Committing = BoxFuture<'static, Result<Appended, StoreError>>;
 
 /// Appends in flight at once; `append` waits for room past it (backpressure on publishers).
 const QUEUE: usize = 16 * 1024;
@@ -163,157 +162,6 @@ impl RedisStore {
             queue: Arc::new(Semaphore::new(QUEUE)),
             conversation_turn: Arc::default(),
             closed: AtomicBool::new(false),
-        }
-    }
-
-    /// Stores the message and publishes its frames (one per stream, each with its offset)
-    /// through Redis pub/sub. Waits only for room among the appends in flight; the returned
-    /// future resolves once Redis has stored and published it. The requests are sent before
-    /// this returns, so appends are ordered as they were called; poll the future to its end or
-    /// drop it (a direct message holds a turn that later direct messages wait for).
-    pub async fn append(
-        &self,
-        append: Append,
-        except: Option<ConnId>,
-    ) -> Result<Committing, StoreError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(StoreError::Closed);
-        }
-        let permit = self
-            .queue
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        let mut appended = awaiting_offsets(append);
-        let frames = frames(&appended, except);
-        match &appended {
-            Appended::Room { room, message, .. } => {
-                let (channel, delivery) = frames.first().ok_or_else(|| no_frame("room"))?;
-                let (meta, stream) = (self.keys.room(room, META), self.keys.room(room, STREAM));
-                let mut invocation = SCRIPTS.room_append.prepare_invoke();
-                invocation
-                    .key(meta)
-                    .key(stream)
-                    .key(self.keys.channel(channel))
-                    .arg(Epoch::random().0)
-                    .arg(self.publish)
-                    .arg(&awaiting_offset(delivery)?[..])
-                    .arg(&message.id)
-                    .arg(&*message.from)
-                    .arg(message.ts);
-                content_args(&mut invocation, &message.content);
-                let request = self.start(invocation).await;
-                Ok(async move {
-                    let _permit = permit;
-                    let reply = request.await.map_err(failed("append"))?;
-                    let position = room_position(reply)?;
-                    if let Appended::Room { position: at, .. } = &mut appended {
-                        *at = position;
-                    }
-                    Ok(appended)
-                }
-                .boxed())
-            }
-            Appended::Direct { inbox, .. } if inbox.is_empty() => {
-                Ok(futures::future::ready(Ok(appended)).boxed())
-            }
-            Appended::Direct { to, message, inbox } => {
-                let to = serde_json::to_string(to).map_err(|error| StoreError::Backend {
-                    operation: "append",
-                    reason: error.to_string(),
-                })?;
-                let mut inbox_requests = Vec::with_capacity(inbox.len());
-                let mut conversations = Vec::with_capacity(inbox.len());
-                for (user, _) in inbox {
-                    let delivery = frames
-                        .iter()
-                        .find(|(channel, delivery)| {
-                            delivery.offset.is_some()
-                                && matches!(channel, Channel::User(name) if **name == **user)
-                        })
-                        .map(|(_, delivery)| delivery)
-                        .ok_or_else(|| no_frame("direct"))?;
-                    let invocation = self.inbox_append(user, message, &to, delivery)?;
-                    inbox_requests.push(self.start(invocation).await);
-                    conversations.push(self.conversation_append(user, message, &to));
-                }
-                let sender_copy = frames
-                    .iter()
-                    .find(|(_, delivery)| delivery.offset.is_none())
-                    .map(|(channel, delivery)| {
-                        let mut publish = redis::cmd(self.publish);
-                        publish
-                            .arg(self.keys.channel(channel))
-                            .arg(&wire::encode_delivery(delivery)[..]);
-                        publish
-                    });
-                let turn = started(self.conversation_turn.clone().lock_owned().boxed()).await;
-                let connection = self.connection.clone();
-                let limit = self.limits.max_inbox_messages;
-                Ok(async move {
-                    let _permit = permit;
-                    let replies = join_all(inbox_requests).await;
-                    let mut stored = Vec::with_capacity(replies.len());
-                    let mut full = Vec::new();
-                    let mut failure = None;
-                    if let Appended::Direct { inbox, .. } = &mut appended {
-                        for ((user, offset), reply) in inbox.iter_mut().zip(replies) {
-                            let outcome = reply.map_err(failed("append")).and_then(inbox_offset);
-                            stored.push(matches!(outcome, Ok(Some(_))));
-                            match outcome {
-                                Ok(Some(at)) => *offset = at,
-                                Ok(None) => full.push(user.clone()),
-                                Err(error) => {
-                                    failure.get_or_insert(error);
-                                }
-                            }
-                        }
-                    }
-                    let turn = turn.await;
-                    let mut requests = Vec::with_capacity(conversations.len());
-                    for (invocation, stored) in conversations.into_iter().zip(stored) {
-                        if stored {
-                            requests.push(start(&connection, invocation).await);
-                        }
-                    }
-                    let sender_copy = match sender_copy {
-                        Some(publish) if full.is_empty() && failure.is_none() => {
-                            let mut connection = connection.clone();
-                            Some(
-                                started(
-                                    async move {
-                                        publish.query_async::<Value>(&mut connection).await
-                                    }
-                                    .boxed(),
-                                )
-                                .await,
-                            )
-                        }
-                        _ => None,
-                    };
-                    drop(turn);
-                    let written = join_all(requests).await;
-                    if let Some(published) = sender_copy
-                        && let Err(error) = published.await
-                    {
-                        // Pub/sub is at-most-once: the message is stored, which is what the
-                        // sender is told; their other connections find it in history.
-                        tracing::warn!(%error, "the sender's copy of a direct message was not published");
-                    }
-                    if let Some(error) = failure {
-                        return Err(error);
-                    }
-                    for reply in written {
-                        reply.map_err(failed("append"))?;
-                    }
-                    if !full.is_empty() {
-                        return Err(StoreError::InboxFull { users: full, limit });
-                    }
-                    Ok(appended)
-                }
-                .boxed())
-            }
         }
     }
 
@@ -609,74 +457,6 @@ fn awaiting_offsets(append: Append) -> Appended {
     }
 }
 
-/// The frames of a message with their channels: one per recipient's inbox with its offset, and
-/// for a direct message a copy without offset for the sender's other connections (unless the
-/// sender is a recipient).
-fn frames(appended: &Appended, except: Option<ConnId>) -> Vec<(Channel, Delivery)> {
-    let header =
-        |to: Option<Vec<String>>, room: Option<&str>, message: &NewMessage, offset| Message {
-            id: message.id.clone(),
-            from: message.from.to_string(),
-            to,
-            room: room.map(str::to_owned),
-            content: None,
-            ts: message.ts,
-            offset,
-            encoding: None,
-        };
-    match appended {
-        Appended::Room {
-            room,
-            message,
-            position,
-        } => {
-            let offset = position.offset.0;
-            let frame = crate::node::encode(
-                header(None, Some(room), message, Some(offset)),
-                message.content.clone(),
-            );
-            vec![(
-                Channel::Room(room.clone()),
-                Delivery {
-                    frame,
-                    except,
-                    offset: Some(offset),
-                },
-            )]
-        }
-        Appended::Direct { to, message, inbox } => {
-            let mut items = Vec::with_capacity(inbox.len() + 1);
-            for (user, offset) in inbox {
-                items.push((
-                    Channel::User(user.as_str().into()),
-                    Delivery {
-                        frame: crate::node::encode(
-                            header(Some(to.clone()), None, message, Some(offset.0)),
-                            message.content.clone(),
-                        ),
-                        except,
-                        offset: Some(offset.0),
-                    },
-                ));
-            }
-            if !inbox.iter().any(|(user, _)| *user == *message.from) {
-                items.push((
-                    Channel::User(message.from.clone()),
-                    Delivery {
-                        frame: crate::node::encode(
-                            header(Some(to.clone()), None, message, None),
-                            message.content.clone(),
-                        ),
-                        except,
-                        offset: None,
-                    },
-                ));
-            }
-            items
-        }
-    }
-}
-
 /// The envelope of a frame encoded with the placeholder offset, ready for a script to append
 /// the real offset's digits.
 fn awaiting_offset(delivery: &Delivery) -> Result<Bytes, StoreError> {
@@ -872,10 +652,155 @@ fn glob_escape(text: &str) -> String {
 
 #[async_trait::async_trait]
 impl Store for RedisStore {
-    async fn append(&self, append: Append, on_commit: OnCommit) -> Result<(), StoreError> {
-        let committing = RedisStore::append(self, append, None).await?;
-        tokio::spawn(async move { on_commit(committing.await) });
-        Ok(())
+    /// Stores the message and publishes its frames (one per stream, each with its offset)
+    /// through Redis pub/sub. Waits only for room among the appends in flight; the returned
+    /// future resolves once Redis has stored and published it. The requests are sent before
+    /// this returns, so appends are ordered as they were called; poll the future to its end or
+    /// drop it (a direct message holds a turn that later direct messages wait for).
+    async fn append(
+        &self,
+        append: Append,
+        except: Option<ConnId>,
+    ) -> Result<Committing, StoreError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        let permit = self
+            .queue
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let mut appended = awaiting_offsets(append);
+        let frames = fanout::frames(&appended, except);
+        match &appended {
+            Appended::Room { room, message, .. } => {
+                let (channel, delivery) = frames.first().ok_or_else(|| no_frame("room"))?;
+                let (meta, stream) = (self.keys.room(room, META), self.keys.room(room, STREAM));
+                let mut invocation = SCRIPTS.room_append.prepare_invoke();
+                invocation
+                    .key(meta)
+                    .key(stream)
+                    .key(self.keys.channel(channel))
+                    .arg(Epoch::random().0)
+                    .arg(self.publish)
+                    .arg(&awaiting_offset(delivery)?[..])
+                    .arg(&message.id)
+                    .arg(&*message.from)
+                    .arg(message.ts);
+                content_args(&mut invocation, &message.content);
+                let request = self.start(invocation).await;
+                Ok(async move {
+                    let _permit = permit;
+                    let reply = request.await.map_err(failed("append"))?;
+                    let position = room_position(reply)?;
+                    if let Appended::Room { position: at, .. } = &mut appended {
+                        *at = position;
+                    }
+                    Ok(appended)
+                }
+                .boxed())
+            }
+            Appended::Direct { inbox, .. } if inbox.is_empty() => {
+                Ok(futures::future::ready(Ok(appended)).boxed())
+            }
+            Appended::Direct { to, message, inbox } => {
+                let to = serde_json::to_string(to).map_err(|error| StoreError::Backend {
+                    operation: "append",
+                    reason: error.to_string(),
+                })?;
+                let mut inbox_requests = Vec::with_capacity(inbox.len());
+                let mut conversations = Vec::with_capacity(inbox.len());
+                for (user, _) in inbox {
+                    let delivery = frames
+                        .iter()
+                        .find(|(channel, delivery)| {
+                            delivery.offset.is_some()
+                                && matches!(channel, Channel::User(name) if **name == **user)
+                        })
+                        .map(|(_, delivery)| delivery)
+                        .ok_or_else(|| no_frame("direct"))?;
+                    let invocation = self.inbox_append(user, message, &to, delivery)?;
+                    inbox_requests.push(self.start(invocation).await);
+                    conversations.push(self.conversation_append(user, message, &to));
+                }
+                let sender_copy = frames
+                    .iter()
+                    .find(|(_, delivery)| delivery.offset.is_none())
+                    .map(|(channel, delivery)| {
+                        let mut publish = redis::cmd(self.publish);
+                        publish
+                            .arg(self.keys.channel(channel))
+                            .arg(&wire::encode_delivery(delivery)[..]);
+                        publish
+                    });
+                let turn = started(self.conversation_turn.clone().lock_owned().boxed()).await;
+                let connection = self.connection.clone();
+                let limit = self.limits.max_inbox_messages;
+                Ok(async move {
+                    let _permit = permit;
+                    let replies = join_all(inbox_requests).await;
+                    let mut stored = Vec::with_capacity(replies.len());
+                    let mut full = Vec::new();
+                    let mut failure = None;
+                    if let Appended::Direct { inbox, .. } = &mut appended {
+                        for ((user, offset), reply) in inbox.iter_mut().zip(replies) {
+                            let outcome = reply.map_err(failed("append")).and_then(inbox_offset);
+                            stored.push(matches!(outcome, Ok(Some(_))));
+                            match outcome {
+                                Ok(Some(at)) => *offset = at,
+                                Ok(None) => full.push(user.clone()),
+                                Err(error) => {
+                                    failure.get_or_insert(error);
+                                }
+                            }
+                        }
+                    }
+                    let turn = turn.await;
+                    let mut requests = Vec::with_capacity(conversations.len());
+                    for (invocation, stored) in conversations.into_iter().zip(stored) {
+                        if stored {
+                            requests.push(start(&connection, invocation).await);
+                        }
+                    }
+                    let sender_copy = match sender_copy {
+                        Some(publish) if full.is_empty() && failure.is_none() => {
+                            let mut connection = connection.clone();
+                            Some(
+                                started(
+                                    async move {
+                                        publish.query_async::<Value>(&mut connection).await
+                                    }
+                                    .boxed(),
+                                )
+                                .await,
+                            )
+                        }
+                        _ => None,
+                    };
+                    drop(turn);
+                    let written = join_all(requests).await;
+                    if let Some(published) = sender_copy
+                        && let Err(error) = published.await
+                    {
+                        // Pub/sub is at-most-once: the message is stored, which is what the
+                        // sender is told; their other connections find it in history.
+                        tracing::warn!(%error, "the sender's copy of a direct message was not published");
+                    }
+                    if let Some(error) = failure {
+                        return Err(error);
+                    }
+                    for reply in written {
+                        reply.map_err(failed("append"))?;
+                    }
+                    if !full.is_empty() {
+                        return Err(StoreError::InboxFull { users: full, limit });
+                    }
+                    Ok(appended)
+                }
+                .boxed())
+            }
+        }
     }
 
     async fn read_room(

@@ -21,8 +21,11 @@ use async_trait::async_trait;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::delivery::ConnId;
+use crate::engine::broker::Broker;
+use crate::engine::fanout::{self, Committed};
 use crate::engine::store::{
-    Append, InboxRead, Offset, OnCommit, Page, PruneReport, Retention, Store, StoreError,
+    Append, Committing, InboxRead, Offset, Page, PruneReport, Retention, Store, StoreError,
     StoreLimits, StreamBounds, StreamRead,
 };
 use read::ReaderPool;
@@ -108,6 +111,9 @@ impl UnackedInboxes {
 
 pub struct SqliteStore {
     commands: mpsc::Sender<Command>,
+    /// Committed messages, queued by the writer in commit order, for the task that publishes
+    /// them to the broker.
+    committed: mpsc::Sender<Committed>,
     unacked: Arc<UnackedInboxes>,
     readers: ReaderPool,
     path: PathBuf,
@@ -118,12 +124,14 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed, migrating if older) the store in `folder`. Every failure
-    /// names the path.
+    /// Opens (creating if needed, migrating if older) the store in `folder`, publishing
+    /// committed messages to `broker`. Every failure names the path. Must run inside a tokio
+    /// runtime (the publishing task starts here).
     pub fn open(
         folder: &Path,
         synchronous: Synchronous,
         limits: StoreLimits,
+        broker: Arc<dyn Broker>,
     ) -> Result<SqliteStore, StoreError> {
         let open_error = |path: &Path, reason: String| StoreError::Open {
             path: path.display().to_string(),
@@ -189,6 +197,7 @@ impl SqliteStore {
             .map_err(|e| open_error(&path, format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             commands,
+            committed: fanout::publish_in_commit_order(broker),
             unacked,
             readers: ReaderPool::new(readers),
             path,
@@ -227,8 +236,26 @@ fn lock_exclusively(lock: &File) -> Result<(), String> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn append(&self, append: Append, on_commit: OnCommit) -> Result<(), StoreError> {
-        self.command(Command::Append(append, on_commit)).await
+    async fn append(
+        &self,
+        append: Append,
+        except: Option<ConnId>,
+    ) -> Result<Committing, StoreError> {
+        let (done, published) = oneshot::channel();
+        let committed = self.committed.clone();
+        // Runs on the writer thread, in commit order; the queue's backpressure slows the writer
+        // and never reorders it. Closed only when the runtime is gone, and `done` with it.
+        let on_commit: writer::OnCommit = Box::new(move |result| {
+            let _ = committed.blocking_send(Committed {
+                result,
+                except,
+                done,
+            });
+        });
+        self.command(Command::Append(append, on_commit)).await?;
+        Ok(Box::pin(async move {
+            published.await.map_err(|_| StoreError::Closed)?
+        }))
     }
 
     async fn read_room(

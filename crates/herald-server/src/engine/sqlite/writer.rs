@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::UnackedInboxes;
 use super::schema::{FLOOR, conversation_name, inbox_name, room_name};
 use crate::engine::store::{
-    Append, Appended, Epoch, Offset, OnCommit, PruneReport, Retention, StoreError, StoreLimits,
+    Append, Appended, Epoch, Offset, PruneReport, Retention, StoreError, StoreLimits,
     StreamPosition,
 };
 
@@ -47,6 +47,9 @@ const WAL_RESTART_INTERVAL: Duration = Duration::from_secs(1);
 /// Most rows one pruning step deletes, and most streams it looks at.
 const PRUNE_STEP_ROWS: u64 = 1000;
 const PRUNE_STEP_STREAMS: i64 = 64;
+
+/// Runs on the writer once the append has committed (or failed), in commit order.
+pub type OnCommit = Box<dyn FnOnce(Result<Appended, StoreError>) + Send>;
 
 pub enum Command {
     Append(Append, OnCommit),

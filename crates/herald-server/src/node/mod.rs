@@ -8,43 +8,43 @@
 //! local connection joins and unsubscribes after the last one leaves (rolling the join back if
 //! the subscription fails); likewise for each user's channel.
 //!
-//! Stored messages (room messages unless `persist: false`, and direct messages) go to the store
-//! first. The store's commit callback queues each committed message, in commit order, for one
-//! fan-out task that encodes its frames (which carry the assigned offsets) and hands them to
-//! the broker: so every stream's messages reach the hub in offset order and only after their
-//! commit, which is what lets [`crate::catch_up`] replay stored messages with no gap and no
-//! duplicate. The sender's ack is sent after the commit too. Ephemeral messages, presence
-//! events and broadcasts skip the store and go to the broker at once.
+//! Stored messages (room messages unless `persist: false`, and direct messages) go to the store,
+//! which appends and publishes them in one step (see [`crate::engine::store`]): every stream's
+//! messages reach the hub in offset order and only after they are stored, which is what lets
+//! [`crate::hub::catch_up`] replay stored messages with no gap and no duplicate. The sender's ack is
+//! sent after that too. Ephemeral messages, presence events and broadcasts skip the store and
+//! go to the broker at once.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::Either;
-use herald_protocol::{CloseCode, Message, Payload, ServerEvent};
-use tokio::sync::{mpsc, oneshot, watch};
+use herald_protocol::{CloseCode, Message, Payload};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::catch_up::{PAGE, Replay, Source, history_message};
 use crate::config::Config;
-use crate::connection::control::CloseReason;
-use crate::connection::pending::PendingAuth;
 use crate::delivery::{Channel, ConnId, ConnIds, Control, Delivery, OutFrame};
 use crate::engine::EngineError;
 use crate::engine::broker::{Broker, DeliveryHandler};
+use crate::engine::fanout::{encode, room_header};
 use crate::engine::presence::{Presence, RoomChange, RoomCount};
 use crate::engine::store::{
     Append, Appended, Epoch, NewMessage, Offset, PruneReport, Store, StoreError, StreamPosition,
 };
-use crate::engine::timed::{TimedBroker, TimedPresence};
+use crate::engine::timed::TimedPresence;
+use crate::hub::catch_up::{PAGE, Replay, Source, history_message};
+use crate::hub::control::CloseReason;
 use crate::hub::{ConnHandle, Hub, RegisterError, StreamKey};
 use crate::idempotency::Idempotency;
 use crate::presence_window::{self, PresenceWindow};
 
-/// Committed messages waiting for the fan-out task.
-const FANOUT_QUEUE: usize = 8192;
+mod subscriptions;
+
+use subscriptions::Subscriptions;
 
 /// Messages in a `history` page when the request names no limit (capped by
 /// `store.history_max_limit`), and in the page sent with `recovered: false`.
@@ -59,12 +59,12 @@ pub struct Node {
     pub auth: Authenticator,
     pub hub: Hub,
     broker: Arc<dyn Broker>,
+    /// Subscribes and unsubscribes the broker as local membership changes.
+    subscriptions: Subscriptions,
     presence: Arc<dyn Presence>,
     /// Gathers rooms' joins and leaves into one `presence_diff` per window.
     presence_window: PresenceWindow,
     store: Arc<dyn Store>,
-    /// Frames of committed messages, in commit order, for the fan-out task.
-    fanout: mpsc::Sender<Fanout>,
     /// The last pruning pass's report.
     pruned: watch::Sender<PruneReport>,
     conn_ids: ConnIds,
@@ -77,8 +77,6 @@ pub struct Node {
     /// Cancelled when shutdown begins, before connections close: `/ready` answers 503 from
     /// then on.
     draining: CancellationToken,
-    /// Connections accepted without a token, still waiting for their `auth` message.
-    pub pending: Arc<PendingAuth>,
     /// Request ids of recent stored messages, so a client's retry is not stored twice.
     pub idempotency: Idempotency,
 }
@@ -142,18 +140,6 @@ pub struct HistoryPage {
     pub more: bool,
 }
 
-/// A committed message on its way to the fan-out task, which encodes it and hands its frames
-/// to the broker (encoding there keeps it off the store's writer thread).
-struct Fanout {
-    appended: Appended,
-    /// The connection that must not get a copy (the sender's, or the publisher's without echo).
-    except: Option<ConnId>,
-    /// Told once the frames are with the broker, so the sender's ack, and whatever the sender
-    /// does next (a leave, say), comes after the message's delivery.
-    done: oneshot::Sender<Result<Receipt, StoreError>>,
-    receipt: Receipt,
-}
-
 /// What the sender of a stored message learns once it is committed.
 enum Receipt {
     Room {
@@ -195,6 +181,9 @@ pub enum ConnectError {
 }
 
 impl Node {
+    /// Builds the node on its engines. `broker` should be the one the store publishes to,
+    /// wrapped in [`TimedBroker`](crate::engine::timed::TimedBroker) by the caller so that
+    /// both measure their calls.
     pub fn new(
         config: Arc<Config>,
         auth: Authenticator,
@@ -203,16 +192,14 @@ impl Node {
         store: Arc<dyn Store>,
     ) -> Arc<Node> {
         let id: Arc<str> = if config.server.node_id.is_empty() {
-            format!("node-{:08x}", rand::random::<u32>()).into()
+            random_id().into()
         } else {
             config.server.node_id.as_str().into()
         };
-        let (fanout, fanout_queue) = mpsc::channel(FANOUT_QUEUE);
         let idempotency = Idempotency::new(
             config.limits.idempotency_window,
             config.limits.idempotency_keys_per_user,
         );
-        let broker: Arc<dyn Broker> = Arc::new(TimedBroker(broker));
         let presence: Arc<dyn Presence> = Arc::new(TimedPresence(presence));
         let presence_window =
             PresenceWindow::start(&config.presence, broker.clone(), presence.clone());
@@ -221,22 +208,20 @@ impl Node {
             config,
             auth,
             hub: Hub::new(),
+            subscriptions: Subscriptions::new(broker.clone()),
             broker,
             presence,
             presence_window,
             store,
-            fanout,
             pruned: watch::Sender::new(PruneReport::default()),
             conn_ids: ConnIds::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             background: TaskTracker::new(),
             draining: CancellationToken::new(),
-            pending: Arc::default(),
             idempotency,
         });
         node.broker.start(node.clone());
-        tokio::spawn(fan_out(node.broker.clone(), fanout_queue));
         node.background.spawn(prune_periodically(
             Arc::downgrade(&node),
             node.config.store.prune_interval,
@@ -345,7 +330,9 @@ impl Node {
         let channel = Channel::User(handle.user().clone());
         let attached = async {
             if first_local {
-                self.broker.subscribe(&channel).await?;
+                self.subscriptions
+                    .follow(&channel, || self.hub.has_user(handle.user()))
+                    .await?;
             }
             self.presence.connect(handle.user(), handle.id()).await
         }
@@ -369,7 +356,8 @@ impl Node {
     async fn release(&self, handle: &ConnHandle) {
         if self.hub.unregister(handle.id(), handle.user()) {
             let channel = Channel::User(handle.user().clone());
-            if let Err(error) = self.broker.unsubscribe(&channel).await {
+            let wanted = || self.hub.has_user(handle.user());
+            if let Err(error) = self.subscriptions.follow(&channel, wanted).await {
                 tracing::warn!(%channel, %error, "unsubscribe failed");
             }
         }
@@ -477,7 +465,10 @@ impl Node {
     ) -> Result<RoomChange, EngineError> {
         let channel = Channel::Room(room.clone());
         if self.hub.join(room, handle)
-            && let Err(error) = self.broker.subscribe(&channel).await
+            && let Err(error) = self
+                .subscriptions
+                .follow(&channel, || self.hub.has_room(room))
+                .await
         {
             self.hub.leave(room, handle.id());
             return Err(error);
@@ -530,7 +521,8 @@ impl Node {
         handle.end_catch_up(&StreamKey::Room(room.clone()));
         if self.hub.leave(room, handle.id()) {
             let channel = Channel::Room(room.clone());
-            if let Err(error) = self.broker.unsubscribe(&channel).await {
+            let wanted = || self.hub.has_room(room);
+            if let Err(error) = self.subscriptions.follow(&channel, wanted).await {
                 tracing::warn!(%channel, %error, "unsubscribe failed");
             }
         }
@@ -640,41 +632,18 @@ impl Node {
 
     /// Queues an append on the store (waiting only for room in its queue) and returns what
     /// resolves once it has committed and been handed to the broker: appends queued one after
-    /// another commit, and fan out, in that order. The commit callback runs on the store's
-    /// writer in commit order (see the module doc) and only queues the message for fan-out.
+    /// another commit, and fan out, in that order.
     async fn append_queued(
         &self,
         append: Append,
         except: Option<ConnId>,
     ) -> Result<impl Future<Output = Result<Receipt, EngineError>> + Send + 'static, EngineError>
     {
-        let (done, committed) = oneshot::channel();
-        let fanout = self.fanout.clone();
-        self.store
-            .append(
-                append,
-                Box::new(move |result: Result<Appended, StoreError>| match result {
-                    Ok(appended) => {
-                        let receipt = Receipt::of(&appended);
-                        // Closed only when the node is gone: nobody is left to deliver to, and
-                        // `done` goes with it (the sender hears `Closed`).
-                        let _ = fanout.blocking_send(Fanout {
-                            appended,
-                            except,
-                            done,
-                            receipt,
-                        });
-                    }
-                    Err(error) => {
-                        let _ = done.send(Err(error));
-                    }
-                }),
-            )
-            .await?;
+        let committing = self.store.append(append, except).await?;
         Ok(async move {
-            let receipt = committed.await.map_err(|_| StoreError::Closed)??;
+            let appended = committing.await?;
             metrics::counter!("herald_messages_stored_total").increment(1);
-            Ok(receipt)
+            Ok(Receipt::of(&appended))
         })
     }
 
@@ -957,107 +926,11 @@ impl DeliveryHandler for Node {
     }
 }
 
-/// Encodes a message once, in its wire form: a text frame for JSON content, a binary frame for
-/// bytes. `header` carries everything but the content.
-pub(crate) fn encode(mut header: Message, content: Payload) -> OutFrame {
-    match content {
-        Payload::Json(raw) => {
-            header.content = Some(raw);
-            OutFrame::Text(ServerEvent::Message(header).encode())
-        }
-        Payload::Binary(bytes) => OutFrame::Binary(ServerEvent::encode_binary(&header, &bytes)),
-    }
-}
-
-fn room_header(message: &NewMessage, room: &str, offset: Option<u64>) -> Message {
-    Message {
-        id: message.id.clone(),
-        from: message.from.to_string(),
-        to: None,
-        room: Some(room.to_owned()),
-        content: None,
-        ts: message.ts,
-        offset,
-        encoding: None,
-    }
-}
-
-/// The frames of a committed message with their channels. A direct message has one per
-/// recipient with its inbox offset, and a copy without offset for the sender's other
-/// connections (unless the sender is a recipient).
-fn committed_frames(appended: Appended, except: Option<ConnId>) -> Vec<(Channel, Delivery)> {
-    let (to, message, inbox) = match appended {
-        Appended::Room {
-            room,
-            message,
-            position,
-        } => {
-            let offset = position.offset.0;
-            let frame = encode(room_header(&message, &room, Some(offset)), message.content);
-            let delivery = Delivery {
-                frame,
-                except,
-                offset: Some(offset),
-            };
-            return vec![(Channel::Room(room), delivery)];
-        }
-        Appended::Direct { to, message, inbox } => (to, message, inbox),
-    };
-    let header = |offset: Option<u64>| Message {
-        id: message.id.clone(),
-        from: message.from.to_string(),
-        to: Some(to.clone()),
-        room: None,
-        content: None,
-        ts: message.ts,
-        offset,
-        encoding: None,
-    };
-    let mut items = Vec::with_capacity(inbox.len() + 1);
-    for (user, offset) in &inbox {
-        items.push((
-            Channel::User(user.as_str().into()),
-            Delivery {
-                frame: encode(header(Some(offset.0)), message.content.clone()),
-                except,
-                offset: Some(offset.0),
-            },
-        ));
-    }
-    if !inbox.iter().any(|(user, _)| *user == *message.from) {
-        items.push((
-            Channel::User(message.from.clone()),
-            Delivery {
-                frame: encode(header(None), message.content.clone()),
-                except,
-                offset: None,
-            },
-        ));
-    }
-    items
-}
-
 fn history_page(page: crate::engine::store::Page) -> HistoryPage {
     HistoryPage {
         epoch: page.epoch,
         messages: page.messages.into_iter().map(history_message).collect(),
         more: page.more,
-    }
-}
-
-/// Encodes committed messages and hands their frames to the broker, one at a time, in commit
-/// order.
-async fn fan_out(broker: Arc<dyn Broker>, mut queue: mpsc::Receiver<Fanout>) {
-    let depth = crate::metrics::gauge("herald_fanout_queue_depth");
-    while let Some(item) = queue.recv().await {
-        depth.set(queue.len() as f64);
-        for (channel, delivery) in committed_frames(item.appended, item.except) {
-            if let Err(error) = broker.publish(&channel, delivery).await {
-                // The message is stored: clients get it through recovery or history.
-                tracing::warn!(%channel, %error, "fan-out of a stored message failed");
-            }
-        }
-        let _ = item.done.send(Ok(item.receipt));
     }
 }
 
@@ -1086,6 +959,11 @@ async fn prune_periodically(
             tracing::warn!(%error, "retention pass failed");
         }
     }
+}
+
+/// A name for a node configured without `server.node_id`.
+pub fn random_id() -> String {
+    format!("node-{:08x}", rand::random::<u32>())
 }
 
 fn unix_millis() -> u64 {

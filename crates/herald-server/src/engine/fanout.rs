@@ -1,0 +1,134 @@
+//! What a committed message fans out as: its frames, encoded once per destination, and the
+//! task that hands committed messages to the broker in commit order for a store that commits
+//! off the event loop (the embedded SQLite store's writer thread).
+
+use std::sync::Arc;
+
+use herald_protocol::{Message, Payload, ServerEvent};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::delivery::{Channel, ConnId, Delivery, OutFrame};
+use crate::engine::broker::Broker;
+use crate::engine::store::{Appended, NewMessage, StoreError};
+
+/// Committed messages waiting for the publishing task.
+const QUEUE: usize = 8192;
+
+/// Encodes a message once, in its wire form: a text frame for JSON content, a binary frame for
+/// bytes. `header` carries everything but the content.
+pub fn encode(mut header: Message, content: Payload) -> OutFrame {
+    match content {
+        Payload::Json(raw) => {
+            header.content = Some(raw);
+            OutFrame::Text(ServerEvent::Message(header).encode())
+        }
+        Payload::Binary(bytes) => OutFrame::Binary(ServerEvent::encode_binary(&header, &bytes)),
+    }
+}
+
+pub fn room_header(message: &NewMessage, room: &str, offset: Option<u64>) -> Message {
+    Message {
+        id: message.id.clone(),
+        from: message.from.to_string(),
+        to: None,
+        room: Some(room.to_owned()),
+        content: None,
+        ts: message.ts,
+        offset,
+        encoding: None,
+    }
+}
+
+/// The frames of a committed message with their channels. A direct message has one per
+/// recipient with its inbox offset, and a copy without offset for the sender's other
+/// connections (unless the sender is a recipient).
+pub fn frames(appended: &Appended, except: Option<ConnId>) -> Vec<(Channel, Delivery)> {
+    let (to, message, inbox) = match appended {
+        Appended::Room {
+            room,
+            message,
+            position,
+        } => {
+            let offset = position.offset.0;
+            let frame = encode(
+                room_header(message, room, Some(offset)),
+                message.content.clone(),
+            );
+            let delivery = Delivery {
+                frame,
+                except,
+                offset: Some(offset),
+            };
+            return vec![(Channel::Room(room.clone()), delivery)];
+        }
+        Appended::Direct { to, message, inbox } => (to, message, inbox),
+    };
+    let header = |offset: Option<u64>| Message {
+        id: message.id.clone(),
+        from: message.from.to_string(),
+        to: Some(to.clone()),
+        room: None,
+        content: None,
+        ts: message.ts,
+        offset,
+        encoding: None,
+    };
+    let mut items = Vec::with_capacity(inbox.len() + 1);
+    for (user, offset) in inbox {
+        items.push((
+            Channel::User(user.as_str().into()),
+            Delivery {
+                frame: encode(header(Some(offset.0)), message.content.clone()),
+                except,
+                offset: Some(offset.0),
+            },
+        ));
+    }
+    if !inbox.iter().any(|(user, _)| *user == *message.from) {
+        items.push((
+            Channel::User(message.from.clone()),
+            Delivery {
+                frame: encode(header(None), message.content.clone()),
+                except,
+                offset: None,
+            },
+        ));
+    }
+    items
+}
+
+/// A committed (or failed) append on its way to the broker.
+pub struct Committed {
+    pub result: Result<Appended, StoreError>,
+    /// The connection that must not get a copy (the sender's, or the publisher's without echo).
+    pub except: Option<ConnId>,
+    /// Told once the frames are with the broker, so the sender's ack, and whatever the sender
+    /// does next (a leave, say), comes after the message's delivery.
+    pub done: oneshot::Sender<Result<Appended, StoreError>>,
+}
+
+/// Starts the task that publishes committed messages in the order they are queued, and returns
+/// its queue. A store queues each message as it commits, so every stream's frames reach the
+/// broker in offset order and only after their commit. The task ends when every sender of the
+/// queue is gone.
+pub fn publish_in_commit_order(broker: Arc<dyn Broker>) -> mpsc::Sender<Committed> {
+    let (queue, receiver) = mpsc::channel(QUEUE);
+    tokio::spawn(publish(broker, receiver));
+    queue
+}
+
+async fn publish(broker: Arc<dyn Broker>, mut queue: mpsc::Receiver<Committed>) {
+    let depth = crate::metrics::gauge("herald_fanout_queue_depth");
+    while let Some(committed) = queue.recv().await {
+        depth.set(queue.len() as f64);
+        if let Ok(appended) = &committed.result {
+            for (channel, delivery) in frames(appended, committed.except) {
+                if let Err(error) = broker.publish(&channel, delivery).await {
+                    // The message is stored: clients get it through recovery or history.
+                    tracing::warn!(%channel, %error, "fan-out of a stored message failed");
+                }
+            }
+        }
+        let _ = committed.done.send(committed.result);
+    }
+}
