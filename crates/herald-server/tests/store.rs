@@ -21,7 +21,7 @@ use herald_server::engine::redis::Keys;
 use herald_server::engine::redis::store::RedisStore;
 use herald_server::engine::sqlite::{SqliteStore, Synchronous};
 use herald_server::engine::store::{
-    Append, Appended, NewMessage, Offset, Retention, Store, StoreError, StoreLimits,
+    Append, Appended, NewMessage, Offset, Retention, Store, StoreError, StoreLimits, StoredMessage,
 };
 use herald_server::engine::wire::{self, Envelope};
 use serde_json::value::RawValue;
@@ -722,6 +722,50 @@ async fn appends_from_two_nodes_interleave_with_offsets_one_apart_in_each_nodes_
     let mut all: Vec<u64> = first.iter().chain(&second).copied().collect();
     all.sort_unstable();
     assert_eq!(all, (1..=600).collect::<Vec<_>>(), "no gap, no reuse");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_direct_messages_keep_their_order_in_inboxes_and_conversations() {
+    for backend in backends().await {
+        let name = backend.name();
+        let store = backend.open(StoreLimits::default()).await;
+        let mut committing = Vec::new();
+        for n in 0..300 {
+            let append = Append::Direct {
+                to: vec!["bob".into(), "carol".into()],
+                recipients: vec!["bob".into(), "carol".into()],
+                message: message("alice", n, &n.to_string()),
+            };
+            committing.push(store.append(append, None).await.unwrap());
+        }
+        for append in committing {
+            append.await.unwrap();
+        }
+        let texts = |messages: Vec<StoredMessage>| -> Vec<String> {
+            messages
+                .iter()
+                .map(|m| match &m.content {
+                    Payload::Json(raw) => raw.get().trim_matches('"').to_owned(),
+                    Payload::Binary(_) => panic!("stored as JSON"),
+                })
+                .collect()
+        };
+        let sent: Vec<String> = (0..300).map(|n| n.to_string()).collect();
+        for user in ["bob", "carol"] {
+            let inbox = store.read_inbox(user, None, Offset(0), 1000).await.unwrap();
+            assert_eq!(texts(inbox.messages), sent, "{name}: {user}'s inbox");
+            let conversation = store
+                .conversation_history(user, "alice", None, 1000)
+                .await
+                .unwrap();
+            assert_eq!(
+                texts(conversation.messages),
+                sent,
+                "{name}: {user}'s conversation"
+            );
+        }
+        store.close().await;
+    }
 }
 
 #[tokio::test]

@@ -137,6 +137,14 @@ impl ConnectionLike for Connection {
     }
 }
 
+/// Requests the multiplexed connection queues before a sender waits (its default is 50). A
+/// request enters the queue at its first poll unless the queue is full; a request that had to
+/// wait enters only at its next poll, after which requests started later may have entered
+/// first. The store starts its appends in call order and relies on that order reaching Redis,
+/// so the queue must not fill: its appends in flight are bounded far below this, and slots
+/// are allocated only as they are used.
+const PIPELINE_BUFFER: usize = 1 << 20;
+
 /// Opens a command connection (RESP3) with the configured timeouts. Fails, naming the URL,
 /// when Redis cannot be reached within `redis.connect_timeout`.
 pub async fn connect(config: &RedisConfig) -> Result<Connection, EngineError> {
@@ -168,7 +176,8 @@ pub async fn connect(config: &RedisConfig) -> Result<Connection, EngineError> {
     let client = redis::Client::open(info).map_err(failed)?;
     let manager_config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
-        .set_response_timeout(Some(config.response_timeout));
+        .set_response_timeout(Some(config.response_timeout))
+        .set_pipeline_buffer_size(PIPELINE_BUFFER);
     let connection = tokio::time::timeout(
         config.connect_timeout,
         client.get_connection_manager_with_config(manager_config),

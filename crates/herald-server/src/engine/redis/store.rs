@@ -414,9 +414,9 @@ async fn start(
 }
 
 /// Polls `future` once, here, and hands it back to be awaited later. A Redis request enters
-/// the connection's queue (tokio's fair channel) at its first poll, and a lock's waiter its
-/// fair queue, so what is started in call order reaches Redis in call order, while the caller
-/// decides when to wait for the replies. That first poll runs outside tokio's cooperative
+/// the connection's queue at its first poll (the queue never fills: see `PIPELINE_BUFFER` in
+/// `engine/redis/mod.rs`), and a lock's waiter its fair queue, so what is started in call
+/// order reaches Redis in call order, while the caller decides when to wait for the replies. That first poll runs outside tokio's cooperative
 /// budget: once a task has spent it, channels and locks answer `Pending` without queueing,
 /// and the request would be queued at a later poll, out of order.
 async fn started<T: Send + 'static>(mut future: BoxFuture<'static, T>) -> BoxFuture<'static, T> {
