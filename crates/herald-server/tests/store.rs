@@ -768,6 +768,37 @@ async fn pipelined_direct_messages_keep_their_order_in_inboxes_and_conversations
     }
 }
 
+/// A pipelining caller keeps appending while it holds appends it has not polled yet: the
+/// store's queue must free itself as the backend answers, not as the caller polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_past_the_stores_queue_complete_while_the_caller_polls_none() {
+    const APPENDS: usize = 20_000;
+    for backend in backends().await {
+        let name = backend.name();
+        let store = backend.open(StoreLimits::default()).await;
+        let queued = async {
+            let mut committing = Vec::with_capacity(APPENDS);
+            for n in 0..APPENDS {
+                committing.push(
+                    store
+                        .append(room_append("deep", &n.to_string()), None)
+                        .await,
+                );
+            }
+            committing
+        };
+        let committing = tokio::time::timeout(Duration::from_secs(120), queued)
+            .await
+            .unwrap_or_else(|_| panic!("{name}: append waited for a slot its caller holds"));
+        for append in committing {
+            append.unwrap().await.unwrap();
+        }
+        let bounds = store.room_bounds("deep").await.unwrap();
+        assert_eq!(bounds.top.offset, Offset(APPENDS as u64), "{name}");
+        store.close().await;
+    }
+}
+
 #[tokio::test]
 async fn a_retried_direct_append_with_the_same_message_id_is_stored_once() {
     let Some((_server, _config, store)) = redis_store(StoreLimits::default()).await else {
