@@ -236,6 +236,7 @@ impl Node {
             idempotency,
         });
         node.broker.start(node.clone());
+        node.presence.start(node.clone());
         tokio::spawn(fan_out(node.broker.clone(), fanout_queue));
         node.background.spawn(prune_periodically(
             Arc::downgrade(&node),
@@ -1093,4 +1094,19 @@ fn unix_millis() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Users whose node died leave their rooms like any leave: through the room's next
+/// `presence_diff` (the window reads the count itself).
+#[async_trait::async_trait]
+impl crate::engine::presence::PresenceHandler for Node {
+    async fn expired(&self, room: &str, user: &str, _count: u64) {
+        self.presence_window
+            .record(presence_window::RoomChange {
+                room: room.into(),
+                user: user.into(),
+                present: false,
+            })
+            .await;
+    }
 }
