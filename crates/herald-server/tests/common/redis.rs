@@ -115,3 +115,24 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+impl RedisServer {
+    /// A `[redis]` section for this server with a key prefix of its own, so deployments
+    /// started by one test never see each other's keys.
+    pub fn config(&self) -> herald_server::config::RedisConfig {
+        herald_server::config::RedisConfig {
+            urls: vec![self.url()],
+            key_prefix: format!("t{:08x}", rand::random::<u32>()),
+            ..Default::default()
+        }
+    }
+
+    /// A plain client connection, for a test to look at or write raw keys and channels.
+    pub async fn client(&self) -> ::redis::aio::MultiplexedConnection {
+        ::redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
