@@ -7,6 +7,7 @@
 //! across users.
 
 pub mod broker;
+pub mod presence;
 
 use std::sync::Arc;
 
