@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use common::EVENT_TIMEOUT;
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 use herald_server::config::RedisConfig;
 use herald_server::delivery::{Channel, ConnId, Control, Delivery, OutFrame};
 use herald_server::engine::broker::{Broker, DeliveryHandler};
@@ -417,4 +417,58 @@ async fn close_resolves_once_redis_confirmed_the_node_left_every_channel() {
         .await
         .unwrap();
     assert_eq!(receivers, 0, "no subscriber left on the channel");
+}
+
+#[tokio::test]
+async fn sharded_pub_sub_carries_frames_between_nodes_across_a_three_master_cluster() {
+    let Some(cluster) = RedisCluster::start(3).await else {
+        return;
+    };
+    let config = cluster.config();
+    let a = Node::started(Arc::new(RedisBroker::connect(&config).await.unwrap()));
+    let mut b = Node::started(Arc::new(RedisBroker::connect(&config).await.unwrap()));
+    // Enough rooms that every shard holds some of them.
+    let channels: Vec<Channel> = (0..30)
+        .map(|i| room(&format!("r{i}")))
+        .chain([Channel::User("bob".into()), Channel::All])
+        .collect();
+    let subscribes = channels.iter().map(|channel| b.broker.subscribe(channel));
+    for result in futures::future::join_all(subscribes).await {
+        result.unwrap();
+    }
+    for channel in &channels {
+        for i in 0..3 {
+            a.broker
+                .publish(channel, frame(&i.to_string()))
+                .await
+                .unwrap();
+        }
+    }
+    // Sharded pub/sub: each shard holds the subscriptions of its own channels, and every
+    // shard holds some.
+    let mut per_shard = Vec::new();
+    for node in &cluster.nodes {
+        let names: Vec<String> = redis::cmd("PUBSUB")
+            .arg("SHARDCHANNELS")
+            .query_async(&mut node.client().await)
+            .await
+            .unwrap();
+        per_shard.push(names.len());
+    }
+    assert_eq!(
+        per_shard.iter().sum::<usize>(),
+        channels.len(),
+        "{per_shard:?}"
+    );
+    assert!(per_shard.iter().all(|count| *count > 0), "{per_shard:?}");
+    let mut next = std::collections::HashMap::new();
+    for _ in 0..channels.len() * 3 {
+        let (channel, text) = b.next_frame().await;
+        let expected = next.entry(channel.clone()).or_insert(0);
+        assert_eq!(text, expected.to_string(), "order on {channel}");
+        *expected += 1;
+    }
+    assert_eq!(next.len(), channels.len());
+    assert!(next.values().all(|count| *count == 3));
+    assert!(b.broker.ready().await);
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::EVENT_TIMEOUT;
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 use herald_server::config::RedisConfig;
 use herald_server::delivery::ConnId;
 use herald_server::engine::memory::MemoryPresence;
@@ -341,4 +341,45 @@ async fn close_removes_the_nodes_entries_at_once() {
     b.presence.close().await;
     assert_eq!(a.presence.members("r").await.unwrap(), users(&["alice"]));
     assert_eq!(a.presence.online(&users(&["bob"])).await.unwrap(), [false]);
+}
+
+#[tokio::test]
+async fn on_a_three_master_cluster_presence_is_decided_once_and_read_from_any_node() {
+    let Some(cluster) = RedisCluster::start(3).await else {
+        return;
+    };
+    let mut config = cluster.config();
+    config.presence_ttl = TTL;
+    let a = RedisPresence::connect("node-a", &config).await.unwrap();
+    let b = RedisPresence::connect("node-b", &config).await.unwrap();
+    for i in 0..12 {
+        let room = format!("r{i}");
+        assert_eq!(
+            a.join(&room, "alice", ConnId(1)).await.unwrap(),
+            change(true, 1)
+        );
+        assert_eq!(
+            b.join(&room, "alice", ConnId(2)).await.unwrap(),
+            change(false, 1)
+        );
+        assert_eq!(
+            b.join(&room, "bob", ConnId(3)).await.unwrap(),
+            change(true, 2)
+        );
+    }
+    a.connect("alice", ConnId(1)).await.unwrap();
+    assert_eq!(
+        b.online(&users(&["alice", "bob"])).await.unwrap(),
+        [true, false]
+    );
+    assert_eq!(b.members("r7").await.unwrap(), users(&["alice", "bob"]));
+    assert_eq!(a.rooms().await.unwrap().len(), 12);
+    assert_eq!(
+        b.leave("r7", "alice", ConnId(2)).await.unwrap(),
+        change(false, 2)
+    );
+    assert_eq!(
+        a.leave("r7", "alice", ConnId(1)).await.unwrap(),
+        change(true, 1)
+    );
 }
