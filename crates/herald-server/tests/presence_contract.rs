@@ -329,6 +329,23 @@ async fn a_dead_nodes_entries_expire_and_the_survivors_report_each_leave_once() 
 }
 
 #[tokio::test]
+async fn a_node_restarted_under_the_same_id_does_not_keep_its_previous_entries_alive() {
+    let Some(backend) = Backend::redis().await else {
+        return;
+    };
+    let before = backend.node("node-x").await;
+    before.presence.join("r", "alice", ConnId(1)).await.unwrap();
+    drop(before);
+    let mut after = backend.node("node-x").await;
+    after.presence.join("r", "bob", ConnId(2)).await.unwrap();
+    let expired = tokio::time::timeout(TTL * 3, after.expired.recv())
+        .await
+        .expect("the previous incarnation's entries expire");
+    assert_eq!(expired, Some(("r".into(), "alice".into(), 1)));
+    assert_eq!(after.presence.members("r").await.unwrap(), users(&["bob"]));
+}
+
+#[tokio::test]
 async fn close_removes_the_nodes_entries_at_once() {
     let Some(backend) = Backend::redis().await else {
         return;

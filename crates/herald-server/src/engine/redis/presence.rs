@@ -7,7 +7,7 @@
 //!   connection in / last connection out" is decided atomically per room, once across nodes.
 //! - `{user:U}:conns` hash connection → node: the user's open connections, anywhere.
 //! - `{node:N}:rooms` hash (connection ‖ room) → user and `{node:N}:users` hash connection →
-//!   user: the index of node N's entries, written before an entry and removed after it, so a
+//!   user: the index of node N's entries (N is the node id and a random suffix per process), written before an entry and removed after it, so a
 //!   reaper finds every entry a dead node left (at worst one that is already gone).
 //! - `{global}:nodes` sorted set node → deadline (ms, Redis clock): each node's heartbeat, every
 //!   `presence_ttl / 3`, pushes its deadline `presence_ttl` ahead.
@@ -100,6 +100,7 @@ pub struct RedisPresence {
 }
 
 struct Inner {
+    /// This process's incarnation of the node: the owner of its entries.
     node: String,
     keys: Keys,
     ttl: Duration,
@@ -114,12 +115,17 @@ struct Inner {
 }
 
 impl RedisPresence {
-    /// Connects and registers the node `node` (its first heartbeat), so entries it writes
-    /// afterwards are covered. Fails, naming the URL, when Redis cannot be reached.
+    /// Connects and registers this process as an incarnation of node `node` (its first
+    /// heartbeat), so entries it writes afterwards are covered. Fails, naming the URL, when
+    /// Redis cannot be reached.
+    ///
+    /// Entries are owned by the incarnation (`NODE~RANDOM`), not by the configured node id: a
+    /// node restarted under the same id before its old entries were reaped would otherwise
+    /// keep them alive forever; this way the old incarnation is reaped like any dead node.
     pub async fn connect(node: &str, config: &RedisConfig) -> Result<RedisPresence, EngineError> {
         let stop = CancellationToken::new();
         let inner = Arc::new(Inner {
-            node: node.to_owned(),
+            node: format!("{node}~{:08x}", rand::random::<u32>()),
             keys: Keys::new(&config.key_prefix),
             ttl: config.presence_ttl,
             connection: connect(config).await?,
