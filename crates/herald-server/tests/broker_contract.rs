@@ -6,6 +6,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::EVENT_TIMEOUT;
@@ -376,9 +377,9 @@ async fn while_redis_is_down_the_broker_is_not_ready_and_subscribing_fails_as_te
         Backend::Redis(_, config) => config.clone(),
         Backend::Memory => unreachable!(),
     };
-    config.response_timeout = std::time::Duration::from_millis(500);
+    config.response_timeout = Duration::from_millis(500);
     let broker = Arc::new(RedisBroker::connect(&config).await.unwrap());
-    let a = Node::started(broker);
+    let mut a = Node::started(broker);
     let Backend::Redis(server, _) = &mut backend else {
         unreachable!()
     };
@@ -387,6 +388,14 @@ async fn while_redis_is_down_the_broker_is_not_ready_and_subscribing_fails_as_te
     let error = a.broker.subscribe(&room("r")).await.unwrap_err();
     assert!(error.temporary, "{error}");
     assert!(a.broker.publish(&room("r"), frame("x")).await.is_err());
+    // Nothing to resubscribe is no proof of a connection: no restored while Redis is down (a
+    // retry comes every 0.1 s at first, so one second would show one).
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), a.events.recv())
+            .await
+            .is_err(),
+        "no event while Redis is down"
+    );
 }
 
 #[tokio::test]

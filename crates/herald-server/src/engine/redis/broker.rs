@@ -294,12 +294,16 @@ impl Subscriber {
     async fn restore(&mut self) {
         let losses = self.shared.losses.load(Ordering::Acquire);
         let channels: Vec<String> = self.channels.iter().cloned().collect();
-        let mut result = Ok(());
+        // Proves the connection is back even when there is nothing to resubscribe.
+        let mut result = redis::cmd("PING")
+            .exec_async(&mut self.connection)
+            .await
+            .map_err(|error| EngineError::from_redis("broker", "reconnect", error));
         for chunk in channels.chunks(RESUBSCRIBE_CHUNK) {
-            result = self.send(Change::Subscribe, chunk).await;
             if result.is_err() {
                 break;
             }
+            result = self.send(Change::Subscribe, chunk).await;
         }
         match result {
             Ok(()) if self.shared.losses.load(Ordering::Acquire) == losses => {
