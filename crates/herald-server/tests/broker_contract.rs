@@ -481,3 +481,28 @@ async fn sharded_pub_sub_carries_frames_between_nodes_across_a_three_master_clus
     assert!(next.values().all(|count| *count == 3));
     assert!(b.broker.ready().await);
 }
+
+#[tokio::test]
+async fn on_a_cluster_a_restarted_master_is_resubscribed_and_reported_restored() {
+    let Some(mut cluster) = RedisCluster::start(3).await else {
+        return;
+    };
+    let config = cluster.config();
+    let mut a = Node::started(Arc::new(RedisBroker::connect(&config).await.unwrap()));
+    let b = Node::started(Arc::new(RedisBroker::connect(&config).await.unwrap()));
+    let channels: Vec<Channel> = (0..30).map(|i| room(&format!("r{i}"))).collect();
+    for channel in &channels {
+        a.broker.subscribe(channel).await.unwrap();
+    }
+    cluster.nodes[0].restart().await;
+    assert_eq!(a.next().await, Event::Restored);
+    assert!(a.broker.ready().await);
+    for channel in &channels {
+        b.broker.publish(channel, frame("after")).await.unwrap();
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..channels.len() {
+        seen.insert(a.next_frame().await.0);
+    }
+    assert_eq!(seen.len(), channels.len());
+}
