@@ -8,6 +8,7 @@
 
 pub mod broker;
 pub mod presence;
+pub mod store;
 
 use std::sync::Arc;
 
@@ -32,6 +33,11 @@ impl Keys {
         Keys {
             prefix: prefix.to_owned(),
         }
+    }
+
+    /// The deployment's prefix, which every key and channel starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// A key about one room: `PREFIX:{room:ROOM}:SUFFIX`.
@@ -135,6 +141,14 @@ impl ConnectionLike for Connection {
     }
 }
 
+/// Requests the multiplexed connection queues before a sender waits (its default is 50). A
+/// request enters the queue at its first poll unless the queue is full; a request that had to
+/// wait enters only at its next poll, after which requests started later may have entered
+/// first. The store starts its appends in call order and relies on that order reaching Redis,
+/// so the queue must not fill: its appends in flight are bounded far below this, and slots
+/// are allocated only as they are used.
+const PIPELINE_BUFFER: usize = 1 << 20;
+
 /// Opens a command connection (RESP3) with the configured timeouts. Fails, naming the URL,
 /// when Redis cannot be reached within `redis.connect_timeout`.
 pub async fn connect(config: &RedisConfig) -> Result<Connection, EngineError> {
@@ -185,7 +199,8 @@ async fn open(
     let client = redis::Client::open(info).map_err(failed)?;
     let mut manager_config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
-        .set_response_timeout(Some(config.response_timeout));
+        .set_response_timeout(Some(config.response_timeout))
+        .set_pipeline_buffer_size(PIPELINE_BUFFER);
     if let Some(pushes) = pushes {
         manager_config = manager_config.set_push_sender(pushes);
     }
