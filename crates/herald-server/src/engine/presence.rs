@@ -65,4 +65,8 @@ pub trait Presence: Send + Sync {
     async fn rooms(&self) -> Result<Vec<RoomCount>, EngineError>;
     /// Stops refreshing and removes this node's remaining entries.
     async fn close(&self);
+    /// Whether the backend answers now (for readiness checks).
+    async fn ready(&self) -> bool {
+        true
+    }
 }

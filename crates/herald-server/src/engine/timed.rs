@@ -118,4 +118,8 @@ impl Presence for TimedPresence {
     async fn close(&self) {
         self.0.close().await;
     }
+
+    async fn ready(&self) -> bool {
+        self.0.ready().await
+    }
 }

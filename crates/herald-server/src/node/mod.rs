@@ -894,7 +894,10 @@ impl Node {
 
     /// Whether every engine answers and the node is not shutting down.
     pub async fn ready(&self) -> bool {
-        !self.is_draining() && self.broker.ready().await
+        !self.is_draining()
+            && self.broker.ready().await
+            && self.presence.ready().await
+            && self.store.ready().await
     }
 }
 

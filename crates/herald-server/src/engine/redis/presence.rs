@@ -344,6 +344,15 @@ fn split_room_field(field: &str) -> Option<(&str, &str)> {
 
 #[async_trait]
 impl Presence for RedisPresence {
+    /// A PING: a command connection that lost Redis reconnects on its next command, so a
+    /// readiness probe also brings it back before clients need it.
+    async fn ready(&self) -> bool {
+        redis::cmd("PING")
+            .exec_async(&mut self.inner.conn())
+            .await
+            .is_ok()
+    }
+
     fn start(&self, handler: Arc<dyn PresenceHandler>) {
         if self.inner.handler.set(Arc::downgrade(&handler)).is_ok() {
             tokio::spawn(self.inner.clone().run());
