@@ -45,9 +45,13 @@ pub mod transport;
 use std::sync::Arc;
 
 use crate::auth::{AuthSetupError, Authenticator};
-use crate::config::Config;
+use crate::config::{Config, EngineBackend};
+use crate::engine::EngineError;
 use crate::engine::broker::Broker;
 use crate::engine::memory::{MemoryBroker, MemoryPresence};
+use crate::engine::redis::broker::RedisBroker;
+use crate::engine::redis::presence::RedisPresence;
+use crate::engine::redis::store::RedisStore;
 use crate::engine::sqlite::SqliteStore;
 use crate::engine::store::StoreError;
 use crate::engine::timed::TimedBroker;
@@ -60,6 +64,37 @@ pub enum SetupError {
     Auth(#[from] AuthSetupError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Builds a node on the engines `engine.backend` names. Must run inside a tokio runtime.
+pub async fn build_node(
+    mut config: Config,
+    generated_secret: Option<&str>,
+) -> Result<Arc<Node>, SetupError> {
+    match config.engine.backend {
+        EngineBackend::Embedded => embedded_node(config, generated_secret),
+        EngineBackend::Redis => {
+            let auth = Authenticator::from_config(&config.auth, generated_secret)?;
+            // Presence entries are owned by the node: its id must be known before the node is.
+            if config.server.node_id.is_empty() {
+                config.server.node_id = node::random_id();
+            }
+            let broker: Arc<dyn Broker> = Arc::new(TimedBroker(Arc::new(
+                RedisBroker::connect(&config.redis).await?,
+            )));
+            let presence = RedisPresence::connect(&config.server.node_id, &config.redis).await?;
+            let store = RedisStore::open(&config.redis, config.store.limits()).await?;
+            Ok(Node::new(
+                Arc::new(config),
+                auth,
+                broker,
+                Arc::new(presence),
+                Arc::new(store),
+            ))
+        }
+    }
 }
 
 /// Builds a node on the embedded engines: in-memory broker and presence, and the SQLite store

@@ -222,6 +222,7 @@ impl Node {
             idempotency,
         });
         node.broker.start(node.clone());
+        node.presence.start(node.clone());
         node.background.spawn(prune_periodically(
             Arc::downgrade(&node),
             node.config.store.prune_interval,
@@ -784,13 +785,16 @@ impl Node {
         self.pruned.subscribe()
     }
 
-    /// Stops the background tasks, then flushes and closes the store. Called once the
-    /// connections are gone. In that order, a retention pass never meets a closed store.
+    /// Stops the background tasks, then flushes and closes the store, removes this node's
+    /// presence entries and closes the broker. Called once the connections are gone. In that
+    /// order, a retention pass never meets a closed store.
     pub async fn close(&self) {
         self.shutdown.cancel();
         self.background.close();
         self.background.wait().await;
         self.store.close().await;
+        self.presence.close().await;
+        self.broker.close().await;
     }
 
     /// Sends a message to every connection on every node (the sender's included).
@@ -890,7 +894,10 @@ impl Node {
 
     /// Whether every engine answers and the node is not shutting down.
     pub async fn ready(&self) -> bool {
-        !self.is_draining() && self.broker.ready().await
+        !self.is_draining()
+            && self.broker.ready().await
+            && self.presence.ready().await
+            && self.store.ready().await
     }
 }
 
@@ -902,6 +909,21 @@ impl DeliveryHandler for Node {
             Channel::All => self.hub.deliver_to_all(&delivery.frame, delivery.except),
         };
         metrics::counter!("herald_messages_queued_total").increment(delivered as u64);
+    }
+
+    /// The broker lost its connection and has it back, every channel subscribed again: frames
+    /// published meanwhile never reached this node. Each connection is closed with 1012, so its
+    /// client reconnects (to any node) and recovers them: rooms by `since`, direct messages
+    /// from the inbox. Clients spread their reconnects with jittered backoff.
+    fn broker_restored(&self) {
+        let connections = self.hub.snapshot();
+        tracing::warn!(
+            connections = connections.len(),
+            "the broker reconnected: closing connections so that clients recover what they missed"
+        );
+        for handle in connections {
+            handle.close(CloseReason::Send(CloseCode::SERVICE_RESTART));
+        }
     }
 
     fn control(&self, channel: &Channel, control: &Control) {
@@ -971,4 +993,19 @@ fn unix_millis() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Users whose node died leave their rooms like any leave: through the room's next
+/// `presence_diff` (the window reads the count itself).
+#[async_trait::async_trait]
+impl crate::engine::presence::PresenceHandler for Node {
+    async fn expired(&self, room: &str, user: &str, _count: u64) {
+        self.presence_window
+            .record(presence_window::RoomChange {
+                room: room.into(),
+                user: user.into(),
+                present: false,
+            })
+            .await;
+    }
 }

@@ -681,6 +681,15 @@ fn glob_escape(text: &str) -> String {
 
 #[async_trait::async_trait]
 impl Store for RedisStore {
+    /// A PING: a command connection that lost Redis reconnects on its next command, so a
+    /// readiness probe also brings it back before clients need it.
+    async fn ready(&self) -> bool {
+        redis::cmd("PING")
+            .exec_async(&mut self.connection.clone())
+            .await
+            .is_ok()
+    }
+
     /// Stores the message and publishes its frames (one per stream, each with its offset)
     /// through Redis pub/sub. Waits only for room among the appends in flight; the returned
     /// future resolves once Redis has stored and published it. The requests are sent before
