@@ -802,7 +802,7 @@ async fn appends_past_the_stores_queue_complete_while_the_caller_polls_none() {
 /// On a Cluster each stream's keys and channel sit on one shard, so every script runs there;
 /// the users and rooms here hash to different shards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_a_redis_cluster_appends_reads_and_retries_work_across_shards() {
+async fn on_a_redis_cluster_appends_reads_retries_and_retention_work_across_shards() {
     let Some(cluster) = RedisCluster::start(3).await else {
         return;
     };
@@ -855,6 +855,17 @@ async fn on_a_redis_cluster_appends_reads_and_retries_work_across_shards() {
             .unwrap();
         assert_eq!(conversation.messages.len(), 1, "{user}");
     }
+    let retention = Retention {
+        room_max_messages: 4,
+        ..Retention::default()
+    };
+    let report = store.prune(retention, 0).await.unwrap();
+    assert_eq!(
+        report.room_messages,
+        12 * 6,
+        "every shard's rooms: {report:?}"
+    );
+    assert_eq!(report.inbox_entries, 12, "acknowledged entries: {report:?}");
     store.close().await;
 }
 

@@ -20,6 +20,7 @@
 //!   users, and a retry completes what a failed attempt left undone without duplicates.
 //! - `append` sends its requests before it returns (see [`started`]), so appends reach Redis in
 //!   the order they were called; conversation writes start in that order too.
+//! - Retention finds streams with `SCAN` on the Redis, or on every primary of a Cluster.
 //! - Nothing is reported stored before Redis replied; a lost connection is
 //!   [`StoreError::Unavailable`].
 
@@ -31,6 +32,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::{BoxFuture, join_all};
 use herald_protocol::Payload;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Script, ScriptInvocation, Value};
 use serde_json::value::RawValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
@@ -311,26 +313,61 @@ impl RedisStore {
         })
     }
 
-    /// Every stream's meta key, one `SCAN` step at a time.
-    async fn scan_streams(&self, cursor: u64) -> Result<(u64, Vec<String>), StoreError> {
-        let Connection::Standalone(connection) = &self.connection else {
-            return Err(StoreError::Backend {
-                operation: "prune",
-                reason: "retention over a Redis Cluster needs a scan of every primary, \
-                         which this store does not do yet"
-                    .into(),
-            });
+    /// The servers whose keys a retention pass scans: the one Redis, or every Cluster primary
+    /// (`host`, `port`), since `SCAN` walks one server's keys.
+    async fn scanned_servers(&self) -> Result<Vec<Option<(String, u16)>>, StoreError> {
+        let Connection::Cluster(connection) = &self.connection else {
+            return Ok(vec![None]);
         };
+        let every_primary = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+        let replies = connection
+            .clone()
+            .route_command(redis::cmd("PING"), every_primary)
+            .await
+            .map_err(failed("prune"))?;
+        let Value::Map(replies) = replies else {
+            return Err(unexpected("prune"));
+        };
+        replies
+            .into_iter()
+            .map(|(address, _)| {
+                let address = text(address).ok_or_else(|| unexpected("prune"))?;
+                let (host, port) = address
+                    .rsplit_once(':')
+                    .ok_or_else(|| unexpected("prune"))?;
+                let port = port.parse().map_err(|_| unexpected("prune"))?;
+                Ok(Some((host.to_owned(), port)))
+            })
+            .collect()
+    }
+
+    /// One `SCAN` step over a server's stream meta keys.
+    async fn scan_streams(
+        &self,
+        server: Option<&(String, u16)>,
+        cursor: u64,
+    ) -> Result<(u64, Vec<String>), StoreError> {
         let pattern = format!("{}:{{*}}:{META}", glob_escape(self.keys.prefix()));
-        redis::cmd("SCAN")
-            .arg(cursor)
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
             .arg("MATCH")
             .arg(pattern)
             .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(&mut connection.clone())
-            .await
-            .map_err(failed("prune"))
+            .arg(SCAN_COUNT);
+        let reply = match (&self.connection, server) {
+            (Connection::Cluster(connection), Some((host, port))) => {
+                let server = SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                };
+                connection
+                    .clone()
+                    .route_command(scan, RoutingInfo::SingleNode(server))
+                    .await
+            }
+            (connection, _) => scan.query_async(&mut connection.clone()).await,
+        };
+        redis::from_redis_value(reply.map_err(failed("prune"))?).map_err(|_| unexpected("prune"))
     }
 
     /// Prunes one stream, step by step, into `report`.
@@ -934,18 +971,21 @@ impl Store for RedisStore {
 
     async fn prune(&self, retention: Retention, now_ms: u64) -> Result<PruneReport, StoreError> {
         let mut report = PruneReport::default();
-        let mut cursor = 0;
-        loop {
-            let (next, metas) = self.scan_streams(cursor).await?;
-            for meta in metas {
-                self.prune_stream(&meta, retention, now_ms, &mut report)
-                    .await?;
+        for server in self.scanned_servers().await? {
+            let mut cursor = 0;
+            loop {
+                let (next, metas) = self.scan_streams(server.as_ref(), cursor).await?;
+                for meta in metas {
+                    self.prune_stream(&meta, retention, now_ms, &mut report)
+                        .await?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 {
-                return Ok(report);
-            }
-            cursor = next;
         }
+        Ok(report)
     }
 
     async fn close(&self) {
