@@ -147,11 +147,7 @@ impl SqliteStore {
             Ok(conn)
         };
         let writer_conn = connect()?;
-        // The writer never checkpoints: copying the WAL into the database (and its fsync)
-        // happens on the checkpointer thread, off the commit path.
-        writer_conn
-            .execute_batch("PRAGMA wal_autocheckpoint = 0;")
-            .map_err(|e| open_error(&path, e.to_string()))?;
+        schema::configure_writer(&writer_conn).map_err(|e| open_error(&path, e.to_string()))?;
         let checkpointer = connect()?;
         schema::prepare(&writer_conn).map_err(|reason| open_error(&path, reason))?;
         let readers = (0..READERS)
