@@ -25,7 +25,7 @@ use crate::engine::store::{
     Append, InboxRead, Offset, OnCommit, Page, PruneReport, Retention, Store, StoreError,
     StoreLimits, StreamBounds, StreamRead,
 };
-use read::ReaderPool;
+use read::{ReadKind, ReaderPool};
 pub use schema::Synchronous;
 pub use writer::WriterStats;
 use writer::{Command, Writer};
@@ -235,7 +235,7 @@ impl Store for SqliteStore {
     ) -> Result<StreamRead, StoreError> {
         let room = room.to_owned();
         self.readers
-            .read("read room", move |tx| {
+            .read(ReadKind::Heavy, "read room", move |tx| {
                 read::read_room(tx, &room, after, limit)
             })
             .await
@@ -244,7 +244,7 @@ impl Store for SqliteStore {
     async fn room_bounds(&self, room: &str) -> Result<StreamBounds, StoreError> {
         let room = room.to_owned();
         self.readers
-            .read("room bounds", move |tx| {
+            .read(ReadKind::Light, "room bounds", move |tx| {
                 read::room_bounds(tx, &room).map_err(|e| read::backend("room bounds", e))
             })
             .await
@@ -258,7 +258,7 @@ impl Store for SqliteStore {
     ) -> Result<Page, StoreError> {
         let room = room.to_owned();
         self.readers
-            .read("room history", move |tx| {
+            .read(ReadKind::Heavy, "room history", move |tx| {
                 read::room_history(tx, &room, before, limit)
             })
             .await
@@ -273,7 +273,7 @@ impl Store for SqliteStore {
     ) -> Result<Page, StoreError> {
         let (user, with) = (user.to_owned(), with.to_owned());
         self.readers
-            .read("conversation history", move |tx| {
+            .read(ReadKind::Heavy, "conversation history", move |tx| {
                 read::conversation_history(tx, &user, &with, before, limit)
             })
             .await
@@ -293,7 +293,7 @@ impl Store for SqliteStore {
         let user = user.to_owned();
         let device = device.map(str::to_owned);
         self.readers
-            .read("read inbox", move |tx| {
+            .read(ReadKind::Light, "read inbox", move |tx| {
                 read::read_inbox(tx, &user, device.as_deref(), after, limit)
             })
             .await

@@ -1,14 +1,16 @@
 //! Readers: a few connections of their own, so reads never queue behind the writer (WAL lets
 //! them read the last committed state while it writes). Each read runs on tokio's blocking
 //! pool inside one read transaction, so bounds and rows come from the same snapshot.
+//! [`ReaderPool`] shares the connections so that clients looping big reads cannot starve the
+//! small ones (docs/architecture.md, "Store reads").
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use herald_protocol::Payload;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::value::RawValue;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::schema::{conversation_name, inbox_name, room_name};
 use crate::engine::store::{
@@ -16,72 +18,121 @@ use crate::engine::store::{
     StreamRead,
 };
 
-/// Connections for reads. The semaphore counts idle connections; a read holds one permit and
-/// one connection for its duration.
+/// Connections for reads, shared fairly between clients (see [`ReadKind`]).
+///
+/// Invariants:
+/// - a permit of `free` stands for one connection in `idle`; the blocking task that runs a
+///   read puts its connection back before releasing its permits, even when the caller stopped
+///   waiting (a closing client drops its request) or the read panicked;
+/// - heavy reads hold at most `connections - 1` connections at once, so a light read waits
+///   only for other light reads and for heavy reads already running, never for a queue of
+///   heavy ones.
 pub struct ReaderPool {
     /// std Mutex: held only to push or pop a connection, never across an `.await`.
-    idle: Mutex<Vec<Connection>>,
-    permits: Semaphore,
+    idle: Arc<Mutex<Vec<Connection>>>,
+    /// Idle connections. tokio's semaphore is fair (first come, first served) and a client
+    /// connection has one request in progress at a time, so a client that loops reads waits
+    /// behind every other waiting client at each turn.
+    free: Arc<Semaphore>,
+    /// Connections heavy reads may hold at once.
+    heavy: Arc<Semaphore>,
+}
+
+/// What a read may cost, which decides the connections it may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadKind {
+    /// A few index lookups (a room's bounds at a join), or a page of the user's own inbox,
+    /// read once per connection and paced by the client taking it.
+    Light,
+    /// A page of up to a request's `limit` messages that a client can ask for again and again:
+    /// `history`, a room's recovery on `join`.
+    Heavy,
+}
+
+/// A connection taken from the pool, given back (before its permits) when dropped.
+struct Lease {
+    conn: Option<Connection>,
+    idle: Arc<Mutex<Vec<Connection>>>,
+    _free: OwnedSemaphorePermit,
+    _heavy: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // After a panic too: the read's transaction rolled back as it unwound, so the
+        // connection is clean. The permits are fields, released after this body.
+        if let Some(conn) = self.conn.take() {
+            lock(&self.idle).push(conn);
+        }
+    }
+}
+
+fn lock(idle: &Mutex<Vec<Connection>>) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+    idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl ReaderPool {
     pub fn new(connections: Vec<Connection>) -> ReaderPool {
+        let count = connections.len();
         ReaderPool {
-            permits: Semaphore::new(connections.len()),
-            idle: Mutex::new(connections),
+            free: Arc::new(Semaphore::new(count)),
+            heavy: Arc::new(Semaphore::new(count.saturating_sub(1).max(1))),
+            idle: Arc::new(Mutex::new(connections)),
         }
     }
 
     /// Runs `read` on an idle connection inside a read transaction.
-    pub async fn read<T, F>(&self, operation: &'static str, read: F) -> Result<T, StoreError>
+    pub async fn read<T, F>(
+        &self,
+        kind: ReadKind,
+        operation: &'static str,
+        read: F,
+    ) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        let permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        let conn = self
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .pop();
-        let Some(mut conn) = conn else {
-            // Permits and connections are kept equal, so this is not reached.
-            return Err(StoreError::Backend {
-                operation,
-                reason: "no reader connection available".into(),
-            });
+        let heavy = match kind {
+            ReadKind::Light => None,
+            ReadKind::Heavy => Some(acquire(&self.heavy).await?),
         };
+        let free = acquire(&self.free).await?;
+        let idle = self.idle.clone();
         let joined = tokio::task::spawn_blocking(move || {
-            let result = conn
-                .transaction()
+            let conn = lock(&idle).pop();
+            let mut lease = Lease {
+                conn,
+                idle,
+                _free: free,
+                _heavy: heavy,
+            };
+            let Some(conn) = lease.conn.as_mut() else {
+                // Each permit of `free` stands for an idle connection, so this is not reached.
+                return Err(StoreError::Backend {
+                    operation,
+                    reason: "no reader connection available".into(),
+                });
+            };
+            conn.transaction()
                 .map_err(|e| backend(operation, e))
-                .and_then(|tx| read(&tx));
-            (conn, result)
+                .and_then(|tx| read(&tx))
         })
         .await;
-        match joined {
-            Ok((conn, result)) => {
-                self.idle
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .push(conn);
-                drop(permit);
-                result
-            }
-            Err(error) => {
-                // The connection went down with the task: retire its permit with it.
-                permit.forget();
-                Err(StoreError::Backend {
-                    operation,
-                    reason: error.to_string(),
-                })
-            }
-        }
+        joined.unwrap_or_else(|error| {
+            Err(StoreError::Backend {
+                operation,
+                reason: error.to_string(),
+            })
+        })
     }
+}
+
+async fn acquire(permits: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit, StoreError> {
+    permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| StoreError::Closed)
 }
 
 pub fn backend(operation: &'static str, error: rusqlite::Error) -> StoreError {
