@@ -398,3 +398,82 @@ fn common_row(
             reason: format!("stored message at offset {offset} is damaged: {reason}"),
         }))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    fn pool(connections: usize) -> (tempfile::TempDir, Arc<ReaderPool>) {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("herald.db");
+        let connections = (0..connections)
+            .map(|_| Connection::open(&path).unwrap())
+            .collect();
+        (folder, Arc::new(ReaderPool::new(connections)))
+    }
+
+    /// Starts a read that runs until `release` is sent; returns once it is running.
+    async fn blocked_read(
+        pool: &Arc<ReaderPool>,
+        kind: ReadKind,
+    ) -> (
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (started, running) = oneshot::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let read = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                pool.read(kind, "blocked read", move |_| {
+                    let _ = started.send(());
+                    let _ = released.recv();
+                    Ok(())
+                })
+                .await
+            }
+        });
+        running.await.unwrap();
+        (read, release)
+    }
+
+    async fn select_one(pool: &ReaderPool, kind: ReadKind) -> Result<i64, StoreError> {
+        let read = pool.read(kind, "select one", |tx| {
+            tx.query_row("SELECT 1", [], |row| row.get(0))
+                .map_err(|e| backend("select one", e))
+        });
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the read got a connection")
+    }
+
+    #[tokio::test]
+    async fn a_read_whose_caller_went_away_gives_its_connection_back() {
+        let (_folder, pool) = pool(1);
+        let (abandoned, release) = blocked_read(&pool, ReadKind::Light).await;
+        abandoned.abort();
+        assert!(abandoned.await.unwrap_err().is_cancelled());
+        release.send(()).unwrap();
+        assert_eq!(select_one(&pool, ReadKind::Light).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn heavy_reads_leave_a_connection_to_light_ones() {
+        let (_folder, pool) = pool(2);
+        let (first, release_first) = blocked_read(&pool, ReadKind::Heavy).await;
+        let second = tokio::spawn({
+            let pool = pool.clone();
+            async move { select_one(&pool, ReadKind::Heavy).await }
+        });
+        // The second heavy read waits for the first; a light read does not.
+        assert_eq!(select_one(&pool, ReadKind::Light).await.unwrap(), 1);
+        assert!(!second.is_finished());
+        release_first.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        assert_eq!(second.await.unwrap().unwrap(), 1);
+    }
+}
