@@ -9,7 +9,8 @@
 //! `--via store` drives the `Store` trait directly (each sender keeps `--in-flight` appends
 //! queued); `--via node` calls `Node::send_direct` / `Node::publish` from `--senders` tasks,
 //! each awaiting its ack like a client would, so it adds encoding and fan-out. The data folder
-//! is a fresh temporary one unless `--path` names one.
+//! is a fresh temporary one unless `--path` names one. `--redis URL` drives the Redis store
+//! instead (with `--via store`), under a fresh key prefix.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,9 +18,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use herald_protocol::Payload;
-use herald_server::config::{Config, Synchronous};
+use herald_server::config::{Config, RedisConfig, Synchronous};
 use herald_server::engine::broker::Broker;
 use herald_server::engine::memory::{MemoryBroker, MemoryPresence};
+use herald_server::engine::redis::store::RedisStore;
 use herald_server::engine::sqlite::SqliteStore;
 use herald_server::engine::store::{Append, NewMessage, Store, StoreLimits};
 use herald_server::node::Node;
@@ -39,6 +41,7 @@ struct Args {
     in_flight: usize,
     synchronous: Synchronous,
     path: Option<PathBuf>,
+    redis: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -50,6 +53,7 @@ fn parse_args() -> Args {
         in_flight: 64,
         synchronous: Synchronous::Full,
         path: None,
+        redis: None,
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
@@ -76,6 +80,7 @@ fn parse_args() -> Args {
                 }
             }
             "--path" => args.path = Some(PathBuf::from(value)),
+            "--redis" => args.redis = Some(value),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -134,6 +139,34 @@ fn content(n: usize) -> Payload {
 #[tokio::main]
 async fn main() {
     let args = parse_args();
+    if let Some(url) = &args.redis {
+        assert!(
+            !args.via_node,
+            "--redis measures the store: add --via store"
+        );
+        let config = RedisConfig {
+            urls: vec![url.clone()],
+            key_prefix: format!("bench-{}", uuid::Uuid::now_v7().simple()),
+            ..RedisConfig::default()
+        };
+        let store = Arc::new(
+            RedisStore::open(&config, StoreLimits::default())
+                .await
+                .unwrap(),
+        );
+        let started = Instant::now();
+        run_store(&args, store.clone()).await;
+        let seconds = started.elapsed().as_secs_f64();
+        let (cpu, _) = cpu_seconds();
+        println!(
+            "redis: {:.0} persisted messages/s ({} in {seconds:.2} s), {:.1} µs of this process's cpu per message",
+            args.messages as f64 / seconds,
+            args.messages,
+            cpu * 1e6 / args.messages as f64
+        );
+        store.close().await;
+        return;
+    }
     let temporary = tempfile::tempdir().unwrap();
     let folder = args
         .path
@@ -161,7 +194,7 @@ async fn main() {
     store.close().await;
 }
 
-async fn run_store(args: &Args, store: Arc<SqliteStore>) {
+async fn run_store(args: &Args, store: Arc<dyn Store>) {
     let per_sender = args.messages / args.senders;
     let mut tasks = Vec::new();
     for sender in 0..args.senders {

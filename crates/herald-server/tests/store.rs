@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 use futures::StreamExt;
 use herald_protocol::{Payload, ServerEvent};
 use herald_server::config::RedisConfig;
@@ -766,6 +766,96 @@ async fn pipelined_direct_messages_keep_their_order_in_inboxes_and_conversations
         }
         store.close().await;
     }
+}
+
+/// A pipelining caller keeps appending while it holds appends it has not polled yet: the
+/// store's queue must free itself as the backend answers, not as the caller polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_past_the_stores_queue_complete_while_the_caller_polls_none() {
+    const APPENDS: usize = 20_000;
+    for backend in backends().await {
+        let name = backend.name();
+        let store = backend.open(StoreLimits::default()).await;
+        let queued = async {
+            let mut committing = Vec::with_capacity(APPENDS);
+            for n in 0..APPENDS {
+                committing.push(
+                    store
+                        .append(room_append("deep", &n.to_string()), None)
+                        .await,
+                );
+            }
+            committing
+        };
+        let committing = tokio::time::timeout(Duration::from_secs(120), queued)
+            .await
+            .unwrap_or_else(|_| panic!("{name}: append waited for a slot its caller holds"));
+        for append in committing {
+            append.unwrap().await.unwrap();
+        }
+        let bounds = store.room_bounds("deep").await.unwrap();
+        assert_eq!(bounds.top.offset, Offset(APPENDS as u64), "{name}");
+        store.close().await;
+    }
+}
+
+/// On a Cluster each stream's keys and channel sit on one shard, so every script runs there;
+/// the users and rooms here hash to different shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_appends_reads_and_retries_work_across_shards() {
+    let Some(cluster) = RedisCluster::start(3).await else {
+        return;
+    };
+    let store = RedisStore::open(&cluster.config(), StoreLimits::default())
+        .await
+        .unwrap();
+    let rooms: Vec<String> = (0..12).map(|n| format!("room-{n}")).collect();
+    let users: Vec<String> = (0..12).map(|n| format!("user-{n}")).collect();
+    let mut committing = Vec::new();
+    for n in 0..10 {
+        for room in &rooms {
+            committing.push(store.append(room_append(room, &n.to_string()), None).await);
+        }
+    }
+    for append in committing {
+        append.unwrap().await.unwrap();
+    }
+    for room in &rooms {
+        let read = store.read_room(room, Offset(0), 100).await.unwrap();
+        let offsets: Vec<u64> = read.messages.iter().map(|m| m.offset.0).collect();
+        assert_eq!(offsets, (1..=10).collect::<Vec<_>>(), "{room}");
+    }
+    let append = Append::Direct {
+        to: users.clone(),
+        recipients: users.clone(),
+        message: message("alice", 1, "to everyone"),
+    };
+    let first = try_append(&store, append.clone()).await.unwrap();
+    let retried = try_append(&store, append).await.unwrap();
+    let inbox = |appended: Appended| match appended {
+        Appended::Direct { inbox, .. } => inbox,
+        other => panic!("{other:?}"),
+    };
+    let first = inbox(first);
+    assert_eq!(inbox(retried), first, "a retry stores nothing twice");
+    assert!(first.iter().all(|(_, offset)| *offset == Offset(1)));
+    for user in &users {
+        let read = store.read_inbox(user, None, Offset(0), 10).await.unwrap();
+        assert_eq!(read.messages.len(), 1, "{user}");
+        assert_eq!(
+            store
+                .ack_inbox(user, Some("phone"), Offset(1))
+                .await
+                .unwrap(),
+            Offset(1)
+        );
+        let conversation = store
+            .conversation_history(user, "alice", None, 10)
+            .await
+            .unwrap();
+        assert_eq!(conversation.messages.len(), 1, "{user}");
+    }
+    store.close().await;
 }
 
 #[tokio::test]

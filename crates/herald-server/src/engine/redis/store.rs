@@ -33,7 +33,7 @@ use futures::future::{BoxFuture, join_all};
 use herald_protocol::Payload;
 use redis::{Script, ScriptInvocation, Value};
 use serde_json::value::RawValue;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::{Connection, Keys};
 use crate::config::RedisConfig;
@@ -47,7 +47,10 @@ use crate::engine::store::{
 use crate::engine::wire;
 
 /// Appends in flight at once; `append` waits for room past it (backpressure on publishers).
-const QUEUE: usize = 16 * 1024;
+/// A request counts against `redis.response_timeout` from the moment it is sent, so the
+/// queue stays short enough to be answered well within it: with 16k in flight, a busy node
+/// timed appends out.
+const QUEUE: usize = 1024;
 
 /// Message ids an inbox or conversation remembers for retries, and for how long after its
 /// last write: a retry comes within seconds.
@@ -105,7 +108,8 @@ pub struct RedisStore {
     queue: Arc<Semaphore>,
     /// Direct messages take turns, in the order `append` saw them, to start their
     /// conversation writes (which wait for the inbox writes): one sender's messages keep
-    /// their order in a conversation. A fair lock, held only while requests are sent.
+    /// their order in a conversation. A fair lock, each message's task holding it from its
+    /// turn until its inbox replies are in and its conversation requests sent.
     conversation_turn: Arc<tokio::sync::Mutex<()>>,
     closed: AtomicBool,
 }
@@ -404,6 +408,31 @@ impl RedisStore {
     }
 }
 
+/// Runs the rest of an append (waiting for Redis's replies) in a task of its own, which holds
+/// the append's place in the queue until Redis has answered. Tied to the caller's polling
+/// instead, a caller waiting for room in the queue while it holds unpolled appends (a
+/// pipelining session) would never free it.
+fn spawned(
+    permit: OwnedSemaphorePermit,
+    work: impl Future<Output = Result<Appended, StoreError>> + Send + 'static,
+) -> Committing {
+    let (done, outcome) = oneshot::channel();
+    tokio::spawn(async move {
+        let result = work.await;
+        drop(permit);
+        let _ = done.send(result);
+    });
+    async move {
+        outcome.await.unwrap_or_else(|_| {
+            Err(StoreError::Backend {
+                operation: "append",
+                reason: "the append's task ended without an outcome".into(),
+            })
+        })
+    }
+    .boxed()
+}
+
 /// Sends a script's request now: see [`started`].
 async fn start(
     connection: &Connection,
@@ -664,8 +693,8 @@ impl Store for RedisStore {
     /// Stores the message and publishes its frames (one per stream, each with its offset)
     /// through Redis pub/sub. Waits only for room among the appends in flight; the returned
     /// future resolves once Redis has stored and published it. The requests are sent before
-    /// this returns, so appends are ordered as they were called; poll the future to its end or
-    /// drop it (a direct message holds a turn that later direct messages wait for).
+    /// this returns, so appends are ordered as they were called. Each append completes in a
+    /// task of its own, even if the future is dropped or polled late.
     async fn append(
         &self,
         append: Append,
@@ -699,16 +728,14 @@ impl Store for RedisStore {
                     .arg(message.ts);
                 content_args(&mut invocation, &message.content);
                 let request = self.start(invocation).await;
-                Ok(async move {
-                    let _permit = permit;
+                Ok(spawned(permit, async move {
                     let reply = request.await.map_err(failed("append"))?;
                     let position = room_position(reply)?;
                     if let Appended::Room { position: at, .. } = &mut appended {
                         *at = position;
                     }
                     Ok(appended)
-                }
-                .boxed())
+                }))
             }
             Appended::Direct { inbox, .. } if inbox.is_empty() => {
                 Ok(futures::future::ready(Ok(appended)).boxed())
@@ -746,8 +773,9 @@ impl Store for RedisStore {
                 let turn = started(self.conversation_turn.clone().lock_owned().boxed()).await;
                 let connection = self.connection.clone();
                 let limit = self.limits.max_inbox_messages;
-                Ok(async move {
-                    let _permit = permit;
+                // The turn is passed on as soon as the inbox replies are in: the message's
+                // own task (see `spawned`) waits for them, however late the caller polls.
+                Ok(spawned(permit, async move {
                     let replies = join_all(inbox_requests).await;
                     let mut stored = Vec::with_capacity(replies.len());
                     let mut full = Vec::new();
@@ -806,8 +834,7 @@ impl Store for RedisStore {
                         return Err(StoreError::InboxFull { users: full, limit });
                     }
                     Ok(appended)
-                }
-                .boxed())
+                }))
             }
         }
     }
