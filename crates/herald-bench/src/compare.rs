@@ -288,13 +288,18 @@ pub fn table(reports: &[RunReport], reference: &Reference) -> String {
     }
     let flagged: Vec<String> = reports
         .iter()
-        .filter(|r| r.steps.iter().any(|s| s.client_bound))
+        .filter(|r| {
+            r.steps.iter().any(|s| s.client_bound)
+                || r.join_storm
+                    .as_ref()
+                    .is_some_and(|storm| storm.client_bound)
+        })
         .map(|r| format!("{} {}", r.server, r.scenario))
         .collect();
     if !flagged.is_empty() {
         let _ = writeln!(
             out,
-            "Client-bound steps (the load tool used ≥ 90% of its CPUs) in: {}.",
+            "Client-bound steps or storms (the load tool used ≥ 90% of its CPUs) in: {}.",
             flagged.join(", ")
         );
     }
@@ -372,6 +377,8 @@ mod tests {
             server_cpu_s: Some(0.1),
             server_cpu_cores: Some(0.2),
             server_cpu_us_per_member: Some(100.0),
+            client_cpu_cores: None,
+            client_bound: false,
             server_rss_before_kib: None,
             server_rss_after_kib: None,
         });

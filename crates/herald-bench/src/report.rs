@@ -214,6 +214,12 @@ pub struct JoinStorm {
     pub server_cpu_s: Option<f64>,
     pub server_cpu_cores: Option<f64>,
     pub server_cpu_us_per_member: Option<f64>,
+    /// The load tool's CPU over the storm, share of one core; `client_bound` from 90% of the
+    /// CPUs it may use (then the times may be the tool's limit, not the server's).
+    #[serde(default)]
+    pub client_cpu_cores: Option<f64>,
+    #[serde(default)]
+    pub client_bound: bool,
     pub server_rss_before_kib: Option<u64>,
     pub server_rss_after_kib: Option<u64>,
 }
@@ -376,7 +382,8 @@ impl RunReport {
             if storm.sends_presence {
                 let _ = writeln!(
                     out,
-                    "presence: {} members told the count {}, last at {}; {} presence frames                      ({:.1} per member)",
+                    "presence: {} members told the count {}, last at {}; {} presence frames \
+                     ({:.1} per member)",
                     storm.told_full_count,
                     storm.members,
                     secs(storm.all_told_s),
@@ -386,11 +393,18 @@ impl RunReport {
             }
             let _ = writeln!(
                 out,
-                "all in: {}; server CPU {} s ({} cores, {} µs per member); server RSS {} → {} KiB",
+                "all in: {}; server CPU {} s ({} cores, {} µs per member); tool {} cores{}; \
+                 server RSS {} → {} KiB",
                 secs(storm.all_in_s),
                 opt(storm.server_cpu_s, 2),
                 opt(storm.server_cpu_cores, 2),
                 opt(storm.server_cpu_us_per_member, 1),
+                opt(storm.client_cpu_cores, 2),
+                if storm.client_bound {
+                    " (client-bound)"
+                } else {
+                    ""
+                },
                 storm
                     .server_rss_before_kib
                     .map_or_else(|| "-".into(), |v| v.to_string()),

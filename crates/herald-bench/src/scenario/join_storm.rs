@@ -21,11 +21,13 @@ use super::setup::close_all;
 use super::{Run, RunError, blank_report};
 use crate::adapter::Incoming;
 use crate::client::{ClientError, Env, Socket};
-use crate::procfs::CpuMeter;
+use crate::procfs::{CpuMeter, Proc};
 use crate::report::{JoinStorm, RunReport, Setup};
 
 /// The one room everybody joins.
 const ROOM: &str = "storm";
+/// The tool counts as the bottleneck from this share of its CPUs on (as in the traffic runs).
+const CLIENT_BOUND_SHARE: f64 = 0.9;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct JoinStormParams {
@@ -82,8 +84,10 @@ pub(crate) async fn run(run: &Run, params: &JoinStormParams) -> Result<RunReport
     let rss_before = run.server_rss_kib();
     let connect_started = Instant::now();
     let mut server_meter = None;
+    let mut client_meter = None;
     if params.pipelined {
         server_meter = run.server.clone().map(CpuMeter::start).transpose()?;
+        client_meter = Some(CpuMeter::start(Proc::Myself)?);
         let _ = storm.start.set(connect_started);
         storm.go.cancel();
     }
@@ -128,6 +132,7 @@ pub(crate) async fn run(run: &Run, params: &JoinStormParams) -> Result<RunReport
                 if ready == total && !params.pipelined {
                     rss_connected = run.server_rss_kib();
                     server_meter = run.server.clone().map(CpuMeter::start).transpose()?;
+                    client_meter = Some(CpuMeter::start(Proc::Myself)?);
                     let _ = storm.start.set(Instant::now());
                     storm.go.cancel();
                     run.progress.phase("join-storm: every connection joining");
@@ -141,6 +146,7 @@ pub(crate) async fn run(run: &Run, params: &JoinStormParams) -> Result<RunReport
         }
     }
     let server_cpu = server_meter.map(|m| m.usage()).transpose()?;
+    let client_cpu = client_meter.map(|m| m.usage()).transpose()?;
     let rss_after = run.server_rss_kib();
     close_all(&storm.stop, tasks).await;
     drop(queues);
@@ -195,6 +201,10 @@ pub(crate) async fn run(run: &Run, params: &JoinStormParams) -> Result<RunReport
         server_cpu_us_per_member: server_cpu
             .as_ref()
             .map(|cpu| cpu.total().as_secs_f64() * 1e6 / total as f64),
+        client_cpu_cores: client_cpu.as_ref().map(|cpu| cpu.cores()),
+        client_bound: client_cpu.as_ref().is_some_and(|cpu| {
+            cpu.cores() >= CLIENT_BOUND_SHARE * crate::procfs::usable_cpus() as f64
+        }),
         server_rss_before_kib: rss_before,
         server_rss_after_kib: rss_after,
     });
