@@ -64,6 +64,10 @@ impl CloseCode {
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode::new(1009, "message too big");
     /// An unexpected server error.
     pub const INTERNAL_ERROR: CloseCode = CloseCode::new(1011, "internal error");
+    /// The node lost its connection to the broker for a while (a networked engine), so live
+    /// messages may have been missed: reconnect, and recover them with `since` and the inbox.
+    pub const SERVICE_RESTART: CloseCode =
+        CloseCode::new(1012, "fan-out was interrupted, reconnect to recover");
     /// A connection limit was reached after the upgrade (a race with another connection of the
     /// same user, or a full node): reconnect later.
     pub const TRY_AGAIN_LATER: CloseCode =

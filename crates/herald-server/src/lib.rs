@@ -8,15 +8,16 @@
 //! - [`http`]: the router: WebSocket upgrade (`/ws`, `/ws/{room}`), the server API (`/api/`),
 //!   `/metrics`, `/health`, `/ready`, static files at `/`.
 //! - [`transport`]: how a request becomes a WebSocket, with which limits.
-//! - [`connection`]: one client: reader, session (requests), writer (bounded outbox, batching,
-//!   heartbeat deadline), and the control block they share.
+//! - [`connection`]: one client: reader, session (requests), writer (batching, heartbeat
+//!   deadline).
 //! - [`node`]: every operation (send, publish, join, history, …) joining the hub to the
 //!   engines; messages are encoded once here, stored ones after their commit.
 //! - [`presence_window`]: room joins and leaves gathered per window into one
 //!   `presence_diff` per room.
-//! - [`catch_up`]: replaying stored messages to one connection (inbox at connect, `join` with
-//!   `since`) with no gap and no duplicate at the seam with live ones.
-//! - [`hub`]: this node's connections by id, user and room; fans out shared bytes.
+//! - [`hub`]: this node's connections by id, user and room; fans out shared bytes into each
+//!   connection's bounded outbox; the control block a connection's reader, writer and the hub
+//!   share; catch-up (replaying stored messages to one connection, inbox at connect and `join`
+//!   with `since`, with no gap and no duplicate at the seam with live ones).
 //! - [`idempotency`]: request ids of recent stored messages, so a retry is answered, not
 //!   stored twice.
 //! - [`engine`]: `Broker`, `Presence` and `Store` traits with their embedded backends
@@ -26,7 +27,6 @@
 //! - [`metrics`]: the process-wide Prometheus recorder and the catalogue of metrics.
 
 pub mod auth;
-pub mod catch_up;
 pub mod config;
 pub mod connection;
 pub mod delivery;
@@ -45,9 +45,13 @@ pub mod transport;
 use std::sync::Arc;
 
 use crate::auth::{AuthSetupError, Authenticator};
-use crate::config::Config;
+use crate::config::{Config, EngineBackend};
+use crate::engine::EngineError;
 use crate::engine::broker::Broker;
 use crate::engine::memory::{MemoryBroker, MemoryPresence};
+use crate::engine::redis::broker::RedisBroker;
+use crate::engine::redis::presence::RedisPresence;
+use crate::engine::redis::store::RedisStore;
 use crate::engine::sqlite::SqliteStore;
 use crate::engine::store::StoreError;
 use crate::engine::timed::TimedBroker;
@@ -60,6 +64,37 @@ pub enum SetupError {
     Auth(#[from] AuthSetupError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Builds a node on the engines `engine.backend` names. Must run inside a tokio runtime.
+pub async fn build_node(
+    mut config: Config,
+    generated_secret: Option<&str>,
+) -> Result<Arc<Node>, SetupError> {
+    match config.engine.backend {
+        EngineBackend::Embedded => embedded_node(config, generated_secret),
+        EngineBackend::Redis => {
+            let auth = Authenticator::from_config(&config.auth, generated_secret)?;
+            // Presence entries are owned by the node: its id must be known before the node is.
+            if config.server.node_id.is_empty() {
+                config.server.node_id = node::random_id();
+            }
+            let broker: Arc<dyn Broker> = Arc::new(TimedBroker(Arc::new(
+                RedisBroker::connect(&config.redis).await?,
+            )));
+            let presence = RedisPresence::connect(&config.server.node_id, &config.redis).await?;
+            let store = RedisStore::open(&config.redis, config.store.limits()).await?;
+            Ok(Node::new(
+                Arc::new(config),
+                auth,
+                broker,
+                Arc::new(presence),
+                Arc::new(store),
+            ))
+        }
+    }
 }
 
 /// Builds a node on the embedded engines: in-memory broker and presence, and the SQLite store

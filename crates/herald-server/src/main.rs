@@ -17,7 +17,7 @@ use herald_server::auth::Authenticator;
 use herald_server::config::{Config, LogFormat};
 use herald_server::engine::sqlite::backup::backup;
 use herald_server::tls::ServerTls;
-use herald_server::{embedded_node, server, telemetry};
+use herald_server::{build_node, server, telemetry};
 
 /// jemalloc rather than the system allocator: an idle connection is a few dozen small
 /// allocations made while thousands of handshakes come and go, and glibc's per-chunk headers,
@@ -310,7 +310,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let node = embedded_node(config, generated.as_deref())?;
+        let node = build_node(config, generated.as_deref()).await?;
         let listener =
             server::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
         let address = listener.local_addr()?;

@@ -264,6 +264,13 @@ pub const CATALOGUE: &[Metric] = &[
         ],
     },
     Metric {
+        name: "herald_broker_malformed_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Messages from other nodes the broker dropped as malformed (another wire version).",
+        series: NO_LABELS,
+    },
+    Metric {
         name: "herald_api_requests_total",
         kind: Kind::Counter,
         unit: None,

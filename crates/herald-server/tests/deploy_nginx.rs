@@ -60,6 +60,12 @@ fn free_port() -> u16 {
 /// Starts nginx in front of `upstream`, or returns `None` (after a notice) when nginx is absent
 /// and not required.
 async fn start_nginx(upstream: SocketAddr, ca: &TestCa) -> Option<Nginx> {
+    start_nginx_for(&[upstream], ca).await
+}
+
+/// Starts nginx in front of every node of `upstreams` (the config's one `server` line becomes
+/// one per node).
+async fn start_nginx_for(upstreams: &[SocketAddr], ca: &TestCa) -> Option<Nginx> {
     let Some(binary) = nginx_binary() else {
         if std::env::var("HERALD_REQUIRE_NGINX").as_deref() == Ok("1") {
             panic!("nginx is not installed and HERALD_REQUIRE_NGINX=1");
@@ -72,11 +78,11 @@ async fn start_nginx(upstream: SocketAddr, ca: &TestCa) -> Option<Nginx> {
     let port = free_port();
     let repository = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let mut site = std::fs::read_to_string(repository.join("deploy/nginx/herald.conf")).unwrap();
-    adapt(
-        &mut site,
-        "server 127.0.0.1:8080;",
-        &format!("server {upstream};"),
-    );
+    let servers: Vec<String> = upstreams
+        .iter()
+        .map(|upstream| format!("server {upstream};"))
+        .collect();
+    adapt(&mut site, "server 127.0.0.1:8080;", &servers.join("\n    "));
     adapt(
         &mut site,
         "listen 443 ssl;",
@@ -257,4 +263,76 @@ async fn a_client_behind_the_trusted_proxy_is_seen_with_its_own_address() {
     assert_eq!(entry["id"], alice.welcome.conn.as_str());
     let addr = entry["addr"].as_str().expect("an addr field");
     assert_eq!(addr.split(':').next(), Some("127.0.0.2"), "{entry}");
+}
+
+/// Three nodes on one Redis behind the repository's nginx config are one service: clients
+/// spread over the nodes chat in one room, and a client whose node goes away reconnects through
+/// nginx to another and recovers exactly what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_redis_behind_nginx_are_one_service() {
+    let Some(redis) = common::redis::RedisServer::start().await else {
+        return;
+    };
+    let mut nodes = Vec::new();
+    for n in 0..3 {
+        nodes.push(
+            TestServer::start_with(|config| {
+                config.engine.backend = herald_server::config::EngineBackend::Redis;
+                config.redis.urls = vec![redis.url()];
+                config.server.node_id = format!("node{n}");
+            })
+            .await,
+        );
+    }
+    let ca = TestCa::new();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|node| node.addr).collect();
+    let Some(nginx) = start_nginx_for(&addrs, &ca).await else {
+        return;
+    };
+    let tokens: std::collections::HashMap<&str, String> = ["ann", "ben", "cat"]
+        .into_iter()
+        .map(|user| (user, nodes[0].token(user)))
+        .collect();
+    let query = |user: &str| format!("/ws?token={}", tokens[user]);
+    let mut clients = Vec::new();
+    for user in ["ann", "ben", "cat"] {
+        let mut client = connect_through(&nginx, &ca, &query(user), None).await;
+        client.join("plaza").await;
+        clients.push(client);
+    }
+    let mut seen: Vec<&str> = clients.iter().map(|c| c.welcome.node.as_str()).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(
+        seen.len(),
+        3,
+        "least_conn spreads three clients over three nodes"
+    );
+
+    let first = clients[0].publish("plaza", json!("hello")).await;
+    for client in &mut clients[1..] {
+        assert_eq!(client.next_message_event().await.offset, Some(first));
+    }
+
+    // Ben's node goes away: he is told to reconnect (1001), comes back through nginx to a
+    // surviving node and recovers what was published meanwhile.
+    let ben_node = clients[1].welcome.node.clone();
+    let index = nodes
+        .iter()
+        .position(|n| n.node.id.as_ref() == ben_node)
+        .unwrap();
+    let stopping = nodes.remove(index);
+    let stopped = tokio::spawn(stopping.stop());
+    let close = clients[1].expect_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1001);
+    stopped.await.unwrap();
+    let missed = clients[0].publish("plaza", json!("while away")).await;
+    let mut ben = connect_through(&nginx, &ca, &query("ben"), None).await;
+    assert_ne!(ben.welcome.node, ben_node);
+    let ack = ben
+        .ack(json!({"type": "join", "room": "plaza", "since": first}))
+        .await;
+    assert_eq!(ack.recovered, Some(true));
+    let message = ben.next_message_event().await;
+    assert_eq!(message.offset, Some(missed));
 }

@@ -89,7 +89,7 @@ fn every_module_is_in_the_architecture_table_and_every_row_is_a_module() {
     let architecture = read("docs/architecture.md");
     let modules = section(&architecture, "## Modules");
     let (protocol, server) = modules
-        .split_once("`crates/herald-server/src`:")
+        .split_once("`crates/herald-server/src`,")
         .expect("the server's table follows its own line");
     check_module_table(
         &table_rows(protocol),

@@ -1,32 +1,111 @@
-//! The `Store` contract, run against every backend through a factory. Each store publishes to a
-//! started in-memory broker whose handler records what reaches it, in order.
+//! The `Store` contract, run against every backend: SQLite, and Redis when `redis-server` is
+//! installed (a real one per test, see `common::redis`). What a store publishes is recorded in
+//! order: SQLite's through a started in-memory broker whose handler records what reaches it,
+//! Redis's by a plain pub/sub subscription, decoded as a receiving node would. Tests for what
+//! only one backend does follow the shared ones.
 
-use std::path::Path;
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use herald_protocol::Payload;
-use herald_server::delivery::{Channel, Control, Delivery};
+use common::redis::RedisServer;
+use futures::StreamExt;
+use herald_protocol::{Payload, ServerEvent};
+use herald_server::config::RedisConfig;
+use herald_server::delivery::{Channel, Control, Delivery, OutFrame};
 use herald_server::engine::broker::{Broker, DeliveryHandler};
 use herald_server::engine::memory::MemoryBroker;
+use herald_server::engine::redis::Keys;
+use herald_server::engine::redis::store::RedisStore;
 use herald_server::engine::sqlite::{SqliteStore, Synchronous};
 use herald_server::engine::store::{
-    Append, Appended, NewMessage, Offset, Retention, Store, StoreError, StoreLimits,
+    Append, Appended, NewMessage, Offset, Retention, Store, StoreError, StoreLimits, StoredMessage,
 };
+use herald_server::engine::wire::{self, Envelope};
 use serde_json::value::RawValue;
+use tempfile::TempDir;
 
-type Factory = fn(&Path, StoreLimits, Arc<dyn Broker>) -> Result<Arc<dyn Store>, StoreError>;
+/// Where a store under test keeps its data; opening it again finds the same data.
+enum Backend {
+    Sqlite(TempDir),
+    Redis(Box<RedisBackend>),
+}
 
-fn backends() -> Vec<(&'static str, Factory)> {
-    vec![("sqlite", |folder, limits, broker| {
-        Ok(Arc::new(SqliteStore::open(
-            folder,
-            Synchronous::Normal,
-            limits,
-            broker,
-        )?) as Arc<dyn Store>)
-    })]
+struct RedisBackend {
+    /// Stopped when the backend is dropped.
+    server: RedisServer,
+    config: RedisConfig,
+}
+
+/// One of each backend, each with data of its own.
+async fn backends() -> Vec<Backend> {
+    let mut backends = vec![Backend::Sqlite(tempfile::tempdir().unwrap())];
+    if let Some(server) = RedisServer::start().await {
+        let config = redis_config(&server);
+        backends.push(Backend::Redis(Box::new(RedisBackend { server, config })));
+    }
+    backends
+}
+
+fn redis_config(server: &RedisServer) -> RedisConfig {
+    RedisConfig {
+        urls: vec![server.url()],
+        key_prefix: format!("test-{}", uuid::Uuid::now_v7().simple()),
+        connect_timeout: Duration::from_secs(2),
+        response_timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
+    }
+}
+
+impl Backend {
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Redis(_) => "redis",
+        }
+    }
+
+    async fn open(&self, limits: StoreLimits) -> Arc<dyn Store> {
+        self.open_recording(limits, &[]).await.0
+    }
+
+    /// Opens the store with a recording of what it publishes on `channels`.
+    async fn open_recording(
+        &self,
+        limits: StoreLimits,
+        channels: &[Channel],
+    ) -> (Arc<dyn Store>, Recording) {
+        match self {
+            Backend::Sqlite(folder) => {
+                let (broker, published) = recording_broker();
+                let store = SqliteStore::open(folder.path(), Synchronous::Normal, limits, broker);
+                (Arc::new(store.unwrap()), Recording::Broker(published))
+            }
+            Backend::Redis(redis) => {
+                let keys = Keys::new(&redis.config.key_prefix);
+                let mut subscriber = redis::Client::open(redis.server.url())
+                    .unwrap()
+                    .get_async_pubsub()
+                    .await
+                    .unwrap();
+                for channel in channels {
+                    subscriber.subscribe(keys.channel(channel)).await.unwrap();
+                }
+                let store = RedisStore::open(&redis.config, limits).await.unwrap();
+                (
+                    Arc::new(store),
+                    Recording::PubSub(Box::new(subscriber), keys),
+                )
+            }
+        }
+    }
+
+    /// Whether `inbox_may_hold_unacked` tracks inboxes (a store may always say true).
+    fn tracks_unacked_inboxes(&self) -> bool {
+        matches!(self, Backend::Sqlite(_))
+    }
 }
 
 /// What the store published, in the order the broker received it.
@@ -54,9 +133,38 @@ fn recording_broker() -> (Arc<dyn Broker>, Arc<Published>) {
     (broker, published)
 }
 
-/// Opens a backend's store on a recording broker (the recording is not kept).
-fn open_store(open: Factory, folder: &Path, limits: StoreLimits) -> Arc<dyn Store> {
-    open(folder, limits, recording_broker().0).unwrap()
+/// What a store published, as a receiving node reads it.
+enum Recording {
+    Broker(Arc<Published>),
+    PubSub(Box<redis::aio::PubSub>, Keys),
+}
+
+impl Recording {
+    /// The next `count` deliveries published since the last call, in order. Appends resolve
+    /// only once published, so they have been sent by then.
+    async fn take(&mut self, count: usize) -> Vec<(Channel, Delivery)> {
+        match self {
+            Recording::Broker(published) => {
+                let mut deliveries = published.deliveries.lock().unwrap();
+                assert!(deliveries.len() >= count, "{} published", deliveries.len());
+                deliveries.drain(..count).collect()
+            }
+            Recording::PubSub(subscriber, keys) => {
+                let messages = subscriber.on_message().take(count).map(|message| {
+                    let channel = keys.parse_channel(message.get_channel_name()).unwrap();
+                    let Envelope::Delivery(delivery) =
+                        wire::decode(message.get_payload_bytes()).unwrap()
+                    else {
+                        panic!("a delivery, not a control");
+                    };
+                    (channel, delivery)
+                });
+                tokio::time::timeout(common::EVENT_TIMEOUT, messages.collect())
+                    .await
+                    .expect("every published frame arrives")
+            }
+        }
+    }
 }
 
 fn message(from: &str, ts: u64, text: &str) -> NewMessage {
@@ -70,7 +178,11 @@ fn message(from: &str, ts: u64, text: &str) -> NewMessage {
 
 /// Appends and waits until it is stored and published.
 async fn append(store: &dyn Store, append: Append) -> Appended {
-    store.append(append, None).await.unwrap().await.unwrap()
+    try_append(store, append).await.unwrap()
+}
+
+async fn try_append(store: &dyn Store, append: Append) -> Result<Appended, StoreError> {
+    store.append(append, None).await?.await
 }
 
 async fn to_room(store: &dyn Store, room: &str, ts: u64, text: &str) -> u64 {
@@ -107,9 +219,9 @@ async fn direct(store: &dyn Store, from: &str, to: &[&str], ts: u64, text: &str)
 
 #[tokio::test]
 async fn offsets_are_dense_per_stream_and_survive_a_reopen_with_the_same_epoch() {
-    for (name, open) in backends() {
-        let folder = tempfile::tempdir().unwrap();
-        let store = open_store(open, folder.path(), StoreLimits::default());
+    for backend in backends().await {
+        let name = backend.name();
+        let store = backend.open(StoreLimits::default()).await;
         for n in 1..=3 {
             assert_eq!(to_room(&*store, "a", 1, "x").await, n, "{name}");
         }
@@ -122,7 +234,7 @@ async fn offsets_are_dense_per_stream_and_survive_a_reopen_with_the_same_epoch()
         store.close().await;
         drop(store);
 
-        let store = open_store(open, folder.path(), StoreLimits::default());
+        let store = backend.open(StoreLimits::default()).await;
         let after = store.room_bounds("a").await.unwrap();
         assert_eq!(after, before, "{name}");
         assert_eq!(to_room(&*store, "a", 1, "x").await, 4, "{name}");
@@ -132,10 +244,11 @@ async fn offsets_are_dense_per_stream_and_survive_a_reopen_with_the_same_epoch()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streams_frames_are_published_in_offset_order_under_concurrent_appends() {
-    for (name, open) in backends() {
-        let folder = tempfile::tempdir().unwrap();
-        let (broker, published) = recording_broker();
-        let store = open(folder.path(), StoreLimits::default(), broker).unwrap();
+    for backend in backends().await {
+        let name = backend.name();
+        let (store, mut published) = backend
+            .open_recording(StoreLimits::default(), &[Channel::Room("busy".into())])
+            .await;
         let mut tasks = Vec::new();
         for task in 0..8 {
             let store = store.clone();
@@ -158,9 +271,8 @@ async fn a_streams_frames_are_published_in_offset_order_under_concurrent_appends
         }
         // Every append resolved only after its frame was published, so all 1,600 are here.
         let order: Vec<u64> = published
-            .deliveries
-            .lock()
-            .unwrap()
+            .take(1600)
+            .await
             .iter()
             .map(|(channel, delivery)| {
                 assert_eq!(*channel, Channel::Room("busy".into()), "{name}");
@@ -175,9 +287,9 @@ async fn a_streams_frames_are_published_in_offset_order_under_concurrent_appends
 
 #[tokio::test]
 async fn history_pages_are_oldest_first_with_a_more_flag() {
-    for (name, open) in backends() {
-        let folder = tempfile::tempdir().unwrap();
-        let store = open_store(open, folder.path(), StoreLimits::default());
+    for backend in backends().await {
+        let name = backend.name();
+        let store = backend.open(StoreLimits::default()).await;
         for n in 1..=5 {
             to_room(&*store, "r", n, &format!("m{n}")).await;
         }
@@ -201,9 +313,9 @@ async fn history_pages_are_oldest_first_with_a_more_flag() {
 
 #[tokio::test]
 async fn a_direct_message_lands_in_every_inbox_and_both_conversations() {
-    for (name, open) in backends() {
-        let folder = tempfile::tempdir().unwrap();
-        let store = open_store(open, folder.path(), StoreLimits::default());
+    for backend in backends().await {
+        let name = backend.name();
+        let store = backend.open(StoreLimits::default()).await;
         assert_eq!(direct(&*store, "alice", &["bob"], 1, "one").await, [1]);
         assert_eq!(
             direct(&*store, "carol", &["bob", "dave"], 2, "two").await,
@@ -233,9 +345,9 @@ async fn a_direct_message_lands_in_every_inbox_and_both_conversations() {
 
 #[tokio::test]
 async fn the_inbox_mark_only_moves_forward_and_never_past_the_newest_entry() {
-    for (name, open) in backends() {
-        let folder = tempfile::tempdir().unwrap();
-        let store = open_store(open, folder.path(), StoreLimits::default());
+    for backend in backends().await {
+        let name = backend.name();
+        let store = backend.open(StoreLimits::default()).await;
         for n in 0..3 {
             direct(&*store, "alice", &["bob"], n, "x").await;
         }
@@ -268,9 +380,9 @@ async fn the_inbox_mark_only_moves_forward_and_never_past_the_newest_entry() {
 
 #[tokio::test]
 async fn each_device_reads_from_its_own_mark_and_a_new_one_from_the_floor() {
-    for (name, open) in backends() {
-        let folder = tempfile::tempdir().unwrap();
-        let store = open_store(open, folder.path(), StoreLimits::default());
+    for backend in backends().await {
+        let name = backend.name();
+        let store = backend.open(StoreLimits::default()).await;
         for n in 0..4 {
             direct(&*store, "alice", &["bob"], n, "x").await;
         }
@@ -320,13 +432,13 @@ async fn each_device_reads_from_its_own_mark_and_a_new_one_from_the_floor() {
 
 #[tokio::test]
 async fn past_the_device_bound_the_least_recently_acknowledged_mark_is_evicted() {
-    for (name, open) in backends() {
-        let folder = tempfile::tempdir().unwrap();
+    for backend in backends().await {
+        let name = backend.name();
         let limits = StoreLimits {
             max_devices_per_user: 2,
             ..StoreLimits::default()
         };
-        let store = open_store(open, folder.path(), limits);
+        let store = backend.open(limits).await;
         for n in 0..3 {
             direct(&*store, "alice", &["bob"], n, "x").await;
         }
@@ -363,9 +475,9 @@ async fn past_the_device_bound_the_least_recently_acknowledged_mark_is_evicted()
 #[tokio::test]
 async fn inboxes_and_conversations_emptied_by_age_are_removed_but_acknowledged_ones_stay() {
     const DAY_MS: u64 = 24 * 3600 * 1000;
-    for (name, open) in backends() {
-        let folder = tempfile::tempdir().unwrap();
-        let store = open_store(open, folder.path(), StoreLimits::default());
+    for backend in backends().await {
+        let name = backend.name();
+        let store = backend.open(StoreLimits::default()).await;
         let now = 100 * DAY_MS;
         // To made-up names: never read, so only age removes them.
         for ghost in ["ghost-1", "ghost-2"] {
@@ -382,7 +494,9 @@ async fn inboxes_and_conversations_emptied_by_age_are_removed_but_acknowledged_o
         let report = store.prune(retention, now).await.unwrap();
         // Two inboxes and two conversations.
         assert_eq!(report.empty_streams, 4, "{name}: {report:?}");
-        assert!(!store.inbox_may_hold_unacked("ghost-1"), "{name}");
+        if backend.tracks_unacked_inboxes() {
+            assert!(!store.inbox_may_hold_unacked("ghost-1"), "{name}");
+        }
         // A ghost's inbox starts afresh; bob's goes on.
         assert_eq!(
             direct(&*store, "spammer", &["ghost-1"], now, "x").await,
@@ -399,9 +513,9 @@ async fn inboxes_and_conversations_emptied_by_age_are_removed_but_acknowledged_o
 #[tokio::test]
 async fn retention_removes_old_prefixes_by_count_and_by_age() {
     const DAY_MS: u64 = 24 * 3600 * 1000;
-    for (name, open) in backends() {
-        let folder = tempfile::tempdir().unwrap();
-        let store = open_store(open, folder.path(), StoreLimits::default());
+    for backend in backends().await {
+        let name = backend.name();
+        let store = backend.open(StoreLimits::default()).await;
         let now = 100 * DAY_MS;
         for n in 1..=10 {
             to_room(&*store, "counted", now, &n.to_string()).await;
@@ -444,6 +558,298 @@ async fn retention_removes_old_prefixes_by_count_and_by_age() {
         assert_eq!(again.room_messages, 1, "{name}");
         store.close().await;
     }
+}
+
+#[tokio::test]
+async fn a_direct_message_to_a_full_inbox_is_refused_naming_the_user() {
+    for backend in backends().await {
+        let name = backend.name();
+        let limits = StoreLimits {
+            max_inbox_messages: 2,
+            ..StoreLimits::default()
+        };
+        let store = backend.open(limits).await;
+        for n in 0..2 {
+            direct(&*store, "alice", &["bob"], n, "x").await;
+        }
+        let refused = try_append(
+            &*store,
+            Append::Direct {
+                to: vec!["bob".into()],
+                recipients: vec!["bob".into()],
+                message: message("alice", 3, "one too many"),
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&refused, StoreError::InboxFull { users, limit: 2 } if users == &["bob"]),
+            "{name}: {refused}"
+        );
+        let conversation = store
+            .conversation_history("alice", "bob", None, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            conversation.messages.len(),
+            2,
+            "{name}: nothing of a refused message is stored"
+        );
+        store.ack_inbox("bob", None, Offset(1)).await.unwrap();
+        assert_eq!(
+            direct(&*store, "alice", &["bob"], 4, "x").await,
+            [3],
+            "{name}"
+        );
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn published_frames_carry_their_streams_offsets_and_the_senders_copy_none() {
+    for backend in backends().await {
+        let name = backend.name();
+        let channels = [
+            Channel::Room("lobby".into()),
+            Channel::User("bob".into()),
+            Channel::User("alice".into()),
+            Channel::User("carol".into()),
+        ];
+        let (store, mut published) = backend
+            .open_recording(StoreLimits::default(), &channels)
+            .await;
+        for text in ["first", "second"] {
+            try_append(&*store, room_append("lobby", text))
+                .await
+                .unwrap();
+        }
+        // bob's inbox holds one entry before alice writes: his frame must carry offset 2.
+        direct(&*store, "carol", &["bob"], 1, "earlier").await;
+        direct(&*store, "alice", &["bob"], 2, "hello").await;
+        let mut frames: Vec<(Channel, Option<u64>, String)> = published
+            .take(6)
+            .await
+            .into_iter()
+            .map(|(channel, delivery)| {
+                let OutFrame::Text(frame) = &delivery.frame else {
+                    panic!("{name}: a text frame");
+                };
+                let ServerEvent::Message(event) =
+                    ServerEvent::decode(std::str::from_utf8(frame).unwrap()).unwrap()
+                else {
+                    panic!("{name}: a message event");
+                };
+                assert_eq!(
+                    event.offset, delivery.offset,
+                    "{name}: the offset in the frame"
+                );
+                (
+                    channel,
+                    delivery.offset,
+                    event.content.unwrap().get().to_owned(),
+                )
+            })
+            .collect();
+        // Channels have no order between them: sort each direct message's two frames.
+        frames[2..4].sort_by_key(|(channel, _, _)| channel.to_string());
+        frames[4..].sort_by_key(|(channel, _, _)| channel.to_string());
+        let lobby = Channel::Room("lobby".into());
+        let user = |name: &str| Channel::User(name.into());
+        let expected: [(Channel, Option<u64>, String); 6] = [
+            (lobby.clone(), Some(1), r#""first""#.into()),
+            (lobby, Some(2), r#""second""#.into()),
+            (user("bob"), Some(1), r#""earlier""#.into()),
+            (user("carol"), None, r#""earlier""#.into()),
+            (user("alice"), None, r#""hello""#.into()),
+            (user("bob"), Some(2), r#""hello""#.into()),
+        ];
+        assert_eq!(frames, expected, "{name}");
+        store.close().await;
+    }
+}
+
+async fn redis_store(limits: StoreLimits) -> Option<(RedisServer, RedisConfig, RedisStore)> {
+    let server = RedisServer::start().await?;
+    let config = redis_config(&server);
+    let store = RedisStore::open(&config, limits).await.unwrap();
+    Some((server, config, store))
+}
+
+fn room_append(room: &str, text: &str) -> Append {
+    Append::Room {
+        room: room.into(),
+        message: message("alice", 1, text),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_from_two_nodes_interleave_with_offsets_one_apart_in_each_nodes_call_order() {
+    let Some((_server, config, first)) = redis_store(StoreLimits::default()).await else {
+        return;
+    };
+    let second = RedisStore::open(&config, StoreLimits::default())
+        .await
+        .unwrap();
+    // Each node starts 300 appends without waiting for any, as a session pipelines them.
+    let run = |store: RedisStore| {
+        tokio::spawn(async move {
+            let mut committing = Vec::new();
+            for n in 0..300 {
+                committing.push(
+                    store
+                        .append(room_append("shared", &n.to_string()), None)
+                        .await,
+                );
+            }
+            let mut offsets = Vec::new();
+            for append in committing {
+                match append.unwrap().await.unwrap() {
+                    Appended::Room { position, .. } => offsets.push(position.offset.0),
+                    other => panic!("{other:?}"),
+                }
+            }
+            offsets
+        })
+    };
+    let (first, second) = (run(first), run(second));
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    for offsets in [&first, &second] {
+        assert!(
+            offsets.windows(2).all(|pair| pair[0] < pair[1]),
+            "a node's appends keep their call order: {offsets:?}"
+        );
+    }
+    let mut all: Vec<u64> = first.iter().chain(&second).copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=600).collect::<Vec<_>>(), "no gap, no reuse");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_direct_messages_keep_their_order_in_inboxes_and_conversations() {
+    for backend in backends().await {
+        let name = backend.name();
+        let store = backend.open(StoreLimits::default()).await;
+        let mut committing = Vec::new();
+        for n in 0..300 {
+            let append = Append::Direct {
+                to: vec!["bob".into(), "carol".into()],
+                recipients: vec!["bob".into(), "carol".into()],
+                message: message("alice", n, &n.to_string()),
+            };
+            committing.push(store.append(append, None).await.unwrap());
+        }
+        for append in committing {
+            append.await.unwrap();
+        }
+        let texts = |messages: Vec<StoredMessage>| -> Vec<String> {
+            messages
+                .iter()
+                .map(|m| match &m.content {
+                    Payload::Json(raw) => raw.get().trim_matches('"').to_owned(),
+                    Payload::Binary(_) => panic!("stored as JSON"),
+                })
+                .collect()
+        };
+        let sent: Vec<String> = (0..300).map(|n| n.to_string()).collect();
+        for user in ["bob", "carol"] {
+            let inbox = store.read_inbox(user, None, Offset(0), 1000).await.unwrap();
+            assert_eq!(texts(inbox.messages), sent, "{name}: {user}'s inbox");
+            let conversation = store
+                .conversation_history(user, "alice", None, 1000)
+                .await
+                .unwrap();
+            assert_eq!(
+                texts(conversation.messages),
+                sent,
+                "{name}: {user}'s conversation"
+            );
+        }
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_retried_direct_append_with_the_same_message_id_is_stored_once() {
+    let Some((_server, _config, store)) = redis_store(StoreLimits::default()).await else {
+        return;
+    };
+    let append = Append::Direct {
+        to: vec!["bob".into(), "carol".into()],
+        recipients: vec!["bob".into(), "carol".into()],
+        message: message("alice", 1, "once"),
+    };
+    let inbox = |appended: Appended| match appended {
+        Appended::Direct { inbox, .. } => inbox,
+        other => panic!("{other:?}"),
+    };
+    let first = inbox(try_append(&store, append.clone()).await.unwrap());
+    let retried = inbox(try_append(&store, append).await.unwrap());
+    assert_eq!(retried, first, "the retry gets the first attempt's offsets");
+    for user in ["bob", "carol"] {
+        let read = store.read_inbox(user, None, Offset(0), 10).await.unwrap();
+        assert_eq!(read.messages.len(), 1, "{user}'s inbox");
+        let conversation = store
+            .conversation_history(user, "alice", None, 10)
+            .await
+            .unwrap();
+        assert_eq!(conversation.messages.len(), 1, "{user}'s conversation");
+    }
+    assert_eq!(direct(&store, "alice", &["bob"], 2, "next").await, [2]);
+}
+
+#[tokio::test]
+async fn while_redis_is_down_an_append_fails_as_unavailable_and_nothing_acknowledged_is_lost() {
+    let Some(mut server) =
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await
+    else {
+        return;
+    };
+    let config = redis_config(&server);
+    let store = RedisStore::open(&config, StoreLimits::default())
+        .await
+        .unwrap();
+    let stored = try_append(&store, room_append("lobby", "kept")).await;
+    assert!(stored.is_ok(), "{stored:?}");
+    server.kill().await;
+    for text in ["lost", "lost again"] {
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(30),
+            try_append(&store, room_append("lobby", text)),
+        )
+        .await
+        .expect("an append fails in bounded time while Redis is down");
+        assert!(
+            matches!(outcome, Err(StoreError::Unavailable { .. })),
+            "never Ok while Redis is down: {outcome:?}"
+        );
+    }
+    server.restart().await;
+    // The connection comes back on its own; until it has, appends keep failing as unavailable.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let offset = loop {
+        match try_append(&store, room_append("lobby", "after")).await {
+            Ok(Appended::Room { position, .. }) => break position.offset.0,
+            Ok(other) => panic!("{other:?}"),
+            Err(StoreError::Unavailable { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("{error}"),
+        }
+    };
+    assert_eq!(
+        offset, 2,
+        "the acknowledged message survived the restart, no other did"
+    );
+    let history = store.room_history("lobby", None, 10).await.unwrap();
+    let texts: Vec<String> = history
+        .messages
+        .iter()
+        .map(|m| match &m.content {
+            Payload::Json(raw) => raw.get().to_owned(),
+            Payload::Binary(_) => panic!("stored as JSON"),
+        })
+        .collect();
+    assert_eq!(texts, [r#""kept""#, r#""after""#]);
 }
 
 /// SQLite-specific: it watches the writer's step counter to append while a pass is running.

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// Waits (by the wall clock, which is what `exp` is read on) until a Unix second has passed.
 async fn until_unix_second_passed(second: u64) {
-    let now_ms = herald_server::connection::control::unix_ms();
+    let now_ms = herald_server::hub::control::unix_ms();
     let target_ms = (second + 1) * 1000 + 100;
     tokio::time::sleep(Duration::from_millis(target_ms.saturating_sub(now_ms))).await;
 }

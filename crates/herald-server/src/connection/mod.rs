@@ -6,14 +6,12 @@
 //! ```
 //!
 //! The reader owns the [`session::Session`]; the writer owns the sending half and the heartbeat
-//! deadline; they share a [`control::ConnControl`] through which either side (or the hub, for a
+//! deadline; they share a [`ConnControl`](crate::hub::control::ConnControl) through which either side (or the hub, for a
 //! slow consumer, or the node, at shutdown) ends the connection. Cleanup (rooms, presence, hub)
 //! runs once, after the writer has sent its Close frame. A panic anywhere in the connection's
 //! future is caught at its top and the same cleanup runs from what the hub knows, so a bug
 //! reached by one client never leaves its user online or in a room.
 
-pub mod control;
-pub mod outbox;
 pub mod pending;
 pub mod session;
 pub mod writer;
@@ -31,10 +29,10 @@ use yawc::OpCode;
 use crate::auth::Identity;
 use crate::delivery::OutFrame;
 use crate::hub::ConnHandle;
+use crate::hub::control::{CloseReason, ConnControl, Expiry, ExpiryKind, Side, unix_ms};
+use crate::hub::outbox::Outbox;
 use crate::node::{ConnectError, Node};
 use crate::transport::Socket;
-use control::{CloseReason, ConnControl, Expiry, ExpiryKind, Side, unix_ms};
-use outbox::Outbox;
 use pending::PendingSlot;
 use session::{Flow, Session};
 

@@ -18,11 +18,11 @@ use herald_protocol::request::parse_text;
 use herald_protocol::{CloseCode, ErrorCode, ErrorEvent, Request, RequestBody, ServerEvent};
 use yawc::{Frame, OpCode};
 
-use super::control::{CloseReason, ConnControl, Side};
 use super::flush_library_close;
 use crate::auth::Identity;
 use crate::delivery::OutFrame;
 use crate::hub::ConnHandle;
+use crate::hub::control::{CloseReason, ConnControl, Side};
 use crate::node::Node;
 
 /// Counts pending connections, in total and per client address key

@@ -18,13 +18,13 @@ use herald_protocol::{
     PresenceReply, ProtocolError, Request, RequestBody, ServerEvent,
 };
 
-use super::control::ConnControl;
 use super::token_expiry;
 use crate::auth::Identity;
 use crate::delivery::{OutFrame, Outgoing};
 use crate::engine::EngineError;
 use crate::engine::store::{Epoch, Offset, StoreError};
 use crate::hub::ConnHandle;
+use crate::hub::control::ConnControl;
 use crate::idempotency::{Claim, Recorder, Target};
 use crate::node::{Node, Published, Recovery};
 

@@ -20,9 +20,9 @@ use futures::{Sink, SinkExt};
 use tokio::time::{Instant, sleep_until, timeout};
 use yawc::{Frame, WebSocketError};
 
-use super::control::{CloseReason, ConnControl, Expiry, ExpiryKind, Side, instant_at};
-use super::outbox::Outbox;
 use crate::delivery::{OutFrame, Outgoing};
+use crate::hub::control::{CloseReason, ConnControl, Expiry, ExpiryKind, Side, instant_at};
+use crate::hub::outbox::Outbox;
 use crate::metrics::HOT;
 use crate::transport::WriteProgress;
 use herald_protocol::{CloseCode, RefreshNotice, ServerEvent};
@@ -325,7 +325,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connection::control::unix_ms;
+    use crate::hub::control::unix_ms;
 
     const TIMING: Timing = Timing {
         heartbeat: Duration::from_secs(25),

@@ -13,6 +13,14 @@
 //!   same guarantees, so a control published after a frame on one channel from one node is
 //!   acted on after that frame is queued. A backend shared by nodes must carry them to every
 //!   subscribed node, like frames: the server API's disconnect relies on it.
+//! - `subscribe` resolves once the backend confirmed the subscription: a frame published on
+//!   that channel afterwards, from any node, reaches this one.
+//! - A backend that can lose its connection reports it: `ready()` is false from the loss until
+//!   it has reconnected and resubscribed every channel, and then it calls
+//!   [`DeliveryHandler::broker_restored`] once. Frames published meanwhile may be lost
+//!   (at-most-once), so the node uses that call to make its clients recover from the store.
+//! - After [`Broker::close`] nothing more is delivered and the backend's connections are
+//!   released.
 
 use std::sync::Arc;
 
@@ -27,6 +35,9 @@ pub trait DeliveryHandler: Send + Sync {
     fn deliver(&self, channel: &Channel, delivery: &Delivery);
     /// Acts on a control for the channel's local connections. Must not block either.
     fn control(&self, channel: &Channel, control: &Control);
+    /// The broker had lost its connection and has now reconnected and resubscribed every
+    /// channel: what was published in between may be missing. Must not block.
+    fn broker_restored(&self) {}
 }
 
 #[async_trait]
@@ -39,8 +50,11 @@ pub trait Broker: Send + Sync {
     /// Carries a control to every node subscribed to the channel (this one included).
     async fn publish_control(&self, channel: &Channel, control: Control)
     -> Result<(), EngineError>;
-    /// Whether the backend is reachable (for readiness checks).
+    /// Whether the backend is reachable and every subscription is in place (for readiness
+    /// checks).
     async fn ready(&self) -> bool {
         true
     }
+    /// Stops delivering and releases the backend's connections.
+    async fn close(&self);
 }

@@ -8,6 +8,12 @@
 //!   that each user's entering and leaving is reported to the room's `presence_diff` once.
 //! - Calls for one connection are made in order by its own task; a backend shared by nodes keeps
 //!   entries alive only while their node refreshes them (entries of a dead node expire).
+//! - When a dead node's entries expire, one surviving node removes them and calls its
+//!   [`PresenceHandler::expired`] once for each (room, user) that left because of it, so each
+//!   room is told once. A single-process backend never calls it.
+//! - [`Presence::close`] removes this node's entries on a clean shutdown.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -30,8 +36,19 @@ pub struct RoomCount {
     pub users: u64,
 }
 
+/// Told about users who left a room because their node died; implemented by the node.
+#[async_trait]
+pub trait PresenceHandler: Send + Sync {
+    /// `user` left `room`, which has `count` users afterwards. Called once per (room, user)
+    /// across all nodes.
+    async fn expired(&self, room: &str, user: &str, count: u64);
+}
+
 #[async_trait]
 pub trait Presence: Send + Sync {
+    /// Starts refreshing this node's entries and reaping dead nodes' entries, reported to
+    /// `handler`. Called once, before any other method.
+    fn start(&self, handler: Arc<dyn PresenceHandler>);
     async fn join(&self, room: &str, user: &str, conn: ConnId) -> Result<RoomChange, EngineError>;
     async fn leave(&self, room: &str, user: &str, conn: ConnId) -> Result<RoomChange, EngineError>;
     /// Users in the room, sorted.
@@ -46,4 +63,10 @@ pub trait Presence: Send + Sync {
     async fn connections(&self, user: &str) -> Result<Vec<ConnId>, EngineError>;
     /// Every room with at least one user, on every node, sorted by name.
     async fn rooms(&self) -> Result<Vec<RoomCount>, EngineError>;
+    /// Stops refreshing and removes this node's remaining entries.
+    async fn close(&self);
+    /// Whether the backend answers now (for readiness checks).
+    async fn ready(&self) -> bool {
+        true
+    }
 }

@@ -322,4 +322,9 @@ pub trait Store: Send + Sync {
 
     /// Finishes queued appends and releases the database; later calls fail with `Closed`.
     async fn close(&self);
+
+    /// Whether the backend answers now (for readiness checks).
+    async fn ready(&self) -> bool {
+        true
+    }
 }

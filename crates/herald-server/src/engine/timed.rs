@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use super::EngineError;
 use super::broker::{Broker, DeliveryHandler};
-use super::presence::{Presence, RoomChange, RoomCount};
+use super::presence::{Presence, PresenceHandler, RoomChange, RoomCount};
 use crate::delivery::{Channel, ConnId, Control, Delivery};
 
 async fn timed<T>(
@@ -65,12 +65,20 @@ impl Broker for TimedBroker {
     async fn ready(&self) -> bool {
         self.0.ready().await
     }
+
+    async fn close(&self) {
+        self.0.close().await;
+    }
 }
 
 pub struct TimedPresence(pub Arc<dyn Presence>);
 
 #[async_trait]
 impl Presence for TimedPresence {
+    fn start(&self, handler: Arc<dyn PresenceHandler>) {
+        self.0.start(handler);
+    }
+
     async fn join(&self, room: &str, user: &str, conn: ConnId) -> Result<RoomChange, EngineError> {
         timed("presence", "join", self.0.join(room, user, conn)).await
     }
@@ -105,5 +113,13 @@ impl Presence for TimedPresence {
 
     async fn rooms(&self) -> Result<Vec<RoomCount>, EngineError> {
         timed("presence", "rooms", self.0.rooms()).await
+    }
+
+    async fn close(&self) {
+        self.0.close().await;
+    }
+
+    async fn ready(&self) -> bool {
+        self.0.ready().await
     }
 }

@@ -19,12 +19,13 @@ mod upgrade;
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::routing::{MethodFilter, MethodRouter, any, get, on, post};
+use axum::{Extension, Router};
 use http::Method;
 
 pub use error::HttpError;
 
+use crate::connection::pending::PendingAuth;
 use crate::node::Node;
 
 /// One HTTP endpoint: its method, its path (axum syntax, which OpenAPI shares: `{room}`), and
@@ -129,7 +130,10 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/api/{*rest}", any(api::no_such_endpoint))
         .route("/ws", get(upgrade::websocket))
         .route("/ws/{room}", get(upgrade::websocket_in_room))
-        .route("/herald.js", get(dev::client_library));
+        .route("/herald.js", get(dev::client_library))
+        // Connections still waiting for their `auth` message: counted here, at the door, not
+        // by the node, which only ever sees authenticated connections.
+        .layer(Extension(Arc::new(PendingAuth::default())));
     // Absent, not refused, when off: nothing about it shows in production.
     if node.config.auth.dev_login {
         router = router.route("/dev/token", post(dev::token));

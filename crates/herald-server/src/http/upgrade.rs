@@ -9,6 +9,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -17,7 +18,7 @@ use serde::Deserialize;
 use super::HttpError;
 use super::client_addr;
 use crate::auth::{self, AuthError, Identity};
-use crate::connection::pending::PendingLimit;
+use crate::connection::pending::{PendingAuth, PendingLimit};
 use crate::connection::{self, Admission};
 use crate::node::Node;
 use crate::transport;
@@ -36,25 +37,29 @@ pub struct HandshakeParams {
 
 pub async fn websocket(
     State(node): State<Arc<Node>>,
+    Extension(pending): Extension<Arc<PendingAuth>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(params): Query<HandshakeParams>,
     request: Request,
 ) -> Response {
-    accept(node, peer, params, None, request).unwrap_or_else(IntoResponse::into_response)
+    accept(node, &pending, peer, params, None, request).unwrap_or_else(IntoResponse::into_response)
 }
 
 pub async fn websocket_in_room(
     State(node): State<Arc<Node>>,
+    Extension(pending): Extension<Arc<PendingAuth>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(room): Path<String>,
     Query(params): Query<HandshakeParams>,
     request: Request,
 ) -> Response {
-    accept(node, peer, params, Some(room), request).unwrap_or_else(IntoResponse::into_response)
+    accept(node, &pending, peer, params, Some(room), request)
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 fn accept(
     node: Arc<Node>,
+    pending: &Arc<PendingAuth>,
     peer: SocketAddr,
     params: HandshakeParams,
     path_room: Option<String>,
@@ -69,7 +74,7 @@ fn accept(
         &server.trusted_proxies,
         server.client_address_header,
     );
-    let admission = admit(&node, client, &params, headers)?;
+    let admission = admit(&node, pending, client, &params, headers)?;
     let rooms = rooms_at_connect(params.rooms.as_deref(), path_room)?;
     let device = device_at_connect(params.device.as_deref())?;
     if let Admission::Authenticated(identity) = &admission {
@@ -133,6 +138,7 @@ fn accept(
 /// or pending its `auth` message (within the pending limits); otherwise 401.
 fn admit(
     node: &Node,
+    pending: &Arc<PendingAuth>,
     client: IpAddr,
     params: &HandshakeParams,
     headers: &HeaderMap,
@@ -159,7 +165,7 @@ fn admit(
         return Err(unauthorized(AuthError::Missing));
     }
     let limits = &node.config.limits;
-    node.pending
+    pending
         .admit(
             client_addr::limit_key(client),
             limits.max_pending_auth,

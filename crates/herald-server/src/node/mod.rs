@@ -11,7 +11,7 @@
 //! Stored messages (room messages unless `persist: false`, and direct messages) go to the store,
 //! which appends and publishes them in one step (see [`crate::engine::store`]): every stream's
 //! messages reach the hub in offset order and only after they are stored, which is what lets
-//! [`crate::catch_up`] replay stored messages with no gap and no duplicate. The sender's ack is
+//! [`crate::hub::catch_up`] replay stored messages with no gap and no duplicate. The sender's ack is
 //! sent after that too. Ephemeral messages, presence events and broadcasts skip the store and
 //! go to the broker at once.
 
@@ -26,10 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::catch_up::{PAGE, Replay, Source, history_message};
 use crate::config::Config;
-use crate::connection::control::CloseReason;
-use crate::connection::pending::PendingAuth;
 use crate::delivery::{Channel, ConnId, ConnIds, Control, Delivery, OutFrame};
 use crate::engine::EngineError;
 use crate::engine::broker::{Broker, DeliveryHandler};
@@ -39,6 +36,8 @@ use crate::engine::store::{
     Append, Appended, Epoch, NewMessage, Offset, PruneReport, Store, StoreError, StreamPosition,
 };
 use crate::engine::timed::TimedPresence;
+use crate::hub::catch_up::{PAGE, Replay, Source, history_message};
+use crate::hub::control::CloseReason;
 use crate::hub::{ConnHandle, Hub, RegisterError, StreamKey};
 use crate::idempotency::Idempotency;
 use crate::presence_window::{self, PresenceWindow};
@@ -78,8 +77,6 @@ pub struct Node {
     /// Cancelled when shutdown begins, before connections close: `/ready` answers 503 from
     /// then on.
     draining: CancellationToken,
-    /// Connections accepted without a token, still waiting for their `auth` message.
-    pub pending: Arc<PendingAuth>,
     /// Request ids of recent stored messages, so a client's retry is not stored twice.
     pub idempotency: Idempotency,
 }
@@ -195,7 +192,7 @@ impl Node {
         store: Arc<dyn Store>,
     ) -> Arc<Node> {
         let id: Arc<str> = if config.server.node_id.is_empty() {
-            format!("node-{:08x}", rand::random::<u32>()).into()
+            random_id().into()
         } else {
             config.server.node_id.as_str().into()
         };
@@ -222,10 +219,10 @@ impl Node {
             tasks: TaskTracker::new(),
             background: TaskTracker::new(),
             draining: CancellationToken::new(),
-            pending: Arc::default(),
             idempotency,
         });
         node.broker.start(node.clone());
+        node.presence.start(node.clone());
         node.background.spawn(prune_periodically(
             Arc::downgrade(&node),
             node.config.store.prune_interval,
@@ -788,13 +785,16 @@ impl Node {
         self.pruned.subscribe()
     }
 
-    /// Stops the background tasks, then flushes and closes the store. Called once the
-    /// connections are gone. In that order, a retention pass never meets a closed store.
+    /// Stops the background tasks, then flushes and closes the store, removes this node's
+    /// presence entries and closes the broker. Called once the connections are gone. In that
+    /// order, a retention pass never meets a closed store.
     pub async fn close(&self) {
         self.shutdown.cancel();
         self.background.close();
         self.background.wait().await;
         self.store.close().await;
+        self.presence.close().await;
+        self.broker.close().await;
     }
 
     /// Sends a message to every connection on every node (the sender's included).
@@ -894,7 +894,10 @@ impl Node {
 
     /// Whether every engine answers and the node is not shutting down.
     pub async fn ready(&self) -> bool {
-        !self.is_draining() && self.broker.ready().await
+        !self.is_draining()
+            && self.broker.ready().await
+            && self.presence.ready().await
+            && self.store.ready().await
     }
 }
 
@@ -906,6 +909,21 @@ impl DeliveryHandler for Node {
             Channel::All => self.hub.deliver_to_all(&delivery.frame, delivery.except),
         };
         metrics::counter!("herald_messages_queued_total").increment(delivered as u64);
+    }
+
+    /// The broker lost its connection and has it back, every channel subscribed again: frames
+    /// published meanwhile never reached this node. Each connection is closed with 1012, so its
+    /// client reconnects (to any node) and recovers them: rooms by `since`, direct messages
+    /// from the inbox. Clients spread their reconnects with jittered backoff.
+    fn broker_restored(&self) {
+        let connections = self.hub.snapshot();
+        tracing::warn!(
+            connections = connections.len(),
+            "the broker reconnected: closing connections so that clients recover what they missed"
+        );
+        for handle in connections {
+            handle.close(CloseReason::Send(CloseCode::SERVICE_RESTART));
+        }
     }
 
     fn control(&self, channel: &Channel, control: &Control) {
@@ -965,9 +983,29 @@ async fn prune_periodically(
     }
 }
 
+/// A name for a node configured without `server.node_id`.
+pub fn random_id() -> String {
+    format!("node-{:08x}", rand::random::<u32>())
+}
+
 fn unix_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Users whose node died leave their rooms like any leave: through the room's next
+/// `presence_diff` (the window reads the count itself).
+#[async_trait::async_trait]
+impl crate::engine::presence::PresenceHandler for Node {
+    async fn expired(&self, room: &str, user: &str, _count: u64) {
+        self.presence_window
+            .record(presence_window::RoomChange {
+                room: room.into(),
+                user: user.into(),
+                present: false,
+            })
+            .await;
+    }
 }

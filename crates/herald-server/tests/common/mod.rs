@@ -18,7 +18,7 @@ use herald_protocol::{Ack, History, Message, PresenceDiff, ServerEvent, Welcome}
 use herald_server::config::Config;
 use herald_server::node::Node;
 use herald_server::tls::ServerTls;
-use herald_server::{embedded_node, server};
+use herald_server::{build_node, server};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -75,7 +75,9 @@ impl TestServer {
         config.presence.off = vec!["*".to_owned()];
         adjust(&mut config);
         let tls = tls.then(|| ServerTls::load(&config.tls).expect("test certificate loads"));
-        let node = embedded_node(config.clone(), None).expect("test config is valid");
+        let node = build_node(config.clone(), None)
+            .await
+            .expect("test config is valid");
         let listener = server::bind(config.server.listen).unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();

@@ -115,3 +115,100 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+impl RedisServer {
+    /// A `[redis]` section for this server with a key prefix of its own, so deployments
+    /// started by one test never see each other's keys.
+    pub fn config(&self) -> herald_server::config::RedisConfig {
+        herald_server::config::RedisConfig {
+            urls: vec![self.url()],
+            key_prefix: format!("t{:08x}", rand::random::<u32>()),
+            ..Default::default()
+        }
+    }
+
+    /// A plain client connection, for a test to look at or write raw keys and channels.
+    pub async fn client(&self) -> ::redis::aio::MultiplexedConnection {
+        ::redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+/// A Redis Cluster of `masters` masters and no replicas, from `redis-server --cluster-enabled
+/// yes` processes joined by `redis-cli --cluster create`; stopped when dropped.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start(masters: usize) -> Option<RedisCluster> {
+        let mut nodes = Vec::with_capacity(masters);
+        for _ in 0..masters {
+            let bus_port = free_port().to_string();
+            let node = RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-port",
+                &bus_port,
+                "--appendonly",
+                "no",
+            ])
+            .await?;
+            nodes.push(node);
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .expect("redis-cli runs");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        let cluster = RedisCluster { nodes };
+        cluster.wait_until_ok().await;
+        Some(cluster)
+    }
+
+    /// Every node agrees the cluster serves all slots. No event announces it, so this polls
+    /// `CLUSTER INFO`.
+    async fn wait_until_ok(&self) {
+        let all_ok = async {
+            for node in &self.nodes {
+                let mut client = node.client().await;
+                loop {
+                    let info: String = ::redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut client)
+                        .await
+                        .unwrap();
+                    if info.contains("cluster_state:ok") {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), all_ok)
+            .await
+            .expect("the cluster is ok within 30 s");
+    }
+
+    /// A `[redis]` section for this cluster (every node a seed) with a key prefix of its own.
+    pub fn config(&self) -> herald_server::config::RedisConfig {
+        herald_server::config::RedisConfig {
+            urls: self.nodes.iter().map(RedisServer::url).collect(),
+            cluster: true,
+            ..self.nodes[0].config()
+        }
+    }
+}

@@ -49,6 +49,8 @@ impl Broker for MemoryBroker {
         self.handler()?.control(channel, &control);
         Ok(())
     }
+
+    async fn close(&self) {}
 }
 
 impl MemoryBroker {

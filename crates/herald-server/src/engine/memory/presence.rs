@@ -1,6 +1,7 @@
 //! In-process presence: sharded maps of room → user → connections and user → connections.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -8,7 +9,7 @@ use dashmap::mapref::entry::Entry;
 
 use crate::delivery::ConnId;
 use crate::engine::EngineError;
-use crate::engine::presence::{Presence, RoomChange, RoomCount};
+use crate::engine::presence::{Presence, PresenceHandler, RoomChange, RoomCount};
 
 #[derive(Default)]
 pub struct MemoryPresence {
@@ -27,6 +28,9 @@ impl MemoryPresence {
 
 #[async_trait]
 impl Presence for MemoryPresence {
+    /// One process holds every entry, so none ever expires: the handler is never called.
+    fn start(&self, _handler: Arc<dyn PresenceHandler>) {}
+
     async fn join(&self, room: &str, user: &str, conn: ConnId) -> Result<RoomChange, EngineError> {
         let mut members = self.rooms.entry(room.to_owned()).or_default();
         let conns = members.entry(user.to_owned()).or_default();
@@ -117,6 +121,9 @@ impl Presence for MemoryPresence {
         rooms.sort_unstable_by(|a, b| a.room.cmp(&b.room));
         Ok(rooms)
     }
+
+    /// Entries die with the process.
+    async fn close(&self) {}
 }
 
 #[cfg(test)]

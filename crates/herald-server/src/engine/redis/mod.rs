@@ -6,7 +6,13 @@
 //! on one Cluster shard, so each script touches one shard and no operation needs a transaction
 //! across users.
 
-use redis::aio::ConnectionLike;
+pub mod broker;
+pub mod presence;
+pub mod store;
+
+use std::sync::Arc;
+
+use redis::aio::{AsyncPushSender, ConnectionLike};
 use redis::{Cmd, ProtocolVersion, RedisFuture, Value};
 
 use crate::config::RedisConfig;
@@ -27,6 +33,11 @@ impl Keys {
         Keys {
             prefix: prefix.to_owned(),
         }
+    }
+
+    /// The deployment's prefix, which every key and channel starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// A key about one room: `PREFIX:{room:ROOM}:SUFFIX`.
@@ -130,9 +141,34 @@ impl ConnectionLike for Connection {
     }
 }
 
+/// Requests the multiplexed connection queues before a sender waits (its default is 50). A
+/// request enters the queue at its first poll unless the queue is full; a request that had to
+/// wait enters only at its next poll, after which requests started later may have entered
+/// first. The store starts its appends in call order and relies on that order reaching Redis,
+/// so the queue must not fill: its appends in flight are bounded far below this, and slots
+/// are allocated only as they are used.
+const PIPELINE_BUFFER: usize = 1 << 20;
+
 /// Opens a command connection (RESP3) with the configured timeouts. Fails, naming the URL,
 /// when Redis cannot be reached within `redis.connect_timeout`.
 pub async fn connect(config: &RedisConfig) -> Result<Connection, EngineError> {
+    open(config, None).await
+}
+
+/// Opens a connection like [`connect`] whose server pushes (pub/sub messages, and the
+/// library's notice that the connection was lost) go to `pushes`. The library reconnects it by
+/// itself; a Cluster connection also resubscribes by itself, a standalone one does not.
+pub async fn connect_receiving(
+    config: &RedisConfig,
+    pushes: Arc<dyn AsyncPushSender>,
+) -> Result<Connection, EngineError> {
+    open(config, Some(pushes)).await
+}
+
+async fn open(
+    config: &RedisConfig,
+    pushes: Option<Arc<dyn AsyncPushSender>>,
+) -> Result<Connection, EngineError> {
     let failed = |error: redis::RedisError| {
         EngineError::from_redis(
             "redis",
@@ -141,13 +177,15 @@ pub async fn connect(config: &RedisConfig) -> Result<Connection, EngineError> {
         )
     };
     if config.cluster {
-        let client =
+        let mut builder =
             redis::cluster::ClusterClientBuilder::new(config.urls.iter().map(String::as_str))
                 .use_protocol(ProtocolVersion::RESP3)
                 .connection_timeout(config.connect_timeout)
-                .response_timeout(config.response_timeout)
-                .build()
-                .map_err(failed)?;
+                .response_timeout(config.response_timeout);
+        if let Some(pushes) = pushes.clone() {
+            builder = builder.push_sender(pushes);
+        }
+        let client = builder.build().map_err(failed)?;
         let connection = client.get_async_connection().await.map_err(failed)?;
         return Ok(Connection::Cluster(connection));
     }
@@ -159,9 +197,13 @@ pub async fn connect(config: &RedisConfig) -> Result<Connection, EngineError> {
         .set_protocol(ProtocolVersion::RESP3);
     let info = info.set_redis_settings(settings);
     let client = redis::Client::open(info).map_err(failed)?;
-    let manager_config = redis::aio::ConnectionManagerConfig::new()
+    let mut manager_config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
-        .set_response_timeout(Some(config.response_timeout));
+        .set_response_timeout(Some(config.response_timeout))
+        .set_pipeline_buffer_size(PIPELINE_BUFFER);
+    if let Some(pushes) = pushes {
+        manager_config = manager_config.set_push_sender(pushes);
+    }
     let connection = tokio::time::timeout(
         config.connect_timeout,
         client.get_connection_manager_with_config(manager_config),

@@ -18,6 +18,15 @@
 //! - A connection is in `rooms[r]` only while it is in `conns` (the node removes it from its
 //!   rooms before unregistering it).
 //! - `users[u]` holds exactly the registered connections of `u`; empty entries are removed.
+//!
+//! Below the node and above the engines: [`control`] (what a connection's reader, writer and
+//! the hub share to end it), [`outbox`] (the bounded queue of one connection) and
+//! [`catch_up`] (replaying stored messages to one connection) live here because the hub's
+//! handles hold them; the connection layer above uses them.
+
+pub mod catch_up;
+pub mod control;
+pub mod outbox;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -28,9 +37,9 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
-use crate::connection::control::{CloseReason, ConnControl, ConnStats};
-use crate::connection::outbox::{Outbox, Refused};
 use crate::delivery::{ConnId, Delivery, OutFrame, Outgoing};
+use crate::hub::control::{CloseReason, ConnControl, ConnStats};
+use crate::hub::outbox::{Outbox, Refused};
 use herald_protocol::CloseCode;
 
 /// The hub's handle on one connection: its outbox and its close signal. Cheap to clone.
@@ -210,7 +219,7 @@ impl ConnHandle {
         Some(std::mem::take(&mut catch_up.held))
     }
 
-    /// While a replay is more than a page behind (see [`crate::catch_up`]): from now on, live
+    /// While a replay is more than a page behind (see [`crate::hub::catch_up`]): from now on, live
     /// frames of `key` that carry an offset are dropped, since every one of them is committed
     /// and the replay reads it from the store later; frames without an offset (not part of
     /// the stream) are queued. Frames held so far are treated the same way. Holding starts

@@ -29,10 +29,10 @@ use base64::Engine;
 use herald_protocol::{CloseCode, ContentEncoding, Message, Payload};
 use serde_json::value::RawValue;
 
-use crate::connection::control::CloseReason;
 use crate::delivery::{OutFrame, Outgoing};
 use crate::engine::fanout::encode;
 use crate::engine::store::{Offset, Store, StoreError, StoredMessage};
+use crate::hub::control::CloseReason;
 use crate::hub::{ConnHandle, StreamKey};
 
 /// Stored messages read per page.

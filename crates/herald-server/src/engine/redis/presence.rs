@@ -1,0 +1,518 @@
+//! Redis presence: entries per connection, owned by the node that holds the connection, kept
+//! alive by that node's heartbeat and reaped by a surviving node once the heartbeat stops.
+//!
+//! Keys (each script touches one hash tag, so one Cluster shard):
+//! - `{room:R}:conns` hash connection → user, and `{room:R}:users` hash user → number of their
+//!   connections in the room. One script per join and per leave updates both, so "first
+//!   connection in / last connection out" is decided atomically per room, once across nodes.
+//! - `{user:U}:conns` hash connection → node: the user's open connections, anywhere.
+//! - `{node:N}:rooms` hash (connection ‖ room) → user and `{node:N}:users` hash connection →
+//!   user: the index of node N's entries (N is the node id and a random suffix per process), written before an entry and removed after it, so a
+//!   reaper finds every entry a dead node left (at worst one that is already gone).
+//! - `{global}:nodes` sorted set node → deadline (ms, Redis clock): each node's heartbeat, every
+//!   `presence_ttl / 3`, pushes its deadline `presence_ttl` ahead.
+//! - `{global}:reaping` sorted set node → lease deadline: a dead node being reaped. Claiming a
+//!   dead node moves it there atomically, so one reaper works on it; if that reaper dies, its
+//!   lease runs out and another takes over (removals that already happened are not repeated,
+//!   so each leave is still reported once).
+//! - `{global}:rooms` set of rooms with users, for `rooms()`.
+//!
+//! Refreshing the node's liveness instead of each entry keeps the heartbeat one command
+//! whatever the number of connections. A node reaps others only after it has itself been
+//! heartbeating for `presence_ttl`, so after a Redis outage every live node has refreshed before
+//! anyone judges who is dead.
+
+use std::collections::HashSet;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::join_all;
+use redis::Script;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::{Connection, Keys, connect};
+use crate::config::RedisConfig;
+use crate::delivery::ConnId;
+use crate::engine::EngineError;
+use crate::engine::presence::{Presence, PresenceHandler, RoomChange, RoomCount};
+
+/// A dead node's entries removed at once while reaping.
+const REAP_CHUNK: usize = 256;
+
+/// KEYS: room conns, room users. ARGV: connection, user. Returns {entered, users}.
+const JOIN: &str = r"
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return {0, redis.call('HLEN', KEYS[2])}
+end
+local n = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+return {n == 1 and 1 or 0, redis.call('HLEN', KEYS[2])}
+";
+
+/// KEYS: room conns, room users. ARGV: connection. Returns {left, users}.
+const LEAVE: &str = r"
+local user = redis.call('HGET', KEYS[1], ARGV[1])
+if not user then
+  return {0, redis.call('HLEN', KEYS[2])}
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
+  redis.call('HDEL', KEYS[2], user)
+  return {1, redis.call('HLEN', KEYS[2])}
+end
+return {0, redis.call('HLEN', KEYS[2])}
+";
+
+/// KEYS: nodes. ARGV: node, ttl ms. Returns 1 when the node was not registered (new, or
+/// reaped while it could not refresh).
+const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+return redis.call('ZADD', KEYS[1], string.format('%d', now + tonumber(ARGV[2])), ARGV[1])
+";
+
+/// KEYS: nodes, reaping. ARGV: lease ms. Claims one dead node (or one whose reaper's lease ran
+/// out) and returns it, or nil.
+const CLAIM: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local lease = string.format('%d', now + tonumber(ARGV[1]))
+now = string.format('%d', now)
+local dead = redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE', 'LIMIT', 0, 1)[1]
+if dead then
+  redis.call('ZREM', KEYS[1], dead)
+  redis.call('ZADD', KEYS[2], lease, dead)
+  return dead
+end
+local stale = redis.call('ZRANGE', KEYS[2], '-inf', now, 'BYSCORE', 'LIMIT', 0, 1)[1]
+if stale then
+  redis.call('ZADD', KEYS[2], lease, stale)
+  return stale
+end
+return false
+";
+
+pub struct RedisPresence {
+    inner: Arc<Inner>,
+    /// Stops the heartbeat when the presence is dropped, as a crash would (entries stay).
+    _stop: DropGuard,
+}
+
+struct Inner {
+    /// This process's incarnation of the node: the owner of its entries.
+    node: String,
+    keys: Keys,
+    ttl: Duration,
+    connection: Connection,
+    join: Script,
+    leave: Script,
+    heartbeat: Script,
+    claim: Script,
+    // Weak: the node owns its presence, so a strong reference back would leak both.
+    handler: OnceLock<Weak<dyn PresenceHandler>>,
+    stop: CancellationToken,
+}
+
+impl RedisPresence {
+    /// Connects and registers this process as an incarnation of node `node` (its first
+    /// heartbeat), so entries it writes afterwards are covered. Fails, naming the URL, when
+    /// Redis cannot be reached.
+    ///
+    /// Entries are owned by the incarnation (`NODE~RANDOM`), not by the configured node id: a
+    /// node restarted under the same id before its old entries were reaped would otherwise
+    /// keep them alive forever; this way the old incarnation is reaped like any dead node.
+    pub async fn connect(node: &str, config: &RedisConfig) -> Result<RedisPresence, EngineError> {
+        let stop = CancellationToken::new();
+        let inner = Arc::new(Inner {
+            node: format!("{node}~{:08x}", rand::random::<u32>()),
+            keys: Keys::new(&config.key_prefix),
+            ttl: config.presence_ttl,
+            connection: connect(config).await?,
+            join: Script::new(JOIN),
+            leave: Script::new(LEAVE),
+            heartbeat: Script::new(HEARTBEAT),
+            claim: Script::new(CLAIM),
+            handler: OnceLock::new(),
+            stop: stop.clone(),
+        });
+        inner.beat().await?;
+        Ok(RedisPresence {
+            inner,
+            _stop: stop.drop_guard(),
+        })
+    }
+}
+
+fn failed(operation: &str) -> impl FnOnce(redis::RedisError) -> EngineError + '_ {
+    move |error| EngineError::from_redis("presence", operation, error)
+}
+
+impl Inner {
+    fn conn(&self) -> Connection {
+        self.connection.clone()
+    }
+
+    fn nodes_key(&self) -> String {
+        self.keys.global("nodes")
+    }
+
+    fn rooms_key(&self) -> String {
+        self.keys.global("rooms")
+    }
+
+    /// Pushes this node's deadline ahead; true when it had been reaped meanwhile.
+    async fn beat(&self) -> Result<bool, EngineError> {
+        let added: i64 = self
+            .heartbeat
+            .key(self.nodes_key())
+            .arg(&self.node)
+            .arg(self.ttl.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(failed("heartbeat"))?;
+        Ok(added == 1)
+    }
+
+    /// Removes one connection's entry from a room: (whether its user left, users afterwards).
+    /// Keeps `{global}:rooms` true: a room emptied leaves the set, then is put back if someone
+    /// joined meanwhile (a joiner adds it after its own script), so the set never misses a room
+    /// with users.
+    async fn leave_room(&self, room: &str, conn: &str) -> Result<(bool, u64), EngineError> {
+        let (left, count): (i64, u64) = self
+            .leave
+            .key(self.keys.room(room, "conns"))
+            .key(self.keys.room(room, "users"))
+            .arg(conn)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(failed("leave"))?;
+        if left == 1 && count == 0 {
+            let mut connection = self.conn();
+            redis::cmd("SREM")
+                .arg(self.rooms_key())
+                .arg(room)
+                .exec_async(&mut connection)
+                .await
+                .map_err(failed("leave"))?;
+            let users: u64 = redis::cmd("HLEN")
+                .arg(self.keys.room(room, "users"))
+                .query_async(&mut connection)
+                .await
+                .map_err(failed("leave"))?;
+            if users > 0 {
+                redis::cmd("SADD")
+                    .arg(self.rooms_key())
+                    .arg(room)
+                    .exec_async(&mut connection)
+                    .await
+                    .map_err(failed("leave"))?;
+            }
+        }
+        Ok((left == 1, count))
+    }
+
+    async fn hdel(&self, key: String, field: &str) -> Result<(), EngineError> {
+        redis::cmd("HDEL")
+            .arg(key)
+            .arg(field)
+            .exec_async(&mut self.conn())
+            .await
+            .map_err(failed("remove an index entry"))
+    }
+
+    /// Heartbeats every `presence_ttl / 3` and, once healthy for `presence_ttl`, reaps dead
+    /// nodes.
+    async fn run(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval(self.ttl / 3);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        ticker.tick().await;
+        let mut healthy_since = Some(Instant::now());
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            match self.beat().await {
+                Ok(reaped) => {
+                    if reaped {
+                        tracing::warn!(
+                            node = %self.node,
+                            "presence: this node missed its heartbeats for redis.presence_ttl \
+                             and was reaped; its connections' presence is lost until they rejoin"
+                        );
+                    }
+                    healthy_since.get_or_insert_with(Instant::now);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "presence heartbeat failed");
+                    healthy_since = None;
+                    continue;
+                }
+            }
+            if healthy_since.is_some_and(|since| since.elapsed() >= self.ttl) {
+                let reaping = self.reap_dead_nodes();
+                tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    result = reaping => if let Err(error) = result {
+                        tracing::warn!(%error, "presence: reaping dead nodes failed");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn reap_dead_nodes(&self) -> Result<(), EngineError> {
+        let reaping_key = self.keys.global("reaping");
+        loop {
+            let dead: Option<String> = self
+                .claim
+                .key(self.nodes_key())
+                .key(&reaping_key)
+                .arg(self.ttl.as_millis() as u64)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(failed("claim a dead node"))?;
+            let Some(dead) = dead else { return Ok(()) };
+            if dead != self.node {
+                tracing::info!(node = %dead, "presence: reaping the entries of a dead node");
+                self.remove_entries(&dead).await?;
+            }
+            redis::cmd("ZREM")
+                .arg(&reaping_key)
+                .arg(&dead)
+                .exec_async(&mut self.conn())
+                .await
+                .map_err(failed("release a reaped node"))?;
+        }
+    }
+
+    /// Removes every entry `node` owns, telling the handler about each user who left a room.
+    async fn remove_entries(&self, node: &str) -> Result<(), EngineError> {
+        let rooms_index = self.keys.node(node, "rooms");
+        let entries: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(&rooms_index)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(failed("read a node's entries"))?;
+        let handler = self.handler.get().and_then(Weak::upgrade);
+        for chunk in entries.chunks(REAP_CHUNK) {
+            let removals = chunk.iter().map(|(field, user)| async {
+                let Some((conn, room)) = split_room_field(field) else {
+                    return self.hdel(rooms_index.clone(), field).await;
+                };
+                let (left, count) = self.leave_room(room, conn).await?;
+                if left && let Some(handler) = &handler {
+                    handler.expired(room, user, count).await;
+                }
+                self.hdel(rooms_index.clone(), field).await
+            });
+            join_all(removals)
+                .await
+                .into_iter()
+                .collect::<Result<(), _>>()?;
+        }
+        let users_index = self.keys.node(node, "users");
+        let entries: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(&users_index)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(failed("read a node's entries"))?;
+        for chunk in entries.chunks(REAP_CHUNK) {
+            let removals = chunk.iter().map(|(conn, user)| async {
+                self.hdel(self.keys.user(user, "conns"), conn).await?;
+                self.hdel(users_index.clone(), conn).await
+            });
+            join_all(removals)
+                .await
+                .into_iter()
+                .collect::<Result<(), _>>()?;
+        }
+        Ok(())
+    }
+}
+
+/// A room index field is the connection id (16 hex digits) followed by the room name.
+fn room_field(conn: &str, room: &str) -> String {
+    format!("{conn}{room}")
+}
+
+fn split_room_field(field: &str) -> Option<(&str, &str)> {
+    let conn = field.get(..16)?;
+    Some((conn, &field[16..]))
+}
+
+#[async_trait]
+impl Presence for RedisPresence {
+    /// A PING: a command connection that lost Redis reconnects on its next command, so a
+    /// readiness probe also brings it back before clients need it.
+    async fn ready(&self) -> bool {
+        redis::cmd("PING")
+            .exec_async(&mut self.inner.conn())
+            .await
+            .is_ok()
+    }
+
+    fn start(&self, handler: Arc<dyn PresenceHandler>) {
+        if self.inner.handler.set(Arc::downgrade(&handler)).is_ok() {
+            tokio::spawn(self.inner.clone().run());
+        }
+    }
+
+    async fn join(&self, room: &str, user: &str, conn: ConnId) -> Result<RoomChange, EngineError> {
+        let inner = &self.inner;
+        let conn = conn.to_string();
+        redis::cmd("HSET")
+            .arg(inner.keys.node(&inner.node, "rooms"))
+            .arg(room_field(&conn, room))
+            .arg(user)
+            .exec_async(&mut inner.conn())
+            .await
+            .map_err(failed("join"))?;
+        let (entered, count): (i64, u64) = inner
+            .join
+            .key(inner.keys.room(room, "conns"))
+            .key(inner.keys.room(room, "users"))
+            .arg(&conn)
+            .arg(user)
+            .invoke_async(&mut inner.conn())
+            .await
+            .map_err(failed("join"))?;
+        if count == 1 && entered == 1 {
+            redis::cmd("SADD")
+                .arg(inner.rooms_key())
+                .arg(room)
+                .exec_async(&mut inner.conn())
+                .await
+                .map_err(failed("join"))?;
+        }
+        Ok(RoomChange {
+            user_changed: entered == 1,
+            count,
+        })
+    }
+
+    async fn leave(
+        &self,
+        room: &str,
+        _user: &str,
+        conn: ConnId,
+    ) -> Result<RoomChange, EngineError> {
+        let inner = &self.inner;
+        let conn = conn.to_string();
+        let (user_changed, count) = inner.leave_room(room, &conn).await?;
+        inner
+            .hdel(
+                inner.keys.node(&inner.node, "rooms"),
+                &room_field(&conn, room),
+            )
+            .await?;
+        Ok(RoomChange {
+            user_changed,
+            count,
+        })
+    }
+
+    async fn members(&self, room: &str) -> Result<Vec<String>, EngineError> {
+        let mut users: Vec<String> = redis::cmd("HKEYS")
+            .arg(self.inner.keys.room(room, "users"))
+            .query_async(&mut self.inner.conn())
+            .await
+            .map_err(failed("members"))?;
+        users.sort_unstable();
+        Ok(users)
+    }
+
+    async fn count(&self, room: &str) -> Result<u64, EngineError> {
+        redis::cmd("HLEN")
+            .arg(self.inner.keys.room(room, "users"))
+            .query_async(&mut self.inner.conn())
+            .await
+            .map_err(failed("count"))
+    }
+
+    async fn connect(&self, user: &str, conn: ConnId) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let conn = conn.to_string();
+        redis::cmd("HSET")
+            .arg(inner.keys.node(&inner.node, "users"))
+            .arg(&conn)
+            .arg(user)
+            .exec_async(&mut inner.conn())
+            .await
+            .map_err(failed("connect"))?;
+        redis::cmd("HSET")
+            .arg(inner.keys.user(user, "conns"))
+            .arg(&conn)
+            .arg(&inner.node)
+            .exec_async(&mut inner.conn())
+            .await
+            .map_err(failed("connect"))
+    }
+
+    async fn disconnect(&self, user: &str, conn: ConnId) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let conn = conn.to_string();
+        inner.hdel(inner.keys.user(user, "conns"), &conn).await?;
+        inner
+            .hdel(inner.keys.node(&inner.node, "users"), &conn)
+            .await
+    }
+
+    async fn online(&self, users: &[String]) -> Result<Vec<bool>, EngineError> {
+        let checks = users.iter().map(|user| async {
+            redis::cmd("EXISTS")
+                .arg(self.inner.keys.user(user, "conns"))
+                .query_async::<bool>(&mut self.inner.conn())
+                .await
+                .map_err(failed("online"))
+        });
+        join_all(checks).await.into_iter().collect()
+    }
+
+    async fn connections(&self, user: &str) -> Result<Vec<ConnId>, EngineError> {
+        let conns: Vec<String> = redis::cmd("HKEYS")
+            .arg(self.inner.keys.user(user, "conns"))
+            .query_async(&mut self.inner.conn())
+            .await
+            .map_err(failed("connections"))?;
+        Ok(conns.iter().filter_map(|conn| conn.parse().ok()).collect())
+    }
+
+    async fn rooms(&self) -> Result<Vec<RoomCount>, EngineError> {
+        let inner = &self.inner;
+        let names: HashSet<String> = redis::cmd("SMEMBERS")
+            .arg(inner.rooms_key())
+            .query_async(&mut inner.conn())
+            .await
+            .map_err(failed("rooms"))?;
+        let counts = names.into_iter().map(|room| async move {
+            let users = self.count(&room).await?;
+            Ok::<_, EngineError>(RoomCount { room, users })
+        });
+        let mut rooms: Vec<RoomCount> = join_all(counts)
+            .await
+            .into_iter()
+            .filter(|room| !matches!(room, Ok(RoomCount { users: 0, .. })))
+            .collect::<Result<_, _>>()?;
+        rooms.sort_unstable_by(|a, b| a.room.cmp(&b.room));
+        Ok(rooms)
+    }
+
+    async fn close(&self) {
+        let inner = &self.inner;
+        inner.stop.cancel();
+        if let Err(error) = inner.remove_entries(&inner.node).await {
+            tracing::warn!(%error, "presence: removing this node's entries failed; they expire");
+            return;
+        }
+        if let Err(error) = redis::cmd("ZREM")
+            .arg(inner.nodes_key())
+            .arg(&inner.node)
+            .exec_async(&mut inner.conn())
+            .await
+        {
+            tracing::warn!(%error, "presence: unregistering this node failed; it expires");
+        }
+    }
+}

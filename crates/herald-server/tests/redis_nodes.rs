@@ -1,0 +1,266 @@
+//! Several Herald nodes on one real Redis act as one service: direct messages, rooms, presence,
+//! offline inboxes and recovery work whichever node each client lands on, and Redis faults
+//! end in clear errors and a clean resumption. Each test starts its own `redis-server`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis::RedisServer;
+use common::{EVENT_TIMEOUT, TestServer, content_json};
+use herald_protocol::{ErrorCode, ServerEvent};
+use herald_server::config::{Config, EngineBackend};
+use serde_json::json;
+
+/// Starts `count` nodes sharing `redis`, each named `node{n}`.
+async fn nodes(redis: &RedisServer, count: usize) -> Vec<TestServer> {
+    let mut nodes = Vec::new();
+    for n in 0..count {
+        nodes.push(TestServer::start_with(|c| on_redis(c, redis, n)).await);
+    }
+    nodes
+}
+
+fn on_redis(config: &mut Config, redis: &RedisServer, n: usize) {
+    config.engine.backend = EngineBackend::Redis;
+    config.redis.urls = vec![redis.url()];
+    config.redis.presence_ttl = Duration::from_secs(3);
+    config.redis.response_timeout = Duration::from_secs(2);
+    config.redis.connect_timeout = Duration::from_secs(2);
+    config.server.node_id = format!("node{n}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_message_reaches_every_device_of_its_recipient_on_other_nodes() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 3).await;
+    let mut alice = nodes[0].connect("alice").await;
+    let mut phone = nodes[1].connect("bob").await;
+    let mut laptop = nodes[2].connect("bob").await;
+    assert_ne!(phone.welcome.node, laptop.welcome.node);
+    let ack = alice
+        .ack(json!({"type": "send", "to": ["bob"], "content": {"text": "hi"}}))
+        .await;
+    assert_eq!(ack.online.as_deref(), Some(&["bob".to_owned()][..]));
+    let offset = ack.offsets.unwrap()["bob"];
+    for device in [&mut phone, &mut laptop] {
+        let message = device.next_message_event().await;
+        assert_eq!(message.from, "alice");
+        assert_eq!(message.offset, Some(offset));
+        assert_eq!(content_json(&message), json!({"text": "hi"}));
+        device.expect_nothing_queued().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_spread_over_three_nodes_gets_each_message_once_in_offset_order() {
+    const EACH: u64 = 20;
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 3).await;
+    let mut members = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        let mut client = node.connect(&format!("member{n}")).await;
+        client.join("hall").await;
+        members.push(client);
+    }
+    // Everyone publishes at once, without waiting for acks: the offsets interleave.
+    for (n, member) in members.iter_mut().enumerate() {
+        for k in 0..EACH {
+            member
+                .send_json(json!({"type": "publish", "room": "hall", "content": [n, k]}))
+                .await;
+        }
+    }
+    for member in &mut members {
+        let mut offsets = Vec::new();
+        while offsets.len() < 3 * EACH as usize {
+            if let ServerEvent::Message(message) = member.next_event().await {
+                assert_eq!(message.room.as_deref(), Some("hall"));
+                offsets.push(message.offset.unwrap());
+            }
+        }
+        let expected: Vec<u64> = (1..=3 * EACH).collect();
+        assert_eq!(offsets, expected, "{}", member.welcome.user);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_counts_and_online_are_answered_cluster_wide() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 3).await;
+    let mut clients = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        let mut client = node.connect(&format!("user{n}")).await;
+        client.join("club").await;
+        clients.push(client);
+    }
+    match clients[0]
+        .request(json!({"type": "members", "room": "club"}))
+        .await
+    {
+        ServerEvent::Members(members) => {
+            assert_eq!(members.users, ["user0", "user1", "user2"]);
+            assert_eq!(members.count, 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    match clients[1]
+        .request(json!({"type": "presence", "users": ["user0", "user2", "nobody"]}))
+        .await
+    {
+        ServerEvent::Presence(presence) => {
+            let online: Vec<bool> = ["user0", "user2", "nobody"]
+                .iter()
+                .map(|user| presence.online[*user])
+                .collect();
+            assert_eq!(online, [true, true, false]);
+        }
+        other => panic!("{other:?}"),
+    }
+    let (status, rooms) = nodes[2].api("GET", "/api/rooms", None).await;
+    assert_eq!(status, 200, "{rooms}");
+    assert_eq!(rooms["rooms"][0]["room"], "club", "{rooms}");
+    assert_eq!(rooms["rooms"][0]["count"], 3, "{rooms}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_written_on_one_node_is_replayed_on_another_once() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 3).await;
+    let mut alice = nodes[0].connect("alice").await;
+    for n in 0..3 {
+        let ack = alice
+            .ack(json!({"type": "send", "to": ["carol"], "content": n}))
+            .await;
+        assert_eq!(ack.offline.as_deref(), Some(&["carol".to_owned()][..]));
+    }
+    let mut carol = nodes[2].connect("carol").await;
+    let mut last = 0;
+    for n in 0..3 {
+        let message = carol.next_message_event().await;
+        assert_eq!(content_json(&message), json!(n));
+        last = message.offset.unwrap();
+    }
+    carol.ack(json!({"type": "ack", "inbox": last})).await;
+    drop(carol);
+    let mut again = nodes[1].connect("carol").await;
+    again.expect_nothing_queued().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_moving_to_another_node_recovers_exactly_what_it_missed() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 3).await;
+    let mut publisher = nodes[1].connect("publisher").await;
+    publisher.join("news").await;
+    let mut reader = nodes[0].connect("reader").await;
+    let joined = match reader.join("news").await {
+        ServerEvent::Ack(ack) => ack,
+        other => panic!("{other:?}"),
+    };
+    let first = publisher.publish("news", json!("seen")).await;
+    let seen = reader.next_message_event().await;
+    assert_eq!(seen.offset, Some(first));
+    drop(reader);
+    let mut missed = Vec::new();
+    for n in 0..5 {
+        missed.push(publisher.publish("news", json!(n)).await);
+    }
+    let mut moved = nodes[2].connect("reader").await;
+    let ack = moved
+        .ack(json!({"type": "join", "room": "news", "since": first, "epoch": joined.epoch}))
+        .await;
+    assert_eq!(ack.recovered, Some(true));
+    for (n, offset) in missed.iter().enumerate() {
+        let message = moved.next_message_event().await;
+        assert_eq!(
+            (message.offset, content_json(&message)),
+            (Some(*offset), json!(n))
+        );
+    }
+    // And it is live again: the next message comes once.
+    let next = publisher.publish("news", json!("live")).await;
+    assert_eq!(moved.next_message_event().await.offset, Some(next));
+    moved.expect_nothing_queued().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_a_node_stays_up_refuses_writes_and_resumes_when_it_returns() {
+    // With an append-only file fsynced per write, a restarted Redis keeps every acknowledged
+    // message.
+    let Some(mut redis) =
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await
+    else {
+        return;
+    };
+    let nodes = nodes(&redis, 2).await;
+    let mut writer = nodes[0].connect("writer").await;
+    let mut reader = nodes[1].connect("reader").await;
+    let joined = match reader.join("ops").await {
+        ServerEvent::Ack(ack) => ack,
+        other => panic!("{other:?}"),
+    };
+    writer.join("ops").await;
+    let before = writer.publish("ops", json!("before")).await;
+    reader.next_message_event().await;
+
+    redis.kill().await;
+    wait_for_ready(&nodes[0], 503).await;
+    // The WebSocket stays open; a stored publish gets an error, never an ack.
+    match writer
+        .request(json!({"type": "publish", "room": "ops", "content": "during"}))
+        .await
+    {
+        ServerEvent::Error(error) => assert_eq!(error.code, ErrorCode::Internal, "{error:?}"),
+        other => panic!("expected an error while Redis is down, got {other:?}"),
+    }
+
+    redis.restart().await;
+    wait_for_ready(&nodes[0], 200).await;
+    wait_for_ready(&nodes[1], 200).await;
+    // Once resubscribed, each node tells its clients that fan-out was interrupted (1012)...
+    for client in [&mut writer, &mut reader] {
+        let close = client.expect_close().await.expect("a close frame");
+        assert_eq!(u16::from(close.code), 1012);
+    }
+    // ...and they come back, on either node, recovering what they may have missed.
+    let mut writer = nodes[1].connect("writer").await;
+    writer.join("ops").await;
+    let mut reader = nodes[0].connect("reader").await;
+    let ack = reader
+        .ack(json!({"type": "join", "room": "ops", "since": before, "epoch": joined.epoch}))
+        .await;
+    // Nothing was stored while Redis was down (the refused publish is not there).
+    assert_eq!(ack.recovered, Some(true));
+    let offset = writer.publish("ops", json!("after")).await;
+    assert_eq!(offset, before + 1);
+    let message = reader.next_message_event().await;
+    assert_eq!(
+        (message.offset, content_json(&message)),
+        (Some(offset), json!("after"))
+    );
+}
+
+/// Polls `/ready` until it answers `status` (the node notices Redis within its timeouts).
+async fn wait_for_ready(node: &TestServer, status: u16) {
+    tokio::time::timeout(EVENT_TIMEOUT * 2, async {
+        loop {
+            if node.http("GET", "/ready", None, None).await.status == status {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("/ready never answered {status}"));
+}
