@@ -130,7 +130,10 @@ export interface EventMap {
 }
 
 export declare class HeraldClient {
-  constructor(url: string, options: ClientOptions);
+  /** `url`: the server's /ws endpoint, or several nodes' (each reconnect tries the next). */
+  constructor(url: string | string[], options: ClientOptions);
+  /** The URL in use, or to be tried next. */
+  readonly url: string;
   readonly state: State;
   readonly welcome: Welcome | null;
   on<K extends keyof EventMap>(event: K, listener: (payload: EventMap[K]) => void): () => void;

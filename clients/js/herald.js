@@ -63,12 +63,15 @@ export class HeraldError extends Error {
 
 export class HeraldClient {
   /**
-   * @param {string} url  ws:// or wss:// URL of the server's /ws endpoint.
+   * @param {string | string[]} url  ws:// or wss:// URL of the server's /ws endpoint, or the
+   *   URLs of several nodes of one cluster: each reconnect attempt tries the next one.
    * @param {object} options  see herald.d.ts.
    */
   constructor(url, options = {}) {
     if (!options.token) throw new TypeError('options.token (a string or a function) is required');
-    this.url = url;
+    this.urls = Array.isArray(url) ? [...url] : [url];
+    if (this.urls.length === 0) throw new TypeError('url: give at least one URL');
+    this.urlIndex = 0;
     this.options = {
       ...DEFAULTS,
       ...options,
@@ -219,6 +222,11 @@ export class HeraldClient {
     };
   }
 
+  /** The node this client is using (or will try next), one of the URLs it was given. */
+  get url() {
+    return this.urls[this.urlIndex];
+  }
+
   /** The URL to open: with the device id as the `device` query parameter when one is set. */
   socketUrl() {
     const { device } = this.options;
@@ -261,6 +269,9 @@ export class HeraldClient {
   scheduleReconnect(code, reason) {
     if (this.stopped) return;
     this.attempt += 1;
+    // With several nodes, the next attempt goes to the next one: the node that dropped the
+    // connection may be gone, and every node of a cluster serves the same rooms and inboxes.
+    this.urlIndex = (this.urlIndex + 1) % this.urls.length;
     // Emitted for every attempt (not only on a change of state), with its number.
     this.state = 'reconnecting';
     this.emit('state', { state: 'reconnecting', attempt: this.attempt, code, reason });

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 
 import { HeraldClient, HeraldError, Roster } from '../herald.js';
-import { mint, nextEvent, startServer } from './server.js';
+import { mint, nextEvent, startRedis, startServer } from './server.js';
 
 const clients = [];
 function client(server, user, options = {}) {
@@ -499,5 +499,67 @@ describe('rejoin order', () => {
     await replayed;
     c.close();
     assert.deepEqual(order, ['rejoined true', 'missed']);
+  });
+});
+
+describe('several nodes', () => {
+  test('with a list of URLs, a client whose node is unreachable tries the next one', async () => {
+    const server = await startServer();
+    try {
+      // Nothing listens on port 9 of loopback: the first URL fails at once.
+      const c = client({ url: ['ws://127.0.0.1:9/ws', server.url] }, 'lister');
+      const welcome = await c.connect();
+      assert.equal(welcome.user, 'lister');
+      assert.equal(c.url, server.url);
+    } finally {
+      closeAll();
+      await server.stop();
+    }
+  });
+
+  test('a node killed with SIGKILL: its clients move to another node and recover exactly', async () => {
+    const redis = await startRedis();
+    if (!redis) return;
+    const env = {
+      HERALD_ENGINE_BACKEND: 'redis',
+      HERALD_REDIS_URLS: redis.url,
+      HERALD_REDIS_PRESENCE_TTL: '3s',
+    };
+    const nodes = [
+      await startServer({ env: { ...env, HERALD_SERVER_NODE_ID: 'node0' } }),
+      await startServer({ env: { ...env, HERALD_SERVER_NODE_ID: 'node1' } }),
+    ];
+    try {
+      const reader = client({ url: [nodes[0].url, nodes[1].url] }, 'reader');
+      // Only ever on node0: when it dies, the ghost is gone from the room for good.
+      const ghost = client(nodes[0], 'ghost');
+      const writer = client(nodes[1], 'writer');
+      await Promise.all([reader.connect(), ghost.connect(), writer.connect()]);
+      assert.equal(reader.welcome.node, 'node0');
+      await reader.join('news');
+      await ghost.join('news');
+      await writer.join('news');
+      const first = nextEvent(reader, 'message', (m) => m.content === 'before');
+      await writer.publish('news', 'before');
+      await first;
+
+      // The dead node's presence entries expire (HERALD_REDIS_PRESENCE_TTL) and a surviving
+      // node tells the room who left.
+      const left = nextEvent(writer, 'presence', (diff) => diff.left?.includes('ghost'), 20000);
+      const moved = nextEvent(reader, 'state', ({ state }) => state === 'open');
+      await nodes[0].kill();
+      // Published while the reader has no connection: it must come back through recovery.
+      await writer.publish('news', 'while moving');
+      const missed = nextEvent(reader, 'message', (m) => m.content === 'while moving');
+      await moved;
+      assert.equal(reader.welcome.node, 'node1');
+      await missed;
+      const diff = await left;
+      assert.ok(!diff.left.includes('reader'), 'the reader is back in the room on node1');
+    } finally {
+      closeAll();
+      for (const node of nodes) await node.stop();
+      await redis.stop();
+    }
   });
 });

@@ -1,9 +1,11 @@
-// Test harness: runs the real `herald` binary on an ephemeral port and mints tokens for it.
+// Test harness: runs the real `herald` binary on an ephemeral port and mints tokens for it, and
+// a real redis-server for the tests of several nodes.
 
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -50,8 +52,14 @@ export async function startServer({ listen = '127.0.0.1:0', env = {} } = {}) {
     url: `ws://${address}/ws`,
     /** SIGTERM and wait for the exit: the graceful shutdown. */
     async stop() {
-      if (child.exitCode !== null) return;
+      if (exited(child)) return;
       child.kill('SIGTERM');
+      await once(child, 'exit');
+    },
+    /** SIGKILL: the node dies without a word to its clients or to Redis. */
+    async kill() {
+      if (exited(child)) return;
+      child.kill('SIGKILL');
       await once(child, 'exit');
     },
     pause() {
@@ -88,6 +96,62 @@ export function nextEvent(client, name, accept = () => true, timeout = 10000) {
       clearTimeout(timer);
       off();
       resolve(payload);
+    });
+  });
+}
+
+/**
+ * A real redis-server on a free port, or null (after a loud notice) when it is not installed,
+ * unless HERALD_REQUIRE_REDIS=1 (CI), which makes its absence an error.
+ */
+export async function startRedis() {
+  const found = process.env.PATH.split(path.delimiter).some((dir) =>
+    existsSync(path.join(dir, 'redis-server')),
+  );
+  if (!found) {
+    if (process.env.HERALD_REQUIRE_REDIS === '1') {
+      throw new Error('redis-server is not installed and HERALD_REQUIRE_REDIS=1');
+    }
+    console.error('\n*** NOTICE: redis-server is not installed: the Redis tests are SKIPPED ***\n');
+    return null;
+  }
+  const port = await freePort();
+  const child = spawn(
+    'redis-server',
+    ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'],
+    { stdio: ['ignore', 'pipe', 'inherit'] },
+  );
+  const lines = createInterface({ input: child.stdout });
+  await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('redis-server did not start')), 10000);
+    child.once('exit', (code) => reject(new Error(`redis-server exited with ${code}`)));
+    lines.on('line', (line) => {
+      if (line.includes('Ready to accept connections')) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+  });
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    async stop() {
+      if (exited(child)) return;
+      child.kill('SIGKILL');
+      await once(child, 'exit');
+    },
+  };
+}
+
+/** Whether a child process has ended, by exiting or by a signal. */
+const exited = (child) => child.exitCode !== null || child.signalCode !== null;
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
     });
   });
 }

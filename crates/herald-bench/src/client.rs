@@ -33,13 +33,19 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 pub type Socket = WebSocketStream<TcpStream>;
 
+/// One address of the server and how connections to it are made.
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// The `Host` of the WebSocket URL (the address unless a name was given).
+    pub host: String,
+    pub sources: SourceAddrs,
+}
+
 /// Where and how every connection of a run connects.
 pub struct Env {
     pub protocol: Arc<dyn Protocol>,
-    pub target: SocketAddr,
-    /// The `Host` of the WebSocket URL (the target address unless a name was given).
-    pub host: String,
-    pub sources: SourceAddrs,
+    /// The server's addresses (one per node when several serve as one); at least one.
+    pub endpoints: Vec<Endpoint>,
     pub recorder: Arc<Recorder>,
     /// Longest wait for any one setup step (TCP connect, upgrade, ready, each join).
     pub step_timeout: Duration,
@@ -66,15 +72,32 @@ pub enum ClientError {
 }
 
 impl Env {
-    /// Opens TCP and WebSocket for connection number `index`, presenting `token`.
-    pub async fn open(&self, index: u64, token: &str) -> Result<Socket, ClientError> {
-        let source_addr = self.sources.for_connection(index);
+    /// The endpoint connection number `index` uses when connections are spread round-robin.
+    pub fn round_robin(&self, index: usize) -> usize {
+        index % self.endpoints.len()
+    }
+
+    /// Opens TCP and WebSocket for connection number `index` to endpoint `endpoint`, presenting
+    /// `token`.
+    pub async fn open(
+        &self,
+        endpoint: usize,
+        index: u64,
+        token: &str,
+    ) -> Result<Socket, ClientError> {
+        let Endpoint {
+            addr: target,
+            host,
+            sources,
+        } = &self.endpoints[endpoint];
+        let target = *target;
+        let source_addr = sources.for_connection(index);
         let connect_error = |error| ClientError::Connect {
-            target: self.target,
+            target,
             source_addr,
             error,
         };
-        let socket = if self.target.is_ipv4() {
+        let socket = if target.is_ipv4() {
             TcpSocket::new_v4()
         } else {
             TcpSocket::new_v6()
@@ -83,12 +106,12 @@ impl Env {
         if let Some(ip) = source_addr {
             socket.bind(SocketAddr::new(ip, 0)).map_err(connect_error)?;
         }
-        let stream = tokio::time::timeout(self.step_timeout, socket.connect(self.target))
+        let stream = tokio::time::timeout(self.step_timeout, socket.connect(target))
             .await
             .map_err(|_| ClientError::Timeout("TCP connection"))?
             .map_err(connect_error)?;
         stream.set_nodelay(true).map_err(connect_error)?;
-        let url = format!("ws://{}{}", self.host, self.protocol.path(token));
+        let url = format!("ws://{host}{}", self.protocol.path(token));
         let request = url.into_client_request().map_err(ClientError::Handshake)?;
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
@@ -103,9 +126,15 @@ impl Env {
         Ok(socket)
     }
 
-    /// Opens connection `index` and waits until the server accepts requests on it.
-    pub async fn open_ready(&self, index: u64, token: &str) -> Result<Socket, ClientError> {
-        let mut socket = self.open(index, token).await?;
+    /// Opens connection `index` to endpoint `endpoint` and waits until the server accepts
+    /// requests on it.
+    pub async fn open_ready(
+        &self,
+        endpoint: usize,
+        index: u64,
+        token: &str,
+    ) -> Result<Socket, ClientError> {
+        let mut socket = self.open(endpoint, index, token).await?;
         if let Some(opening) = self.protocol.opening(token) {
             socket
                 .send(Message::text(opening))
@@ -203,7 +232,10 @@ impl Env {
                             }
                         }
                         Incoming::Refused(reason) => self.recorder.refused(reason),
-                        Incoming::Ready | Incoming::Joined | Incoming::Other => {}
+                        Incoming::Ready
+                        | Incoming::Joined
+                        | Incoming::Presence { .. }
+                        | Incoming::Other => {}
                     }
                 }
                 received = outgoing.recv_many(&mut batch, MAX_WRITE_BATCH) => {

@@ -64,7 +64,15 @@ fn idle_rss(report: &RunReport, _: &Reference) -> Option<f64> {
     report.idle.as_ref()?.server_rss_per_connection_kib
 }
 
-pub const METRICS: [Metric; 11] = [
+fn storm_all_in(report: &RunReport, _: &Reference) -> Option<f64> {
+    report.join_storm.as_ref()?.all_in_s
+}
+
+fn storm_cpu(report: &RunReport, _: &Reference) -> Option<f64> {
+    report.join_storm.as_ref()?.server_cpu_us_per_member
+}
+
+pub const METRICS: [Metric; 13] = [
     Metric {
         label: "fanout: max deliveries/s at p99 ≤ limit",
         better: Better::Higher,
@@ -130,6 +138,18 @@ pub const METRICS: [Metric; 11] = [
         better: Better::Lower,
         extract: idle_rss,
         scenario: "idle",
+    },
+    Metric {
+        label: "join-storm: s until all in (acks; Herald: and presence)",
+        better: Better::Lower,
+        extract: storm_all_in,
+        scenario: "join-storm",
+    },
+    Metric {
+        label: "join-storm: server CPU µs/member",
+        better: Better::Lower,
+        extract: storm_cpu,
+        scenario: "join-storm",
     },
 ];
 
@@ -268,13 +288,18 @@ pub fn table(reports: &[RunReport], reference: &Reference) -> String {
     }
     let flagged: Vec<String> = reports
         .iter()
-        .filter(|r| r.steps.iter().any(|s| s.client_bound))
+        .filter(|r| {
+            r.steps.iter().any(|s| s.client_bound)
+                || r.join_storm
+                    .as_ref()
+                    .is_some_and(|storm| storm.client_bound)
+        })
         .map(|r| format!("{} {}", r.server, r.scenario))
         .collect();
     if !flagged.is_empty() {
         let _ = writeln!(
             out,
-            "Client-bound steps (the load tool used ≥ 90% of its CPUs) in: {}.",
+            "Client-bound steps or storms (the load tool used ≥ 90% of its CPUs) in: {}.",
             flagged.join(", ")
         );
     }
@@ -331,6 +356,47 @@ mod tests {
         );
         assert!(table.contains("| metric | better | herald | ws | herald/ws |"));
         assert!(!table.contains("fanout"), "no row without data");
+    }
+
+    fn storm_report(server: &str, all_in_s: Option<f64>) -> RunReport {
+        let mut report = crate::scenario::blank_report(1000);
+        report.server = server.to_owned();
+        report.scenario = "join-storm".to_owned();
+        report.join_storm = Some(crate::report::JoinStorm {
+            members: 1000,
+            pipelined: false,
+            acked: 1000,
+            all_acked_s: Some(0.5),
+            ack_p50_s: Some(0.2),
+            ack_p99_s: Some(0.5),
+            sends_presence: server == "herald",
+            told_full_count: 1000,
+            all_told_s: all_in_s,
+            all_in_s,
+            presence_frames: 0,
+            server_cpu_s: Some(0.1),
+            server_cpu_cores: Some(0.2),
+            server_cpu_us_per_member: Some(100.0),
+            client_cpu_cores: None,
+            client_bound: false,
+            server_rss_before_kib: None,
+            server_rss_after_kib: None,
+        });
+        report
+    }
+
+    #[test]
+    fn join_storms_compare_the_time_until_all_are_in() {
+        let reports = vec![
+            storm_report("herald", Some(1.0)),
+            storm_report("ws", Some(2.0)),
+        ];
+        let table = table(&reports, &Reference { fanout_rate: 100.0 });
+        let row = table
+            .lines()
+            .find(|line| line.starts_with("| join-storm: s until all in"))
+            .expect("a join-storm row");
+        assert!(row.ends_with("| 1.00 | 2.00 | 0.50× |"), "{row}");
     }
 
     #[test]

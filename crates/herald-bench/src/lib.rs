@@ -12,9 +12,11 @@
 //! - [`pacer`]: the open-loop schedule that spreads a message rate over the senders.
 //! - [`recorder`]: sharded latency histograms and delivery counters.
 //! - [`scenario`]: fanout, rooms, direct (traffic), connect (handshakes/s), idle (memory),
-//!   soak (resources under long churn).
+//!   soak (resources under long churn), join-storm (a big room forming at once). Connections
+//!   can be spread over several addresses of one service (nodes sharing Redis).
 //! - [`spawned`]: a Herald server the tool starts itself (`soak --spawn-server`).
-//! - [`procfs`]: CPU time and RSS of the server and of this process, the load average.
+//! - [`procfs`]: CPU time and RSS of the server (summed over its processes) and of this
+//!   process, the load average.
 //! - [`net`]: the open-file limit and source addresses spread over 127.0.0.0/8.
 //! - [`tokens`]: HS256 tokens minted with the server's secret.
 //! - [`report`]: results as a table and as JSON; [`compare`] folds several runs into one

@@ -9,8 +9,9 @@ use clap::{Args, Parser, Subcommand};
 
 use herald_bench::adapter::ServerKind;
 use herald_bench::compare::{self, Reference};
+use herald_bench::scenario::join_storm::JoinStormParams;
 use herald_bench::scenario::soak::SoakParams;
-use herald_bench::scenario::{self, Options, Scenario};
+use herald_bench::scenario::{self, Options, Scenario, Target};
 use herald_bench::spawned::SpawnedServer;
 use herald_bench::{chart, procfs};
 
@@ -105,6 +106,21 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// N connections join one room as fast as the server lets them: time until every join is
+    /// acknowledged and (Herald) every member was told the full count, server CPU and RSS.
+    JoinStorm {
+        #[arg(long, default_value_t = 10_000)]
+        subscribers: usize,
+        /// Each connection joins as soon as it is ready, the clock starting at the first connect
+        /// (default: connect everyone first, then all join at once).
+        #[arg(long)]
+        pipelined: bool,
+        /// Longest the storm may take; members not in by then are reported missing.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        deadline: Duration,
+        #[command(flatten)]
+        common: Common,
+    },
     /// One table with Herald/peer ratios from a folder of JSON results (median of runs).
     Compare {
         dir: PathBuf,
@@ -130,15 +146,18 @@ struct Common {
     /// Which protocol the server speaks.
     #[arg(long, value_enum, default_value = "herald")]
     server: ServerKind,
-    /// Server address, host:port (a remote machine works too).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    target: String,
+    /// Server address, host:port (a remote machine works too). Several, comma-separated, for
+    /// nodes serving as one: connections are spread over them round-robin, a single publisher
+    /// uses the first.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8080")]
+    target: Vec<String>,
     /// HS256 secret the server verifies tokens with.
     #[arg(long, env = "HERALD_AUTH_SECRET", hide_env_values = true)]
     secret: String,
-    /// The server's pid, for its CPU time and RSS from /proc (same machine only).
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// The server's pid, for its CPU time and RSS from /proc (same machine only). Several,
+    /// comma-separated (nodes, Redis): CPU time and RSS are summed over them.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// Do not bind connections to distinct 127.x.y.z source addresses.
     #[arg(long)]
     no_spread: bool,
@@ -176,15 +195,25 @@ struct Common {
 
 impl Common {
     fn options(&self) -> anyhow::Result<Options> {
-        let target: SocketAddr = self
+        let targets = self
             .target
-            .to_socket_addrs()
-            .with_context(|| format!("--target {}", self.target))?
-            .next()
-            .with_context(|| format!("--target {} resolves to no address", self.target))?;
-        let mut options = Options::new(self.server, target, self.secret.clone());
-        options.host = Some(self.target.clone());
-        options.server_pid = self.server_pid;
+            .iter()
+            .map(|target| {
+                let addr: SocketAddr = target
+                    .to_socket_addrs()
+                    .with_context(|| format!("--target {target}"))?
+                    .next()
+                    .with_context(|| format!("--target {target} resolves to no address"))?;
+                Ok(Target {
+                    addr,
+                    host: target.clone(),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let first = targets.first().context("--target names no address")?.addr;
+        let mut options = Options::new(self.server, first, self.secret.clone());
+        options.targets = targets;
+        options.server_pids = self.server_pid.clone();
         options.spread_sources = !self.no_spread;
         options.setup_concurrency = self.setup_concurrency;
         options.warmup = self.warmup;
@@ -276,6 +305,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
             common,
         ),
+        Command::JoinStorm {
+            subscribers,
+            pipelined,
+            deadline,
+            common,
+        } => (
+            Scenario::JoinStorm(JoinStormParams {
+                subscribers,
+                pipelined,
+                deadline,
+            }),
+            common,
+        ),
         Command::Soak {
             users,
             residents,
@@ -289,8 +331,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             if let Some(binary) = spawn_server {
                 let server = SpawnedServer::start(&binary, &common.secret)?;
-                common.target = server.addr().to_string();
-                common.server_pid = Some(server.pid());
+                common.target = vec![server.addr().to_string()];
+                common.server_pid = vec![server.pid()];
                 spawned = Some(server);
             }
             (

@@ -1,6 +1,7 @@
 //! What `/proc` says about a process: CPU time (user + system, all threads) and resident memory,
 //! and the machine's load average. Server CPU time per delivery is the figure that survives a
-//! noisy machine best, so every result carries it.
+//! noisy machine best, so every result carries it. A server may be several processes (nodes
+//! sharing Redis, and Redis itself): [`Procs`] sums their CPU time and memory.
 
 use std::time::Duration;
 
@@ -109,28 +110,116 @@ pub fn usable_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// CPU time and wall time of a process between two instants.
-#[derive(Debug, Clone, Copy)]
+/// Processes observed as one server: CPU time, memory and open files are summed over them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Procs(Vec<Proc>);
+
+impl Procs {
+    /// `None` for an empty list: there is nothing to observe.
+    pub fn new(procs: Vec<Proc>) -> Option<Self> {
+        (!procs.is_empty()).then_some(Procs(procs))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Each process's CPU time so far, in the order given.
+    pub fn cpu_times(&self) -> Result<Vec<Duration>, ProcError> {
+        self.0.iter().map(|proc| proc.cpu_time()).collect()
+    }
+
+    pub fn rss_bytes(&self) -> Result<u64, ProcError> {
+        self.0.iter().map(|proc| proc.rss_bytes()).sum()
+    }
+
+    pub fn open_files(&self) -> Result<usize, ProcError> {
+        self.0.iter().map(|proc| proc.open_files()).sum()
+    }
+
+    /// The command names, comma-separated.
+    pub fn command(&self) -> Result<String, ProcError> {
+        let names: Vec<String> = self
+            .0
+            .iter()
+            .map(|proc| proc.command())
+            .collect::<Result<_, _>>()?;
+        Ok(names.join(","))
+    }
+}
+
+impl From<Proc> for Procs {
+    fn from(proc: Proc) -> Self {
+        Procs(vec![proc])
+    }
+}
+
+/// CPU time and wall time of some processes between two instants.
+#[derive(Debug, Clone)]
 pub struct CpuMeter {
-    proc: Proc,
-    cpu: Duration,
+    procs: Procs,
+    cpu: Vec<Duration>,
     wall: std::time::Instant,
 }
 
 impl CpuMeter {
-    pub fn start(proc: Proc) -> Result<Self, ProcError> {
+    pub fn start(procs: impl Into<Procs>) -> Result<Self, ProcError> {
+        let procs = procs.into();
         Ok(CpuMeter {
-            proc,
-            cpu: proc.cpu_time()?,
+            cpu: procs.cpu_times()?,
+            procs,
             wall: std::time::Instant::now(),
         })
     }
 
-    /// CPU time used since `start`, and the share of one core it was (1.0 = one full core).
+    /// CPU time used since `start` by all the processes together, and the share of one core it
+    /// was (1.0 = one full core).
     pub fn read(&self) -> Result<(Duration, f64), ProcError> {
-        let cpu = self.proc.cpu_time()?.saturating_sub(self.cpu);
-        let wall = self.wall.elapsed().as_secs_f64().max(1e-9);
-        Ok((cpu, cpu.as_secs_f64() / wall))
+        let usage = self.usage()?;
+        Ok((usage.total(), usage.cores()))
+    }
+
+    /// CPU time used since `start` by each process, and the wall time since `start`.
+    pub fn usage(&self) -> Result<CpuUsage, ProcError> {
+        let each = self
+            .procs
+            .cpu_times()?
+            .into_iter()
+            .zip(&self.cpu)
+            .map(|(now, before)| now.saturating_sub(*before))
+            .collect();
+        Ok(CpuUsage {
+            each,
+            wall: self.wall.elapsed(),
+        })
+    }
+}
+
+/// What [`CpuMeter::usage`] read.
+#[derive(Debug, Clone)]
+pub struct CpuUsage {
+    /// Per process, in the order given.
+    pub each: Vec<Duration>,
+    pub wall: Duration,
+}
+
+impl CpuUsage {
+    pub fn total(&self) -> Duration {
+        self.each.iter().sum()
+    }
+
+    /// The share of one core the processes used together.
+    pub fn cores(&self) -> f64 {
+        self.total().as_secs_f64() / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    /// Each process's CPU time, only when there are several (one would repeat the total).
+    pub fn several(&self) -> Option<&[Duration]> {
+        (self.each.len() > 1).then_some(self.each.as_slice())
     }
 }
 
@@ -150,6 +239,35 @@ mod tests {
         let (cpu, share) = start.read().unwrap();
         assert!(cpu <= Duration::from_secs(60) && share >= 0.0);
         assert!(load_average().is_some());
+    }
+
+    #[test]
+    fn several_processes_add_up() {
+        let myself = Proc::Pid(std::process::id());
+        let twice = Procs::new(vec![myself, myself]).unwrap();
+        assert_eq!(twice.len(), 2);
+        let meter = CpuMeter::start(twice.clone()).unwrap();
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_add(i * i);
+        }
+        std::hint::black_box(x);
+        let usage = meter.usage().unwrap();
+        let each = usage.several().unwrap();
+        assert_eq!(each.len(), 2);
+        assert_eq!(usage.total(), each[0] + each[1]);
+        assert!(
+            CpuMeter::start(myself)
+                .unwrap()
+                .usage()
+                .unwrap()
+                .several()
+                .is_none()
+        );
+        let files = myself.open_files().unwrap();
+        assert!(twice.open_files().unwrap() >= files);
+        assert!(twice.rss_bytes().unwrap() > myself.rss_bytes().unwrap() / 2 * 3);
+        assert_eq!(Procs::new(Vec::new()), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub struct RunReport {
     /// `herald`, `ws` or `socketio`.
     pub server: String,
-    /// `fanout`, `rooms`, `direct`, `connect` or `idle`.
+    /// `fanout`, `rooms`, `direct`, `connect`, `idle`, `soak` or `join-storm`.
     pub scenario: String,
     /// Connections opened for the scenario (for `connect`, the concurrency).
     pub connections: usize,
@@ -26,6 +26,8 @@ pub struct RunReport {
     pub idle: Option<Idle>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub soak: Option<Soak>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_storm: Option<JoinStorm>,
     pub errors: Errors,
 }
 
@@ -35,9 +37,16 @@ pub struct Machine {
     pub tool_cpus: usize,
     pub load_average_before: Option<[f64; 3]>,
     pub load_average_after: Option<[f64; 3]>,
-    /// The server process observed through `/proc`, if a pid was given.
+    /// The server process observed through `/proc`, if a pid was given (the first of several).
     pub server_pid: Option<u32>,
+    /// Every server process observed, when there were several (CPU and RSS are their sums).
+    #[serde(default, skip_serializing_if = "at_most_one")]
+    pub server_pids: Vec<u32>,
     pub server_command: Option<String>,
+}
+
+fn at_most_one(pids: &[u32]) -> bool {
+    pids.len() <= 1
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -89,6 +98,9 @@ pub struct Step {
     pub window_s: f64,
     /// Server CPU time per delivery (or handshake), µs; and its share of one core.
     pub server_cpu_us_per_delivery: Option<f64>,
+    /// With several server processes: each one's share of that, in `server_pids` order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_delivery_by_process: Option<Vec<f64>>,
     pub server_cpu_cores: Option<f64>,
     pub server_rss_kib: Option<u64>,
     pub client_cpu_us_per_delivery: f64,
@@ -174,6 +186,42 @@ pub struct SoakTraffic {
     /// Error frames, undecodable frames and failed sessions, with the first few verbatim.
     pub errors: u64,
     pub first_errors: Vec<String>,
+}
+
+/// A join storm: N members joining one room at once. Times are seconds since the storm's start:
+/// the moment every member sent its join, or with `pipelined`, the first connect.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinStorm {
+    pub members: usize,
+    /// Each member joined as soon as it was ready (handshakes inside the storm).
+    pub pipelined: bool,
+    /// Members whose join was acknowledged, and when the last was.
+    pub acked: usize,
+    pub all_acked_s: Option<f64>,
+    pub ack_p50_s: Option<f64>,
+    pub ack_p99_s: Option<f64>,
+    /// Whether the server tells members who is in the room (Herald's `presence_diff`).
+    pub sends_presence: bool,
+    /// Members told a count of `members`, and when the last was.
+    pub told_full_count: usize,
+    pub all_told_s: Option<f64>,
+    /// When the room had formed for everyone: every join acknowledged and, where the server
+    /// sends presence, every member told the full count. `None` if that never happened.
+    pub all_in_s: Option<f64>,
+    /// Presence events the members received before they were told the full count.
+    pub presence_frames: u64,
+    /// Server CPU over the storm (from its start until the last member was in).
+    pub server_cpu_s: Option<f64>,
+    pub server_cpu_cores: Option<f64>,
+    pub server_cpu_us_per_member: Option<f64>,
+    /// The load tool's CPU over the storm, share of one core; `client_bound` from 90% of the
+    /// CPUs it may use (then the times may be the tool's limit, not the server's).
+    #[serde(default)]
+    pub client_cpu_cores: Option<f64>,
+    #[serde(default)]
+    pub client_bound: bool,
+    pub server_rss_before_kib: Option<u64>,
+    pub server_rss_after_kib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -313,6 +361,57 @@ impl RunReport {
                     if s.bounded { "yes" } else { "NO" },
                 );
             }
+        }
+        if let Some(storm) = &self.join_storm {
+            let secs =
+                |v: Option<f64>| v.map_or_else(|| "never".to_owned(), |v| format!("{v:.2} s"));
+            let _ = writeln!(
+                out,
+                "join storm ({}): {} members; {} acked, last at {} (p50 {}, p99 {})",
+                if storm.pipelined {
+                    "each joining once connected, clock from the first connect"
+                } else {
+                    "all joining at once after connecting, clock from the first join"
+                },
+                storm.members,
+                storm.acked,
+                secs(storm.all_acked_s),
+                secs(storm.ack_p50_s),
+                secs(storm.ack_p99_s),
+            );
+            if storm.sends_presence {
+                let _ = writeln!(
+                    out,
+                    "presence: {} members told the count {}, last at {}; {} presence frames \
+                     ({:.1} per member)",
+                    storm.told_full_count,
+                    storm.members,
+                    secs(storm.all_told_s),
+                    thousands(storm.presence_frames as f64),
+                    storm.presence_frames as f64 / storm.members.max(1) as f64,
+                );
+            }
+            let _ = writeln!(
+                out,
+                "all in: {}; server CPU {} s ({} cores, {} µs per member); tool {} cores{}; \
+                 server RSS {} → {} KiB",
+                secs(storm.all_in_s),
+                opt(storm.server_cpu_s, 2),
+                opt(storm.server_cpu_cores, 2),
+                opt(storm.server_cpu_us_per_member, 1),
+                opt(storm.client_cpu_cores, 2),
+                if storm.client_bound {
+                    " (client-bound)"
+                } else {
+                    ""
+                },
+                storm
+                    .server_rss_before_kib
+                    .map_or_else(|| "-".into(), |v| v.to_string()),
+                storm
+                    .server_rss_after_kib
+                    .map_or_else(|| "-".into(), |v| v.to_string()),
+            );
         }
         let errors = &self.errors;
         if errors.refused + errors.lost_connections > 0 || errors.failed_connections > 0 {

@@ -5,9 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{options, start_herald};
+use common::{closed_port, options, start_herald, start_herald_listening};
 use herald_bench::report::RunReport;
-use herald_bench::scenario::{self, RunError, Scenario};
+use herald_bench::scenario::join_storm::JoinStormParams;
+use herald_bench::scenario::{self, RunError, Scenario, Target};
 
 fn assert_every_message_arrived(report: &RunReport) {
     assert!(!report.steps.is_empty(), "{report:#?}");
@@ -120,4 +121,160 @@ async fn a_token_the_server_refuses_fails_setup_with_its_answer() {
         panic!("not a setup error: {error}")
     };
     assert!(error.to_string().contains("401"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_spread_round_robin_over_the_targets() {
+    let herald = start_herald().await;
+    let mut options = options(herald.addr);
+    options.targets.push(Target::from(closed_port()));
+    let report = scenario::run(
+        options,
+        Scenario::Idle {
+            connections: 10,
+            settle: Duration::from_millis(10),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.setup.opened, 5, "{:?}", report.errors);
+    assert_eq!(report.setup.failed, 5, "{:?}", report.errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fanout_publisher_uses_the_first_target() {
+    let herald = start_herald().await;
+    let mut options = options(herald.addr);
+    options.targets.push(Target::from(closed_port()));
+    // One subscriber (connection 0) on the first target; the publisher, connection 1, would
+    // land on the closed one if it were spread like the subscribers.
+    let report = scenario::run(
+        options,
+        Scenario::Fanout {
+            subscribers: 1,
+            rates: vec![20.0],
+        },
+    )
+    .await
+    .unwrap();
+    assert_every_message_arrived(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_over_several_targets_sums_the_server_processes() {
+    let herald = start_herald_listening(3).await;
+    let mut options = options(herald.addr);
+    options.targets = herald.addrs.iter().copied().map(Target::from).collect();
+    let pid = std::process::id();
+    options.server_pids = vec![pid, pid];
+    let report = scenario::run(
+        options,
+        Scenario::Fanout {
+            subscribers: 20,
+            rates: vec![50.0],
+        },
+    )
+    .await
+    .unwrap();
+    assert_every_message_arrived(&report);
+    assert_eq!(report.machine.server_pids, vec![pid, pid]);
+    let step = &report.steps[0];
+    let each = step.server_cpu_us_per_delivery_by_process.as_ref().unwrap();
+    assert_eq!(each.len(), 2);
+    let sum = step.server_cpu_us_per_delivery.unwrap();
+    assert!(
+        (each[0] + each[1] - sum).abs() < 1e-6 * sum.max(1.0),
+        "{each:?} {sum}"
+    );
+    let targets = &report.params["target"];
+    assert_eq!(targets.as_str().unwrap().split(',').count(), 3, "{targets}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_target_and_one_pid_report_as_before() {
+    let herald = start_herald().await;
+    let report = scenario::run(
+        options(herald.addr),
+        Scenario::Fanout {
+            subscribers: 2,
+            rates: vec![20.0],
+        },
+    )
+    .await
+    .unwrap();
+    let json = serde_json::to_value(&report).unwrap();
+    assert!(json["machine"].get("server_pids").is_none(), "{json}");
+    assert!(
+        json["steps"][0]
+            .get("server_cpu_us_per_delivery_by_process")
+            .is_none(),
+        "{json}"
+    );
+    assert_eq!(json["params"]["target"], herald.addr.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_storm_ends_when_every_member_is_acked_and_told_the_full_count() {
+    let herald = start_herald().await;
+    let report = scenario::run(
+        options(herald.addr),
+        Scenario::JoinStorm(JoinStormParams {
+            subscribers: 60,
+            pipelined: false,
+            deadline: Duration::from_secs(30),
+        }),
+    )
+    .await
+    .unwrap();
+    let storm = report.join_storm.unwrap();
+    assert_eq!(storm.acked, 60, "{:?}", report.errors);
+    assert!(storm.sends_presence);
+    assert_eq!(storm.told_full_count, 60, "{:?}", report.errors);
+    let all_in = storm.all_in_s.unwrap();
+    assert!(all_in >= storm.all_acked_s.unwrap() && all_in >= storm.all_told_s.unwrap());
+    assert!(storm.presence_frames >= 60);
+    assert!(storm.server_cpu_us_per_member.is_some());
+    assert_eq!(report.errors.refused, 0, "{:?}", report.errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_join_storm_over_several_targets_forms_one_room() {
+    let herald = start_herald_listening(2).await;
+    let mut options = options(herald.addr);
+    options.targets = herald.addrs.iter().copied().map(Target::from).collect();
+    let report = scenario::run(
+        options,
+        Scenario::JoinStorm(JoinStormParams {
+            subscribers: 40,
+            pipelined: true,
+            deadline: Duration::from_secs(30),
+        }),
+    )
+    .await
+    .unwrap();
+    let storm = report.join_storm.unwrap();
+    assert!(storm.pipelined);
+    assert_eq!(storm.told_full_count, 40, "{:?}", report.errors);
+    assert!(storm.all_in_s.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_storm_that_cannot_form_reports_who_is_missing() {
+    let herald = start_herald().await;
+    let mut options = options(herald.addr);
+    options.targets.push(Target::from(closed_port()));
+    let error = scenario::run(
+        options,
+        Scenario::JoinStorm(JoinStormParams {
+            subscribers: 4,
+            pipelined: false,
+            deadline: Duration::from_secs(5),
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(error, RunError::Setup { index, .. } if index % 2 == 1),
+        "{error}"
+    );
 }

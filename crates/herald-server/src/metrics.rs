@@ -305,6 +305,13 @@ pub const CATALOGUE: &[Metric] = &[
         help: "Commands waiting for the SQLite writer thread, read each time it takes a batch.",
         series: NO_LABELS,
     },
+    Metric {
+        name: "herald_store_cached_streams",
+        kind: Kind::Gauge,
+        unit: None,
+        help: "Streams whose state the SQLite writer holds in memory (at most 10,000), after each batch.",
+        series: NO_LABELS,
+    },
 ];
 
 /// The recorder's handle and the process collector, made once per process.

@@ -21,11 +21,13 @@ pub enum Incoming {
     Joined,
     /// A bench message, sent at this instant (see [`crate::stamp`]).
     Delivery { sent_ns: u64 },
+    /// A room's presence changed; `count` users are in it now (Herald's `presence_diff`).
+    Presence { count: u64 },
     /// The protocol wants this frame sent back (Engine.IO's heartbeat).
     Reply(&'static str),
     /// The server refused something; the text says what.
     Refused(String),
-    /// Anything else (presence events, acks the tool does not wait for).
+    /// Anything else (acks the tool does not wait for, events it does not read).
     Other,
 }
 
@@ -45,6 +47,10 @@ pub trait Protocol: Send + Sync + 'static {
     fn publish(&self, room: &str, content: &str) -> String;
     /// Sends `content` (JSON) to every connection of `user`.
     fn direct(&self, user: &str, content: &str) -> String;
+    /// Whether members of a room are told who is in it ([`Incoming::Presence`]).
+    fn sends_presence(&self) -> bool {
+        false
+    }
     /// Classifies a text frame from the server.
     fn decode(&self, frame: &str) -> Incoming;
 }

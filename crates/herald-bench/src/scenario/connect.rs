@@ -42,7 +42,7 @@ pub async fn run(run: &Run, concurrency: usize) -> Result<RunReport, RunError> {
                 let token = &tokens[index as usize % tokens.len()];
                 let started = stamp::now_ns();
                 let opened = tokio::select! {
-                    opened = env.open_ready(index, token) => opened,
+                    opened = env.open_ready(env.round_robin(index as usize), index, token) => opened,
                     _ = stop.cancelled() => break,
                 };
                 match opened {
@@ -66,13 +66,13 @@ pub async fn run(run: &Run, concurrency: usize) -> Result<RunReport, RunError> {
     run.progress.phase("connect: measuring handshakes");
     run.recorder.open_window();
     let refused_before = run.recorder.refused_count();
-    let server_meter = run.server.map(CpuMeter::start).transpose()?;
+    let server_meter = run.server.clone().map(CpuMeter::start).transpose()?;
     let client_meter = CpuMeter::start(Proc::Myself)?;
     let started = Instant::now();
     tokio::time::sleep(run.options.duration).await;
     let window = run.recorder.close_window();
     let window_s = started.elapsed().as_secs_f64();
-    let server_cpu = server_meter.map(|m| m.read()).transpose()?;
+    let server_cpu = server_meter.map(|m| m.usage()).transpose()?;
     let (client_cpu, client_cores) = client_meter.read()?;
     let server_rss_kib = run.server_rss_kib();
     stop.cancel();
@@ -87,8 +87,12 @@ pub async fn run(run: &Run, concurrency: usize) -> Result<RunReport, RunError> {
         delivered_per_s: window.delivered as f64 / window_s,
         latency_ms: Latency::from_micros(&window.latency_us),
         window_s,
-        server_cpu_us_per_delivery: server_cpu.map(|(cpu, _)| per_handshake(cpu)),
-        server_cpu_cores: server_cpu.map(|(_, cores)| cores),
+        server_cpu_us_per_delivery: server_cpu.as_ref().map(|cpu| per_handshake(cpu.total())),
+        server_cpu_us_per_delivery_by_process: server_cpu
+            .as_ref()
+            .and_then(|cpu| cpu.several())
+            .map(|each| each.iter().copied().map(per_handshake).collect()),
+        server_cpu_cores: server_cpu.as_ref().map(|cpu| cpu.cores()),
         server_rss_kib,
         client_cpu_us_per_delivery: per_handshake(client_cpu),
         client_cpu_cores: client_cores,

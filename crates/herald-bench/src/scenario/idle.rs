@@ -14,6 +14,7 @@ pub async fn run(run: &Run, connections: usize, settle: Duration) -> Result<RunR
     let plans = (0..connections)
         .map(|i| ConnPlan {
             user: format!("idle-{i}"),
+            endpoint: run.env.round_robin(i),
             rooms: Vec::new(),
         })
         .collect();
@@ -23,7 +24,7 @@ pub async fn run(run: &Run, connections: usize, settle: Duration) -> Result<RunR
 
     run.progress
         .phase(format!("idle: {opened} connections settling"));
-    let server_meter = run.server.map(CpuMeter::start).transpose()?;
+    let server_meter = run.server.clone().map(CpuMeter::start).transpose()?;
     tokio::time::sleep(settle).await;
     let server_idle_cpu = server_meter.map(|m| m.read()).transpose()?;
     let server_after = run.server_rss_kib();

@@ -7,9 +7,11 @@
 //! - `connect`: open, authenticate (JWT) and close connections as fast as `concurrency` allows.
 //! - `idle`: N authenticated connections doing nothing; server RSS per connection.
 //! - `soak`: a long run of churn and mixed traffic; fails when a server resource keeps growing.
+//! - `join-storm`: N connections join one room at once; time until the room has formed for all.
 
 mod connect;
 mod idle;
+pub mod join_storm;
 mod progress;
 mod setup;
 pub mod soak;
@@ -20,9 +22,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::adapter::ServerKind;
-use crate::client::Env;
+use crate::client::{Endpoint, Env};
 use crate::net::{self, SourceAddrs};
-use crate::procfs::{self, Proc};
+use crate::procfs::{self, Proc, Procs};
 use crate::recorder::Recorder;
 use crate::report::{Errors, Machine, RunReport};
 use crate::tokens::TokenMinter;
@@ -53,6 +55,7 @@ pub enum Scenario {
         settle: Duration,
     },
     Soak(soak::SoakParams),
+    JoinStorm(join_storm::JoinStormParams),
 }
 
 impl Scenario {
@@ -64,6 +67,24 @@ impl Scenario {
             Scenario::Connect { .. } => "connect",
             Scenario::Idle { .. } => "idle",
             Scenario::Soak(_) => "soak",
+            Scenario::JoinStorm(_) => "join-storm",
+        }
+    }
+}
+
+/// One address of the server (a node, when several serve as one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// `Host` for the WebSocket URL.
+    pub host: String,
+}
+
+impl From<SocketAddr> for Target {
+    fn from(addr: SocketAddr) -> Self {
+        Target {
+            addr,
+            host: addr.to_string(),
         }
     }
 }
@@ -72,13 +93,13 @@ impl Scenario {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub server: ServerKind,
-    pub target: SocketAddr,
-    /// `Host` for the WebSocket URL; the target address when unset.
-    pub host: Option<String>,
+    /// Where connections go, round-robin by connection (at least one). A scenario's single
+    /// publisher goes to the first.
+    pub targets: Vec<Target>,
     /// HS256 secret the server verifies tokens with.
     pub secret: String,
-    /// The server's pid, for CPU time and RSS from `/proc` (same machine only).
-    pub server_pid: Option<u32>,
+    /// The server's processes, for CPU time and RSS from `/proc` (same machine only), summed.
+    pub server_pids: Vec<u32>,
     /// Bind each connection to its own 127.x.y.z (loopback targets only).
     pub spread_sources: bool,
     /// Connections being opened at once during setup.
@@ -106,10 +127,9 @@ impl Options {
     pub fn new(server: ServerKind, target: SocketAddr, secret: impl Into<String>) -> Self {
         Options {
             server,
-            target,
-            host: None,
+            targets: vec![target.into()],
             secret: secret.into(),
-            server_pid: None,
+            server_pids: Vec::new(),
             spread_sources: true,
             setup_concurrency: 256,
             step_timeout: Duration::from_secs(15),
@@ -147,7 +167,7 @@ pub(crate) struct Run {
     pub env: Arc<Env>,
     pub recorder: Arc<Recorder>,
     pub tokens: TokenMinter,
-    pub server: Option<Proc>,
+    pub server: Option<Procs>,
     pub progress: Progress,
 }
 
@@ -156,18 +176,21 @@ impl Run {
         let recorder = Arc::new(Recorder::new());
         let env = Arc::new(Env {
             protocol: options.server.protocol(),
-            target: options.target,
-            host: options
-                .host
-                .clone()
-                .unwrap_or_else(|| options.target.to_string()),
-            sources: SourceAddrs::for_target(options.target, options.spread_sources),
+            endpoints: options
+                .targets
+                .iter()
+                .map(|target| Endpoint {
+                    addr: target.addr,
+                    host: target.host.clone(),
+                    sources: SourceAddrs::for_target(target.addr, options.spread_sources),
+                })
+                .collect(),
             recorder: recorder.clone(),
             step_timeout: options.step_timeout,
         });
         Run {
             tokens: TokenMinter::new(&options.secret, Duration::from_secs(24 * 3600)),
-            server: options.server_pid.map(Proc::Pid),
+            server: Procs::new(options.server_pids.iter().copied().map(Proc::Pid).collect()),
             progress: Progress::start(options.progress, recorder.clone()),
             options,
             env,
@@ -177,6 +200,7 @@ impl Run {
 
     pub fn server_rss_kib(&self) -> Option<u64> {
         self.server
+            .as_ref()
             .and_then(|server| server.rss_bytes().ok())
             .map(|bytes| bytes / 1024)
     }
@@ -195,8 +219,11 @@ impl Run {
 pub async fn run(options: Options, scenario: Scenario) -> Result<RunReport, RunError> {
     // Without the raise, a run stops near 1,024 connections with "too many open files".
     let _ = net::raise_open_file_limit();
+    if options.targets.is_empty() {
+        return Err(RunError::Invalid("no target to connect to".into()));
+    }
     let run = Run::new(options);
-    let server_command = match run.server {
+    let server_command = match &run.server {
         Some(server) => Some(server.command()?),
         None => None,
     };
@@ -204,7 +231,8 @@ pub async fn run(options: Options, scenario: Scenario) -> Result<RunReport, RunE
         tool_cpus: procfs::usable_cpus(),
         load_average_before: procfs::load_average(),
         load_average_after: None,
-        server_pid: run.options.server_pid,
+        server_pid: run.options.server_pids.first().copied(),
+        server_pids: run.options.server_pids.clone(),
         server_command,
     };
     let params = serde_json::json!({
@@ -213,7 +241,13 @@ pub async fn run(options: Options, scenario: Scenario) -> Result<RunReport, RunE
         "duration_s": run.options.duration.as_secs_f64(),
         "latency_limit_ms": run.options.latency_limit.as_secs_f64() * 1000.0,
         "padding": run.options.padding,
-        "target": run.options.target.to_string(),
+        "target": run
+            .options
+            .targets
+            .iter()
+            .map(|target| target.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
     });
     let mut report = match &scenario {
         Scenario::Fanout { .. } | Scenario::Rooms { .. } | Scenario::Direct { .. } => {
@@ -225,6 +259,7 @@ pub async fn run(options: Options, scenario: Scenario) -> Result<RunReport, RunE
             settle,
         } => idle::run(&run, *connections, *settle).await?,
         Scenario::Soak(params) => soak::run(&run, params).await?,
+        Scenario::JoinStorm(params) => join_storm::run(&run, params).await?,
     };
     run.progress.finish();
     report.server = run.options.server.name().to_owned();
@@ -249,12 +284,14 @@ pub fn blank_report(connections: usize) -> RunReport {
             load_average_before: None,
             load_average_after: None,
             server_pid: None,
+            server_pids: Vec::new(),
             server_command: None,
         },
         setup: Default::default(),
         steps: Vec::new(),
         idle: None,
         soak: None,
+        join_storm: None,
         errors: Default::default(),
     }
 }

@@ -16,9 +16,11 @@ use crate::client::ClientError;
 /// Frames a sending connection may have queued before the pacer counts a client backlog.
 const SEND_QUEUE: usize = 1024;
 
-/// One connection to open: who it is and which rooms it joins.
+/// One connection to open: who it is, which endpoint it connects to, which rooms it joins.
 pub struct ConnPlan {
     pub user: String,
+    /// Index into the run's endpoints.
+    pub endpoint: usize,
     pub rooms: Vec<String>,
 }
 
@@ -55,7 +57,7 @@ pub async fn establish_all(
         tasks.spawn(async move {
             let permit = permits.acquire_owned().await;
             let setup = async {
-                let mut socket = env.open_ready(index as u64, &token).await?;
+                let mut socket = env.open_ready(plan.endpoint, index as u64, &token).await?;
                 env.join_rooms(&mut socket, index, &plan.rooms).await?;
                 Ok::<_, ClientError>(socket)
             };

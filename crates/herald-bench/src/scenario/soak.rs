@@ -184,6 +184,11 @@ pub(crate) async fn run(run: &Run, params: &SoakParams) -> Result<RunReport, Run
             "soak speaks Herald's protocol only".into(),
         ));
     }
+    if run.env.endpoints.len() > 1 {
+        return Err(RunError::Invalid(
+            "soak watches one server: give one --target".into(),
+        ));
+    }
     if params.users < 2 || params.rooms < ROOMS_PER_CONNECTION + 1 || params.rate <= 0.0 {
         return Err(RunError::Invalid(
             "soak needs at least 2 users, 3 rooms and a positive rate".into(),
@@ -313,7 +318,7 @@ fn slope(points: &[(f64, f64)]) -> f64 {
 
 async fn take_sample(run: &Run, started: Instant) -> Sample {
     let mut values = std::collections::BTreeMap::new();
-    if let Some(server) = run.server {
+    if let Some(server) = &run.server {
         if let Ok(bytes) = server.rss_bytes() {
             values.insert("rss_kib".to_owned(), bytes as f64 / 1024.0);
         }
@@ -321,7 +326,8 @@ async fn take_sample(run: &Run, started: Instant) -> Sample {
             values.insert("open_files".to_owned(), files as f64);
         }
     }
-    if let Ok(metrics) = scrape(run.env.target, &run.env.host).await {
+    let endpoint = &run.env.endpoints[0];
+    if let Ok(metrics) = scrape(endpoint.addr, &endpoint.host).await {
         for (series, metric) in SCRAPED {
             if let Some(value) = metrics.get(metric) {
                 values.insert(series.to_owned(), *value);
@@ -429,7 +435,7 @@ async fn session_once(
     stop: &CancellationToken,
 ) -> Result<(), SessionError> {
     let params = &ctx.params;
-    let mut socket = ctx.env.open(index as u64, token).await?;
+    let mut socket = ctx.env.open(0, index as u64, token).await?;
     wait_for(
         ctx,
         &mut socket,

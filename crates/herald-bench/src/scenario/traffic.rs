@@ -27,19 +27,25 @@ struct Layout {
     rates: Vec<f64>,
 }
 
-fn layout(scenario: &Scenario) -> Result<Layout, RunError> {
+/// The connections and senders of `scenario`, connections spread round-robin over `endpoints`
+/// (so a room's members, and a direct pair's two sides, are on different nodes where there are
+/// several); the fan-out publisher on the first.
+fn layout(scenario: &Scenario, endpoints: usize) -> Result<Layout, RunError> {
+    let spread = |i: usize| i % endpoints;
     match scenario {
         Scenario::Fanout { subscribers, rates } => {
             let room = "fanout".to_owned();
             let mut conns: Vec<ConnPlan> = (0..*subscribers)
                 .map(|i| ConnPlan {
                     user: format!("sub-{i}"),
+                    endpoint: spread(i),
                     rooms: vec![room.clone()],
                 })
                 .collect();
             // The publisher joins too: every server here lets only members publish.
             conns.push(ConnPlan {
                 user: "publisher".to_owned(),
+                endpoint: 0,
                 rooms: vec![room.clone()],
             });
             Ok(Layout {
@@ -68,6 +74,7 @@ fn layout(scenario: &Scenario) -> Result<Layout, RunError> {
             let conns = (0..*connections)
                 .map(|i| ConnPlan {
                     user: format!("member-{i}"),
+                    endpoint: spread(i),
                     rooms: vec![format!("room-{}", room_of(i))],
                 })
                 .collect();
@@ -95,6 +102,7 @@ fn layout(scenario: &Scenario) -> Result<Layout, RunError> {
             let conns = (0..pairs * 2)
                 .map(|i| ConnPlan {
                     user: format!("peer-{i}"),
+                    endpoint: spread(i),
                     rooms: Vec::new(),
                 })
                 .collect();
@@ -119,7 +127,7 @@ fn layout(scenario: &Scenario) -> Result<Layout, RunError> {
 }
 
 pub async fn run(run: &Run, scenario: &Scenario) -> Result<RunReport, RunError> {
-    let layout = layout(scenario)?;
+    let layout = layout(scenario, run.env.endpoints.len())?;
     let name = scenario.name();
     let connections = layout.conns.len();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -165,13 +173,13 @@ pub async fn run(run: &Run, scenario: &Scenario) -> Result<RunReport, RunError> 
         run.progress
             .phase(format!("{name}: measuring at {rate} msg/s"));
         recorder.open_window();
-        let server_meter = run.server.map(CpuMeter::start).transpose()?;
+        let server_meter = run.server.clone().map(CpuMeter::start).transpose()?;
         let client_meter = CpuMeter::start(Proc::Myself)?;
         let window_started = Instant::now();
         let measured = pacer.run(rate, options.duration).await;
         let window = recorder.close_window();
         let window_s = window_started.elapsed().as_secs_f64();
-        let server_cpu = server_meter.map(|m| m.read()).transpose()?;
+        let server_cpu = server_meter.map(|m| m.usage()).transpose()?;
         let (client_cpu, client_cores) = client_meter.read()?;
 
         run.progress.phase(format!("{name}: draining"));
@@ -199,8 +207,12 @@ pub async fn run(run: &Run, scenario: &Scenario) -> Result<RunReport, RunError> 
             delivered_per_s,
             latency_ms: latency,
             window_s,
-            server_cpu_us_per_delivery: server_cpu.map(|(cpu, _)| per_delivery(cpu)),
-            server_cpu_cores: server_cpu.map(|(_, cores)| cores),
+            server_cpu_us_per_delivery: server_cpu.as_ref().map(|cpu| per_delivery(cpu.total())),
+            server_cpu_us_per_delivery_by_process: server_cpu
+                .as_ref()
+                .and_then(|cpu| cpu.several())
+                .map(|each| each.iter().copied().map(per_delivery).collect()),
+            server_cpu_cores: server_cpu.as_ref().map(|cpu| cpu.cores()),
             server_rss_kib: run.server_rss_kib(),
             client_cpu_us_per_delivery: per_delivery(client_cpu),
             client_cpu_cores: client_cores,

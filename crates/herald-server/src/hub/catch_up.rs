@@ -35,8 +35,10 @@ use crate::engine::store::{Offset, Store, StoreError, StoredMessage};
 use crate::hub::control::CloseReason;
 use crate::hub::{ConnHandle, StreamKey};
 
-/// Stored messages read per page.
-pub const PAGE: usize = 500;
+/// Stored messages read per page. Small, so that one page holds a database reader briefly:
+/// clients that loop `join` with `since` wait their turn between pages instead of holding
+/// readers for long reads (docs/architecture.md, "Store reads").
+pub const PAGE: usize = 100;
 
 /// Where a replay reads its next pages.
 pub enum Source {

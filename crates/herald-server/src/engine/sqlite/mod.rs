@@ -28,7 +28,7 @@ use crate::engine::store::{
     Append, Committing, InboxRead, Offset, Page, PruneReport, Retention, Store, StoreError,
     StoreLimits, StreamBounds, StreamRead,
 };
-use read::ReaderPool;
+use read::{ReadKind, ReaderPool};
 pub use schema::Synchronous;
 pub use writer::WriterStats;
 use writer::{Command, Writer};
@@ -155,11 +155,7 @@ impl SqliteStore {
             Ok(conn)
         };
         let writer_conn = connect()?;
-        // The writer never checkpoints: copying the WAL into the database (and its fsync)
-        // happens on the checkpointer thread, off the commit path.
-        writer_conn
-            .execute_batch("PRAGMA wal_autocheckpoint = 0;")
-            .map_err(|e| open_error(&path, e.to_string()))?;
+        schema::configure_writer(&writer_conn).map_err(|e| open_error(&path, e.to_string()))?;
         let checkpointer = connect()?;
         schema::prepare(&writer_conn).map_err(|reason| open_error(&path, reason))?;
         let readers = (0..READERS)
@@ -266,7 +262,7 @@ impl Store for SqliteStore {
     ) -> Result<StreamRead, StoreError> {
         let room = room.to_owned();
         self.readers
-            .read("read room", move |tx| {
+            .read(ReadKind::Heavy, "read room", move |tx| {
                 read::read_room(tx, &room, after, limit)
             })
             .await
@@ -275,7 +271,7 @@ impl Store for SqliteStore {
     async fn room_bounds(&self, room: &str) -> Result<StreamBounds, StoreError> {
         let room = room.to_owned();
         self.readers
-            .read("room bounds", move |tx| {
+            .read(ReadKind::Light, "room bounds", move |tx| {
                 read::room_bounds(tx, &room).map_err(|e| read::backend("room bounds", e))
             })
             .await
@@ -289,7 +285,7 @@ impl Store for SqliteStore {
     ) -> Result<Page, StoreError> {
         let room = room.to_owned();
         self.readers
-            .read("room history", move |tx| {
+            .read(ReadKind::Heavy, "room history", move |tx| {
                 read::room_history(tx, &room, before, limit)
             })
             .await
@@ -304,7 +300,7 @@ impl Store for SqliteStore {
     ) -> Result<Page, StoreError> {
         let (user, with) = (user.to_owned(), with.to_owned());
         self.readers
-            .read("conversation history", move |tx| {
+            .read(ReadKind::Heavy, "conversation history", move |tx| {
                 read::conversation_history(tx, &user, &with, before, limit)
             })
             .await
@@ -324,7 +320,7 @@ impl Store for SqliteStore {
         let user = user.to_owned();
         let device = device.map(str::to_owned);
         self.readers
-            .read("read inbox", move |tx| {
+            .read(ReadKind::Light, "read inbox", move |tx| {
                 read::read_inbox(tx, &user, device.as_deref(), after, limit)
             })
             .await

@@ -1,14 +1,16 @@
 //! Readers: a few connections of their own, so reads never queue behind the writer (WAL lets
 //! them read the last committed state while it writes). Each read runs on tokio's blocking
 //! pool inside one read transaction, so bounds and rows come from the same snapshot.
+//! [`ReaderPool`] shares the connections so that clients looping big reads cannot starve the
+//! small ones (docs/architecture.md, "Store reads").
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use herald_protocol::Payload;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::value::RawValue;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::schema::{conversation_name, inbox_name, room_name};
 use crate::engine::store::{
@@ -16,72 +18,121 @@ use crate::engine::store::{
     StreamRead,
 };
 
-/// Connections for reads. The semaphore counts idle connections; a read holds one permit and
-/// one connection for its duration.
+/// Connections for reads, shared fairly between clients (see [`ReadKind`]).
+///
+/// Invariants:
+/// - a permit of `free` stands for one connection in `idle`; the blocking task that runs a
+///   read puts its connection back before releasing its permits, even when the caller stopped
+///   waiting (a closing client drops its request) or the read panicked;
+/// - heavy reads hold at most `connections - 1` connections at once, so a light read waits
+///   only for other light reads and for heavy reads already running, never for a queue of
+///   heavy ones.
 pub struct ReaderPool {
     /// std Mutex: held only to push or pop a connection, never across an `.await`.
-    idle: Mutex<Vec<Connection>>,
-    permits: Semaphore,
+    idle: Arc<Mutex<Vec<Connection>>>,
+    /// Idle connections. tokio's semaphore is fair (first come, first served) and a client
+    /// connection has one request in progress at a time, so a client that loops reads waits
+    /// behind every other waiting client at each turn.
+    free: Arc<Semaphore>,
+    /// Connections heavy reads may hold at once.
+    heavy: Arc<Semaphore>,
+}
+
+/// What a read may cost, which decides the connections it may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadKind {
+    /// A few index lookups (a room's bounds at a join), or a page of the user's own inbox,
+    /// read once per connection and paced by the client taking it.
+    Light,
+    /// A page of up to a request's `limit` messages that a client can ask for again and again:
+    /// `history`, a room's recovery on `join`.
+    Heavy,
+}
+
+/// A connection taken from the pool, given back (before its permits) when dropped.
+struct Lease {
+    conn: Option<Connection>,
+    idle: Arc<Mutex<Vec<Connection>>>,
+    _free: OwnedSemaphorePermit,
+    _heavy: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // After a panic too: the read's transaction rolled back as it unwound, so the
+        // connection is clean. The permits are fields, released after this body.
+        if let Some(conn) = self.conn.take() {
+            lock(&self.idle).push(conn);
+        }
+    }
+}
+
+fn lock(idle: &Mutex<Vec<Connection>>) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+    idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl ReaderPool {
     pub fn new(connections: Vec<Connection>) -> ReaderPool {
+        let count = connections.len();
         ReaderPool {
-            permits: Semaphore::new(connections.len()),
-            idle: Mutex::new(connections),
+            free: Arc::new(Semaphore::new(count)),
+            heavy: Arc::new(Semaphore::new(count.saturating_sub(1).max(1))),
+            idle: Arc::new(Mutex::new(connections)),
         }
     }
 
     /// Runs `read` on an idle connection inside a read transaction.
-    pub async fn read<T, F>(&self, operation: &'static str, read: F) -> Result<T, StoreError>
+    pub async fn read<T, F>(
+        &self,
+        kind: ReadKind,
+        operation: &'static str,
+        read: F,
+    ) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        let permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        let conn = self
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .pop();
-        let Some(mut conn) = conn else {
-            // Permits and connections are kept equal, so this is not reached.
-            return Err(StoreError::Backend {
-                operation,
-                reason: "no reader connection available".into(),
-            });
+        let heavy = match kind {
+            ReadKind::Light => None,
+            ReadKind::Heavy => Some(acquire(&self.heavy).await?),
         };
+        let free = acquire(&self.free).await?;
+        let idle = self.idle.clone();
         let joined = tokio::task::spawn_blocking(move || {
-            let result = conn
-                .transaction()
+            let conn = lock(&idle).pop();
+            let mut lease = Lease {
+                conn,
+                idle,
+                _free: free,
+                _heavy: heavy,
+            };
+            let Some(conn) = lease.conn.as_mut() else {
+                // Each permit of `free` stands for an idle connection, so this is not reached.
+                return Err(StoreError::Backend {
+                    operation,
+                    reason: "no reader connection available".into(),
+                });
+            };
+            conn.transaction()
                 .map_err(|e| backend(operation, e))
-                .and_then(|tx| read(&tx));
-            (conn, result)
+                .and_then(|tx| read(&tx))
         })
         .await;
-        match joined {
-            Ok((conn, result)) => {
-                self.idle
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .push(conn);
-                drop(permit);
-                result
-            }
-            Err(error) => {
-                // The connection went down with the task: retire its permit with it.
-                permit.forget();
-                Err(StoreError::Backend {
-                    operation,
-                    reason: error.to_string(),
-                })
-            }
-        }
+        joined.unwrap_or_else(|error| {
+            Err(StoreError::Backend {
+                operation,
+                reason: error.to_string(),
+            })
+        })
     }
+}
+
+async fn acquire(permits: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit, StoreError> {
+    permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| StoreError::Closed)
 }
 
 pub fn backend(operation: &'static str, error: rusqlite::Error) -> StoreError {
@@ -346,4 +397,83 @@ fn common_row(
             operation: "decode message",
             reason: format!("stored message at offset {offset} is damaged: {reason}"),
         }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    fn pool(connections: usize) -> (tempfile::TempDir, Arc<ReaderPool>) {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("herald.db");
+        let connections = (0..connections)
+            .map(|_| Connection::open(&path).unwrap())
+            .collect();
+        (folder, Arc::new(ReaderPool::new(connections)))
+    }
+
+    /// Starts a read that runs until `release` is sent; returns once it is running.
+    async fn blocked_read(
+        pool: &Arc<ReaderPool>,
+        kind: ReadKind,
+    ) -> (
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (started, running) = oneshot::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let read = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                pool.read(kind, "blocked read", move |_| {
+                    let _ = started.send(());
+                    let _ = released.recv();
+                    Ok(())
+                })
+                .await
+            }
+        });
+        running.await.unwrap();
+        (read, release)
+    }
+
+    async fn select_one(pool: &ReaderPool, kind: ReadKind) -> Result<i64, StoreError> {
+        let read = pool.read(kind, "select one", |tx| {
+            tx.query_row("SELECT 1", [], |row| row.get(0))
+                .map_err(|e| backend("select one", e))
+        });
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the read got a connection")
+    }
+
+    #[tokio::test]
+    async fn a_read_whose_caller_went_away_gives_its_connection_back() {
+        let (_folder, pool) = pool(1);
+        let (abandoned, release) = blocked_read(&pool, ReadKind::Light).await;
+        abandoned.abort();
+        assert!(abandoned.await.unwrap_err().is_cancelled());
+        release.send(()).unwrap();
+        assert_eq!(select_one(&pool, ReadKind::Light).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn heavy_reads_leave_a_connection_to_light_ones() {
+        let (_folder, pool) = pool(2);
+        let (first, release_first) = blocked_read(&pool, ReadKind::Heavy).await;
+        let second = tokio::spawn({
+            let pool = pool.clone();
+            async move { select_one(&pool, ReadKind::Heavy).await }
+        });
+        // The second heavy read waits for the first; a light read does not.
+        assert_eq!(select_one(&pool, ReadKind::Light).await.unwrap(), 1);
+        assert!(!second.is_finished());
+        release_first.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        assert_eq!(second.await.unwrap().unwrap(), 1);
+    }
 }

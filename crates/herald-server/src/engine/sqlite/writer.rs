@@ -38,8 +38,12 @@ use crate::engine::store::{
 /// Most commands in one transaction.
 const MAX_BATCH: usize = 4096;
 
-/// Streams whose state is cached; past this the cache is dropped and refilled from the file.
-const MAX_CACHED_STREAMS: usize = 100_000;
+/// Streams whose state is cached. Past this, all but the [`KEPT_STREAMS`] most recently used
+/// are dropped between two batches (a dropped stream's state is read back from the file when a
+/// message next touches it): a conversation per pair of users who ever wrote to each other
+/// would otherwise stay in memory for the life of the process.
+const MAX_CACHED_STREAMS: usize = 10_000;
+const KEPT_STREAMS: usize = MAX_CACHED_STREAMS / 2;
 
 /// How often the writer restarts the WAL between two batches (see `checkpoint.rs`).
 const WAL_RESTART_INTERVAL: Duration = Duration::from_secs(1);
@@ -92,6 +96,8 @@ struct StreamState {
     acked: u64,
     /// Inboxes: the lowest device mark, if any device has one.
     lowest_device_mark: Option<u64>,
+    /// The last batch that touched the stream ([`Streams::batch`]).
+    used: u64,
 }
 
 impl StreamState {
@@ -108,6 +114,39 @@ impl StreamState {
 struct Streams {
     slots: HashMap<String, usize>,
     states: Vec<StreamState>,
+    /// Batches written so far: how recently a stream was used.
+    batch: u64,
+}
+
+impl Streams {
+    fn insert(&mut self, name: String, mut state: StreamState) -> usize {
+        state.used = self.batch;
+        let slot = self.states.len();
+        self.states.push(state);
+        self.slots.insert(name, slot);
+        slot
+    }
+
+    /// Called between batches (slots are only held within one): keeps the `keep` most recently
+    /// used streams, and drops states whose stream pruning removed.
+    fn keep_recent(&mut self, keep: usize) {
+        let mut states: Vec<Option<StreamState>> = std::mem::take(&mut self.states)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut named: Vec<(String, usize)> = self.slots.drain().collect();
+        named.sort_unstable_by_key(|(_, slot)| {
+            std::cmp::Reverse(states[*slot].as_ref().map_or(0, |state| state.used))
+        });
+        named.truncate(keep);
+        for (name, slot) in named {
+            if let Some(state) = states[slot].take() {
+                let used = state.used;
+                let slot = self.insert(name, state);
+                self.states[slot].used = used;
+            }
+        }
+    }
 }
 
 struct PruneJob {
@@ -169,6 +208,7 @@ impl Writer {
     pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut closed_by = None;
         let depth = crate::metrics::gauge("herald_store_writer_queue_depth");
+        let cached = crate::metrics::gauge("herald_store_cached_streams");
         'serve: loop {
             let first = if self.prune.is_empty() {
                 match commands.blocking_recv() {
@@ -213,6 +253,7 @@ impl Writer {
             }
             if !writes.is_empty() {
                 self.write_batch(writes);
+                cached.set(self.streams.slots.len() as f64);
             }
             if self.last_wal_restart.elapsed() >= WAL_RESTART_INTERVAL {
                 let started = Instant::now();
@@ -233,8 +274,9 @@ impl Writer {
     }
 
     fn write_batch(&mut self, writes: Vec<Command>) {
+        self.streams.batch += 1;
         if self.streams.states.len() > MAX_CACHED_STREAMS {
-            self.streams = Streams::default();
+            self.streams.keep_recent(KEPT_STREAMS);
         }
         let mut appends = Vec::new();
         let mut callbacks = Vec::new();
@@ -450,6 +492,7 @@ impl<'a> Batch<'a> {
     /// The slot of the stream named `self.name`: cached, read from the file, or created.
     fn slot(&mut self) -> rusqlite::Result<usize> {
         if let Some(&slot) = self.streams.slots.get(self.name.as_str()) {
+            self.streams.states[slot].used = self.streams.batch;
             return Ok(slot);
         }
         let stored = self
@@ -461,6 +504,7 @@ impl<'a> Batch<'a> {
                     last: row.get::<_, i64>(2)? as u64,
                     acked: row.get::<_, i64>(3)? as u64,
                     lowest_device_mark: row.get::<_, Option<i64>>(4)?.map(|mark| mark as u64),
+                    used: 0,
                 })
             })
             .optional()?;
@@ -476,13 +520,11 @@ impl<'a> Batch<'a> {
                     last: 0,
                     acked: 0,
                     lowest_device_mark: None,
+                    used: 0,
                 }
             }
         };
-        let slot = self.streams.states.len();
-        self.streams.states.push(state);
-        self.streams.slots.insert(self.name.clone(), slot);
-        Ok(slot)
+        Ok(self.streams.insert(self.name.clone(), state))
     }
 
     /// Assigns the next offset of a stream; returns the stream's id and the offset.
@@ -868,4 +910,53 @@ fn prune_direct_messages(tx: &Transaction<'_>, job: &PruneJob) -> rusqlite::Resu
         .prepare_cached("DELETE FROM direct_messages WHERE seq <= ?1")?
         .execute([cut])? as u64;
     Ok(deleted < PRUNE_STEP_ROWS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(id: i64) -> StreamState {
+        StreamState {
+            id,
+            epoch: String::new(),
+            last: 0,
+            acked: 0,
+            lowest_device_mark: None,
+            used: 0,
+        }
+    }
+
+    #[test]
+    fn past_its_bound_the_stream_cache_keeps_the_most_recently_used_streams() {
+        let mut streams = Streams::default();
+        for id in 0..10 {
+            streams.batch += 1;
+            streams.insert(format!("c/{id}"), state(id));
+        }
+        // A stream touched again is recent, whenever it was created.
+        let first = streams.slots["c/0"];
+        streams.states[first].used = streams.batch;
+        streams.keep_recent(4);
+        assert_eq!(streams.slots.len(), 4);
+        assert_eq!(streams.states.len(), 4, "no state left without its name");
+        let mut kept: Vec<i64> = streams
+            .slots
+            .values()
+            .map(|slot| streams.states[*slot].id)
+            .collect();
+        kept.sort_unstable();
+        assert_eq!(kept, [0, 7, 8, 9]);
+    }
+
+    #[test]
+    fn states_of_pruned_streams_go_with_the_next_trim() {
+        let mut streams = Streams::default();
+        for id in 0..3 {
+            streams.insert(format!("c/{id}"), state(id));
+        }
+        streams.slots.remove("c/1");
+        streams.keep_recent(10);
+        assert_eq!(streams.states.len(), 2);
+    }
 }
