@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 use common::{EVENT_TIMEOUT, TestServer, content_json};
 use herald_protocol::{ErrorCode, ServerEvent};
 use herald_server::config::{Config, EngineBackend};
@@ -249,6 +249,79 @@ async fn with_redis_down_a_node_stays_up_refuses_writes_and_resumes_when_it_retu
         (message.offset, content_json(&message)),
         (Some(offset), json!("after"))
     );
+}
+
+/// On a 3-master Redis Cluster (keys hash-tagged per room and user, fan-out over sharded
+/// pub/sub), three nodes still act as one service: a room spread over them gets every message
+/// once in offset order, and direct messages reach online devices and offline inboxes on any
+/// node, with rooms and users spread over every shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_a_redis_cluster_are_one_service() {
+    const EACH: u64 = 5;
+    let Some(cluster) = RedisCluster::start(3).await else {
+        return;
+    };
+    // One deployment: the same key prefix for every node.
+    let shared = cluster.config();
+    let mut nodes = Vec::new();
+    for n in 0..3 {
+        let redis = shared.clone();
+        nodes.push(
+            TestServer::start_with(|c| {
+                c.engine.backend = EngineBackend::Redis;
+                c.redis = redis;
+                c.server.node_id = format!("node{n}");
+            })
+            .await,
+        );
+    }
+    // Several rooms, so that their keys and channels land on different shards.
+    for room in ["north", "south", "east", "west"] {
+        let mut members = Vec::new();
+        for (n, node) in nodes.iter().enumerate() {
+            let mut client = node.connect(&format!("{room}-member{n}")).await;
+            client.join(room).await;
+            members.push(client);
+        }
+        for member in members.iter_mut() {
+            for k in 0..EACH {
+                member
+                    .send_json(json!({"type": "publish", "room": room, "content": k}))
+                    .await;
+            }
+        }
+        for member in &mut members {
+            let mut offsets = Vec::new();
+            while offsets.len() < 3 * EACH as usize {
+                if let ServerEvent::Message(message) = member.next_event().await {
+                    offsets.push(message.offset.unwrap());
+                }
+            }
+            assert_eq!(offsets, (1..=3 * EACH).collect::<Vec<_>>(), "{room}");
+        }
+    }
+    let mut sender = nodes[0].connect("sender").await;
+    let mut phone = nodes[1].connect("dana").await;
+    let mut laptop = nodes[2].connect("dana").await;
+    let recipients: Vec<String> = std::iter::once("dana".to_owned())
+        .chain((0..6).map(|n| format!("away{n}")))
+        .collect();
+    let ack = sender
+        .ack(json!({"type": "send", "to": recipients, "content": "hello"}))
+        .await;
+    assert_eq!(ack.online.as_deref(), Some(&["dana".to_owned()][..]));
+    for device in [&mut phone, &mut laptop] {
+        let message = device.next_message_event().await;
+        assert_eq!(message.offset, Some(ack.offsets.as_ref().unwrap()["dana"]));
+    }
+    for (n, user) in recipients.iter().skip(1).enumerate() {
+        let mut back = nodes[n % 3].connect(user).await;
+        let message = back.next_message_event().await;
+        assert_eq!(
+            (message.from.as_str(), content_json(&message)),
+            ("sender", json!("hello"))
+        );
+    }
 }
 
 /// Polls `/ready` until it answers `status` (the node notices Redis within its timeouts).
