@@ -180,3 +180,37 @@ async fn the_real_binary_serves_and_closes_clients_with_1001_on_sigterm() {
         .unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+/// The Redis engine's settings are checked at start: a malformed URL and an unreachable Redis
+/// both stop the server with a message naming `redis.urls`.
+#[test]
+fn redis_settings_that_cannot_work_fail_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let unused_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for (url, expected) in [
+        ("http://127.0.0.1:6379", "is not a Redis URL"),
+        // Nothing listens there (the port was free a moment ago): refused at once.
+        (
+            &format!("redis://127.0.0.1:{unused_port}") as &str,
+            "cannot connect",
+        ),
+    ] {
+        let output = herald()
+            .current_dir(dir.path())
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("HERALD_AUTH_SECRET", "a-secret-long-enough-for-hs256-0123")
+            .env("HERALD_ENGINE_BACKEND", "redis")
+            .env("HERALD_REDIS_URLS", url)
+            .env("HERALD_REDIS_CONNECT_TIMEOUT", "2s")
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{url}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(stderr.contains("redis.urls"), "{url}: {stderr}");
+        assert!(stderr.contains(expected), "{url}: {stderr}");
+    }
+}

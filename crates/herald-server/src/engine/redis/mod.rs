@@ -172,7 +172,7 @@ async fn open(
     let failed = |error: redis::RedisError| {
         EngineError::from_redis(
             "redis",
-            format!("cannot connect to {}", config.urls.join(", ")),
+            format!("cannot connect to {} (redis.urls)", config.urls.join(", ")),
             error,
         )
     };
@@ -213,7 +213,7 @@ async fn open(
         EngineError::new(
             "redis",
             format!(
-                "cannot connect to {} within redis.connect_timeout",
+                "cannot connect to {} (redis.urls) within redis.connect_timeout",
                 config.urls.join(", ")
             ),
         )
