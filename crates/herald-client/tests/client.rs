@@ -68,7 +68,7 @@ impl Running {
         let user = user.to_owned();
         let mut options = ClientOptions::with_token_fn(move || {
             let token = node
-                .auth
+                .auth()
                 .mint(&user, false, None, Duration::from_secs(3600));
             async move { token.map_err(|e| e.to_string()) }
         });

@@ -317,7 +317,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let scheme = if tls.is_some() { "wss" } else { "ws" };
         tracing::info!(
             %address,
-            node = %node.id,
+            node = %node.id(),
             "herald listening ({scheme}://{address}/ws)"
         );
         match tls {

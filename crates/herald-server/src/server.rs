@@ -73,7 +73,7 @@ pub async fn run_tls(
 ) {
     tokio::spawn(
         tls.clone()
-            .watch(node.config.tls.watch_interval, node.shutdown.clone()),
+            .watch(node.config().tls.watch_interval, node.shutdown().clone()),
     );
     serve(listener, node, Some(tls), shutdown).await;
 }
@@ -86,9 +86,11 @@ async fn serve(
 ) {
     let router = http::app(node.clone());
     let http_tasks = TaskTracker::new();
-    let handshake_timeout = node.config.server.handshake_timeout;
-    let shutdown_delay = node.config.server.shutdown_delay;
-    let sockets = Arc::new(Semaphore::new(max_sockets(node.config.server.max_sockets)));
+    let handshake_timeout = node.config().server.handshake_timeout;
+    let shutdown_delay = node.config().server.shutdown_delay;
+    let sockets = Arc::new(Semaphore::new(max_sockets(
+        node.config().server.max_sockets,
+    )));
     // Set once shutdown begins with a delay: the listener stays open until then.
     let mut draining_until: Option<Instant> = None;
     tokio::pin!(shutdown);
@@ -119,7 +121,7 @@ async fn serve(
             }
         };
         let router = router.clone();
-        let stop = node.shutdown.clone();
+        let stop = node.shutdown().clone();
         let tls = tls.clone();
         http_tasks.spawn(async move {
             match tls {
@@ -143,15 +145,15 @@ async fn serve(
     }
     drop(listener);
     tracing::info!(
-        connections = node.hub.connection_count(),
+        connections = node.hub().connection_count(),
         "shutting down: closing every connection with 1001"
     );
     node.shut_down();
-    node.tasks.close();
+    node.tasks().close();
     http_tasks.close();
-    let grace = node.config.server.shutdown_grace;
+    let grace = node.config().server.shutdown_grace;
     let drained = tokio::time::timeout(grace, async {
-        node.tasks.wait().await;
+        node.tasks().wait().await;
         http_tasks.wait().await;
     })
     .await;

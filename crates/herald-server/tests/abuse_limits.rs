@@ -231,7 +231,7 @@ async fn a_connection_that_panics_leaves_its_rooms_and_goes_offline() {
             .unwrap()
             .is_empty()
     );
-    assert_eq!(server.node.hub.connection_count(), 1);
+    assert_eq!(server.node.hub().connection_count(), 1);
 
     // The server goes on serving: alice comes back and is alone in nothing.
     let mut again = server.connect("alice").await;

@@ -29,7 +29,7 @@ async fn token_is_accepted_from_the_query_string() {
     let server = TestServer::start().await;
     let client = server.connect("alice").await;
     assert_eq!(client.welcome.user, "alice");
-    assert_eq!(client.welcome.node, server.node.id.as_ref());
+    assert_eq!(client.welcome.node, server.node.id().as_ref());
     assert_eq!(client.welcome.heartbeat, 25);
     assert_eq!(client.welcome.conn.len(), 16);
 }

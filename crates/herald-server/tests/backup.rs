@@ -17,7 +17,7 @@ async fn a_backup_taken_while_the_server_runs_restores_every_committed_message()
     }
     let copies = tempfile::tempdir().unwrap();
     let copy = copies.path().join("herald-backup.db");
-    let data = server.node.config.store.path.clone();
+    let data = server.node.config().store.path.clone();
 
     // The server keeps running, with its WAL holding recent commits.
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))

@@ -319,7 +319,7 @@ async fn three_nodes_on_redis_behind_nginx_are_one_service() {
     let ben_node = clients[1].welcome.node.clone();
     let index = nodes
         .iter()
-        .position(|n| n.node.id.as_ref() == ben_node)
+        .position(|n| n.node.id().as_ref() == ben_node)
         .unwrap();
     let stopping = nodes.remove(index);
     let stopped = tokio::spawn(stopping.stop());

@@ -377,7 +377,7 @@ async fn connection_stats_count_messages_and_bytes_both_ways() {
     assert_eq!(status, 200, "{stats}");
     assert_eq!(stats["id"], id.as_str());
     assert_eq!(stats["user"], "alice");
-    assert_eq!(stats["node"], server.node.id.as_ref());
+    assert_eq!(stats["node"], server.node.id().as_ref());
     assert_eq!(stats["rooms"], json!(["lobby"]));
     assert_eq!(stats["messages_in"], 2);
     assert_eq!(stats["bytes_in"], join.len() + ping.len());

@@ -17,7 +17,13 @@ async fn until_unix_second_passed(second: u64) {
 }
 
 fn exp_of(server: &TestServer, token: &str) -> u64 {
-    server.node.auth.verify(token).unwrap().expires_at.unwrap()
+    server
+        .node
+        .auth()
+        .verify(token)
+        .unwrap()
+        .expires_at
+        .unwrap()
 }
 
 #[tokio::test]

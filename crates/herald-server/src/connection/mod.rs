@@ -70,11 +70,11 @@ pub fn serve(
     let progress = ws.write_progress();
     let (sink, stream) = ws.split();
     let control = Arc::new(ConnControl::new());
-    let limits = &node.config.limits;
+    let limits = &node.config().limits;
     let outbox = Arc::new(Outbox::new(limits.send_queue, limits.send_queue_bytes));
     let timing = writer::Timing {
-        heartbeat: node.config.heartbeat.interval,
-        refresh_notice: node.config.auth.refresh_notice,
+        heartbeat: node.config().heartbeat.interval,
+        refresh_notice: node.config().auth.refresh_notice,
         write_timeout: limits.write_timeout,
     };
     let writer = writer::run(sink, outbox.clone(), control.clone(), progress, timing);
@@ -119,12 +119,12 @@ pub fn serve(
 /// the other members see `left` as for any disconnect.
 async fn clean_up_after_panic(node: Arc<Node>, control: Arc<ConnControl>) {
     control.close(CloseReason::Send(CloseCode::INTERNAL_ERROR));
-    let Some(handle) = node.hub.find_by_control(&control) else {
+    let Some(handle) = node.hub().find_by_control(&control) else {
         tracing::error!("a connection panicked before it was registered");
         return;
     };
     tracing::error!(conn = %handle.id(), user = %handle.user(), "a connection panicked; cleaning up");
-    for room in node.hub.rooms_of(handle.id()) {
+    for room in node.hub().rooms_of(handle.id()) {
         if let Err(error) = node.leave(&handle, &room).await {
             tracing::warn!(conn = %handle.id(), %room, %error, "leave after a panic failed");
         }
@@ -173,7 +173,7 @@ async fn admit(start: Box<Start>) -> Option<(SplitStream<Socket>, Arc<ConnContro
     let identity = match admission {
         Admission::Authenticated(identity) => identity,
         Admission::Pending(slot) => {
-            let deadline = unix_ms() + node.config.auth.timeout.as_millis() as u64;
+            let deadline = unix_ms() + node.config().auth.timeout.as_millis() as u64;
             control.set_expiry(Some(Expiry {
                 at_unix_ms: deadline,
                 kind: ExpiryKind::AuthDeadline,
@@ -214,7 +214,7 @@ async fn admit(start: Box<Start>) -> Option<(SplitStream<Socket>, Arc<ConnContro
         ServerEvent::Welcome(Welcome {
             conn: handle.id().to_string(),
             user: identity.user.to_string(),
-            node: node.id.to_string(),
+            node: node.id().to_string(),
             heartbeat: timing.heartbeat.as_secs().max(1),
         })
         .encode(),

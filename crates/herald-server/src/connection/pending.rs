@@ -117,7 +117,7 @@ where
             biased;
             _ = control.closed(Side::Reader) => return None,
             // A connection not registered yet: shutdown reaches it here, not through the hub.
-            _ = node.shutdown.cancelled() => {
+            _ = node.shutdown().cancelled() => {
                 control.close(CloseReason::Send(CloseCode::GOING_AWAY));
                 return None;
             }
@@ -147,7 +147,7 @@ where
             Ok(Request {
                 id,
                 body: RequestBody::Auth { token },
-            }) => match node.auth.verify(&token) {
+            }) => match node.auth().verify(&token) {
                 Ok(identity) => return Some(identity),
                 Err(error) => {
                     failures += 1;
@@ -175,7 +175,7 @@ where
             reference: id,
         });
         reply.offer(OutFrame::Text(event.encode()));
-        let max_attempts = node.config.auth.max_attempts;
+        let max_attempts = node.config().auth.max_attempts;
         if failures >= max_attempts {
             control.close(CloseReason::Send(CloseCode::AUTH_FAILED));
             return None;

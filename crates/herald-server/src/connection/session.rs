@@ -85,7 +85,7 @@ impl Session {
         device: Option<Arc<str>>,
         control: Arc<ConnControl>,
     ) -> Self {
-        let limits = &node.config.limits;
+        let limits = &node.config().limits;
         // Config validation guarantees both are positive.
         let rate = NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN);
@@ -173,7 +173,7 @@ impl Session {
         }
         self.limited_in_row += 1;
         metrics::counter!("herald_rate_limited_total").increment(1);
-        if self.limited_in_row >= self.node.config.limits.abuse_threshold {
+        if self.limited_in_row >= self.node.config().limits.abuse_threshold {
             Limited::TooOften
         } else {
             Limited::Yes
@@ -246,7 +246,7 @@ impl Session {
         };
         let claim =
             self.node
-                .idempotency
+                .idempotency()
                 .claim(&self.identity.user, reference, kind, target, content);
         match claim {
             None => Ok(None),
@@ -344,7 +344,7 @@ impl Session {
     /// allows are left (the others see `left`), `admin` follows the new token, and the expiry
     /// moves to the new `exp`.
     async fn refresh(&mut self, id: Option<String>, token: String) -> Outcome {
-        let identity = self.node.auth.verify(&token).map_err(|e| {
+        let identity = self.node.auth().verify(&token).map_err(|e| {
             ProtocolError::new(ErrorCode::Unauthenticated, e.to_string(), id.clone())
         })?;
         if identity.user != self.identity.user {
@@ -383,7 +383,7 @@ impl Session {
         if !self.identity.direct {
             return Err(no_direct("send", id));
         }
-        let max = self.node.config.limits.max_recipients;
+        let max = self.node.config().limits.max_recipients;
         if to.len() > max {
             return Err(ProtocolError::new(
                 ErrorCode::LimitExceeded,
@@ -481,7 +481,7 @@ impl Session {
                 .map_err(|e| internal(e, &id))?
                 .len() as u64
         } else {
-            let max = self.node.config.limits.max_rooms_per_connection;
+            let max = self.node.config().limits.max_rooms_per_connection;
             if self.rooms.len() >= max {
                 return Err(ProtocolError::new(
                     ErrorCode::LimitExceeded,
@@ -665,7 +665,7 @@ impl Session {
         if !self.identity.direct {
             return Err(no_direct("presence", id));
         }
-        let max = self.node.config.limits.max_recipients;
+        let max = self.node.config().limits.max_recipients;
         if users.len() > max {
             return Err(ProtocolError::new(
                 ErrorCode::LimitExceeded,
@@ -734,7 +734,7 @@ impl Session {
             accepted: Instant::now(),
         };
         self.handle
-            .send(outgoing, self.node.config.limits.write_timeout)
+            .send(outgoing, self.node.config().limits.write_timeout)
             .await;
     }
 

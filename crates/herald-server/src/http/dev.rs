@@ -51,7 +51,7 @@ pub async fn token(
     check_name(&request.user)
         .map_err(|why| HttpError::new(StatusCode::BAD_REQUEST, format!("\"user\" {why}")))?;
     let token = node
-        .auth
+        .auth()
         .mint(&request.user, false, None, DEV_TOKEN_TTL)
         .map_err(|error| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
     tracing::info!(user = %request.user, "development token issued");

@@ -14,7 +14,7 @@ use crate::node::Node;
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
-    if !node.config.metrics.enabled {
+    if !node.config().metrics.enabled {
         return HttpError::new(
             StatusCode::NOT_FOUND,
             "metrics are off on this server (metrics.enabled)",

@@ -135,13 +135,13 @@ pub fn app(node: Arc<Node>) -> Router {
         // by the node, which only ever sees authenticated connections.
         .layer(Extension(Arc::new(PendingAuth::default())));
     // Absent, not refused, when off: nothing about it shows in production.
-    if node.config.auth.dev_login {
+    if node.config().auth.dev_login {
         router = router.route("/dev/token", post(dev::token));
     }
-    if let Some(files) = static_files::service(&node.config.static_files) {
+    if let Some(files) = static_files::service(&node.config().static_files) {
         router = router.merge(files);
     }
-    if let Some(policy) = host::HostPolicy::from_config(&node.config) {
+    if let Some(policy) = host::HostPolicy::from_config(node.config()) {
         router = router.layer(axum::middleware::from_fn_with_state(policy, host::check));
     }
     router.with_state(node)

@@ -66,8 +66,8 @@ fn accept(
     mut request: Request,
 ) -> Result<Response, HttpError> {
     let headers = request.headers();
-    check_origin(headers, &node.config.limits.allowed_origins)?;
-    let server = &node.config.server;
+    check_origin(headers, &node.config().limits.allowed_origins)?;
+    let server = &node.config().server;
     let client = client_addr::client_ip(
         peer.ip(),
         headers,
@@ -79,8 +79,8 @@ fn accept(
     let device = device_at_connect(params.device.as_deref())?;
     if let Admission::Authenticated(identity) = &admission {
         check_rooms_claim(identity, &rooms)?;
-        let limit = node.config.limits.max_connections_per_user;
-        if node.hub.user_connection_count(&identity.user) >= limit {
+        let limit = node.config().limits.max_connections_per_user;
+        if node.hub().user_connection_count(&identity.user) >= limit {
             return Err(HttpError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "this user has reached limits.max_connections_per_user",
@@ -90,8 +90,8 @@ fn accept(
     let offers_subprotocol = auth::offered_subprotocols(headers).any(|p| p == auth::SUBPROTOCOL);
 
     let options = transport::server_options(
-        node.config.limits.max_message_bytes,
-        &node.config.compression,
+        node.config().limits.max_message_bytes,
+        &node.config().compression,
     );
     let (response, upgrade) = transport::upgrade(&mut request, options).map_err(|error| {
         HttpError::new(
@@ -107,8 +107,8 @@ fn accept(
         );
     }
 
-    let handshake_timeout = node.config.server.handshake_timeout;
-    let tasks = node.tasks.clone();
+    let handshake_timeout = node.config().server.handshake_timeout;
+    let tasks = node.tasks().clone();
     // This task lives as long as the connection, and its future keeps room for everything it
     // captures (for its whole life, even once moved out) or holds across an await. So it
     // captures one box, freed once upgraded, holding the upgrade future and what the
@@ -149,22 +149,22 @@ fn admit(
     };
     if let Some(token) = auth::token_from_request(params.token.as_deref(), headers) {
         return node
-            .auth
+            .auth()
             .verify(token)
             .map(Admission::Authenticated)
             .map_err(unauthorized);
     }
-    if let (Some(user), true) = (&params.user, node.auth.anonymous_allowed()) {
+    if let (Some(user), true) = (&params.user, node.auth().anonymous_allowed()) {
         return node
-            .auth
+            .auth()
             .anonymous(user)
             .map(Admission::Authenticated)
             .map_err(unauthorized);
     }
-    if !node.config.auth.message_auth {
+    if !node.config().auth.message_auth {
         return Err(unauthorized(AuthError::Missing));
     }
-    let limits = &node.config.limits;
+    let limits = &node.config().limits;
     pending
         .admit(
             client_addr::limit_key(client),

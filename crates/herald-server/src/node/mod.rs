@@ -54,10 +54,10 @@ pub const DEFAULT_HISTORY_LIMIT: usize = 50;
 pub const MAX_MEMBERS_PAGE: usize = 1000;
 
 pub struct Node {
-    pub id: Arc<str>,
-    pub config: Arc<Config>,
-    pub auth: Authenticator,
-    pub hub: Hub,
+    id: Arc<str>,
+    config: Arc<Config>,
+    auth: Authenticator,
+    hub: Hub,
     broker: Arc<dyn Broker>,
     /// Subscribes and unsubscribes the broker as local membership changes.
     subscriptions: Subscriptions,
@@ -69,16 +69,16 @@ pub struct Node {
     pruned: watch::Sender<PruneReport>,
     conn_ids: ConnIds,
     /// Cancelled when the node shuts down ([`Node::shut_down`]).
-    pub shutdown: CancellationToken,
+    shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for their close frames to go out.
-    pub tasks: TaskTracker,
+    tasks: TaskTracker,
     /// Background tasks that use the store (retention), stopped before it closes.
     background: TaskTracker,
     /// Cancelled when shutdown begins, before connections close: `/ready` answers 503 from
     /// then on.
     draining: CancellationToken,
     /// Request ids of recent stored messages, so a client's retry is not stored twice.
-    pub idempotency: Idempotency,
+    idempotency: Idempotency,
 }
 
 /// What the sender of a direct message learns.
@@ -229,6 +229,39 @@ impl Node {
             node.shutdown.clone(),
         ));
         node
+    }
+
+    /// This node's name (`server.node_id`, or a random one).
+    pub fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    pub fn auth(&self) -> &Authenticator {
+        &self.auth
+    }
+
+    /// This node's connections.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Cancelled when the node shuts down ([`Node::shut_down`]).
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Every connection task, so shutdown can wait for their close frames to go out.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    /// Request ids of recent stored messages.
+    pub fn idempotency(&self) -> &Idempotency {
+        &self.idempotency
     }
 
     /// How long one replayed frame may wait for room in a connection's outbox.

@@ -196,7 +196,7 @@ impl TestServer {
         ttl: Duration,
     ) -> String {
         self.node
-            .auth
+            .auth()
             .mint(
                 user,
                 admin,

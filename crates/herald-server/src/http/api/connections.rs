@@ -50,14 +50,14 @@ pub async fn list(
     let mut handles = match query.get("user") {
         Some(user) => {
             valid_name("user", user)?;
-            node.hub.user_connections(user)
+            node.hub().user_connections(user)
         }
-        None => node.hub.snapshot(),
+        None => node.hub().snapshot(),
     };
     handles.sort_unstable_by_key(ConnHandle::id);
     let truncated = handles.len() > limit;
     handles.truncate(limit);
-    let mut rooms = node.hub.rooms_by_connection();
+    let mut rooms = node.hub().rooms_by_connection();
     let connections = handles
         .iter()
         .map(|handle| {
@@ -66,7 +66,7 @@ pub async fn list(
         })
         .collect();
     Ok(Json(ConnectionList {
-        node: node.id.to_string(),
+        node: node.id().to_string(),
         connections,
         truncated,
     }))
@@ -83,13 +83,13 @@ pub async fn one(
             "\"id\" must be a connection id (16 hex digits, as in the welcome frame)",
         )
     })?;
-    let handle = node.hub.connection(conn).ok_or_else(|| {
+    let handle = node.hub().connection(conn).ok_or_else(|| {
         HttpError::new(
             StatusCode::NOT_FOUND,
-            format!("no connection {id} on this node ({})", node.id),
+            format!("no connection {id} on this node ({})", node.id()),
         )
     })?;
-    let rooms = node.hub.rooms_of(conn);
+    let rooms = node.hub().rooms_of(conn);
     Ok(Json(stats(&node, &handle, rooms)))
 }
 
@@ -98,7 +98,7 @@ fn stats(node: &Node, handle: &ConnHandle, rooms: Vec<Arc<str>>) -> ConnectionSt
     ConnectionStats {
         id: handle.id().to_string(),
         user: handle.user().to_string(),
-        node: node.id.to_string(),
+        node: node.id().to_string(),
         addr: handle.addr().to_string(),
         connected_at: snapshot
             .connected_at

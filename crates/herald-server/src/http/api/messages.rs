@@ -86,7 +86,7 @@ pub async fn send(
             "\"to\" must name at least one user",
         ));
     }
-    let max = node.config.api.max_recipients;
+    let max = node.config().api.max_recipients;
     if to.len() > max {
         return Err(HttpError::field(
             StatusCode::BAD_REQUEST,
@@ -130,7 +130,7 @@ pub async fn broadcast(
 /// client's message.
 fn content(node: &Node, content: Option<Box<RawValue>>) -> Result<Payload, HttpError> {
     let content = required(content, "content", "any JSON value but null")?;
-    let max = node.config.limits.max_message_bytes;
+    let max = node.config().limits.max_message_bytes;
     if content.get().len() > max {
         return Err(HttpError::field(
             StatusCode::PAYLOAD_TOO_LARGE,

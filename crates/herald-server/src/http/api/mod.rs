@@ -43,7 +43,7 @@ pub async fn authenticate(State(node): State<Arc<Node>>, request: Request, next:
         .get::<MatchedPath>()
         .map_or("unmatched", |path| path.as_str())
         .to_owned();
-    let response = match check_key(&node.config.api.keys, request.headers()) {
+    let response = match check_key(&node.config().api.keys, request.headers()) {
         Ok(()) => next.run(request).await,
         Err(refusal) => {
             let mut response = refusal.into_response();
@@ -111,7 +111,7 @@ impl<T: DeserializeOwned> FromRequest<Arc<Node>> for ApiJson<T> {
     type Rejection = HttpError;
 
     async fn from_request(request: Request, node: &Arc<Node>) -> Result<Self, Self::Rejection> {
-        let limit = node.config.api.max_body_bytes;
+        let limit = node.config().api.max_body_bytes;
         let body: Body = request.into_body();
         let bytes = match Limited::new(body, limit).collect().await {
             Ok(collected) => collected.to_bytes(),
