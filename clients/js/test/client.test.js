@@ -226,7 +226,7 @@ describe('resilience', () => {
     try {
       const alice = client(server, 'alice', { heartbeat: { interval: 200, timeout: 200 } });
       await alice.connect();
-      server.pause(); // the TCP connection stays up, but nothing answers
+      await server.pause(); // the TCP connection stays up, but nothing answers
       const dead = nextEvent(alice, 'state', ({ state }) => state === 'reconnecting');
       await dead;
       server.resume();
@@ -247,7 +247,7 @@ describe('resilience', () => {
       const alice = client(server, 'alice', { heartbeat: { interval: 200, timeout: 200 } });
       await alice.connect();
       await alice.join('retries');
-      server.pause(); // the frames below reach the server's socket, their acks cannot come back
+      await server.pause(); // the frames below reach the server's socket, their acks cannot come back
       const published = alice.publish('retries', 'once');
       const sent = alice.send('bob', 'once too');
       await nextEvent(alice, 'state', ({ state }) => state === 'reconnecting');
@@ -294,7 +294,7 @@ describe('resilience', () => {
     try {
       const alice = client(server, 'alice', { requestTimeout: 200, heartbeat: { interval: 60000 } });
       await alice.connect();
-      server.pause();
+      await server.pause();
       await assert.rejects(alice.ping(), { code: 'timeout' });
     } finally {
       server.resume();

@@ -4,7 +4,7 @@
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { once } from 'node:events';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { createInterface } from 'node:readline';
@@ -62,8 +62,13 @@ export async function startServer({ listen = '127.0.0.1:0', env = {} } = {}) {
       child.kill('SIGKILL');
       await once(child, 'exit');
     },
-    pause() {
+    /** SIGSTOP, resolving once the process is stopped: kill() only queues the signal, and a
+     * server thread already running could still answer a request sent right after it. */
+    async pause() {
       child.kill('SIGSTOP');
+      while (readFileSync(`/proc/${child.pid}/stat`, 'utf8').split(') ')[1]?.[0] !== 'T') {
+        await new Promise((resolve) => setTimeout(resolve, 1));
+      }
     },
     resume() {
       child.kill('SIGCONT');
