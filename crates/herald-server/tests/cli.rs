@@ -186,11 +186,7 @@ async fn the_real_binary_serves_and_closes_clients_with_1001_on_sigterm() {
 #[test]
 fn redis_settings_that_cannot_work_fail_at_start_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let unused_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let unused_port = common::free_port();
     for (url, expected) in [
         ("http://127.0.0.1:6379", "is not a Redis URL"),
         // Nothing listens there (the port was free a moment ago): refused at once.

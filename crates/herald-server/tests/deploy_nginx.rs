@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Stdio;
 
 use common::tls::{SERVER_NAME, TestCa};
-use common::{Client, EVENT_TIMEOUT, TestServer};
+use common::{Client, EVENT_TIMEOUT, TestServer, free_port};
 use herald_protocol::ServerEvent;
 use serde_json::json;
 use tokio::net::{TcpSocket, TcpStream};
@@ -47,14 +47,6 @@ fn adapt(config: &mut String, from: &str, to: &str) {
         "deploy/nginx/herald.conf has no {from:?}"
     );
     *config = config.replace(from, to);
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts nginx in front of `upstream`, or returns `None` (after a notice) when nginx is absent

@@ -65,24 +65,51 @@ pub enum WireError {
 
 /// Encodes a delivery whose offset (if any) is already known.
 pub fn encode_delivery(delivery: &Delivery) -> Bytes {
-    let mut out = envelope_head(delivery, NO_SPLICE, delivery.offset.is_some());
+    let frame = match &delivery.frame {
+        OutFrame::Text(bytes) | OutFrame::Binary(bytes) => bytes,
+    };
+    let mut out = envelope_head(delivery, frame.len(), NO_SPLICE, delivery.offset.is_some());
+    out.put_slice(frame);
     if let Some(offset) = delivery.offset {
         out.put_slice(offset.to_string().as_bytes());
     }
     out.freeze()
 }
 
-/// Encodes a delivery whose offset the backend will append: `frame` was encoded without an
-/// offset and `splice` is where its digits go (see [`splice_point`]). The envelope is complete
-/// once the backend appends the decimal offset to it.
-pub fn encode_delivery_awaiting_offset(delivery: &Delivery, splice: u32) -> Bytes {
-    envelope_head(delivery, splice, true).freeze()
+/// Encodes a delivery whose offset the backend will append: its frame was encoded with the
+/// offset [`PLACEHOLDER`], whose digits are left out here, and the envelope records where they
+/// were. It is complete once the backend appends the decimal offset to it. `None` when the
+/// frame holds no placeholder.
+pub fn encode_delivery_awaiting_offset(delivery: &Delivery) -> Option<Bytes> {
+    let (bytes, binary) = match &delivery.frame {
+        OutFrame::Text(bytes) => (bytes, false),
+        OutFrame::Binary(bytes) => (bytes, true),
+    };
+    let digits_at = placeholder_digits(bytes, binary)?;
+    let mut out = envelope_head(
+        delivery,
+        bytes.len() - PLACEHOLDER_DIGITS,
+        digits_at as u32,
+        true,
+    );
+    out.put_slice(&bytes[..digits_at]);
+    out.put_slice(&bytes[digits_at + PLACEHOLDER_DIGITS..]);
+    if binary {
+        adjust_header_length(&mut out[HEADER_BYTES..], -(PLACEHOLDER_DIGITS as i64))?;
+    }
+    Some(out.freeze())
 }
 
-fn envelope_head(delivery: &Delivery, splice: u32, with_offset: bool) -> BytesMut {
-    let (kind, bytes) = match &delivery.frame {
-        OutFrame::Text(bytes) => (KIND_TEXT, bytes),
-        OutFrame::Binary(bytes) => (KIND_BINARY, bytes),
+/// The envelope's header, with room for a frame of `frame_len` bytes and the offset's digits.
+fn envelope_head(
+    delivery: &Delivery,
+    frame_len: usize,
+    splice: u32,
+    with_offset: bool,
+) -> BytesMut {
+    let kind = match &delivery.frame {
+        OutFrame::Text(_) => KIND_TEXT,
+        OutFrame::Binary(_) => KIND_BINARY,
     };
     let mut flags = 0;
     if delivery.except.is_some() {
@@ -91,14 +118,13 @@ fn envelope_head(delivery: &Delivery, splice: u32, with_offset: bool) -> BytesMu
     if with_offset {
         flags |= FLAG_OFFSET;
     }
-    let mut out = BytesMut::with_capacity(HEADER_BYTES + bytes.len() + 20);
+    let mut out = BytesMut::with_capacity(HEADER_BYTES + frame_len + 20);
     out.put_u8(VERSION);
     out.put_u8(kind);
     out.put_u8(flags);
     out.put_u64(delivery.except.map_or(0, |conn| conn.0));
-    out.put_u32(bytes.len() as u32);
+    out.put_u32(frame_len as u32);
     out.put_u32(splice);
-    out.put_slice(bytes);
     out
 }
 
@@ -116,45 +142,28 @@ pub fn encode_control(control: &Control) -> Bytes {
     out.freeze()
 }
 
-/// The place in an encoded frame where an offset's digits go when the frame was encoded with
-/// the placeholder offset [`PLACEHOLDER`]; returns the frame without the placeholder and the
-/// position. `None` when the frame holds no placeholder.
-pub fn splice_point(frame: &OutFrame) -> Option<(OutFrame, u32)> {
-    let (bytes, binary) = match frame {
-        OutFrame::Text(bytes) => (bytes, false),
-        OutFrame::Binary(bytes) => (bytes, true),
-    };
-    let marker = format!("\"offset\":{PLACEHOLDER}");
+/// Where the [`PLACEHOLDER`]'s digits are in a frame encoded with it.
+fn placeholder_digits(bytes: &[u8], binary: bool) -> Option<usize> {
     // The offset field follows the content in a text frame (whose JSON is the sender's and may
-    // hold anything), and nothing the sender wrote follows it: the last match is the field. A
-    // binary frame's payload follows its header: only the header is searched.
+    // hold anything), and nothing the sender wrote follows it: the last match is the field, a
+    // few bytes from the end. A binary frame's payload follows its header: only the header is
+    // searched.
     let searched = if binary {
         let prefix: [u8; PREFIX_BYTES] = bytes.get(..PREFIX_BYTES)?.try_into().ok()?;
         let header_end = PREFIX_BYTES + u32::from_be_bytes(prefix) as usize;
         bytes.get(..header_end)?
     } else {
-        &bytes[..]
+        bytes
     };
-    let at = rfind(searched, marker.as_bytes())?;
-    let digits_at = at + marker.len() - PLACEHOLDER_DIGITS;
-    let mut without = BytesMut::with_capacity(bytes.len());
-    without.put_slice(&bytes[..digits_at]);
-    without.put_slice(&bytes[digits_at + PLACEHOLDER_DIGITS..]);
-    if binary {
-        adjust_header_length(&mut without, -(PLACEHOLDER_DIGITS as i64))?;
-    }
-    let without = without.freeze();
-    let frame = if binary {
-        OutFrame::Binary(without)
-    } else {
-        OutFrame::Text(without)
-    };
-    Some((frame, digits_at as u32))
+    let at = rfind(searched, PLACEHOLDER_FIELD.as_bytes())?;
+    Some(at + PLACEHOLDER_FIELD.len() - PLACEHOLDER_DIGITS)
 }
 
 /// An offset no stream reaches, used while encoding a frame whose offset is not known yet.
 pub const PLACEHOLDER: u64 = 9_999_999_999_999_999_999;
 const PLACEHOLDER_DIGITS: usize = 19;
+/// The offset field as a frame encoded with the placeholder holds it.
+const PLACEHOLDER_FIELD: &str = "\"offset\":9999999999999999999";
 
 fn rfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack
@@ -162,7 +171,8 @@ fn rfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         .rposition(|window| window == needle)
 }
 
-fn adjust_header_length(frame: &mut BytesMut, by: i64) -> Option<()> {
+/// Moves a binary frame's header length prefix by `by` bytes.
+fn adjust_header_length(frame: &mut [u8], by: i64) -> Option<()> {
     let prefix: [u8; PREFIX_BYTES] = frame.get(..PREFIX_BYTES)?.try_into().ok()?;
     let length = u32::from_be_bytes(prefix) as i64 + by;
     let length = u32::try_from(length).ok()?;
@@ -291,13 +301,12 @@ mod tests {
             (text(PLACEHOLDER), text(1234)),
             (binary(PLACEHOLDER), binary(1234)),
         ] {
-            let (frame, splice) = splice_point(&placeholder).unwrap();
             let pending = Delivery {
-                frame,
+                frame: placeholder,
                 except: None,
                 offset: None,
             };
-            let mut wire = encode_delivery_awaiting_offset(&pending, splice).to_vec();
+            let mut wire = encode_delivery_awaiting_offset(&pending).unwrap().to_vec();
             wire.extend_from_slice(b"1234");
             let Envelope::Delivery(decoded) = decode(&wire).unwrap() else {
                 panic!("not a delivery");
@@ -311,6 +320,12 @@ mod tests {
         })
         .unwrap();
         assert_eq!(&payload[..], b"\x00\x01payload");
+    }
+
+    #[test]
+    fn the_placeholder_field_is_the_placeholder_offset_as_encoded() {
+        assert_eq!(PLACEHOLDER_FIELD, format!("\"offset\":{PLACEHOLDER}"));
+        assert_eq!(PLACEHOLDER.to_string().len(), PLACEHOLDER_DIGITS);
     }
 
     #[test]

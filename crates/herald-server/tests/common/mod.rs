@@ -567,6 +567,15 @@ pub fn presence_on(config: &mut Config) {
     config.presence.window = Duration::from_millis(20);
 }
 
+/// A loopback port nothing listens on at the moment of the call (for a process the test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The JSON content of a message.
 pub fn content_json(message: &Message) -> Value {
     serde_json::from_str(message.content.as_ref().expect("content").get()).unwrap()

@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use super::free_port;
+
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
@@ -106,14 +108,6 @@ fn redis_binary() -> Option<PathBuf> {
         );
     }
     found
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl RedisServer {

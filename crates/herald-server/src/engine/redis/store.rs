@@ -526,19 +526,10 @@ fn awaiting_offsets(append: Append) -> Appended {
 /// The envelope of a frame encoded with the placeholder offset, ready for a script to append
 /// the real offset's digits.
 fn awaiting_offset(delivery: &Delivery) -> Result<Bytes, StoreError> {
-    let (frame, splice) =
-        wire::splice_point(&delivery.frame).ok_or_else(|| StoreError::Backend {
-            operation: "append",
-            reason: "the encoded frame holds no offset placeholder".into(),
-        })?;
-    Ok(wire::encode_delivery_awaiting_offset(
-        &Delivery {
-            frame,
-            except: delivery.except,
-            offset: None,
-        },
-        splice,
-    ))
+    wire::encode_delivery_awaiting_offset(delivery).ok_or_else(|| StoreError::Backend {
+        operation: "append",
+        reason: "the encoded frame holds no offset placeholder".into(),
+    })
 }
 
 fn no_frame(kind: &'static str) -> StoreError {
