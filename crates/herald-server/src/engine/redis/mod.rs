@@ -8,6 +8,7 @@
 
 pub mod broker;
 pub mod presence;
+mod replies;
 pub mod store;
 
 use std::sync::Arc;
