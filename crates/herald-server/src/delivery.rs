@@ -28,6 +28,20 @@ impl std::str::FromStr for ConnId {
     }
 }
 
+/// As its 16 hex digits, the form clients see in `welcome` and the server API.
+impl serde::Serialize for ConnId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ConnId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Hands out [`ConnId`]s for one process.
 pub struct ConnIds {
     next: AtomicU64,

@@ -25,7 +25,9 @@ enum Event {
     Restored,
 }
 
-struct Recorder(mpsc::UnboundedSender<Event>);
+/// Records what it receives; answers a survey with its name and the question, and leaves
+/// the question "unreadable" unanswered.
+struct Recorder(mpsc::UnboundedSender<Event>, String);
 
 impl DeliveryHandler for Recorder {
     fn deliver(&self, channel: &Channel, delivery: &Delivery) {
@@ -41,6 +43,11 @@ impl DeliveryHandler for Recorder {
     fn broker_restored(&self) {
         let _ = self.0.send(Event::Restored);
     }
+
+    fn answer(&self, question: &[u8]) -> Option<Bytes> {
+        (question != b"unreadable")
+            .then(|| Bytes::from(format!("{}: {}", self.1, String::from_utf8_lossy(question))))
+    }
 }
 
 /// One node's view: its broker and what its handler received.
@@ -48,18 +55,23 @@ struct Node {
     broker: Arc<dyn Broker>,
     events: mpsc::UnboundedReceiver<Event>,
     // The broker holds its handler weakly, as the node owns the broker.
-    _handler: Arc<Recorder>,
+    handler: Arc<Recorder>,
 }
 
 impl Node {
     fn started(broker: Arc<dyn Broker>) -> Node {
+        static NODES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let name = format!(
+            "node{}",
+            NODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let (sender, events) = mpsc::unbounded_channel();
-        let handler = Arc::new(Recorder(sender));
+        let handler = Arc::new(Recorder(sender, name));
         broker.start(handler.clone());
         Node {
             broker,
             events,
-            _handler: handler,
+            handler: handler,
         }
     }
 
@@ -167,6 +179,44 @@ async fn frames_from_one_node_arrive_in_publish_order_on_each_channel() {
             );
             *expected += 2;
         }
+    }
+}
+
+/// Every node answers a survey, the asker included; a node that cannot read the question is
+/// counted as unanswered once the response timeout has passed.
+#[tokio::test]
+async fn a_survey_gathers_one_answer_from_every_node() {
+    for backend in Backend::all().await {
+        let mut nodes = vec![backend.node().await];
+        if !matches!(backend, Backend::Memory) {
+            nodes.push(backend.node().await);
+        }
+        let gathered = nodes[0]
+            .broker
+            .survey(Bytes::from_static(b"who"))
+            .await
+            .unwrap();
+        let mut answers: Vec<String> = gathered
+            .answers
+            .iter()
+            .map(|answer| String::from_utf8(answer.to_vec()).unwrap())
+            .collect();
+        answers.sort();
+        let mut expected: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("{}: who", node.handler.1))
+            .collect();
+        expected.sort();
+        assert_eq!(answers, expected, "{}", backend.name());
+        assert_eq!(gathered.unanswered, 0, "{}", backend.name());
+
+        let unread = nodes[0]
+            .broker
+            .survey(Bytes::from_static(b"unreadable"))
+            .await
+            .unwrap();
+        assert!(unread.answers.is_empty(), "{}", backend.name());
+        assert_eq!(unread.unanswered, nodes.len(), "{}", backend.name());
     }
 }
 
@@ -462,7 +512,8 @@ async fn sharded_pub_sub_carries_frames_between_nodes_across_a_three_master_clus
             .query_async(&mut node.client().await)
             .await
             .unwrap();
-        per_shard.push(names.len());
+        // Fan-out channels only, not the survey channels every broker holds.
+        per_shard.push(names.iter().filter(|name| name.ends_with("}:ch")).count());
     }
     assert_eq!(
         per_shard.iter().sum::<usize>(),
@@ -480,6 +531,8 @@ async fn sharded_pub_sub_carries_frames_between_nodes_across_a_three_master_clus
     assert_eq!(next.len(), channels.len());
     assert!(next.values().all(|count| *count == 3));
     assert!(b.broker.ready().await);
+    let gathered = a.broker.survey(Bytes::from_static(b"q")).await.unwrap();
+    assert_eq!((gathered.answers.len(), gathered.unanswered), (2, 0));
 }
 
 #[tokio::test]

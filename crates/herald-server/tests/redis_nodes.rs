@@ -129,6 +129,84 @@ async fn members_counts_and_online_are_answered_cluster_wide() {
     assert_eq!(rooms["rooms"][0]["count"], 3, "{rooms}");
 }
 
+/// Only the node holding a connection knows its traffic: any node lists every node's
+/// connections by asking them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_listed_from_every_node() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 3).await;
+    let mut phone = nodes[1].connect("erin").await;
+    phone.join("den").await;
+    let laptop = nodes[2].connect("erin").await;
+    let _other = nodes[2].connect("frank").await;
+
+    let (status, list) = nodes[0]
+        .api("GET", "/api/connections?user=erin", None)
+        .await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["node"], "node0");
+    assert_eq!(list["nodes"], json!(["node0", "node1", "node2"]), "{list}");
+    assert_eq!(list["unanswered"], 0);
+    let mut listed: Vec<(String, String)> = list["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap().to_owned(),
+                c["node"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    listed.sort();
+    let mut expected = vec![
+        (phone.welcome.conn.clone(), "node1".to_owned()),
+        (laptop.welcome.conn.clone(), "node2".to_owned()),
+    ];
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    let (status, all) = nodes[1].api("GET", "/api/connections?limit=2", None).await;
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(all["connections"].as_array().unwrap().len(), 2);
+    assert_eq!(all["truncated"], true, "{all}");
+
+    let id = &phone.welcome.conn;
+    let (status, one) = nodes[2]
+        .api("GET", &format!("/api/connections/{id}"), None)
+        .await;
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(
+        (&one["node"], &one["rooms"]),
+        (&json!("node1"), &json!(["den"]))
+    );
+    let (status, body) = nodes[0]
+        .api("GET", "/api/connections/00000000000000ff", None)
+        .await;
+    assert_eq!(status, 404, "{body}");
+
+    // Something on the survey channel that never answers (a node of another version, or a
+    // stuck one): the listing says so instead of waiting forever or hiding it.
+    let mut silent = redis::Client::open(redis.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    silent.subscribe("herald:{global}:surveys").await.unwrap();
+    let (status, partial) = nodes[0]
+        .api("GET", "/api/connections?user=erin", None)
+        .await;
+    assert_eq!(status, 200, "{partial}");
+    assert_eq!(partial["unanswered"], 1, "{partial}");
+    assert_eq!(partial["connections"].as_array().unwrap().len(), 2);
+    let (status, body) = nodes[0]
+        .api("GET", "/api/connections/00000000000000ff", None)
+        .await;
+    assert_eq!(status, 503, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_inbox_written_on_one_node_is_replayed_on_another_once() {
     let Some(redis) = RedisServer::start().await else {
@@ -314,6 +392,13 @@ async fn three_nodes_on_a_redis_cluster_are_one_service() {
         let message = device.next_message_event().await;
         assert_eq!(message.offset, Some(ack.offsets.as_ref().unwrap()["dana"]));
     }
+    // Surveys ride sharded pub/sub too: every node's connections are listed.
+    let (status, list) = nodes[0]
+        .api("GET", "/api/connections?user=dana", None)
+        .await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["nodes"], json!(["node0", "node1", "node2"]), "{list}");
+    assert_eq!(list["connections"].as_array().unwrap().len(), 2, "{list}");
     for (n, user) in recipients.iter().skip(1).enumerate() {
         let mut back = nodes[n % 3].connect(user).await;
         let message = back.next_message_event().await;

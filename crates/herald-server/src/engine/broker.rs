@@ -19,12 +19,17 @@
 //!   it has reconnected and resubscribed every channel, and then it calls
 //!   [`DeliveryHandler::broker_restored`] once. Frames published meanwhile may be lost
 //!   (at-most-once), so the node uses that call to make its clients recover from the store.
+//! - [`Broker::survey`] asks every node connected to the backend (this one included) a
+//!   question and gathers their answers, each given by [`DeliveryHandler::answer`]: that is how
+//!   the server API lists what only each node knows (its connections' traffic). A node that
+//!   does not answer within the backend's response timeout is counted, not waited for.
 //! - After [`Broker::close`] nothing more is delivered and the backend's connections are
 //!   released.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use super::EngineError;
 use crate::delivery::{Channel, Control, Delivery};
@@ -38,6 +43,20 @@ pub trait DeliveryHandler: Send + Sync {
     /// The broker had lost its connection and has now reconnected and resubscribed every
     /// channel: what was published in between may be missing. Must not block.
     fn broker_restored(&self) {}
+    /// This node's answer to a survey's question; `None` for a question it cannot read (from
+    /// a node of another version), which then counts as unanswered. Must not block.
+    fn answer(&self, _question: &[u8]) -> Option<Bytes> {
+        None
+    }
+}
+
+/// What the nodes answered to a survey.
+#[derive(Debug, Default)]
+pub struct Answers {
+    /// One per node that answered in time, in no particular order.
+    pub answers: Vec<Bytes>,
+    /// Nodes that received the question but did not answer in time.
+    pub unanswered: usize,
 }
 
 #[async_trait]
@@ -50,6 +69,8 @@ pub trait Broker: Send + Sync {
     /// Carries a control to every node subscribed to the channel (this one included).
     async fn publish_control(&self, channel: &Channel, control: Control)
     -> Result<(), EngineError>;
+    /// Asks every node the question and gathers the answers (see the module's contract).
+    async fn survey(&self, question: Bytes) -> Result<Answers, EngineError>;
     /// Whether the backend is reachable and every subscription is in place (for readiness
     /// checks).
     async fn ready(&self) -> bool {

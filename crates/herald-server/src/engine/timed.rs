@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use super::EngineError;
-use super::broker::{Broker, DeliveryHandler};
+use super::broker::{Answers, Broker, DeliveryHandler};
 use super::presence::{Presence, PresenceHandler, RoomChange, RoomCount};
 use crate::delivery::{Channel, ConnId, Control, Delivery};
 
@@ -60,6 +61,10 @@ impl Broker for TimedBroker {
             self.0.publish_control(channel, control),
         )
         .await
+    }
+
+    async fn survey(&self, question: Bytes) -> Result<Answers, EngineError> {
+        timed("broker", "survey", self.0.survey(question)).await
     }
 
     async fn ready(&self) -> bool {

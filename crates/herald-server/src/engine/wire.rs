@@ -20,6 +20,14 @@
 //!   the header. [`decode`] inserts the digits there once per node, so a receiving node never
 //!   re-encodes a message; for a binary frame it also corrects the header length prefix.
 //!
+//! A survey ([`crate::engine::broker::Broker::survey`]) travels on channels of its own, so its
+//! messages are not envelopes:
+//!
+//! ```text
+//! question: | version: 1 byte | survey id: u64 BE | reply channel length: u16 BE | reply channel | question |
+//! answer:   | version: 1 byte | survey id: u64 BE | answer |
+//! ```
+//!
 //! A receiving node refuses (never panics on) anything malformed or of another version.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -61,6 +69,65 @@ pub enum WireError {
     Splice,
     #[error("disconnect control with an invalid code or reason")]
     Control,
+    #[error("survey question without a valid reply channel")]
+    ReplyChannel,
+}
+
+/// A survey's question, to be answered on `reply_to`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Question<'a> {
+    pub survey: u64,
+    pub reply_to: &'a str,
+    pub question: &'a [u8],
+}
+
+pub fn encode_question(survey: u64, reply_to: &str, question: &[u8]) -> Bytes {
+    let reply_length = u16::try_from(reply_to.len()).expect("a reply channel name is short");
+    let mut bytes = BytesMut::with_capacity(1 + 8 + 2 + reply_to.len() + question.len());
+    bytes.put_u8(VERSION);
+    bytes.put_u64(survey);
+    bytes.put_u16(reply_length);
+    bytes.put_slice(reply_to.as_bytes());
+    bytes.put_slice(question);
+    bytes.freeze()
+}
+
+pub fn decode_question(bytes: &[u8]) -> Result<Question<'_>, WireError> {
+    let (survey, rest) = survey_head(bytes)?;
+    let (length, rest) = rest.split_at_checked(2).ok_or(WireError::Truncated)?;
+    let length = u16::from_be_bytes([length[0], length[1]]) as usize;
+    let (reply_to, question) = rest.split_at_checked(length).ok_or(WireError::Truncated)?;
+    let reply_to = std::str::from_utf8(reply_to).map_err(|_| WireError::ReplyChannel)?;
+    Ok(Question {
+        survey,
+        reply_to,
+        question,
+    })
+}
+
+pub fn encode_answer(survey: u64, answer: &[u8]) -> Bytes {
+    let mut bytes = BytesMut::with_capacity(1 + 8 + answer.len());
+    bytes.put_u8(VERSION);
+    bytes.put_u64(survey);
+    bytes.put_slice(answer);
+    bytes.freeze()
+}
+
+/// (survey id, answer).
+pub fn decode_answer(bytes: &[u8]) -> Result<(u64, &[u8]), WireError> {
+    survey_head(bytes)
+}
+
+fn survey_head(bytes: &[u8]) -> Result<(u64, &[u8]), WireError> {
+    let (&version, rest) = bytes.split_first().ok_or(WireError::Truncated)?;
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    let (survey, rest) = rest.split_at_checked(8).ok_or(WireError::Truncated)?;
+    Ok((
+        u64::from_be_bytes(survey.try_into().expect("8 bytes")),
+        rest,
+    ))
 }
 
 /// Encodes a delivery whose offset (if any) is already known.
@@ -338,6 +405,41 @@ mod tests {
             decode(&encode_control(&control)).unwrap(),
             Envelope::Control(control)
         );
+    }
+
+    #[test]
+    fn survey_questions_and_answers_come_back_whole() {
+        let question = encode_question(7, "p:{node:n1}:replies", b"{\"ask\":1}");
+        assert_eq!(
+            decode_question(&question),
+            Ok(Question {
+                survey: 7,
+                reply_to: "p:{node:n1}:replies",
+                question: b"{\"ask\":1}",
+            })
+        );
+        let answer = encode_answer(7, b"[]");
+        assert_eq!(decode_answer(&answer), Ok((7, &b"[]"[..])));
+    }
+
+    #[test]
+    fn malformed_survey_messages_are_refused_not_panicked_on() {
+        let question = encode_question(7, "reply", b"q");
+        for cut in 0..12 {
+            assert!(decode_question(&question[..cut]).is_err(), "cut at {cut}");
+        }
+        for cut in 0..9 {
+            assert!(decode_answer(&encode_answer(7, b"")[..cut]).is_err());
+        }
+        let mut other_version = question.to_vec();
+        other_version[0] = VERSION + 1;
+        assert_eq!(
+            decode_question(&other_version),
+            Err(WireError::Version(VERSION + 1))
+        );
+        let mut bad_name = encode_question(7, "ab", b"").to_vec();
+        bad_name[11] = 0xff;
+        assert_eq!(decode_question(&bad_name), Err(WireError::ReplyChannel));
     }
 
     #[test]

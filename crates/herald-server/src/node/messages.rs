@@ -2,6 +2,8 @@
 //! publishes them), history, inbox acks, broadcasts, the server API's disconnect, and frames
 //! arriving from the broker for this node's connections.
 
+use bytes::Bytes;
+
 use super::*;
 
 impl Node {
@@ -305,6 +307,10 @@ impl DeliveryHandler for Node {
         for handle in connections {
             handle.close(CloseReason::Send(CloseCode::SERVICE_RESTART));
         }
+    }
+
+    fn answer(&self, question: &[u8]) -> Option<Bytes> {
+        self.answer_connections(question)
     }
 
     fn control(&self, channel: &Channel, control: &Control) {

@@ -1,7 +1,8 @@
 //! The node: this process's hub joined to the engines. Every operation a client or the server
 //! API can ask for is a method here, independent of the transport: in `membership` (who is
-//! where), `messages` (what goes where) and `lifecycle` (retention, draining, shutdown); the
-//! broker's subscriptions follow local membership through `subscriptions`.
+//! where), `messages` (what goes where), `connections` (traffic statistics, gathered from every
+//! node) and `lifecycle` (retention, draining, shutdown); the broker's subscriptions follow local
+//! membership through `subscriptions`.
 //!
 //! Outgoing messages are encoded here exactly once; the broker carries the encoded frame to
 //! every node, and each node's hub queues the same bytes on each local recipient.
@@ -44,10 +45,13 @@ use crate::hub::{ConnHandle, Hub, RegisterError, StreamKey};
 use crate::idempotency::Idempotency;
 use crate::presence_window::{self, PresenceWindow};
 
+mod connections;
 mod lifecycle;
 mod membership;
 mod messages;
 mod subscriptions;
+
+pub use connections::{ConnectionQuery, ConnectionStats, Connections};
 
 use subscriptions::Subscriptions;
 

@@ -3,10 +3,11 @@
 use std::sync::{Arc, OnceLock, Weak};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use crate::delivery::{Channel, Control, Delivery};
 use crate::engine::EngineError;
-use crate::engine::broker::{Broker, DeliveryHandler};
+use crate::engine::broker::{Answers, Broker, DeliveryHandler};
 
 /// Delivers every publish synchronously to the local node. Subscriptions are implicit: the hub
 /// already drops frames for channels without local members.
@@ -48,6 +49,15 @@ impl Broker for MemoryBroker {
     ) -> Result<(), EngineError> {
         self.handler()?.control(channel, &control);
         Ok(())
+    }
+
+    /// The only node answers; a question it cannot read is unanswered.
+    async fn survey(&self, question: Bytes) -> Result<Answers, EngineError> {
+        let answer = self.handler()?.answer(&question);
+        Ok(Answers {
+            unanswered: usize::from(answer.is_none()),
+            answers: answer.into_iter().collect(),
+        })
     }
 
     async fn close(&self) {}

@@ -16,12 +16,18 @@
 //!   resubscribes every channel in the set (retrying with backoff) until Redis confirmed them
 //!   all with no loss in between, then tells the handler `broker_restored`. While it is
 //!   disconnected a subscribe fails as temporary and an unsubscribe only leaves the set.
+//!
+//! Surveys: every node subscribes to the deployment's survey channel and to a reply channel of
+//! its own (named after a random incarnation id) from the start. A survey publishes the question
+//! on the survey channel; Redis answers the publish with how many nodes received it, so the
+//! asker knows how many answers to wait for (at most `redis.response_timeout`). Each node
+//! answers on the asker's reply channel from its receive path.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -34,7 +40,7 @@ use super::{Connection, Keys, connect, connect_receiving};
 use crate::config::RedisConfig;
 use crate::delivery::{Channel, Control, Delivery};
 use crate::engine::EngineError;
-use crate::engine::broker::{Broker, DeliveryHandler};
+use crate::engine::broker::{Answers, Broker, DeliveryHandler};
 use crate::engine::wire::{self, Envelope};
 
 /// Subscription requests waiting for the subscriber task; a full queue makes callers wait.
@@ -48,17 +54,28 @@ const LAST_RETRY: Duration = Duration::from_secs(5);
 
 pub struct RedisBroker {
     keys: Keys,
-    cluster: bool,
-    /// Publishes; the library reconnects it by itself.
-    publisher: Connection,
+    /// How long a survey waits for the last answer.
+    response_timeout: Duration,
     /// The subscriber task ends once this is dropped, with the broker.
     requests: mpsc::Sender<Request>,
     shared: Arc<Shared>,
+    next_survey: AtomicU64,
 }
 
 /// What the receiving connection's push callback and the subscriber task share.
 struct Shared {
     keys: Keys,
+    cluster: bool,
+    /// Publishes; the library reconnects it by itself.
+    publisher: Connection,
+    /// Where answers to this node's surveys come back.
+    replies: String,
+    /// Where every node receives surveys.
+    surveys: String,
+    /// Surveys this node is waiting on: id → where their answers go.
+    waiting: Mutex<HashMap<u64, mpsc::UnboundedSender<Bytes>>>,
+    /// Answers are published from tasks spawned on the receive path, which must not wait.
+    runtime: tokio::runtime::Handle,
     // Weak: the node owns the broker, so a strong reference back would leak both.
     handler: OnceLock<Weak<dyn DeliveryHandler>>,
     /// Connected and every channel of the set subscribed.
@@ -88,15 +105,22 @@ impl RedisBroker {
     /// Redis cannot be reached.
     pub async fn connect(config: &RedisConfig) -> Result<RedisBroker, EngineError> {
         let keys = Keys::new(&config.key_prefix);
+        let publisher = connect(config).await?;
+        let incarnation = format!("{:016x}", rand::random::<u64>());
         let shared = Arc::new(Shared {
             keys: keys.clone(),
+            cluster: config.cluster,
+            publisher,
+            replies: keys.node(&incarnation, "replies"),
+            surveys: keys.global("surveys"),
+            waiting: Mutex::new(HashMap::new()),
+            runtime: tokio::runtime::Handle::current(),
             handler: OnceLock::new(),
             subscribed: AtomicBool::new(true),
             closed: AtomicBool::new(false),
             losses: AtomicU64::new(0),
             lost: Notify::new(),
         });
-        let publisher = connect(config).await?;
         let pushes = shared.clone();
         let receiver = connect_receiving(
             config,
@@ -116,13 +140,17 @@ impl RedisBroker {
             backoff: FIRST_RETRY,
         };
         tokio::spawn(subscriber.run(queue));
-        Ok(RedisBroker {
+        let broker = RedisBroker {
             keys,
-            cluster: config.cluster,
-            publisher,
+            response_timeout: config.response_timeout,
             requests,
             shared,
-        })
+            next_survey: AtomicU64::new(0),
+        };
+        for channel in [&broker.shared.surveys, &broker.shared.replies] {
+            broker.request(Change::Subscribe, channel.clone()).await?;
+        }
+        Ok(broker)
     }
 
     async fn request(&self, change: Change, channel: String) -> Result<(), EngineError> {
@@ -138,15 +166,29 @@ impl RedisBroker {
     }
 
     async fn publish_payload(&self, channel: &Channel, payload: Bytes) -> Result<(), EngineError> {
-        let command = if self.cluster { "SPUBLISH" } else { "PUBLISH" };
-        redis::cmd(command)
-            .arg(self.keys.channel(channel))
-            .arg(&payload[..])
-            .exec_async(&mut self.publisher.clone())
+        self.shared
+            .publish(&self.keys.channel(channel), &payload)
             .await
+            .map(drop)
             .map_err(|error| {
                 EngineError::from_redis("broker", format!("publish on {channel}"), error)
             })
+    }
+}
+
+/// Forgets a survey however its asker stops waiting (answered, timed out or dropped).
+struct Waiting<'a> {
+    shared: &'a Shared,
+    survey: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .waiting
+            .lock()
+            .expect("no panics while holding the lock")
+            .remove(&self.survey);
     }
 }
 
@@ -180,6 +222,37 @@ impl Broker for RedisBroker {
             .await
     }
 
+    async fn survey(&self, question: Bytes) -> Result<Answers, EngineError> {
+        let survey = self.next_survey.fetch_add(1, Ordering::Relaxed);
+        let (answers, mut arriving) = mpsc::unbounded_channel();
+        self.shared
+            .waiting
+            .lock()
+            .expect("no panics while holding the lock")
+            .insert(survey, answers);
+        let _waiting = Waiting {
+            shared: &self.shared,
+            survey,
+        };
+        let message = wire::encode_question(survey, &self.shared.replies, &question);
+        let asked = self
+            .shared
+            .publish(&self.shared.surveys, &message)
+            .await
+            .map_err(|error| EngineError::from_redis("broker", "publish a survey", error))?;
+        let mut gathered = Answers::default();
+        let deadline = tokio::time::sleep(self.response_timeout);
+        tokio::pin!(deadline);
+        while gathered.answers.len() < asked {
+            tokio::select! {
+                Some(answer) = arriving.recv() => gathered.answers.push(answer),
+                _ = &mut deadline => break,
+            }
+        }
+        gathered.unanswered = asked - gathered.answers.len();
+        Ok(gathered)
+    }
+
     async fn ready(&self) -> bool {
         if !self.shared.subscribed.load(Ordering::Acquire)
             || self.shared.closed.load(Ordering::Acquire)
@@ -187,7 +260,7 @@ impl Broker for RedisBroker {
             return false;
         }
         redis::cmd("PING")
-            .exec_async(&mut self.publisher.clone())
+            .exec_async(&mut self.shared.publisher.clone())
             .await
             .is_ok()
     }
@@ -202,8 +275,52 @@ impl Broker for RedisBroker {
 }
 
 impl Shared {
+    /// Publishes on a Redis channel; returns how many subscribers received it.
+    async fn publish(&self, channel: &str, payload: &[u8]) -> Result<usize, redis::RedisError> {
+        let command = if self.cluster { "SPUBLISH" } else { "PUBLISH" };
+        redis::cmd(command)
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut self.publisher.clone())
+            .await
+    }
+
+    /// Answers a survey on the asker's reply channel, from a task: publishing waits on Redis.
+    fn answer(self: &Arc<Self>, handler: &dyn DeliveryHandler, payload: &[u8]) {
+        let question = match wire::decode_question(payload) {
+            Ok(question) => question,
+            Err(error) => return malformed(&error.to_string()),
+        };
+        let Some(answer) = handler.answer(question.question) else {
+            return malformed("a survey question this node cannot read");
+        };
+        let message = wire::encode_answer(question.survey, &answer);
+        let reply_to = question.reply_to.to_string();
+        let shared = self.clone();
+        self.runtime.spawn(async move {
+            if let Err(error) = shared.publish(&reply_to, &message).await {
+                tracing::warn!(%error, "broker: answering a survey failed");
+            }
+        });
+    }
+
+    fn answered(&self, payload: &[u8]) {
+        let (survey, answer) = match wire::decode_answer(payload) {
+            Ok(answer) => answer,
+            Err(error) => return malformed(&error.to_string()),
+        };
+        let waiting = self
+            .waiting
+            .lock()
+            .expect("no panics while holding the lock");
+        // A survey no longer waited on (timed out) is not an error: its answer came late.
+        if let Some(answers) = waiting.get(&survey) {
+            let _ = answers.send(Bytes::copy_from_slice(answer));
+        }
+    }
+
     /// Runs on the library's receive task for every push: must not block.
-    fn receive(&self, push: PushInfo) {
+    fn receive(self: &Arc<Self>, push: PushInfo) {
         match push.kind {
             PushKind::Message | PushKind::SMessage => self.message(&push.data),
             PushKind::Disconnection => {
@@ -215,12 +332,24 @@ impl Shared {
         }
     }
 
-    fn message(&self, data: &[Value]) {
+    fn message(self: &Arc<Self>, data: &[Value]) {
         let (Some(Value::BulkString(name)), Some(Value::BulkString(payload))) =
             (data.first(), data.get(1))
         else {
             return malformed("a message push without channel and payload");
         };
+        if name[..] == *self.replies.as_bytes() {
+            return self.answered(payload);
+        }
+        if name[..] == *self.surveys.as_bytes() {
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            if let Some(handler) = self.handler.get().and_then(Weak::upgrade) {
+                self.answer(handler.as_ref(), payload);
+            }
+            return;
+        }
         let Some(channel) = std::str::from_utf8(name)
             .ok()
             .and_then(|name| self.keys.parse_channel(name))
