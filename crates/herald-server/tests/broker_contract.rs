@@ -71,7 +71,7 @@ impl Node {
         Node {
             broker,
             events,
-            handler: handler,
+            handler,
         }
     }
 
