@@ -392,3 +392,49 @@ async fn presence_tells_which_users_are_online() {
         "{error:?}"
     );
 }
+
+/// Joins that race a stream of publishes each get a position after which every message
+/// reaches them live, in order: no gap (which a position read before the joiner was in the
+/// room would leave) and no duplicate. A message stored while the join was under way may also
+/// arrive, at or below the position. Joins of one room share their position reads, so this
+/// proves that a shared read never started before a joiner that uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_racing_publishes_each_get_a_position_followed_live_without_a_gap() {
+    const MESSAGES: u64 = 300;
+    const JOINERS: usize = 40;
+    let server = TestServer::start_with(|c| {
+        c.limits.messages_per_second = 100_000;
+        c.limits.burst = 100_000;
+    })
+    .await;
+    let mut publisher = server.connect("publisher").await;
+    publisher.join("stage").await;
+    let mut joiners = Vec::new();
+    for n in 0..JOINERS {
+        joiners.push(server.connect(&format!("joiner{n}")).await);
+    }
+    for k in 0..MESSAGES {
+        publisher
+            .send_json(json!({"type": "publish", "room": "stage", "content": k}))
+            .await;
+    }
+    let joins = joiners.into_iter().map(|mut joiner| async move {
+        let position = match joiner.join("stage").await {
+            ServerEvent::Ack(ack) => ack.offset.expect("a join names the room's offset"),
+            other => panic!("expected the join's ack, got {other:?}"),
+        };
+        let mut next = position + 1;
+        while next <= MESSAGES {
+            let offset = joiner.next_message_event().await.offset.unwrap();
+            if offset <= position && next == position + 1 {
+                continue;
+            }
+            assert_eq!(offset, next, "after position {position}");
+            next += 1;
+        }
+        joiner.expect_nothing_queued().await;
+        position
+    });
+    let positions = futures::future::join_all(joins).await;
+    assert!(positions.iter().all(|p| *p <= MESSAGES), "{positions:?}");
+}

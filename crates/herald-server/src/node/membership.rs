@@ -176,7 +176,7 @@ impl Node {
         recovery: Option<Recovery>,
     ) -> Result<(StreamPosition, Option<bool>, Option<Replay>), EngineError> {
         let Some(recovery) = recovery else {
-            let bounds = self.store.room_bounds(room).await?;
+            let bounds = self.bounds_reads.read(&self.store, room).await?;
             return Ok((bounds.top, None, None));
         };
         let max = self.config.store.max_recovery;

@@ -45,6 +45,7 @@ use crate::hub::{ConnHandle, Hub, RegisterError, StreamKey};
 use crate::idempotency::Idempotency;
 use crate::presence_window::{self, PresenceWindow};
 
+mod bounds_reads;
 mod connections;
 mod lifecycle;
 mod membership;
@@ -53,6 +54,7 @@ mod subscriptions;
 
 pub use connections::{ConnectionQuery, ConnectionStats, Connections};
 
+use bounds_reads::BoundsReads;
 use subscriptions::Subscriptions;
 
 /// Messages in a `history` page when the request names no limit (capped by
@@ -74,6 +76,8 @@ pub struct Node {
     /// Gathers rooms' joins and leaves into one `presence_diff` per window.
     presence_window: PresenceWindow,
     store: Arc<dyn Store>,
+    /// Joins of one room share its bounds reads.
+    bounds_reads: Arc<BoundsReads>,
     /// The last pruning pass's report.
     pruned: watch::Sender<PruneReport>,
     conn_ids: ConnIds,
@@ -222,6 +226,7 @@ impl Node {
             presence,
             presence_window,
             store,
+            bounds_reads: Arc::default(),
             pruned: watch::Sender::new(PruneReport::default()),
             conn_ids: ConnIds::new(),
             shutdown: CancellationToken::new(),
