@@ -295,7 +295,7 @@ pub const CATALOGUE: &[Metric] = &[
         name: "herald_fanout_queue_depth",
         kind: Kind::Gauge,
         unit: None,
-        help: "Committed messages waiting for the embedded store's publishing task, read each time it takes one.",
+        help: "Commits (each a batch of messages) waiting for the embedded store's publishing task, read each time it takes one.",
         series: NO_LABELS,
     },
     Metric {
