@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::delivery::{Channel, ConnId, Delivery, OutFrame};
 use crate::engine::broker::Broker;
 use crate::engine::store::{Appended, NewMessage, StoreError};
+use crate::engine::wire::{self, OffsetTemplate};
 
 /// Commits (each a batch of messages) waiting for the publishing task. The writer waits when it
 /// is full, so this bounds how far commits run ahead of their fan-out.
@@ -42,7 +43,7 @@ pub fn room_header(message: &NewMessage, room: &str, offset: Option<u64>) -> Mes
 
 /// The frames of a committed message with their channels. A direct message has one per
 /// recipient with its inbox offset, and a copy without offset for the sender's other
-/// connections (unless the sender is a recipient).
+/// connections (unless the sender is a recipient), all made from one encode.
 pub fn frames(appended: &Appended, except: Option<ConnId>) -> Vec<(Channel, Delivery)> {
     let (to, message, inbox) = match appended {
         Appended::Room {
@@ -74,12 +75,21 @@ pub fn frames(appended: &Appended, except: Option<ConnId>) -> Vec<(Channel, Deli
         offset,
         encoding: None,
     };
+    // Every copy differs only in its offset: encoded once, each copy writes its own digits.
+    let template = OffsetTemplate::new(encode(
+        header(Some(wire::PLACEHOLDER)),
+        message.content.clone(),
+    ));
+    let copy = |offset: Option<u64>| match &template {
+        Some(template) => template.with_offset(offset),
+        None => encode(header(offset), message.content.clone()),
+    };
     let mut items = Vec::with_capacity(inbox.len() + 1);
     for (user, offset) in inbox {
         items.push((
             Channel::User(user.as_str().into()),
             Delivery {
-                frame: encode(header(Some(offset.0)), message.content.clone()),
+                frame: copy(Some(offset.0)),
                 except,
                 offset: Some(offset.0),
             },
@@ -89,7 +99,7 @@ pub fn frames(appended: &Appended, except: Option<ConnId>) -> Vec<(Channel, Deli
         items.push((
             Channel::User(message.from.clone()),
             Delivery {
-                frame: encode(header(None), message.content.clone()),
+                frame: copy(None),
                 except,
                 offset: None,
             },
