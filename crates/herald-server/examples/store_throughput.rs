@@ -305,15 +305,15 @@ fn report(args: &Args, store: &SqliteStore, elapsed: Duration, (cpu, writer_cpu)
         appends as f64 / seconds
     );
     println!(
-        "writer: {batches} commits, {:.0} messages per commit; statements {:.0} ms, commit {:.0} ms, callbacks {:.0} ms, WAL restarts {:.0} ms ({:.0}% of wall time busy)",
+        "writer: {batches} commits, {:.0} messages per commit; statements {:.0} ms, commit {:.0} ms, hand-off {:.0} ms, WAL restarts {:.0} ms ({:.0}% of wall time busy)",
         appends as f64 / batches as f64,
         ms(&stats.statement_ns),
         ms(&stats.commit_ns),
-        ms(&stats.callback_ns),
+        ms(&stats.handoff_ns),
         ms(&stats.wal_restart_ns),
         (ms(&stats.statement_ns)
             + ms(&stats.commit_ns)
-            + ms(&stats.callback_ns)
+            + ms(&stats.handoff_ns)
             + ms(&stats.wal_restart_ns))
             / 10.0
             / seconds

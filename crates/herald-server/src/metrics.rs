@@ -295,7 +295,7 @@ pub const CATALOGUE: &[Metric] = &[
         name: "herald_fanout_queue_depth",
         kind: Kind::Gauge,
         unit: None,
-        help: "Committed messages waiting for the embedded store's publishing task, read each time it takes one.",
+        help: "Commits (each a batch of messages) waiting for the embedded store's publishing task, read each time it takes one.",
         series: NO_LABELS,
     },
     Metric {
@@ -399,14 +399,31 @@ pub fn render() -> String {
     exporter.handle.render()
 }
 
-/// Handles for the metrics recorded once per written batch, looked up once per process rather
-/// than once per batch (a registry lookup costs about as much as queueing a frame).
+/// Handles for the metrics recorded once per written batch or per message, looked up once per
+/// process rather than at each record (a registry lookup costs about as much as queueing a
+/// frame).
 pub struct HotPath {
     pub delivery_latency: Histogram,
     pub text_out: Counter,
     pub binary_out: Counter,
     pub sent_bytes: Counter,
     pub received_bytes: Counter,
+    pub messages_queued: Counter,
+    pub messages_stored: Counter,
+    pub accepted_direct: Counter,
+    pub accepted_room: Counter,
+    /// `herald_engine_operation_seconds` of the two engine calls every message makes.
+    pub broker_publish: Histogram,
+    pub presence_online: Histogram,
+}
+
+/// The `herald_engine_operation_seconds` histogram of one engine call.
+pub fn engine_operation(engine: &'static str, operation: &'static str) -> Histogram {
+    metrics::histogram!(
+        "herald_engine_operation_seconds",
+        "engine" => engine,
+        "operation" => operation
+    )
 }
 
 /// A gauge handle for a long-lived task to keep: the recorder is installed first, since a handle
@@ -425,5 +442,11 @@ pub static HOT: LazyLock<HotPath> = LazyLock::new(|| {
         binary_out: metrics::counter!("herald_messages_out_total", "type" => "binary"),
         sent_bytes: metrics::counter!("herald_sent_bytes_total"),
         received_bytes: metrics::counter!("herald_received_bytes_total"),
+        messages_queued: metrics::counter!("herald_messages_queued_total"),
+        messages_stored: metrics::counter!("herald_messages_stored_total"),
+        accepted_direct: metrics::counter!("herald_messages_accepted_total", "kind" => "direct"),
+        accepted_room: metrics::counter!("herald_messages_accepted_total", "kind" => "room"),
+        broker_publish: engine_operation("broker", "publish"),
+        presence_online: engine_operation("presence", "online"),
     }
 });

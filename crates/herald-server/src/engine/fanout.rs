@@ -10,9 +10,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::delivery::{Channel, ConnId, Delivery, OutFrame};
 use crate::engine::broker::Broker;
 use crate::engine::store::{Appended, NewMessage, StoreError};
+use crate::engine::wire::{self, OffsetTemplate};
 
-/// Committed messages waiting for the publishing task.
-const QUEUE: usize = 8192;
+/// Commits (each a batch of messages) waiting for the publishing task. The writer waits when it
+/// is full, so this bounds how far commits run ahead of their fan-out.
+const QUEUE: usize = 8;
 
 /// Encodes a message once, in its wire form: a text frame for JSON content, a binary frame for
 /// bytes. `header` carries everything but the content.
@@ -41,7 +43,7 @@ pub fn room_header(message: &NewMessage, room: &str, offset: Option<u64>) -> Mes
 
 /// The frames of a committed message with their channels. A direct message has one per
 /// recipient with its inbox offset, and a copy without offset for the sender's other
-/// connections (unless the sender is a recipient).
+/// connections (unless the sender is a recipient), all made from one encode.
 pub fn frames(appended: &Appended, except: Option<ConnId>) -> Vec<(Channel, Delivery)> {
     let (to, message, inbox) = match appended {
         Appended::Room {
@@ -73,12 +75,21 @@ pub fn frames(appended: &Appended, except: Option<ConnId>) -> Vec<(Channel, Deli
         offset,
         encoding: None,
     };
+    // Every copy differs only in its offset: encoded once, each copy writes its own digits.
+    let template = OffsetTemplate::new(encode(
+        header(Some(wire::PLACEHOLDER)),
+        message.content.clone(),
+    ));
+    let copy = |offset: Option<u64>| match &template {
+        Some(template) => template.with_offset(offset),
+        None => encode(header(offset), message.content.clone()),
+    };
     let mut items = Vec::with_capacity(inbox.len() + 1);
     for (user, offset) in inbox {
         items.push((
             Channel::User(user.as_str().into()),
             Delivery {
-                frame: encode(header(Some(offset.0)), message.content.clone()),
+                frame: copy(Some(offset.0)),
                 except,
                 offset: Some(offset.0),
             },
@@ -88,7 +99,7 @@ pub fn frames(appended: &Appended, except: Option<ConnId>) -> Vec<(Channel, Deli
         items.push((
             Channel::User(message.from.clone()),
             Delivery {
-                frame: encode(header(None), message.content.clone()),
+                frame: copy(None),
                 except,
                 offset: None,
             },
@@ -97,9 +108,8 @@ pub fn frames(appended: &Appended, except: Option<ConnId>) -> Vec<(Channel, Deli
     items
 }
 
-/// A committed (or failed) append on its way to the broker.
-pub struct Committed {
-    pub result: Result<Appended, StoreError>,
+/// An append queued on the store, waiting for its commit.
+pub struct AwaitingCommit {
     /// The connection that must not get a copy (the sender's, or the publisher's without echo).
     pub except: Option<ConnId>,
     /// Told once the frames are with the broker, so the sender's ack, and whatever the sender
@@ -107,28 +117,40 @@ pub struct Committed {
     pub done: oneshot::Sender<Result<Appended, StoreError>>,
 }
 
+/// A committed (or failed) append on its way to the broker.
+pub struct Committed {
+    pub result: Result<Appended, StoreError>,
+    pub waiting: AwaitingCommit,
+}
+
+/// The appends of one commit, in commit order: the writer hands them over together, so the
+/// publishing task is woken once per commit, not once per message.
+pub type CommitBatch = Vec<Committed>;
+
 /// Starts the task that publishes committed messages in the order they are queued, and returns
-/// its queue. A store queues each message as it commits, so every stream's frames reach the
-/// broker in offset order and only after their commit. The task ends when every sender of the
-/// queue is gone.
-pub fn publish_in_commit_order(broker: Arc<dyn Broker>) -> mpsc::Sender<Committed> {
+/// its queue. A store queues each commit's messages as one batch, in commit order, so every
+/// stream's frames reach the broker in offset order and only after their commit. The task ends
+/// when every sender of the queue is gone.
+pub fn publish_in_commit_order(broker: Arc<dyn Broker>) -> mpsc::Sender<CommitBatch> {
     let (queue, receiver) = mpsc::channel(QUEUE);
     tokio::spawn(publish(broker, receiver));
     queue
 }
 
-async fn publish(broker: Arc<dyn Broker>, mut queue: mpsc::Receiver<Committed>) {
+async fn publish(broker: Arc<dyn Broker>, mut queue: mpsc::Receiver<CommitBatch>) {
     let depth = crate::metrics::gauge("herald_fanout_queue_depth");
-    while let Some(committed) = queue.recv().await {
+    while let Some(batch) = queue.recv().await {
         depth.set(queue.len() as f64);
-        if let Ok(appended) = &committed.result {
-            for (channel, delivery) in frames(appended, committed.except) {
-                if let Err(error) = broker.publish(&channel, delivery).await {
-                    // The message is stored: clients get it through recovery or history.
-                    tracing::warn!(%channel, %error, "fan-out of a stored message failed");
+        for committed in batch {
+            if let Ok(appended) = &committed.result {
+                for (channel, delivery) in frames(appended, committed.waiting.except) {
+                    if let Err(error) = broker.publish(&channel, delivery).await {
+                        // The message is stored: clients get it through recovery or history.
+                        tracing::warn!(%channel, %error, "fan-out of a stored message failed");
+                    }
                 }
             }
+            let _ = committed.waiting.done.send(committed.result);
         }
-        let _ = committed.done.send(committed.result);
     }
 }

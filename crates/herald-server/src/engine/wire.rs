@@ -209,6 +209,76 @@ pub fn encode_control(control: &Control) -> Bytes {
     out.freeze()
 }
 
+/// A message's frame encoded once with the offset [`PLACEHOLDER`], from which each copy is
+/// made with its own offset, or without the field: a message to several recipients (and the
+/// sender's own copy) costs one encode, and each copy a copy of its bytes.
+#[derive(Debug, Clone)]
+pub struct OffsetTemplate {
+    frame: OutFrame,
+    /// Where the placeholder's digits start in the frame.
+    digits_at: usize,
+}
+
+/// What precedes the offset's digits in the frame, the comma that opens the field included:
+/// the field always follows another one (`ts`).
+const OFFSET_FIELD_OPENING: &[u8] = b",\"offset\":";
+
+impl OffsetTemplate {
+    /// `None` when the frame holds no placeholder offset field after another field.
+    pub fn new(frame: OutFrame) -> Option<OffsetTemplate> {
+        let (bytes, binary) = match &frame {
+            OutFrame::Text(bytes) => (bytes, false),
+            OutFrame::Binary(bytes) => (bytes, true),
+        };
+        let digits_at = placeholder_digits(bytes, binary)?;
+        let field_at = digits_at.checked_sub(OFFSET_FIELD_OPENING.len())?;
+        if &bytes[field_at..digits_at] != OFFSET_FIELD_OPENING {
+            return None;
+        }
+        Some(OffsetTemplate { frame, digits_at })
+    }
+
+    /// The frame with `offset` in place of the placeholder, or without the offset field.
+    pub fn with_offset(&self, offset: Option<u64>) -> OutFrame {
+        let (bytes, binary) = match &self.frame {
+            OutFrame::Text(bytes) => (bytes, false),
+            OutFrame::Binary(bytes) => (bytes, true),
+        };
+        let mut buffer = [0u8; PLACEHOLDER_DIGITS + 1];
+        let (cut_from, inserted): (usize, &[u8]) = match offset {
+            Some(offset) => (self.digits_at, decimal(offset, &mut buffer)),
+            None => (self.digits_at - OFFSET_FIELD_OPENING.len(), &[]),
+        };
+        let rest = &bytes[self.digits_at + PLACEHOLDER_DIGITS..];
+        let mut out = BytesMut::with_capacity(cut_from + inserted.len() + rest.len());
+        out.put_slice(&bytes[..cut_from]);
+        out.put_slice(inserted);
+        out.put_slice(rest);
+        if binary {
+            let removed = (self.digits_at + PLACEHOLDER_DIGITS - cut_from) as i64;
+            // The template's prefix was read when it was made, and a header only shrinks here.
+            let _ = adjust_header_length(&mut out, inserted.len() as i64 - removed);
+            OutFrame::Binary(out.freeze())
+        } else {
+            OutFrame::Text(out.freeze())
+        }
+    }
+}
+
+/// `value` in decimal ASCII, written at the end of `buffer`.
+fn decimal(mut value: u64, buffer: &mut [u8; PLACEHOLDER_DIGITS + 1]) -> &[u8] {
+    let mut start = buffer.len();
+    loop {
+        start -= 1;
+        buffer[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    &buffer[start..]
+}
+
 /// Where the [`PLACEHOLDER`]'s digits are in a frame encoded with it.
 fn placeholder_digits(bytes: &[u8], binary: bool) -> Option<usize> {
     // The offset field follows the content in a text frame (whose JSON is the sender's and may
@@ -387,6 +457,37 @@ mod tests {
         })
         .unwrap();
         assert_eq!(&payload[..], b"\x00\x01payload");
+    }
+
+    fn without_offset(frame: OutFrame) -> OutFrame {
+        let mut header = message(0);
+        header.offset = None;
+        match frame {
+            OutFrame::Text(_) => {
+                header.content = Some(
+                    RawValue::from_string(r#"{"offset":9999999999999999999}"#.into()).unwrap(),
+                );
+                OutFrame::Text(ServerEvent::Message(header).encode())
+            }
+            OutFrame::Binary(_) => {
+                OutFrame::Binary(ServerEvent::encode_binary(&header, b"\x00\x01payload"))
+            }
+        }
+    }
+
+    #[test]
+    fn a_template_makes_the_frames_a_direct_encode_makes_for_every_offset_and_none() {
+        for (template, encode) in [
+            (text(PLACEHOLDER), text as fn(u64) -> OutFrame),
+            (binary(PLACEHOLDER), binary),
+        ] {
+            let template = OffsetTemplate::new(template.clone()).expect("a placeholder");
+            for offset in [0, 1, 9, 10, 1234, u64::MAX] {
+                assert_eq!(template.with_offset(Some(offset)), encode(offset));
+            }
+            assert_eq!(template.with_offset(None), without_offset(encode(1)));
+        }
+        assert!(OffsetTemplate::new(text(5)).is_none(), "no placeholder");
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl Node {
             let Receipt::Direct { id, inbox } = committed.await? else {
                 return Err(EngineError::new("store", "a direct append returned a room"));
             };
-            metrics::counter!("herald_messages_accepted_total", "kind" => "direct").increment(1);
+            crate::metrics::HOT.accepted_direct.increment(1);
             Ok(DirectOutcome {
                 id,
                 online,
@@ -90,7 +90,7 @@ impl Node {
         let committing = self.store.append(append, except).await?;
         Ok(async move {
             let appended = committing.await?;
-            metrics::counter!("herald_messages_stored_total").increment(1);
+            crate::metrics::HOT.messages_stored.increment(1);
             Ok(Receipt::of(&appended))
         })
     }
@@ -156,7 +156,7 @@ impl Node {
             let Receipt::Room { id, position } = committed.await? else {
                 return Err(EngineError::new("store", "a room append returned a direct"));
             };
-            metrics::counter!("herald_messages_accepted_total", "kind" => "room").increment(1);
+            crate::metrics::HOT.accepted_room.increment(1);
             Ok(Published {
                 id,
                 position: Some(position),
@@ -291,7 +291,9 @@ impl DeliveryHandler for Node {
             Channel::User(user) => self.hub.deliver_to_user(user, delivery),
             Channel::All => self.hub.deliver_to_all(&delivery.frame, delivery.except),
         };
-        metrics::counter!("herald_messages_queued_total").increment(delivered as u64);
+        crate::metrics::HOT
+            .messages_queued
+            .increment(delivered as u64);
     }
 
     /// The broker lost its connection and has it back, every channel subscribed again: frames

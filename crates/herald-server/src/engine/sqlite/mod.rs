@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::delivery::ConnId;
 use crate::engine::broker::Broker;
-use crate::engine::fanout::{self, Committed};
+use crate::engine::fanout::{self, AwaitingCommit};
 use crate::engine::store::{
     Append, Committing, InboxRead, Offset, Page, PruneReport, Retention, Store, StoreError,
     StoreLimits, StreamBounds, StreamRead,
@@ -111,9 +111,6 @@ impl UnackedInboxes {
 
 pub struct SqliteStore {
     commands: mpsc::Sender<Command>,
-    /// Committed messages, queued by the writer in commit order, for the task that publishes
-    /// them to the broker.
-    committed: mpsc::Sender<Committed>,
     unacked: Arc<UnackedInboxes>,
     readers: ReaderPool,
     path: PathBuf,
@@ -183,6 +180,7 @@ impl SqliteStore {
             writer_conn,
             lock,
             stats.clone(),
+            fanout::publish_in_commit_order(broker),
             stop_checkpoints,
             unacked.clone(),
             limits,
@@ -193,7 +191,6 @@ impl SqliteStore {
             .map_err(|e| open_error(&path, format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             commands,
-            committed: fanout::publish_in_commit_order(broker),
             unacked,
             readers: ReaderPool::new(readers),
             path,
@@ -238,17 +235,8 @@ impl Store for SqliteStore {
         except: Option<ConnId>,
     ) -> Result<Committing, StoreError> {
         let (done, published) = oneshot::channel();
-        let committed = self.committed.clone();
-        // Runs on the writer thread, in commit order; the queue's backpressure slows the writer
-        // and never reorders it. Closed only when the runtime is gone, and `done` with it.
-        let on_commit: writer::OnCommit = Box::new(move |result| {
-            let _ = committed.blocking_send(Committed {
-                result,
-                except,
-                done,
-            });
-        });
-        self.command(Command::Append(append, on_commit)).await?;
+        self.command(Command::Append(append, AwaitingCommit { except, done }))
+            .await?;
         Ok(Box::pin(async move {
             published.await.map_err(|_| StoreError::Closed)?
         }))
@@ -383,7 +371,60 @@ impl Store for SqliteStore {
 
 #[cfg(test)]
 mod tests {
-    use super::UnackedInboxes;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use herald_protocol::Payload;
+    use serde_json::value::RawValue;
+
+    use super::{SqliteStore, Synchronous, UnackedInboxes};
+    use crate::engine::memory::MemoryBroker;
+    use crate::engine::store::{Append, Appended, NewMessage, Store, StoreLimits};
+
+    /// Appends queued while the writer commits share its next commit, and that commit reaches
+    /// the publishing task as one batch: one hand-off (one wake-up) per commit, never one per
+    /// message, with every append still answered, in order.
+    #[tokio::test]
+    async fn a_commit_hands_all_its_messages_to_the_publishing_task_at_once() {
+        let folder = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(
+            folder.path(),
+            Synchronous::Full,
+            StoreLimits::default(),
+            Arc::new(MemoryBroker::new()),
+        )
+        .unwrap();
+        const MESSAGES: u64 = 500;
+        let mut committing = Vec::new();
+        for n in 0..MESSAGES {
+            let message = NewMessage {
+                id: format!("m{n}"),
+                from: Arc::from("alice"),
+                ts: n,
+                content: Payload::Json(RawValue::from_string(n.to_string()).unwrap()),
+            };
+            let append = Append::Room {
+                room: Arc::from("lobby"),
+                message,
+            };
+            committing.push(store.append(append, None).await.unwrap());
+        }
+        for (n, committing) in committing.into_iter().enumerate() {
+            let Appended::Room { position, .. } = committing.await.unwrap() else {
+                panic!("a room append came back as a direct one");
+            };
+            assert_eq!(position.offset.0, n as u64 + 1, "answered in commit order");
+        }
+        let stats = store.stats();
+        let batches = stats.batches.load(Ordering::Relaxed);
+        assert_eq!(stats.appends.load(Ordering::Relaxed), MESSAGES);
+        assert!(
+            batches < MESSAGES,
+            "{batches} commits: appends were not grouped"
+        );
+        assert_eq!(stats.handoffs.load(Ordering::Relaxed), batches);
+        store.close().await;
+    }
 
     #[test]
     fn past_its_capacity_the_unacked_set_stops_ruling_users_out() {

@@ -1,8 +1,9 @@
 //! The writer: one thread owns the only writing connection and commits in groups.
 //!
 //! It blocks for the first queued command, then takes every command already queued (up to
-//! [`MAX_BATCH`]) into one transaction, commits once, and only then runs each append's
-//! `on_commit` in queue order. Under load a commit carries hundreds of messages, so the cost of
+//! [`MAX_BATCH`]) into one transaction, commits once, and only then hands the batch's appends,
+//! in queue order, to the publishing task in one message (one wake-up per commit, not one per
+//! message). Under load a commit carries hundreds of messages, so the cost of
 //! a commit (an fsync with `synchronous = FULL`) is shared by all of them; with one message
 //! waiting it commits at once, so an idle server adds no latency.
 //!
@@ -30,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::UnackedInboxes;
 use super::schema::{FLOOR, conversation_name, inbox_name, room_name};
+use crate::engine::fanout::{AwaitingCommit, CommitBatch, Committed};
 use crate::engine::store::{
     Append, Appended, Epoch, Offset, PruneReport, Retention, StoreError, StoreLimits,
     StreamPosition,
@@ -52,11 +54,8 @@ const WAL_RESTART_INTERVAL: Duration = Duration::from_secs(1);
 const PRUNE_STEP_ROWS: u64 = 1000;
 const PRUNE_STEP_STREAMS: i64 = 64;
 
-/// Runs on the writer once the append has committed (or failed), in commit order.
-pub type OnCommit = Box<dyn FnOnce(Result<Appended, StoreError>) + Send>;
-
 pub enum Command {
-    Append(Append, OnCommit),
+    Append(Append, AwaitingCommit),
     Ack {
         user: String,
         device: Option<String>,
@@ -80,8 +79,11 @@ pub struct WriterStats {
     pub statement_ns: AtomicU64,
     /// Nanoseconds spent in COMMIT (the WAL write and, with FULL, the fsync).
     pub commit_ns: AtomicU64,
-    /// Nanoseconds spent in `on_commit` callbacks.
-    pub callback_ns: AtomicU64,
+    /// Nanoseconds spent handing a commit's results over: its appends to the publishing task
+    /// (waiting, too, while that queue is full) and its acks' replies.
+    pub handoff_ns: AtomicU64,
+    /// Batches handed to the publishing task: one per commit that held appends.
+    pub handoffs: AtomicU64,
     /// Pruning steps taken (each one short transaction).
     pub prune_steps: AtomicU64,
     /// Nanoseconds spent restarting the WAL.
@@ -174,6 +176,8 @@ pub struct Writer {
     streams: Streams,
     prune: VecDeque<PruneJob>,
     stats: Arc<WriterStats>,
+    /// The publishing task's queue: each commit's appends go there as one batch.
+    committed: mpsc::Sender<CommitBatch>,
     /// Dropped with the writer: the checkpointer then runs a last checkpoint and stops.
     _checkpointer: std::sync::mpsc::Sender<()>,
     last_wal_restart: Instant,
@@ -187,6 +191,7 @@ impl Writer {
         conn: Connection,
         lock: File,
         stats: Arc<WriterStats>,
+        committed: mpsc::Sender<CommitBatch>,
         checkpointer: std::sync::mpsc::Sender<()>,
         unacked: Arc<UnackedInboxes>,
         limits: StoreLimits,
@@ -197,6 +202,7 @@ impl Writer {
             streams: Streams::default(),
             prune: VecDeque::new(),
             stats,
+            committed,
             _checkpointer: checkpointer,
             last_wal_restart: Instant::now(),
             unacked,
@@ -279,13 +285,13 @@ impl Writer {
             self.streams.keep_recent(KEPT_STREAMS);
         }
         let mut appends = Vec::new();
-        let mut callbacks = Vec::new();
+        let mut waiting = Vec::new();
         let mut acks = Vec::new();
         for write in writes {
             match write {
-                Command::Append(append, on_commit) => {
+                Command::Append(append, awaiting) => {
                     appends.push(append);
-                    callbacks.push(on_commit);
+                    waiting.push(awaiting);
                 }
                 Command::Ack {
                     user,
@@ -306,14 +312,12 @@ impl Writer {
                 self.stats
                     .appends
                     .fetch_add(appended.len() as u64, Ordering::Relaxed);
-                let callbacks_started = Instant::now();
-                for (on_commit, appended) in callbacks.into_iter().zip(appended) {
-                    on_commit(appended);
-                }
+                let handoff_started = Instant::now();
+                self.hand_off(waiting, appended.into_iter());
                 for ((_, _, _, reply), result) in acks.into_iter().zip(acked) {
                     let _ = reply.send(result);
                 }
-                add_elapsed(&self.stats.callback_ns, callbacks_started);
+                add_elapsed(&self.stats.handoff_ns, handoff_started);
             }
             Err(error) => {
                 // Whatever the batch assigned was rolled back: forget it.
@@ -323,15 +327,34 @@ impl Writer {
                     operation: "write",
                     reason: error.to_string(),
                 };
-                for on_commit in callbacks {
-                    on_commit(Err(error.clone()));
-                }
+                let failed = std::iter::repeat_with(|| Err(error.clone()));
+                self.hand_off(waiting, failed);
                 for (_, _, _, reply) in acks {
                     let _ = reply.send(Err(error.clone()));
                 }
             }
         }
         metrics::histogram!("herald_store_commit_seconds").record(started.elapsed());
+    }
+
+    /// Hands a commit's appends with their results to the publishing task, in queue order, as
+    /// one batch. Its queue's backpressure slows the writer and never reorders it; the queue is
+    /// closed only when the runtime is gone, and the appends' waiters with it.
+    fn hand_off(
+        &self,
+        waiting: Vec<AwaitingCommit>,
+        results: impl Iterator<Item = Result<Appended, StoreError>>,
+    ) {
+        if waiting.is_empty() {
+            return;
+        }
+        let batch: CommitBatch = waiting
+            .into_iter()
+            .zip(results)
+            .map(|(waiting, result)| Committed { result, waiting })
+            .collect();
+        self.stats.handoffs.fetch_add(1, Ordering::Relaxed);
+        let _ = self.committed.blocking_send(batch);
     }
 
     /// Updates [`UnackedInboxes`] for every inbox the committed batch touched, from the
