@@ -1,19 +1,22 @@
 //! Several nodes on one real Redis through Redis faults: presence comes back whole after Redis
-//! loses its data or reaps a node that was only stalled. Each test starts its own
-//! `redis-server`.
+//! loses its data or reaps a node that was only stalled, and a Redis restarted under sustained
+//! traffic loses no acknowledged message. Each test starts its own `redis-server`.
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;
 use std::time::Duration;
 
 use common::process::{herald, wait_for_log};
-use common::redis::{RedisServer, nodes_with};
-use common::{Client, SECRET, presence_on};
-use herald_protocol::ServerEvent;
-use serde_json::json;
+use common::redis::{RedisServer, nodes_with, wait_for_ready};
+use common::{Client, EVENT_TIMEOUT, SECRET, TestServer, content_json, presence_on};
+use futures::{SinkExt, StreamExt};
+use herald_protocol::{ErrorCode, ServerEvent};
+use serde_json::{Value, json};
+use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// The nodes' `redis.presence_ttl` (see `common::redis::on_redis`): heartbeats every third.
 const PRESENCE_TTL: Duration = Duration::from_secs(3);
@@ -171,4 +174,258 @@ async fn signal(pid: &str, signal: &str) {
         .await
         .unwrap();
     assert!(status.success(), "kill {signal} {pid}");
+}
+
+const FEED: &str = "feed";
+
+/// What one publisher saw: how many publishes it sent, the messages acknowledged (its number
+/// n → offset) and how many publishes were refused with an error. Those sent but neither
+/// acknowledged nor refused were unanswered when the connection closed: stored or not.
+#[derive(Debug, Default)]
+struct Published {
+    sent: u64,
+    acked: BTreeMap<u64, u64>,
+    refused: usize,
+}
+
+/// Publishes `{"publisher": tag, "n": n}` to the feed every 10 ms, up to 8 unanswered at a time,
+/// until the server closes the connection. `progress` follows (acked, refused).
+async fn publish_until_closed(
+    mut client: Client,
+    tag: usize,
+    progress: watch::Sender<(usize, usize)>,
+) -> Published {
+    const WINDOW: usize = 8;
+    enum Step {
+        Send,
+        Frame(Option<WsMessage>),
+    }
+    let mut record = Published::default();
+    let mut in_flight: HashMap<String, u64> = HashMap::new();
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        let step = tokio::select! {
+            _ = ticker.tick(), if in_flight.len() < WINDOW => Step::Send,
+            frame = client.ws.next() => Step::Frame(frame.and_then(Result::ok)),
+        };
+        match step {
+            Step::Send => {
+                let n = record.sent;
+                let id = format!("p{n}");
+                let request = json!({"type": "publish", "room": FEED, "id": id,
+                    "content": {"publisher": tag, "n": n}});
+                if client
+                    .ws
+                    .send(WsMessage::text(request.to_string()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                in_flight.insert(id, n);
+                record.sent += 1;
+            }
+            Step::Frame(Some(WsMessage::Text(text))) => match ServerEvent::decode(&text).unwrap() {
+                ServerEvent::Ack(ack) => {
+                    if let Some(n) = ack.reference.and_then(|id| in_flight.remove(&id)) {
+                        record
+                            .acked
+                            .insert(n, ack.offset.expect("a stored message's offset"));
+                    }
+                }
+                ServerEvent::Error(error) => {
+                    assert_eq!(error.code, ErrorCode::Internal, "{error:?}");
+                    if error
+                        .reference
+                        .and_then(|id| in_flight.remove(&id))
+                        .is_some()
+                    {
+                        record.refused += 1;
+                    }
+                }
+                _ => {}
+            },
+            Step::Frame(Some(WsMessage::Close(_)) | None) => break,
+            Step::Frame(Some(_)) => {}
+        }
+        progress.send_replace((record.acked.len(), record.refused));
+    }
+    record
+}
+
+/// Waits until a publisher's (acked, refused) satisfies `ready`.
+async fn wait_until(
+    progress: &mut watch::Receiver<(usize, usize)>,
+    ready: fn(&(usize, usize)) -> bool,
+) {
+    tokio::time::timeout(EVENT_TIMEOUT, progress.wait_for(ready))
+        .await
+        .expect("publishing progresses")
+        .expect("the publisher runs");
+}
+
+/// Reads the feed's messages until the server closes the connection: offset → content.
+async fn read_until_closed(mut client: Client) -> BTreeMap<u64, Value> {
+    let mut seen = BTreeMap::new();
+    while let Some(Ok(frame)) = client.ws.next().await {
+        if let WsMessage::Text(text) = frame
+            && let ServerEvent::Message(message) = ServerEvent::decode(&text).unwrap()
+        {
+            let offset = message.offset.unwrap();
+            assert!(
+                seen.insert(offset, content_json(&message)).is_none(),
+                "{offset} twice"
+            );
+        }
+    }
+    seen
+}
+
+/// The feed's whole history, read newest page first through the server API: offset → content.
+async fn whole_history(node: &TestServer) -> Vec<(u64, Value)> {
+    let mut messages = Vec::new();
+    let mut before = String::new();
+    loop {
+        let (status, page) = node
+            .api(
+                "GET",
+                &format!("/api/rooms/{FEED}/history?limit=100{before}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let page_messages = page["messages"].as_array().unwrap();
+        for message in page_messages.iter().rev() {
+            messages.push((
+                message["offset"].as_u64().unwrap(),
+                message["content"].clone(),
+            ));
+        }
+        if page["more"] != json!(true) {
+            break;
+        }
+        before = format!("&before={}", page_messages[0]["offset"]);
+    }
+    messages.reverse();
+    messages
+}
+
+/// Publishers on two nodes keep publishing while Redis (AOF, `appendfsync always`) is killed
+/// and restarted: every acknowledged message is in history once, subscribers recover exactly
+/// with `since`, and publishes made while Redis is down are refused, never acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_under_sustained_publishing_loses_no_acknowledged_message() {
+    let Some(mut redis) =
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await
+    else {
+        return;
+    };
+    let nodes = nodes_with(&redis, 2, |config| {
+        config.limits.messages_per_second = 1000;
+        config.limits.burst = 1000;
+    })
+    .await;
+    let mut epochs = Vec::new();
+    let mut readers = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        let mut subscriber = node.connect(&format!("subscriber{n}")).await;
+        let ack = subscriber.ack(json!({"type": "join", "room": FEED})).await;
+        epochs.push(ack.epoch);
+        readers.push(tokio::spawn(read_until_closed(subscriber)));
+    }
+    let mut publishers = Vec::new();
+    let mut progress = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        let mut publisher = node.connect(&format!("publisher{n}")).await;
+        publisher.join(FEED).await;
+        let (sender, receiver) = watch::channel((0, 0));
+        publishers.push(tokio::spawn(publish_until_closed(publisher, n, sender)));
+        progress.push(receiver);
+    }
+    for receiver in &mut progress {
+        wait_until(receiver, |(acked, _)| *acked >= 20).await;
+    }
+    redis.kill().await;
+    for receiver in &mut progress {
+        wait_until(receiver, |(_, refused)| *refused >= 1).await;
+    }
+    redis.restart().await;
+
+    // Once resubscribed, each node closes its connections (1012): both tasks end.
+    let mut published = Vec::new();
+    for task in publishers {
+        published.push(
+            tokio::time::timeout(EVENT_TIMEOUT * 3, task)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let mut seen = Vec::new();
+    for task in readers {
+        seen.push(
+            tokio::time::timeout(EVENT_TIMEOUT * 3, task)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    wait_for_ready(&nodes[0], 200).await;
+    wait_for_ready(&nodes[1], 200).await;
+    // Traffic resumes after the restart, each publisher back on its node.
+    for (n, node) in nodes.iter().enumerate() {
+        let mut publisher = node.connect(&format!("publisher{n}")).await;
+        publisher.join(FEED).await;
+        let first = published[n].sent;
+        for k in first..first + 5 {
+            let offset = publisher
+                .publish(FEED, json!({"publisher": n, "n": k}))
+                .await;
+            published[n].acked.insert(k, offset);
+        }
+    }
+
+    let history = whole_history(&nodes[0]).await;
+    let offsets: Vec<u64> = history.iter().map(|(offset, _)| *offset).collect();
+    let top = *offsets.last().unwrap();
+    assert_eq!(offsets, (1..=top).collect::<Vec<_>>(), "history has no gap");
+    let stored: HashMap<u64, &Value> = history.iter().map(|(o, c)| (*o, c)).collect();
+    for (n, record) in published.iter().enumerate() {
+        assert!(record.refused >= 1, "publisher {n}: {record:?}");
+        for (k, offset) in &record.acked {
+            let content = json!({"publisher": n, "n": k});
+            assert_eq!(
+                stored.get(offset),
+                Some(&&content),
+                "acked {content} at {offset}"
+            );
+            let copies = history.iter().filter(|(_, c)| *c == content).count();
+            assert_eq!(copies, 1, "{content} stored once");
+        }
+    }
+
+    // Each subscriber comes back on the other node and recovers from its last offset.
+    for (n, mut received) in seen.into_iter().enumerate() {
+        let since = received.keys().last().copied().unwrap_or(0);
+        let mut moved = nodes[1 - n].connect(&format!("subscriber{n}")).await;
+        let ack = moved
+            .ack(json!({"type": "join", "room": FEED, "since": since, "epoch": epochs[n]}))
+            .await;
+        assert_eq!((ack.recovered, ack.offset), (Some(true), Some(top)));
+        let mut last = since;
+        while last < top {
+            let message = moved.next_message_event().await;
+            last = message.offset.unwrap();
+            assert!(
+                received.insert(last, content_json(&message)).is_none(),
+                "{last} twice"
+            );
+        }
+        let recovered: Vec<(u64, Value)> = received.into_iter().collect();
+        assert_eq!(
+            recovered, history,
+            "subscriber{n} has every stored message once"
+        );
+        moved.expect_nothing_queued().await;
+    }
 }
