@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,37 +16,76 @@ use common::redis::{RedisCluster, RedisServer};
 use herald_server::config::RedisConfig;
 use herald_server::delivery::ConnId;
 use herald_server::engine::memory::MemoryPresence;
-use herald_server::engine::presence::{Presence, PresenceHandler, RoomChange, RoomCount};
+use herald_server::engine::presence::{
+    LocalEntry, Presence, PresenceHandler, RoomChange, RoomCount,
+};
 use herald_server::engine::redis::presence::RedisPresence;
 use tokio::sync::mpsc;
 
 const TTL: Duration = Duration::from_secs(3);
 
-/// What a node's presence handler was told: (room, user, count).
-struct Expired(mpsc::UnboundedSender<(String, String, u64)>);
+/// A room change a node's presence handler was told about: (room, user, count).
+type Told = (String, String, u64);
+
+/// Stands for the node: passes on what it is told and lists the entries a test says it holds.
+struct Handler {
+    expired: mpsc::UnboundedSender<Told>,
+    reappeared: mpsc::UnboundedSender<Told>,
+    entries: Mutex<Vec<LocalEntry>>,
+}
 
 #[async_trait]
-impl PresenceHandler for Expired {
+impl PresenceHandler for Handler {
     async fn expired(&self, room: &str, user: &str, count: u64) {
-        let _ = self.0.send((room.to_owned(), user.to_owned(), count));
+        let _ = self.expired.send((room.to_owned(), user.to_owned(), count));
+    }
+
+    async fn reappeared(&self, room: &str, user: &str, count: u64) {
+        let _ = self
+            .reappeared
+            .send((room.to_owned(), user.to_owned(), count));
+    }
+
+    fn local_entries(&self) -> Vec<LocalEntry> {
+        self.entries.lock().unwrap().clone()
     }
 }
 
 struct Node {
     presence: Arc<dyn Presence>,
-    expired: mpsc::UnboundedReceiver<(String, String, u64)>,
-    _handler: Arc<Expired>,
+    expired: mpsc::UnboundedReceiver<Told>,
+    reappeared: mpsc::UnboundedReceiver<Told>,
+    handler: Arc<Handler>,
 }
 
 impl Node {
     fn started(presence: Arc<dyn Presence>) -> Node {
-        let (sender, expired) = mpsc::unbounded_channel();
-        let handler = Arc::new(Expired(sender));
+        let (expired_sender, expired) = mpsc::unbounded_channel();
+        let (reappeared_sender, reappeared) = mpsc::unbounded_channel();
+        let handler = Arc::new(Handler {
+            expired: expired_sender,
+            reappeared: reappeared_sender,
+            entries: Mutex::new(Vec::new()),
+        });
         presence.start(handler.clone());
         Node {
             presence,
             expired,
-            _handler: handler,
+            reappeared,
+            handler,
+        }
+    }
+
+    /// Connects `conn` and joins it to `rooms`, as the node would, and lists it as held.
+    async fn hold(&self, user: &str, conn: ConnId, rooms: &[&str]) {
+        self.handler.entries.lock().unwrap().push(LocalEntry {
+            user: user.into(),
+            conn,
+            rooms: rooms.iter().map(|room| Arc::from(*room)).collect(),
+        });
+        self.presence.connect(user, conn).await.unwrap();
+        for room in rooms {
+            self.presence.join(room, user, conn).await.unwrap();
         }
     }
 }
@@ -399,4 +438,77 @@ async fn on_a_three_master_cluster_presence_is_decided_once_and_read_from_any_no
         a.leave("r7", "alice", ConnId(1)).await.unwrap(),
         change(true, 1)
     );
+}
+
+#[tokio::test]
+async fn after_redis_loses_the_entries_each_node_re_asserts_its_own_and_each_user_reappears_once() {
+    let Some(backend) = Backend::redis().await else {
+        return;
+    };
+    let Backend::Redis(server, _) = &backend else {
+        unreachable!()
+    };
+    let mut a = backend.node("node-a").await;
+    let mut b = backend.node("node-b").await;
+    a.hold("alice", ConnId(1), &["r1", "r2"]).await;
+    b.hold("alice", ConnId(2), &["r1"]).await;
+    b.hold("bob", ConnId(3), &["r1"]).await;
+
+    redis::cmd("FLUSHALL")
+        .exec_async(&mut server.client().await)
+        .await
+        .unwrap();
+
+    let mut reported = Vec::new();
+    while reported.len() < 3 {
+        let event = tokio::select! {
+            Some(event) = a.reappeared.recv() => event,
+            Some(event) = b.reappeared.recv() => event,
+            _ = tokio::time::sleep(TTL) => panic!("re-asserted within a heartbeat, got {reported:?}"),
+        };
+        reported.push((event.0, event.1));
+    }
+    reported.sort();
+    let expected: Vec<(String, String)> = [("r1", "alice"), ("r1", "bob"), ("r2", "alice")]
+        .into_iter()
+        .map(|(room, user)| (room.to_owned(), user.to_owned()))
+        .collect();
+    assert_eq!(
+        reported, expected,
+        "alice, held by both nodes, reappears once"
+    );
+
+    // Every entry is back, the second connection of alice too (no event tells when that one
+    // is written: its user was already back).
+    let mut raw = server.client().await;
+    tokio::time::timeout(EVENT_TIMEOUT, async {
+        while a.presence.connections("alice").await.unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every connection re-asserted");
+    let p = &b.presence;
+    assert_eq!(p.members("r1").await.unwrap(), users(&["alice", "bob"]));
+    assert_eq!(p.members("r2").await.unwrap(), users(&["alice"]));
+    assert_eq!(
+        p.online(&users(&["alice", "bob", "carol"])).await.unwrap(),
+        [true, true, false]
+    );
+    assert_eq!(p.rooms().await.unwrap().len(), 2);
+    let registered: u64 = redis::cmd("ZCARD")
+        .arg(format!("{}:{{global}}:nodes", key_prefix(&backend)))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(registered, 2, "both nodes registered again");
+    assert!(a.reappeared.try_recv().is_err() && b.reappeared.try_recv().is_err());
+    assert!(a.expired.try_recv().is_err() && b.expired.try_recv().is_err());
+}
+
+fn key_prefix(backend: &Backend) -> &str {
+    match backend {
+        Backend::Redis(_, config) => &config.key_prefix,
+        Backend::Memory(_) => unreachable!(),
+    }
 }

@@ -4,31 +4,11 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::redis::{RedisCluster, RedisServer};
-use common::{EVENT_TIMEOUT, TestServer, content_json};
+use common::redis::{RedisCluster, RedisServer, nodes, wait_for_ready};
+use common::{TestServer, content_json};
 use herald_protocol::{ErrorCode, ServerEvent};
-use herald_server::config::{Config, EngineBackend};
+use herald_server::config::EngineBackend;
 use serde_json::json;
-
-/// Starts `count` nodes sharing `redis`, each named `node{n}`.
-async fn nodes(redis: &RedisServer, count: usize) -> Vec<TestServer> {
-    let mut nodes = Vec::new();
-    for n in 0..count {
-        nodes.push(TestServer::start_with(|c| on_redis(c, redis, n)).await);
-    }
-    nodes
-}
-
-fn on_redis(config: &mut Config, redis: &RedisServer, n: usize) {
-    config.engine.backend = EngineBackend::Redis;
-    config.redis.urls = vec![redis.url()];
-    config.redis.presence_ttl = Duration::from_secs(3);
-    config.redis.response_timeout = Duration::from_secs(2);
-    config.redis.connect_timeout = Duration::from_secs(2);
-    config.server.node_id = format!("node{n}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_message_reaches_every_device_of_its_recipient_on_other_nodes() {
@@ -407,18 +387,4 @@ async fn three_nodes_on_a_redis_cluster_are_one_service() {
             ("sender", json!("hello"))
         );
     }
-}
-
-/// Polls `/ready` until it answers `status` (the node notices Redis within its timeouts).
-async fn wait_for_ready(node: &TestServer, status: u16) {
-    tokio::time::timeout(EVENT_TIMEOUT * 2, async {
-        loop {
-            if node.http("GET", "/ready", None, None).await.status == status {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("/ready never answered {status}"));
 }

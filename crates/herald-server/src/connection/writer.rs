@@ -297,7 +297,10 @@ where
 {
     match reason {
         CloseReason::Send(code) => {
-            if code != CloseCode::SLOW_CONSUMER {
+            // A slow consumer's queue is what it could not take; after an interrupted
+            // fan-out the queue may follow missed frames, and the client recovers from the
+            // last offset it got, so neither is flushed.
+            if code != CloseCode::SLOW_CONSUMER && code != CloseCode::SERVICE_RESTART {
                 for queued in outbox.take_now() {
                     sink.feed(to_frame(queued.frame)).await?;
                 }

@@ -11,6 +11,14 @@
 //! - When a dead node's entries expire, one surviving node removes them and calls its
 //!   [`PresenceHandler::expired`] once for each (room, user) that left because of it, so each
 //!   room is told once. A single-process backend never calls it.
+//! - A backend shared by nodes re-asserts this node's entries when it finds them possibly lost
+//!   (the shared store was emptied, its connection came back, or other nodes reaped this node
+//!   while it was alive): it reads [`PresenceHandler::local_entries`], writes each entry back
+//!   with the same first-in decision as `join`, and calls [`PresenceHandler::reappeared`] once
+//!   for each (room, user) that re-entered, across all nodes. It then reads the local entries
+//!   again and removes what left meanwhile, so an entry re-asserted just as its connection
+//!   left does not outlive it. For that, the node removes a connection from its own records
+//!   before it calls `leave` or `disconnect` (and adds it before `join` or `connect`).
 //! - [`Presence::close`] removes this node's entries on a clean shutdown.
 
 use std::sync::Arc;
@@ -36,12 +44,29 @@ pub struct RoomCount {
     pub users: u64,
 }
 
-/// Told about users who left a room because their node died; implemented by the node.
+/// One connection open on this node, with the rooms it is in: the entries the node owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalEntry {
+    pub user: Arc<str>,
+    pub conn: ConnId,
+    pub rooms: Vec<Arc<str>>,
+}
+
+/// Told about users who left or re-entered a room without a `join` or `leave` of their own;
+/// implemented by the node, which also says which entries it owns.
 #[async_trait]
 pub trait PresenceHandler: Send + Sync {
-    /// `user` left `room`, which has `count` users afterwards. Called once per (room, user)
+    /// `user` left `room`, which has `count` users afterwards: their node died, or an entry
+    /// re-asserted as its connection left was removed again. Called once per (room, user)
     /// across all nodes.
     async fn expired(&self, room: &str, user: &str, count: u64);
+    /// `user` is in `room` again (which has `count` users afterwards) because this node
+    /// re-asserted entries the backend had lost. Called once per (room, user) across all
+    /// nodes; a user still present through another connection is not reported.
+    async fn reappeared(&self, room: &str, user: &str, count: u64);
+    /// Every connection this node holds now, with its rooms. Read only when entries are
+    /// re-asserted, so the node's own records serve instead of a copy kept by the backend.
+    fn local_entries(&self) -> Vec<LocalEntry>;
 }
 
 #[async_trait]

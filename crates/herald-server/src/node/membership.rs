@@ -3,6 +3,7 @@
 //! whose node died.
 
 use super::*;
+use crate::engine::presence::{LocalEntry, PresenceHandler};
 
 impl Node {
     /// Registers an open connection (hub with limits, user channel, presence) and starts
@@ -105,6 +106,8 @@ impl Node {
         .await;
         if let Err(error) = attached {
             self.release(handle).await;
+            // A re-assertion may have written the entry meanwhile (see `detach_presence`).
+            self.detach_presence(handle).await;
             return Err(error.into());
         }
         Ok(())
@@ -112,11 +115,18 @@ impl Node {
 
     /// Detaches a connection that has already left its rooms.
     pub async fn disconnect(&self, handle: &ConnHandle) {
+        self.release(handle).await;
+        self.detach_presence(handle).await;
+        metrics::gauge!("herald_connections").decrement(1.0);
+    }
+
+    /// Removes a connection's presence entry. Called after the hub forgot the connection: a
+    /// presence re-asserting this node's entries reads the hub, so in this order it either
+    /// still finds the connection (and this removal comes after its write) or never writes it.
+    async fn detach_presence(&self, handle: &ConnHandle) {
         if let Err(error) = self.presence.disconnect(handle.user(), handle.id()).await {
             tracing::warn!(conn = %handle.id(), %error, "presence disconnect failed");
         }
-        self.release(handle).await;
-        metrics::gauge!("herald_connections").decrement(1.0);
     }
 
     async fn release(&self, handle: &ConnHandle) {
@@ -242,7 +252,11 @@ impl Node {
         let change = match self.presence.join(room, handle.user(), handle.id()).await {
             Ok(change) => change,
             Err(error) => {
-                self.leave_hub(handle, room).await;
+                // The entry may exist all the same (a reply lost after the write, or a
+                // re-assertion meanwhile): leave like any leave, hub first.
+                if let Err(leave_error) = self.leave(handle, room).await {
+                    tracing::warn!(%room, error = %leave_error, "rolling back a join failed");
+                }
                 return Err(error);
             }
         };
@@ -259,7 +273,8 @@ impl Node {
     }
 
     /// Removes a connection from a room and, if the user left it, queues the change for the
-    /// room's next `presence_diff`.
+    /// room's next `presence_diff`. The hub forgets the membership before presence does (see
+    /// `detach_presence`).
     pub async fn leave(
         &self,
         handle: &ConnHandle,
@@ -326,10 +341,11 @@ impl Node {
     }
 }
 
-/// Users whose node died leave their rooms like any leave: through the room's next
-/// `presence_diff` (the window reads the count itself).
+/// Users whose node died leave their rooms like any leave, and users whose entries this node
+/// re-asserted enter them like any join: through the room's next `presence_diff` (the window
+/// reads the count itself).
 #[async_trait::async_trait]
-impl crate::engine::presence::PresenceHandler for Node {
+impl PresenceHandler for Node {
     async fn expired(&self, room: &str, user: &str, _count: u64) {
         self.presence_window
             .record(presence_window::RoomChange {
@@ -338,5 +354,32 @@ impl crate::engine::presence::PresenceHandler for Node {
                 present: false,
             })
             .await;
+    }
+
+    async fn reappeared(&self, room: &str, user: &str, _count: u64) {
+        self.presence_window
+            .record(presence_window::RoomChange {
+                room: room.into(),
+                user: user.into(),
+                present: true,
+            })
+            .await;
+    }
+
+    /// Rooms are read before connections (a connection registers before it joins, so each
+    /// room listed is listed with its connection's user, or dropped with a connection gone). A
+    /// connection joining or leaving meanwhile is settled by its own join or leave and by the
+    /// second reading a re-assertion makes.
+    fn local_entries(&self) -> Vec<LocalEntry> {
+        let mut rooms = self.hub.rooms_by_connection();
+        self.hub
+            .snapshot()
+            .into_iter()
+            .map(|handle| LocalEntry {
+                rooms: rooms.remove(&handle.id()).unwrap_or_default(),
+                user: handle.user().clone(),
+                conn: handle.id(),
+            })
+            .collect()
     }
 }

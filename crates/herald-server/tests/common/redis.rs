@@ -9,7 +9,9 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::free_port;
+use herald_server::config::{Config, EngineBackend};
+
+use super::{EVENT_TIMEOUT, TestServer, free_port};
 
 pub struct RedisServer {
     pub port: u16,
@@ -205,4 +207,53 @@ impl RedisCluster {
             ..self.nodes[0].config()
         }
     }
+}
+
+/// Starts `count` nodes sharing `redis`, each named `node{n}`.
+pub async fn nodes(redis: &RedisServer, count: usize) -> Vec<TestServer> {
+    nodes_with(redis, count, |_| {}).await
+}
+
+/// Starts `count` nodes sharing `redis` like [`nodes`], each config adjusted by `adjust` last.
+pub async fn nodes_with(
+    redis: &RedisServer,
+    count: usize,
+    adjust: impl Fn(&mut Config),
+) -> Vec<TestServer> {
+    let mut nodes = Vec::new();
+    for n in 0..count {
+        nodes.push(
+            TestServer::start_with(|c| {
+                on_redis(c, redis, n);
+                adjust(c);
+            })
+            .await,
+        );
+    }
+    nodes
+}
+
+/// Node `n` of a deployment on `redis`: short presence ttl and timeouts, so faults show fast.
+pub fn on_redis(config: &mut Config, redis: &RedisServer, n: usize) {
+    config.engine.backend = EngineBackend::Redis;
+    config.redis.urls = vec![redis.url()];
+    config.redis.presence_ttl = Duration::from_secs(3);
+    config.redis.response_timeout = Duration::from_secs(2);
+    config.redis.connect_timeout = Duration::from_secs(2);
+    config.server.node_id = format!("node{n}");
+}
+
+/// Polls `/ready` until it answers `status` (the node notices Redis within its timeouts; no
+/// event announces it).
+pub async fn wait_for_ready(node: &TestServer, status: u16) {
+    tokio::time::timeout(EVENT_TIMEOUT * 2, async {
+        loop {
+            if node.http("GET", "/ready", None, None).await.status == status {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("/ready never answered {status}"));
 }

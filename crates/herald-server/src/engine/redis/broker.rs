@@ -16,6 +16,9 @@
 //!   resubscribes every channel in the set (retrying with backoff) until Redis confirmed them
 //!   all with no loss in between, then tells the handler `broker_restored`. While it is
 //!   disconnected a subscribe fails as temporary and an unsubscribe only leaves the set.
+//! - from the lost connection until the handler has been told, received frames are dropped:
+//!   frames published meanwhile were missed, and one handed on after them would hide the gap
+//!   from the client (its recovery starts after its last offset).
 //!
 //! Surveys: every node subscribes to the deployment's survey channel and to a reply channel of
 //! its own (named after a random incarnation id) from the start. A survey publishes the question
@@ -360,7 +363,10 @@ impl Shared {
             Ok(envelope) => envelope,
             Err(error) => return malformed(&error.to_string()),
         };
-        if self.closed.load(Ordering::Acquire) {
+        // From a lost connection until `restored` has closed the node's connections, a frame
+        // may follow ones this node missed: handed on, it would let a client's last offset
+        // jump the gap, and its recovery with `since` would start after it.
+        if self.closed.load(Ordering::Acquire) || !self.subscribed.load(Ordering::Acquire) {
             return;
         }
         let Some(handler) = self.handler.get().and_then(Weak::upgrade) else {
@@ -372,11 +378,12 @@ impl Shared {
         }
     }
 
+    /// The handler hears of it before frames flow again (see `message`).
     fn restored(&self) {
-        self.subscribed.store(true, Ordering::Release);
         if let Some(handler) = self.handler.get().and_then(Weak::upgrade) {
             handler.broker_restored();
         }
+        self.subscribed.store(true, Ordering::Release);
     }
 }
 

@@ -21,14 +21,28 @@
 //! whatever the number of connections. A node reaps others only after it has itself been
 //! heartbeating for `presence_ttl`, so after a Redis outage every live node has refreshed before
 //! anyone judges who is dead.
+//!
+//! Re-asserting: a heartbeat that finds the node unregistered (Redis lost its data, or other
+//! nodes reaped it while it could not refresh) or that succeeds after a failed one (the
+//! connection came back, perhaps to an emptied or failed-over Redis) makes the node write back
+//! every entry it owns, read from [`PresenceHandler::local_entries`] (the node's hub already
+//! holds them, so the presence keeps no copy). In this order, so that a reaper cannot remove
+//! what is re-asserted: the heartbeat registers the node first, and the entries are written
+//! only once the node is no longer in `{global}:reaping` (a reaper that claimed it has
+//! finished), each index entry before its entry. A re-assertion runs beside the heartbeat,
+//! which keeps beating meanwhile. Writes are idempotent (`HSETNX` in the join script, `HSET`
+//! of the same value), so re-asserting what Redis still holds changes nothing and announces
+//! nobody. What stays out of reach: a reaper stalled past its lease (`presence_ttl`) while
+//! another finished the same node may still remove entries re-asserted after that.
 
-use std::collections::HashSet;
-use std::sync::{Arc, OnceLock, Weak};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::join_all;
 use redis::Script;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -36,9 +50,9 @@ use super::{Connection, Keys, connect};
 use crate::config::RedisConfig;
 use crate::delivery::ConnId;
 use crate::engine::EngineError;
-use crate::engine::presence::{Presence, PresenceHandler, RoomChange, RoomCount};
+use crate::engine::presence::{LocalEntry, Presence, PresenceHandler, RoomChange, RoomCount};
 
-/// A dead node's entries removed at once while reaping.
+/// A dead node's entries removed at once while reaping, and connections re-asserted at once.
 const REAP_CHUNK: usize = 256;
 
 /// KEYS: room conns, room users. ARGV: connection, user. Returns {entered, users}.
@@ -64,12 +78,15 @@ end
 return {0, redis.call('HLEN', KEYS[2])}
 ";
 
-/// KEYS: nodes. ARGV: node, ttl ms. Returns 1 when the node was not registered (new, or
-/// reaped while it could not refresh).
+/// KEYS: nodes, reaping. ARGV: node, ttl ms. Returns {registered, reaping}: registered is 1
+/// when the node was not registered (new, reaped while it could not refresh, or Redis lost
+/// it), reaping is 1 while a reaper holds the node's claim.
 const HEARTBEAT: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-return redis.call('ZADD', KEYS[1], string.format('%d', now + tonumber(ARGV[2])), ARGV[1])
+local added = redis.call('ZADD', KEYS[1], string.format('%d', now + tonumber(ARGV[2])), ARGV[1])
+local reaping = redis.call('ZSCORE', KEYS[2], ARGV[1]) and 1 or 0
+return {added, reaping}
 ";
 
 /// KEYS: nodes, reaping. ARGV: lease ms. Claims one dead node (or one whose reaper's lease ran
@@ -112,6 +129,17 @@ struct Inner {
     // Weak: the node owns its presence, so a strong reference back would leak both.
     handler: OnceLock<Weak<dyn PresenceHandler>>,
     stop: CancellationToken,
+    /// The heartbeat task, awaited by `close` before it removes the entries, so that no
+    /// re-assertion writes after the removal. std Mutex: only taken to store or take it.
+    heartbeat_task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What one heartbeat found.
+struct Beat {
+    /// The node had to be registered again: its entries may be gone.
+    registered: bool,
+    /// A reaper holds the node's claim and may still be removing its entries.
+    reaping: bool,
 }
 
 impl RedisPresence {
@@ -135,6 +163,7 @@ impl RedisPresence {
             claim: Script::new(CLAIM),
             handler: OnceLock::new(),
             stop: stop.clone(),
+            heartbeat_task: Mutex::new(None),
         });
         inner.beat().await?;
         Ok(RedisPresence {
@@ -161,17 +190,88 @@ impl Inner {
         self.keys.global("rooms")
     }
 
-    /// Pushes this node's deadline ahead; true when it had been reaped meanwhile.
-    async fn beat(&self) -> Result<bool, EngineError> {
-        let added: i64 = self
+    /// Pushes this node's deadline ahead (registering it if Redis had lost it).
+    async fn beat(&self) -> Result<Beat, EngineError> {
+        let (registered, reaping): (i64, i64) = self
             .heartbeat
             .key(self.nodes_key())
+            .key(self.keys.global("reaping"))
             .arg(&self.node)
             .arg(self.ttl.as_millis() as u64)
             .invoke_async(&mut self.conn())
             .await
             .map_err(failed("heartbeat"))?;
-        Ok(added == 1)
+        Ok(Beat {
+            registered: registered == 1,
+            reaping: reaping == 1,
+        })
+    }
+
+    /// Adds one connection's entry to a room, index first: (whether its user entered, users
+    /// afterwards). A connection already in the room changes nothing.
+    async fn join_room(
+        &self,
+        room: &str,
+        user: &str,
+        conn: &str,
+    ) -> Result<(bool, u64), EngineError> {
+        redis::cmd("HSET")
+            .arg(self.keys.node(&self.node, "rooms"))
+            .arg(room_field(conn, room))
+            .arg(user)
+            .exec_async(&mut self.conn())
+            .await
+            .map_err(failed("join"))?;
+        let (entered, count): (i64, u64) = self
+            .join
+            .key(self.keys.room(room, "conns"))
+            .key(self.keys.room(room, "users"))
+            .arg(conn)
+            .arg(user)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(failed("join"))?;
+        if count == 1 && entered == 1 {
+            redis::cmd("SADD")
+                .arg(self.rooms_key())
+                .arg(room)
+                .exec_async(&mut self.conn())
+                .await
+                .map_err(failed("join"))?;
+        }
+        Ok((entered == 1, count))
+    }
+
+    /// Removes one connection's entry from a room, then its index entry.
+    async fn leave_own_room(&self, room: &str, conn: &str) -> Result<(bool, u64), EngineError> {
+        let left = self.leave_room(room, conn).await?;
+        self.hdel(self.keys.node(&self.node, "rooms"), &room_field(conn, room))
+            .await?;
+        Ok(left)
+    }
+
+    /// Records an open connection, index first.
+    async fn connect_user(&self, user: &str, conn: &str) -> Result<(), EngineError> {
+        redis::cmd("HSET")
+            .arg(self.keys.node(&self.node, "users"))
+            .arg(conn)
+            .arg(user)
+            .exec_async(&mut self.conn())
+            .await
+            .map_err(failed("connect"))?;
+        redis::cmd("HSET")
+            .arg(self.keys.user(user, "conns"))
+            .arg(conn)
+            .arg(&self.node)
+            .exec_async(&mut self.conn())
+            .await
+            .map_err(failed("connect"))
+    }
+
+    /// Removes an open connection, then its index entry.
+    async fn disconnect_user(&self, user: &str, conn: &str) -> Result<(), EngineError> {
+        self.hdel(self.keys.user(user, "conns"), conn).await?;
+        self.hdel(self.keys.node(&self.node, "users"), conn).await
     }
 
     /// Removes one connection's entry from a room: (whether its user left, users afterwards).
@@ -221,34 +321,68 @@ impl Inner {
             .map_err(failed("remove an index entry"))
     }
 
-    /// Heartbeats every `presence_ttl / 3` and, once healthy for `presence_ttl`, reaps dead
-    /// nodes.
+    /// Runs the heartbeat until the presence stops, then ends a re-assertion under way.
     async fn run(self: Arc<Self>) {
+        let mut reasserting = None;
+        self.clone().heartbeat(&mut reasserting).await;
+        if let Some(task) = reasserting {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Heartbeats every `presence_ttl / 3`, re-asserts this node's entries when they may be
+    /// lost and, once healthy for `presence_ttl`, reaps dead nodes.
+    async fn heartbeat(
+        self: Arc<Self>,
+        reasserting: &mut Option<JoinHandle<Result<(), EngineError>>>,
+    ) {
         let mut ticker = tokio::time::interval(self.ttl / 3);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         ticker.tick().await;
         let mut healthy_since = Some(Instant::now());
+        let mut reassert_wanted = false;
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            match self.beat().await {
-                Ok(reaped) => {
-                    if reaped {
-                        tracing::warn!(
-                            node = %self.node,
-                            "presence: this node missed its heartbeats for redis.presence_ttl \
-                             and was reaped; its connections' presence is lost until they rejoin"
-                        );
-                    }
-                    healthy_since.get_or_insert_with(Instant::now);
-                }
+            let beat = match self.beat().await {
+                Ok(beat) => beat,
                 Err(error) => {
                     tracing::warn!(%error, "presence heartbeat failed");
                     healthy_since = None;
                     continue;
                 }
+            };
+            if beat.registered {
+                tracing::warn!(
+                    node = %self.node,
+                    "presence: this node was missing from Redis (its data was lost, or the node \
+                     missed its heartbeats for redis.presence_ttl and was reaped); re-asserting \
+                     its entries"
+                );
+            }
+            reassert_wanted |= beat.registered || healthy_since.is_none();
+            healthy_since.get_or_insert_with(Instant::now);
+            if let Some(task) = reasserting.take_if(|task| task.is_finished()) {
+                match task.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "presence: re-asserting entries failed; retrying");
+                        reassert_wanted = true;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "presence: re-asserting entries ended; retrying");
+                        reassert_wanted = true;
+                    }
+                }
+            }
+            // While a reaper holds this node, what it has not removed yet could be removed
+            // after being written again: wait for it to finish.
+            if reassert_wanted && reasserting.is_none() && !beat.reaping {
+                reassert_wanted = false;
+                *reasserting = Some(tokio::spawn(self.clone().reassert()));
             }
             if healthy_since.is_some_and(|since| since.elapsed() >= self.ttl) {
                 let reaping = self.reap_dead_nodes();
@@ -260,6 +394,67 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Writes back every entry this node owns, then removes those whose connection left the
+    /// node's records meanwhile (the contract in [`crate::engine::presence`]).
+    async fn reassert(self: Arc<Self>) -> Result<(), EngineError> {
+        let Some(handler) = self.handler.get().and_then(Weak::upgrade) else {
+            return Ok(());
+        };
+        let entries = handler.local_entries();
+        tracing::info!(
+            node = %self.node,
+            connections = entries.len(),
+            "presence: re-asserting this node's entries"
+        );
+        for chunk in entries.chunks(REAP_CHUNK) {
+            let writes = chunk
+                .iter()
+                .map(|entry| self.reassert_entry(entry, handler.as_ref()));
+            join_all(writes)
+                .await
+                .into_iter()
+                .collect::<Result<(), _>>()?;
+        }
+        let current: HashMap<ConnId, LocalEntry> = handler
+            .local_entries()
+            .into_iter()
+            .map(|entry| (entry.conn, entry))
+            .collect();
+        for entry in &entries {
+            let conn = entry.conn.to_string();
+            let still = current.get(&entry.conn);
+            for room in &entry.rooms {
+                if still.is_some_and(|now| now.rooms.contains(room)) {
+                    continue;
+                }
+                let (left, count) = self.leave_own_room(room, &conn).await?;
+                if left {
+                    handler.expired(room, &entry.user, count).await;
+                }
+            }
+            if still.is_none() {
+                self.disconnect_user(&entry.user, &conn).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn reassert_entry(
+        &self,
+        entry: &LocalEntry,
+        handler: &dyn PresenceHandler,
+    ) -> Result<(), EngineError> {
+        let conn = entry.conn.to_string();
+        self.connect_user(&entry.user, &conn).await?;
+        for room in &entry.rooms {
+            let (entered, count) = self.join_room(room, &entry.user, &conn).await?;
+            if entered {
+                handler.reappeared(room, &entry.user, count).await;
+            }
+        }
+        Ok(())
     }
 
     async fn reap_dead_nodes(&self) -> Result<(), EngineError> {
@@ -332,6 +527,13 @@ impl Inner {
     }
 }
 
+/// Takes a lock no holder can leave poisoned (it only stores or takes a handle).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A room index field is the connection id (16 hex digits) followed by the room name.
 fn room_field(conn: &str, room: &str) -> String {
     format!("{conn}{room}")
@@ -355,39 +557,15 @@ impl Presence for RedisPresence {
 
     fn start(&self, handler: Arc<dyn PresenceHandler>) {
         if self.inner.handler.set(Arc::downgrade(&handler)).is_ok() {
-            tokio::spawn(self.inner.clone().run());
+            let task = tokio::spawn(self.inner.clone().run());
+            *lock(&self.inner.heartbeat_task) = Some(task);
         }
     }
 
     async fn join(&self, room: &str, user: &str, conn: ConnId) -> Result<RoomChange, EngineError> {
-        let inner = &self.inner;
-        let conn = conn.to_string();
-        redis::cmd("HSET")
-            .arg(inner.keys.node(&inner.node, "rooms"))
-            .arg(room_field(&conn, room))
-            .arg(user)
-            .exec_async(&mut inner.conn())
-            .await
-            .map_err(failed("join"))?;
-        let (entered, count): (i64, u64) = inner
-            .join
-            .key(inner.keys.room(room, "conns"))
-            .key(inner.keys.room(room, "users"))
-            .arg(&conn)
-            .arg(user)
-            .invoke_async(&mut inner.conn())
-            .await
-            .map_err(failed("join"))?;
-        if count == 1 && entered == 1 {
-            redis::cmd("SADD")
-                .arg(inner.rooms_key())
-                .arg(room)
-                .exec_async(&mut inner.conn())
-                .await
-                .map_err(failed("join"))?;
-        }
+        let (user_changed, count) = self.inner.join_room(room, user, &conn.to_string()).await?;
         Ok(RoomChange {
-            user_changed: entered == 1,
+            user_changed,
             count,
         })
     }
@@ -398,15 +576,7 @@ impl Presence for RedisPresence {
         _user: &str,
         conn: ConnId,
     ) -> Result<RoomChange, EngineError> {
-        let inner = &self.inner;
-        let conn = conn.to_string();
-        let (user_changed, count) = inner.leave_room(room, &conn).await?;
-        inner
-            .hdel(
-                inner.keys.node(&inner.node, "rooms"),
-                &room_field(&conn, room),
-            )
-            .await?;
+        let (user_changed, count) = self.inner.leave_own_room(room, &conn.to_string()).await?;
         Ok(RoomChange {
             user_changed,
             count,
@@ -432,31 +602,11 @@ impl Presence for RedisPresence {
     }
 
     async fn connect(&self, user: &str, conn: ConnId) -> Result<(), EngineError> {
-        let inner = &self.inner;
-        let conn = conn.to_string();
-        redis::cmd("HSET")
-            .arg(inner.keys.node(&inner.node, "users"))
-            .arg(&conn)
-            .arg(user)
-            .exec_async(&mut inner.conn())
-            .await
-            .map_err(failed("connect"))?;
-        redis::cmd("HSET")
-            .arg(inner.keys.user(user, "conns"))
-            .arg(&conn)
-            .arg(&inner.node)
-            .exec_async(&mut inner.conn())
-            .await
-            .map_err(failed("connect"))
+        self.inner.connect_user(user, &conn.to_string()).await
     }
 
     async fn disconnect(&self, user: &str, conn: ConnId) -> Result<(), EngineError> {
-        let inner = &self.inner;
-        let conn = conn.to_string();
-        inner.hdel(inner.keys.user(user, "conns"), &conn).await?;
-        inner
-            .hdel(inner.keys.node(&inner.node, "users"), &conn)
-            .await
+        self.inner.disconnect_user(user, &conn.to_string()).await
     }
 
     async fn online(&self, users: &[String]) -> Result<Vec<bool>, EngineError> {
@@ -502,6 +652,10 @@ impl Presence for RedisPresence {
     async fn close(&self) {
         let inner = &self.inner;
         inner.stop.cancel();
+        let heartbeat = lock(&inner.heartbeat_task).take();
+        if let Some(task) = heartbeat {
+            let _ = task.await;
+        }
         if let Err(error) = inner.remove_entries(&inner.node).await {
             tracing::warn!(%error, "presence: removing this node's entries failed; they expire");
             return;
