@@ -209,6 +209,7 @@ async fn run_store(args: &Args, store: Arc<dyn Store>) {
                     from: from.clone(),
                     ts: 0,
                     content: content(n),
+                    idempotency: None,
                 };
                 let append = match kind {
                     Kind::Direct => {

@@ -46,11 +46,45 @@ pub(super) fn text(value: Value) -> Option<String> {
     }
 }
 
-pub(super) fn room_position(reply: Value) -> Result<StreamPosition, StoreError> {
-    let [offset, epoch] = fields(reply).ok_or_else(|| unexpected("append"))?;
-    Ok(StreamPosition {
-        offset: Offset(int(&offset).ok_or_else(|| unexpected("append"))?),
-        epoch: Epoch(text(epoch).ok_or_else(|| unexpected("append"))?),
+/// The message id and timestamp a retried request's first attempt stored.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct FirstAttempt {
+    pub id: String,
+    pub ts: u64,
+}
+
+/// A room append's reply: the position, and for a request recorded earlier, its first
+/// attempt (whose position it is).
+pub(super) fn room_appended(
+    reply: Value,
+) -> Result<(StreamPosition, Option<FirstAttempt>), StoreError> {
+    let unexpected = || unexpected("append");
+    let mut fields = items(reply).ok_or_else(unexpected)?.into_iter();
+    let (Some(offset), Some(epoch)) = (fields.next(), fields.next()) else {
+        return Err(unexpected());
+    };
+    let position = StreamPosition {
+        offset: Offset(int(&offset).ok_or_else(unexpected)?),
+        epoch: Epoch(text(epoch).ok_or_else(unexpected)?),
+    };
+    let first = match (fields.next(), fields.next(), fields.next()) {
+        (None, None, None) => None,
+        (Some(id), Some(ts), None) => Some(FirstAttempt {
+            ts: int(&ts).ok_or_else(unexpected)?,
+            id: text(id).ok_or_else(unexpected)?,
+        }),
+        _ => return Err(unexpected()),
+    };
+    Ok((position, first))
+}
+
+/// A direct message's claim: the message id and timestamp of the request's first attempt.
+pub(super) fn claimed(reply: Value) -> Result<FirstAttempt, StoreError> {
+    let unexpected = || unexpected("append");
+    let [id, ts] = fields(reply).ok_or_else(unexpected)?;
+    Ok(FirstAttempt {
+        ts: int(&ts).ok_or_else(unexpected)?,
+        id: text(id).ok_or_else(unexpected)?,
     })
 }
 
