@@ -88,6 +88,74 @@ async fn a_room_spread_over_three_nodes_gets_each_message_once_in_offset_order()
     }
 }
 
+/// A client whose node went away reconnects elsewhere and retries its unacknowledged
+/// requests with the same ids: Redis, not the first node's memory, recognises them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_retried_on_another_node_gets_the_first_ack_and_is_stored_once() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 2).await;
+    let mut bob = nodes[1].connect("bob").await;
+    bob.join("hall").await;
+    let publish = json!({"type": "publish", "room": "hall", "content": "hello"});
+    let mut alice = nodes[0].connect("alice").await;
+    alice.join("hall").await;
+    let first = alice.ack_with_id(publish.clone(), "p1").await;
+    drop(alice);
+    let mut again = nodes[1].connect("alice").await;
+    again.join("hall").await;
+    let retried = again.ack_with_id(publish, "p1").await;
+    assert_eq!(
+        (&retried.id, retried.offset, &retried.epoch),
+        (&first.id, first.offset, &first.epoch)
+    );
+    let changed = json!({"type": "publish", "room": "hall", "content": "changed"});
+    let other = again.ack_with_id(changed, "p1").await;
+    assert_ne!(
+        other.id, first.id,
+        "the same id with another request is a new message"
+    );
+
+    let history = bob.history(json!({"room": "hall", "limit": 10})).await;
+    let ids: Vec<Option<String>> = history.messages.into_iter().map(|m| Some(m.id)).collect();
+    assert_eq!(ids, [first.id.clone(), other.id.clone()]);
+    for expected in [first.id, other.id] {
+        assert_eq!(Some(bob.next_message_event().await.id), expected);
+    }
+    bob.expect_nothing_queued().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_retried_on_another_node_reaches_each_inbox_and_conversation_once() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 3).await;
+    let mut bob = nodes[1].connect("bob").await;
+    let mut carol = nodes[2].connect("carol").await;
+    let send = json!({"type": "send", "to": ["bob", "carol"], "content": "once"});
+    let mut phone = nodes[2].connect("alice").await;
+    let mut alice = nodes[0].connect("alice").await;
+    let first = alice.ack_with_id(send.clone(), "s1").await;
+    drop(alice);
+    let mut again = nodes[1].connect("alice").await;
+    let retried = again.ack_with_id(send, "s1").await;
+    assert_eq!((&retried.id, &retried.offsets), (&first.id, &first.offsets));
+    // The sender's other connection got its copy of the first attempt, and no second one.
+    for recipient in [&mut bob, &mut carol, &mut phone] {
+        let delivered = recipient.next_message_event().await;
+        assert_eq!(Some(delivered.id), first.id);
+        recipient.expect_nothing_queued().await;
+    }
+    for recipient in [&mut bob, &mut carol] {
+        let conversation = recipient
+            .history(json!({"with": "alice", "limit": 10}))
+            .await;
+        assert_eq!(conversation.messages.len(), 1);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_counts_and_online_are_answered_cluster_wide() {
     let Some(redis) = RedisServer::start().await else {
