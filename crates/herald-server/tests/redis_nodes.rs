@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::redis::{RedisCluster, RedisServer};
-use common::{EVENT_TIMEOUT, TestServer, content_json};
+use common::{EVENT_TIMEOUT, TestServer, content_json, reference_of};
 use herald_protocol::{ErrorCode, ServerEvent};
 use herald_server::config::{Config, EngineBackend};
 use serde_json::json;
@@ -154,6 +154,57 @@ async fn a_send_retried_on_another_node_reaches_each_inbox_and_conversation_once
             .await;
         assert_eq!(conversation.messages.len(), 1);
     }
+}
+
+/// Redis runs a script whose reply came too late: the node answered with an error, and the
+/// client's retry with the same id gets the stored message's ack instead of a second copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_retried_after_its_reply_timed_out_is_stored_once() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let node = TestServer::start_with(|c| {
+        on_redis(c, &redis, 0);
+        c.redis.response_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut bob = node.connect("bob").await;
+    bob.join("hall").await;
+    let mut alice = node.connect("alice").await;
+    alice.join("hall").await;
+    // Writes (scripts included) wait until the pause ends, well past the response timeout.
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("WRITE")
+        .exec_async(&mut admin)
+        .await
+        .unwrap();
+    let publish = json!({"type": "publish", "room": "hall", "content": "late", "id": "p1"});
+    alice.send_json(publish.clone()).await;
+    match alice
+        .next_matching(|event| reference_of(event) == Some("p1"))
+        .await
+    {
+        ServerEvent::Error(error) => assert_eq!(error.code, ErrorCode::Internal),
+        other => panic!("expected the timeout's error, got {other:?}"),
+    }
+    // Once the pause ends the first attempt is stored and delivered.
+    let stored = bob.next_message_event().await;
+    let retried = alice.ack_with_id(publish, "p1").await;
+    assert_eq!(
+        (retried.id, retried.offset),
+        (Some(stored.id.clone()), stored.offset)
+    );
+    let history = bob.history(json!({"room": "hall", "limit": 10})).await;
+    let ids: Vec<String> = history.messages.into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, [stored.id]);
+    bob.expect_nothing_queued().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
