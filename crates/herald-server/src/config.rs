@@ -997,6 +997,11 @@ mod tests {
         writeln!(file, "[limits]\nmax_mesage_bytes = 1").unwrap();
         let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
         assert!(error.contains("max_mesage_bytes"), "{error}");
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[limits]\nidempotency_window = \"25h\"").unwrap();
+        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        assert!(error.contains("limits.idempotency_window"), "{error}");
     }
 
     #[test]
