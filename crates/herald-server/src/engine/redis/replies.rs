@@ -59,32 +59,40 @@ pub(super) fn room_appended(
     reply: Value,
 ) -> Result<(StreamPosition, Option<FirstAttempt>), StoreError> {
     let unexpected = || unexpected("append");
-    let mut fields = items(reply).ok_or_else(unexpected)?.into_iter();
-    let (Some(offset), Some(epoch)) = (fields.next(), fields.next()) else {
+    if let Value::Array(_) = reply {
+        let [offset, epoch] = fields(reply).ok_or_else(unexpected)?;
+        let position = StreamPosition {
+            offset: Offset(int(&offset).ok_or_else(unexpected)?),
+            epoch: Epoch(text(epoch).ok_or_else(unexpected)?),
+        };
+        return Ok((position, None));
+    }
+    let record = text(reply).ok_or_else(unexpected)?;
+    let mut parts = record.splitn(4, ' ');
+    let (Some(offset), Some(epoch), Some(ts), Some(id)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(unexpected());
     };
     let position = StreamPosition {
-        offset: Offset(int(&offset).ok_or_else(unexpected)?),
-        epoch: Epoch(text(epoch).ok_or_else(unexpected)?),
+        offset: Offset(offset.parse().map_err(|_| unexpected())?),
+        epoch: Epoch(epoch.to_owned()),
     };
-    let first = match (fields.next(), fields.next(), fields.next()) {
-        (None, None, None) => None,
-        (Some(id), Some(ts), None) => Some(FirstAttempt {
-            ts: int(&ts).ok_or_else(unexpected)?,
-            id: text(id).ok_or_else(unexpected)?,
-        }),
-        _ => return Err(unexpected()),
+    let first = FirstAttempt {
+        id: id.to_owned(),
+        ts: ts.parse().map_err(|_| unexpected())?,
     };
-    Ok((position, first))
+    Ok((position, Some(first)))
 }
 
 /// A direct message's claim: the message id and timestamp of the request's first attempt.
 pub(super) fn claimed(reply: Value) -> Result<FirstAttempt, StoreError> {
     let unexpected = || unexpected("append");
-    let [id, ts] = fields(reply).ok_or_else(unexpected)?;
+    let record = text(reply).ok_or_else(unexpected)?;
+    let (ts, id) = record.split_once(' ').ok_or_else(unexpected)?;
     Ok(FirstAttempt {
-        ts: int(&ts).ok_or_else(unexpected)?,
-        id: text(id).ok_or_else(unexpected)?,
+        id: id.to_owned(),
+        ts: ts.parse().map_err(|_| unexpected())?,
     })
 }
 

@@ -8,7 +8,7 @@
 //! device marks (`stream:marks`, a sorted set device -> mark) and their order of use
 //! (`stream:uses`); inboxes and conversations remember the ids of their recent messages
 //! (`stream:seen`, id -> offset) so a retried append is not stored twice. A request that may
-//! be retried leaves a record (`retry:FINGERPRINT:…`, a hash expiring after the request's
+//! be retried leaves a record (`retry:FINGERPRINT:…`, a string expiring after the request's
 //! window): under the room's hash tag, written by the room's append script; under the
 //! sender's, claimed before a direct message's inbox writes.
 //!

@@ -7,16 +7,15 @@
 -- publishing nothing; a new one is recorded with its result for ARGV[9] milliseconds.
 --
 -- KEYS: 1 the stream's meta hash (epoch, last), 2 the stream, 3 the room's pub/sub channel,
---       4 (optional) the request's retry record (hash: o offset, e epoch, i id, t ts)
+--       4 (optional) the request's retry record (a string: "offset epoch ts id")
 -- ARGV: 1 an epoch for a new stream, 2 PUBLISH or SPUBLISH, 3 the envelope awaiting its
 --       offset, 4 id, 5 from, 6 ts, 7 binary (0/1), 8 content, 9 (with KEYS[4]) the record's
 --       lifetime in milliseconds
--- Returns {offset, epoch}, or for a recorded request {offset, epoch, id, ts} of its first
--- attempt.
+-- Returns {offset, epoch}, or for a recorded request its record.
 local record = KEYS[4]
 if record then
-  local first = redis.call('HMGET', record, 'o', 'e', 'i', 't')
-  if first[1] then
+  local first = redis.call('GET', record)
+  if first then
     return first
   end
 end
@@ -27,7 +26,7 @@ redis.call('XADD', KEYS[2], offset .. '-0',
 redis.call(ARGV[2], KEYS[3], ARGV[3] .. offset)
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if record then
-  redis.call('HSET', record, 'o', offset, 'e', epoch, 'i', ARGV[4], 't', ARGV[6])
-  redis.call('PEXPIRE', record, ARGV[9])
+  redis.call('SET', record, offset .. ' ' .. epoch .. ' ' .. ARGV[6] .. ' ' .. ARGV[4],
+    'PX', ARGV[9])
 end
 return {offset, epoch}
