@@ -10,7 +10,8 @@
 //! queued); `--via node` calls `Node::send_direct` / `Node::publish` from `--senders` tasks,
 //! each awaiting its ack like a client would, so it adds encoding and fan-out. The data folder
 //! is a fresh temporary one unless `--path` names one. `--redis URL` drives the Redis store
-//! instead (with `--via store`), under a fresh key prefix.
+//! instead (with `--via store`), under a fresh key prefix. `--ids on` gives every message an
+//! idempotency key, as a client's request with an `id` has (the Redis store records it).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use herald_server::engine::broker::Broker;
 use herald_server::engine::memory::{MemoryBroker, MemoryPresence};
 use herald_server::engine::redis::store::RedisStore;
 use herald_server::engine::sqlite::SqliteStore;
-use herald_server::engine::store::{Append, NewMessage, Store, StoreLimits};
+use herald_server::engine::store::{Append, IdempotencyKey, NewMessage, Store, StoreLimits};
 use herald_server::node::Node;
 use serde_json::value::RawValue;
 
@@ -42,6 +43,7 @@ struct Args {
     synchronous: Synchronous,
     path: Option<PathBuf>,
     redis: Option<String>,
+    ids: bool,
 }
 
 fn parse_args() -> Args {
@@ -54,6 +56,7 @@ fn parse_args() -> Args {
         synchronous: Synchronous::Full,
         path: None,
         redis: None,
+        ids: false,
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
@@ -81,6 +84,7 @@ fn parse_args() -> Args {
             }
             "--path" => args.path = Some(PathBuf::from(value)),
             "--redis" => args.redis = Some(value),
+            "--ids" => args.ids = value == "on",
             other => panic!("unknown flag {other}"),
         }
     }
@@ -199,7 +203,7 @@ async fn run_store(args: &Args, store: Arc<dyn Store>) {
     let mut tasks = Vec::new();
     for sender in 0..args.senders {
         let store = store.clone();
-        let (kind, in_flight) = (args.kind, args.in_flight);
+        let (kind, in_flight, ids) = (args.kind, args.in_flight, args.ids);
         tasks.push(tokio::spawn(async move {
             let from: Arc<str> = format!("user{}", sender % USERS).into();
             let mut pending = std::collections::VecDeque::new();
@@ -209,6 +213,11 @@ async fn run_store(args: &Args, store: Arc<dyn Store>) {
                     from: from.clone(),
                     ts: 0,
                     content: content(n),
+                    idempotency: ids.then(|| IdempotencyKey {
+                        request: format!("r{n}"),
+                        fingerprint: rand::random(),
+                        window: Duration::from_secs(120),
+                    }),
                 };
                 let append = match kind {
                     Kind::Direct => {

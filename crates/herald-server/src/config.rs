@@ -362,6 +362,11 @@ pub struct LimitsConfig {
     pub idempotency_keys_per_user: usize,
 }
 
+/// The longest `limits.idempotency_window`: a retry comes within minutes, and the Redis
+/// store's per-stream memory of message ids (which completes a retried direct message) lasts a
+/// day.
+pub const MAX_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
@@ -769,6 +774,12 @@ impl Config {
             "limits.idempotency_keys_per_user",
             limits.idempotency_keys_per_user,
         )?;
+        if limits.idempotency_window > MAX_IDEMPOTENCY_WINDOW {
+            return Err(ConfigError::Key {
+                key: "limits.idempotency_window",
+                reason: "must be at most 24h".into(),
+            });
+        }
         positive("auth.max_attempts", self.auth.max_attempts as usize)?;
         positive("store.history_max_limit", self.store.history_max_limit)?;
         positive("store.max_recovery", self.store.max_recovery)?;
@@ -986,6 +997,11 @@ mod tests {
         writeln!(file, "[limits]\nmax_mesage_bytes = 1").unwrap();
         let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
         assert!(error.contains("max_mesage_bytes"), "{error}");
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[limits]\nidempotency_window = \"25h\"").unwrap();
+        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        assert!(error.contains("limits.idempotency_window"), "{error}");
     }
 
     #[test]

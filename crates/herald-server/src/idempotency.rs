@@ -11,15 +11,17 @@
 //! client that numbers its requests afresh on each connection loses nothing, it only gets no
 //! deduplication. A retry that arrives while the first is still being stored waits for its ack.
 //!
+//! This node's memory is the fast path. A new request's [`IdempotencyKey`] also goes with its
+//! append, so that a store shared by several nodes (Redis) recognises a retry that reaches
+//! another node, or follows a reply lost to a timeout (see the store's contract).
+//!
 //! Invariants, which bound the memory:
 //! - at most `limits.idempotency_keys_per_user` entries per user; the oldest goes first;
 //! - an entry is forgotten once the window has passed: a user's expired entries go when that
 //!   user sends again, and a sweep over every user runs at most once per window;
-//! - entries live on the node that stored the message: a retry reaching another node is
-//!   stored again.
+//! - entries live on the node that stored the message.
 
 use std::collections::VecDeque;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -27,6 +29,9 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use herald_protocol::{Ack, Payload};
 use tokio::sync::watch;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::engine::store::IdempotencyKey;
 
 /// The ids remembered on this node, per user.
 pub struct Idempotency {
@@ -42,7 +47,7 @@ pub struct Idempotency {
 
 struct Entry {
     id: Box<str>,
-    fingerprint: u64,
+    fingerprint: u128,
     at: Instant,
     /// The first attempt's ack (without `ref`), once stored.
     ack: watch::Receiver<Option<Ack>>,
@@ -64,11 +69,19 @@ pub enum Claim {
 
 /// Records the ack of a first attempt. Dropped without recording (the store failed), the
 /// entry no longer counts, and a retry is stored as a new message.
-pub struct Recorder(watch::Sender<Option<Ack>>);
+pub struct Recorder {
+    ack: watch::Sender<Option<Ack>>,
+    key: IdempotencyKey,
+}
 
 impl Recorder {
+    /// The request's key, for the store to recognise retries that reach other nodes.
+    pub fn key(&self) -> IdempotencyKey {
+        self.key.clone()
+    }
+
     pub fn record(self, ack: &Ack) {
-        self.0.send_replace(Some(Ack {
+        self.ack.send_replace(Some(Ack {
             reference: None,
             ..ack.clone()
         }));
@@ -128,7 +141,14 @@ impl Idempotency {
             at: now,
             ack,
         });
-        Some(Claim::New(Recorder(sender)))
+        Some(Claim::New(Recorder {
+            ack: sender,
+            key: IdempotencyKey {
+                request: id.to_owned(),
+                fingerprint,
+                window: self.window,
+            },
+        }))
     }
 
     /// Drops every expired entry, and users left with none, at most once per window.
@@ -157,31 +177,31 @@ impl Idempotency {
     }
 }
 
-/// SipHash of the request's type, target and content: a retry repeats them byte for byte.
-fn fingerprint(kind: &str, target: &Target<'_>, content: &Payload) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    kind.hash(&mut hasher);
+/// XXH3-128 of the request's type, target and content: a retry repeats them byte for byte.
+/// Each part is length-prefixed, so no two requests feed the same bytes; the algorithm is
+/// fixed, so every node (whatever its build) computes the same fingerprint.
+fn fingerprint(kind: &str, target: &Target<'_>, content: &Payload) -> u128 {
+    let mut hasher = Xxh3::new();
+    let mut part = |tag: u8, bytes: &[u8]| {
+        hasher.update(&[tag]);
+        hasher.update(&(bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    part(b'k', kind.as_bytes());
     match target {
-        Target::Room(room) => {
-            0u8.hash(&mut hasher);
-            room.hash(&mut hasher);
-        }
+        Target::Room(room) => part(b'r', room.as_bytes()),
         Target::Users(users) => {
-            1u8.hash(&mut hasher);
-            users.hash(&mut hasher);
+            part(b'n', &(users.len() as u64).to_le_bytes());
+            for user in *users {
+                part(b'u', user.as_bytes());
+            }
         }
     }
     match content {
-        Payload::Json(raw) => {
-            0u8.hash(&mut hasher);
-            raw.get().hash(&mut hasher);
-        }
-        Payload::Binary(bytes) => {
-            1u8.hash(&mut hasher);
-            bytes.hash(&mut hasher);
-        }
+        Payload::Json(raw) => part(b'j', raw.get().as_bytes()),
+        Payload::Binary(bytes) => part(b'b', bytes),
     }
-    hasher.finish()
+    hasher.digest128()
 }
 
 #[cfg(test)]

@@ -6,22 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, TestServer, reference_of};
-use herald_protocol::{Ack, ServerEvent};
-use serde_json::{Value, json};
-
-/// Sends `request` with the given `id` and returns its ack.
-async fn ack_with_id(client: &mut Client, mut request: Value, id: &str) -> Ack {
-    request["id"] = json!(id);
-    client.send_json(request).await;
-    match client
-        .next_matching(|event| reference_of(event) == Some(id))
-        .await
-    {
-        ServerEvent::Ack(ack) => ack,
-        other => panic!("expected an ack for {id}, got {other:?}"),
-    }
-}
+use common::{Client, TestServer};
+use herald_protocol::ServerEvent;
+use serde_json::json;
 
 /// Proves that no further message is queued for `client`: presence events may come before the
 /// pong, messages may not.
@@ -52,11 +39,11 @@ async fn a_retried_publish_gets_the_first_ack_and_is_stored_and_delivered_once()
 
     let mut alice = server.connect("alice").await;
     alice.join("lobby").await;
-    let first = ack_with_id(&mut alice, publish.clone(), "p1").await;
+    let first = alice.ack_with_id(publish.clone(), "p1").await;
     drop(alice);
     let mut again = server.connect("alice").await;
     again.join("lobby").await;
-    let retried = ack_with_id(&mut again, publish.clone(), "p1").await;
+    let retried = again.ack_with_id(publish.clone(), "p1").await;
     assert_eq!(retried.id, first.id);
     assert_eq!(retried.offset, first.offset);
     assert_eq!(retried.epoch, first.epoch);
@@ -76,8 +63,8 @@ async fn a_retried_send_gets_the_first_ack_and_reaches_the_recipient_once() {
     let mut bob = server.connect("bob").await;
     let send = json!({"type": "send", "to": ["bob"], "content": "once"});
     let mut alice = server.connect("alice").await;
-    let first = ack_with_id(&mut alice, send.clone(), "s1").await;
-    let retried = ack_with_id(&mut alice, send, "s1").await;
+    let first = alice.ack_with_id(send.clone(), "s1").await;
+    let retried = alice.ack_with_id(send, "s1").await;
     assert_eq!(retried.id, first.id);
     assert_eq!(retried.offsets, first.offsets);
     let delivered = bob.next_message_event().await;
@@ -94,9 +81,9 @@ async fn the_same_id_with_another_request_or_another_user_is_a_new_message() {
     carol.join("lobby").await;
     let one = json!({"type": "publish", "room": "lobby", "content": "one"});
     let two = json!({"type": "publish", "room": "lobby", "content": "two"});
-    let a = ack_with_id(&mut alice, one.clone(), "x").await;
-    let b = ack_with_id(&mut alice, two, "x").await;
-    let c = ack_with_id(&mut carol, one, "x").await;
+    let a = alice.ack_with_id(one.clone(), "x").await;
+    let b = alice.ack_with_id(two, "x").await;
+    let c = carol.ack_with_id(one, "x").await;
     assert_ne!(a.id, b.id);
     assert_ne!(a.id, c.id);
     assert_eq!(history_ids(&mut alice, "lobby").await.len(), 3);
@@ -108,8 +95,8 @@ async fn retries_are_off_with_a_zero_window() {
     let mut alice = server.connect("alice").await;
     alice.join("lobby").await;
     let publish = json!({"type": "publish", "room": "lobby", "content": "hello"});
-    let first = ack_with_id(&mut alice, publish.clone(), "p1").await;
-    let second = ack_with_id(&mut alice, publish, "p1").await;
+    let first = alice.ack_with_id(publish.clone(), "p1").await;
+    let second = alice.ack_with_id(publish, "p1").await;
     assert_ne!(first.id, second.id);
 }
 
@@ -136,7 +123,7 @@ async fn publishes_cut_off_by_a_disconnect_and_retried_are_stored_once() {
     let mut offsets = Vec::new();
     for n in 0..count {
         let request = json!({"type": "publish", "room": "lobby", "content": n});
-        let ack = ack_with_id(&mut again, request, &format!("m{n}")).await;
+        let ack = again.ack_with_id(request, &format!("m{n}")).await;
         offsets.push(ack.offset.expect("a stored offset"));
     }
     let mut unique = offsets.clone();

@@ -4,8 +4,10 @@
 
 mod common;
 
-use common::redis::{RedisCluster, RedisServer, nodes, wait_for_ready};
-use common::{TestServer, content_json};
+use std::time::Duration;
+
+use common::redis::{RedisCluster, RedisServer, nodes, on_redis, wait_for_ready};
+use common::{EVENT_TIMEOUT, TestServer, content_json, reference_of};
 use herald_protocol::{ErrorCode, ServerEvent};
 use herald_server::config::EngineBackend;
 use serde_json::json;
@@ -66,6 +68,125 @@ async fn a_room_spread_over_three_nodes_gets_each_message_once_in_offset_order()
         let expected: Vec<u64> = (1..=3 * EACH).collect();
         assert_eq!(offsets, expected, "{}", member.welcome.user);
     }
+}
+
+/// A client whose node went away reconnects elsewhere and retries its unacknowledged
+/// requests with the same ids: Redis, not the first node's memory, recognises them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_retried_on_another_node_gets_the_first_ack_and_is_stored_once() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 2).await;
+    let mut bob = nodes[1].connect("bob").await;
+    bob.join("hall").await;
+    let publish = json!({"type": "publish", "room": "hall", "content": "hello"});
+    let mut alice = nodes[0].connect("alice").await;
+    alice.join("hall").await;
+    let first = alice.ack_with_id(publish.clone(), "p1").await;
+    drop(alice);
+    let mut again = nodes[1].connect("alice").await;
+    again.join("hall").await;
+    let retried = again.ack_with_id(publish, "p1").await;
+    assert_eq!(
+        (&retried.id, retried.offset, &retried.epoch),
+        (&first.id, first.offset, &first.epoch)
+    );
+    let changed = json!({"type": "publish", "room": "hall", "content": "changed"});
+    let other = again.ack_with_id(changed, "p1").await;
+    assert_ne!(
+        other.id, first.id,
+        "the same id with another request is a new message"
+    );
+
+    let history = bob.history(json!({"room": "hall", "limit": 10})).await;
+    let ids: Vec<Option<String>> = history.messages.into_iter().map(|m| Some(m.id)).collect();
+    assert_eq!(ids, [first.id.clone(), other.id.clone()]);
+    for expected in [first.id, other.id] {
+        assert_eq!(Some(bob.next_message_event().await.id), expected);
+    }
+    bob.expect_nothing_queued().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_retried_on_another_node_reaches_each_inbox_and_conversation_once() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes(&redis, 3).await;
+    let mut bob = nodes[1].connect("bob").await;
+    let mut carol = nodes[2].connect("carol").await;
+    let send = json!({"type": "send", "to": ["bob", "carol"], "content": "once"});
+    let mut phone = nodes[2].connect("alice").await;
+    let mut alice = nodes[0].connect("alice").await;
+    let first = alice.ack_with_id(send.clone(), "s1").await;
+    drop(alice);
+    let mut again = nodes[1].connect("alice").await;
+    let retried = again.ack_with_id(send, "s1").await;
+    assert_eq!((&retried.id, &retried.offsets), (&first.id, &first.offsets));
+    // The sender's other connection got its copy of the first attempt, and no second one.
+    for recipient in [&mut bob, &mut carol, &mut phone] {
+        let delivered = recipient.next_message_event().await;
+        assert_eq!(Some(delivered.id), first.id);
+        recipient.expect_nothing_queued().await;
+    }
+    for recipient in [&mut bob, &mut carol] {
+        let conversation = recipient
+            .history(json!({"with": "alice", "limit": 10}))
+            .await;
+        assert_eq!(conversation.messages.len(), 1);
+    }
+}
+
+/// Redis runs a script whose reply came too late: the node answered with an error, and the
+/// client's retry with the same id gets the stored message's ack instead of a second copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_retried_after_its_reply_timed_out_is_stored_once() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let node = TestServer::start_with(|c| {
+        on_redis(c, &redis, 0);
+        c.redis.response_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut bob = node.connect("bob").await;
+    bob.join("hall").await;
+    let mut alice = node.connect("alice").await;
+    alice.join("hall").await;
+    // Writes (scripts included) wait until the pause ends, well past the response timeout.
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("WRITE")
+        .exec_async(&mut admin)
+        .await
+        .unwrap();
+    let publish = json!({"type": "publish", "room": "hall", "content": "late", "id": "p1"});
+    alice.send_json(publish.clone()).await;
+    match alice
+        .next_matching(|event| reference_of(event) == Some("p1"))
+        .await
+    {
+        ServerEvent::Error(error) => assert_eq!(error.code, ErrorCode::Internal),
+        other => panic!("expected the timeout's error, got {other:?}"),
+    }
+    // Once the pause ends the first attempt is stored and delivered.
+    let stored = bob.next_message_event().await;
+    let retried = alice.ack_with_id(publish, "p1").await;
+    assert_eq!(
+        (retried.id, retried.offset),
+        (Some(stored.id.clone()), stored.offset)
+    );
+    let history = bob.history(json!({"room": "hall", "limit": 10})).await;
+    let ids: Vec<String> = history.messages.into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, [stored.id]);
+    bob.expect_nothing_queued().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

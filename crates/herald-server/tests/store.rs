@@ -21,7 +21,8 @@ use herald_server::engine::redis::Keys;
 use herald_server::engine::redis::store::RedisStore;
 use herald_server::engine::sqlite::{SqliteStore, Synchronous};
 use herald_server::engine::store::{
-    Append, Appended, NewMessage, Offset, Retention, Store, StoreError, StoreLimits, StoredMessage,
+    Append, Appended, IdempotencyKey, NewMessage, Offset, Retention, Store, StoreError,
+    StoreLimits, StoredMessage,
 };
 use herald_server::engine::wire::{self, Envelope};
 use serde_json::value::RawValue;
@@ -173,6 +174,7 @@ fn message(from: &str, ts: u64, text: &str) -> NewMessage {
         from: from.into(),
         ts,
         content: Payload::Json(RawValue::from_string(format!("{text:?}")).unwrap()),
+        idempotency: None,
     }
 }
 
@@ -867,6 +869,192 @@ async fn on_a_redis_cluster_appends_reads_retries_and_retention_work_across_shar
     );
     assert_eq!(report.inbox_entries, 12, "acknowledged entries: {report:?}");
     store.close().await;
+}
+
+/// A message of `from` sent by a request that may be retried: `request` with `fingerprint`.
+fn retried(from: &str, ts: u64, text: &str, request: &str, fingerprint: u128) -> NewMessage {
+    NewMessage {
+        idempotency: Some(IdempotencyKey {
+            request: request.into(),
+            fingerprint,
+            window: Duration::from_secs(60),
+        }),
+        ..message(from, ts, text)
+    }
+}
+
+/// Two stores on one Redis act as two nodes: a request appended on `first` and repeated on
+/// `second` (a new message id and timestamp, as another node picks them) gets the first
+/// attempt's result; the same request id with another fingerprint is a new message; a direct
+/// message whose first attempt reached only some inboxes is completed under its first id.
+async fn retries_are_recognised_across_nodes(name: &str, first: &dyn Store, second: &dyn Store) {
+    let room = |message: NewMessage| Append::Room {
+        room: "lobby".into(),
+        message,
+    };
+    let Appended::Room {
+        message: stored,
+        position,
+        ..
+    } = append(first, room(retried("alice", 1, "hello", "r1", 7))).await
+    else {
+        panic!("{name}: a room append")
+    };
+    let Appended::Room {
+        message: again,
+        position: again_at,
+        ..
+    } = append(second, room(retried("alice", 2, "hello", "r1", 7))).await
+    else {
+        panic!("{name}: a room append")
+    };
+    assert_eq!(
+        (&again.id, again.ts, &again_at),
+        (&stored.id, 1, &position),
+        "{name}: the retry gets the first attempt's id, ts and position"
+    );
+    let Appended::Room {
+        message: other,
+        position: other_at,
+        ..
+    } = append(second, room(retried("alice", 3, "changed", "r1", 8))).await
+    else {
+        panic!("{name}: a room append")
+    };
+    assert_ne!(
+        other.id, stored.id,
+        "{name}: another request under the same id"
+    );
+    assert_eq!(other_at.offset, Offset(2), "{name}");
+    let history = second.read_room("lobby", Offset(0), 10).await.unwrap();
+    let ids: Vec<&str> = history.messages.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, [stored.id.as_str(), other.id.as_str()], "{name}");
+
+    let direct = |to: &[&str], message: NewMessage| {
+        let to: Vec<String> = to.iter().map(|user| user.to_string()).collect();
+        Append::Direct {
+            recipients: to.clone(),
+            to,
+            message,
+        }
+    };
+    // The first attempt reached bob's inbox only; the retry names both recipients, as the
+    // request did.
+    let Appended::Direct {
+        message: sent,
+        inbox,
+        ..
+    } = append(first, direct(&["bob"], retried("alice", 4, "dm", "d1", 9))).await
+    else {
+        panic!("{name}: a direct append")
+    };
+    assert_eq!(inbox, [("bob".to_owned(), Offset(1))], "{name}");
+    let retry = direct(&["bob", "carol"], retried("alice", 5, "dm", "d1", 9));
+    let Appended::Direct {
+        message: again,
+        inbox,
+        ..
+    } = append(second, retry).await
+    else {
+        panic!("{name}: a direct append")
+    };
+    assert_eq!((&again.id, again.ts), (&sent.id, 4), "{name}");
+    assert_eq!(
+        inbox,
+        [
+            ("bob".to_owned(), Offset(1)),
+            ("carol".to_owned(), Offset(1))
+        ],
+        "{name}"
+    );
+    for user in ["bob", "carol"] {
+        let read = second.read_inbox(user, None, Offset(0), 10).await.unwrap();
+        let ids: Vec<&str> = read.messages.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, [sent.id.as_str()], "{name}: {user}'s inbox");
+        let conversation = second
+            .conversation_history("alice", user, None, 10)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = conversation
+            .messages
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect();
+        assert_eq!(ids, [sent.id.as_str()], "{name}: {user}'s conversation");
+    }
+}
+
+/// The Redis store keeps what recognises a retry next to the data (the SQLite store leaves it
+/// to the node's memory, see the `Store` contract), and publishes nothing for a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_repeated_on_another_node_gets_the_first_result_and_is_published_once() {
+    let Some((server, config, first)) = redis_store(StoreLimits::default()).await else {
+        return;
+    };
+    let backend = Backend::Redis(Box::new(RedisBackend { server, config }));
+    let channels = [
+        Channel::Room("lobby".into()),
+        Channel::User("alice".into()),
+        Channel::User("bob".into()),
+        Channel::User("carol".into()),
+    ];
+    let (second, mut published) = backend
+        .open_recording(StoreLimits::default(), &channels)
+        .await;
+    retries_are_recognised_across_nodes("redis", &first, &*second).await;
+    to_room(&*second, "lobby", 6, "last").await;
+    let mut frames: Vec<(String, String)> = published
+        .take(6)
+        .await
+        .into_iter()
+        .map(|(channel, delivery)| {
+            let OutFrame::Text(frame) = &delivery.frame else {
+                panic!("a text frame");
+            };
+            let ServerEvent::Message(event) =
+                ServerEvent::decode(std::str::from_utf8(frame).unwrap()).unwrap()
+            else {
+                panic!("a message event");
+            };
+            (channel.to_string(), event.content.unwrap().get().to_owned())
+        })
+        .collect();
+    frames.sort();
+    let mut expected: Vec<(String, String)> = [
+        (Channel::Room("lobby".into()), "hello"),
+        (Channel::Room("lobby".into()), "changed"),
+        (Channel::User("bob".into()), "dm"),
+        (Channel::User("alice".into()), "dm"),
+        (Channel::User("carol".into()), "dm"),
+        (Channel::Room("lobby".into()), "last"),
+    ]
+    .into_iter()
+    .map(|(channel, text)| (channel.to_string(), format!("{text:?}")))
+    .collect();
+    expected.sort();
+    assert_eq!(
+        frames, expected,
+        "each message published once, retries none"
+    );
+    first.close().await;
+    second.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_a_request_repeated_on_another_node_gets_the_first_result() {
+    let Some(cluster) = RedisCluster::start(3).await else {
+        return;
+    };
+    let config = cluster.config();
+    let first = RedisStore::open(&config, StoreLimits::default())
+        .await
+        .unwrap();
+    let second = RedisStore::open(&config, StoreLimits::default())
+        .await
+        .unwrap();
+    retries_are_recognised_across_nodes("cluster", &first, &second).await;
+    first.close().await;
+    second.close().await;
 }
 
 #[tokio::test]

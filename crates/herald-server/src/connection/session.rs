@@ -26,7 +26,7 @@ use crate::engine::store::{Epoch, Offset, StoreError};
 use crate::hub::ConnHandle;
 use crate::hub::control::ConnControl;
 use crate::idempotency::{Claim, Recorder, Target};
-use crate::node::{Node, Published, Recovery};
+use crate::node::{Node, Origin, Published, Recovery};
 
 /// Whether a frame was over the rate limit.
 enum Limited {
@@ -395,9 +395,14 @@ impl Session {
         let Ok(recorder) = self.claim(&id, "send", Target::Users(&to), &content) else {
             return Ok(None);
         };
+        let origin = Origin {
+            user: &self.identity.user,
+            conn: Some(self.handle.id()),
+            idempotency: recorder.as_ref().map(Recorder::key),
+        };
         let committing = self
             .node
-            .send_direct_queued(&self.identity.user, Some(self.handle.id()), to, content)
+            .send_direct_queued(origin, to, content)
             .await
             .map_err(|e| internal(e, &id))?;
         self.answer_when_committed(committing, id, recorder, |outcome| Ack {
@@ -547,16 +552,14 @@ impl Session {
         } else {
             None
         };
+        let origin = Origin {
+            user: &self.identity.user,
+            conn: Some(self.handle.id()),
+            idempotency: recorder.as_ref().map(Recorder::key),
+        };
         let committing = self
             .node
-            .publish_queued(
-                &self.identity.user,
-                Some(self.handle.id()),
-                &room,
-                content,
-                echo,
-                persist,
-            )
+            .publish_queued(origin, &room, content, echo, persist)
             .await
             .map_err(|e| internal(e, &id))?;
         if !persist {

@@ -28,6 +28,13 @@
 //!   so retention never leaves a hole in the middle of a stream nor stalls the writer for long.
 //!   An inbox or conversation it empties by age (not an inbox emptied by acknowledgements) is
 //!   removed altogether: a later message recreates it with a new epoch.
+//! - Retries: a message may carry an [`IdempotencyKey`]. A store shared by several nodes (Redis)
+//!   records the key with the message's result, for the key's window, beside the data it
+//!   protects, and answers a later append with the same key (from any node, or after a reply
+//!   lost to a timeout) with the first attempt's message id, timestamp and positions, storing
+//!   and publishing nothing again; it completes a direct message the first attempt left half
+//!   done under the first attempt's id. A store that only one node uses (SQLite) ignores the
+//!   key: the node's own memory of its requests ([`crate::idempotency`]) covers that case.
 
 use std::fmt;
 use std::sync::Arc;
@@ -90,6 +97,20 @@ pub struct NewMessage {
     /// Unix milliseconds.
     pub ts: u64,
     pub content: Payload,
+    /// Set when the sender may retry the request that carried this message (see the
+    /// contract).
+    pub idempotency: Option<IdempotencyKey>,
+}
+
+/// Identifies a request of the message's sender (`from`) that may come again: its `id` and a
+/// fingerprint of the rest (type, target, content). A repeat within `window` is the same
+/// message; the same `request` with another fingerprint is a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub request: String,
+    /// Stable across processes and builds, so every node computes the same one.
+    pub fingerprint: u128,
+    pub window: Duration,
 }
 
 /// What to append.

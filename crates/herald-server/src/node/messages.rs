@@ -16,17 +16,19 @@ impl Node {
         to: Vec<String>,
         content: Payload,
     ) -> Result<DirectOutcome, EngineError> {
-        self.send_direct_queued(from, from_conn, to, content)
-            .await?
-            .await
+        let origin = Origin {
+            user: from,
+            conn: from_conn,
+            idempotency: None,
+        };
+        self.send_direct_queued(origin, to, content).await?.await
     }
 
     /// [`send_direct`](Self::send_direct) in two steps, as
     /// [`publish_queued`](Self::publish_queued).
     pub async fn send_direct_queued(
         &self,
-        from: &Arc<str>,
-        from_conn: Option<ConnId>,
+        origin: Origin<'_>,
         to: Vec<String>,
         content: Payload,
     ) -> Result<
@@ -47,9 +49,10 @@ impl Node {
         }
         let message = NewMessage {
             id: uuid::Uuid::now_v7().to_string(),
-            from: from.clone(),
+            from: origin.user.clone(),
             ts: unix_millis(),
             content,
+            idempotency: origin.idempotency,
         };
         let committed = self
             .append_queued(
@@ -58,7 +61,7 @@ impl Node {
                     recipients,
                     message,
                 },
-                from_conn,
+                origin.conn,
             )
             .await?;
         Ok(async move {
@@ -106,7 +109,12 @@ impl Node {
         echo: bool,
         persist: bool,
     ) -> Result<Published, EngineError> {
-        self.publish_queued(from, from_conn, room, content, echo, persist)
+        let origin = Origin {
+            user: from,
+            conn: from_conn,
+            idempotency: None,
+        };
+        self.publish_queued(origin, room, content, echo, persist)
             .await?
             .await
     }
@@ -117,20 +125,20 @@ impl Node {
     /// message per commit (an fsync with `synchronous = "full"`).
     pub async fn publish_queued(
         &self,
-        from: &Arc<str>,
-        from_conn: Option<ConnId>,
+        origin: Origin<'_>,
         room: &Arc<str>,
         content: Payload,
         echo: bool,
         persist: bool,
     ) -> Result<impl Future<Output = Result<Published, EngineError>> + Send + 'static, EngineError>
     {
-        let except = if echo { None } else { from_conn };
+        let except = if echo { None } else { origin.conn };
         let message = NewMessage {
             id: uuid::Uuid::now_v7().to_string(),
-            from: from.clone(),
+            from: origin.user.clone(),
             ts: unix_millis(),
             content,
+            idempotency: origin.idempotency,
         };
         if !persist {
             let frame = encode(room_header(&message, room, None), message.content);

@@ -36,7 +36,8 @@ use crate::engine::broker::{Broker, DeliveryHandler};
 use crate::engine::fanout::{encode, room_header};
 use crate::engine::presence::{Presence, RoomChange, RoomCount};
 use crate::engine::store::{
-    Append, Appended, Epoch, NewMessage, Offset, PruneReport, Store, StoreError, StreamPosition,
+    Append, Appended, Epoch, IdempotencyKey, NewMessage, Offset, PruneReport, Store, StoreError,
+    StreamPosition,
 };
 use crate::engine::timed::TimedPresence;
 use crate::hub::catch_up::{PAGE, Replay, Source, history_message};
@@ -92,6 +93,16 @@ pub struct Node {
     draining: CancellationToken,
     /// Request ids of recent stored messages, so a client's retry is not stored twice.
     idempotency: Idempotency,
+}
+
+/// Who sends a stored message.
+#[derive(Debug, Clone)]
+pub struct Origin<'a> {
+    pub user: &'a Arc<str>,
+    /// The sending connection, which gets the ack instead of a copy.
+    pub conn: Option<ConnId>,
+    /// Set when the request may be retried (see [`crate::idempotency`]).
+    pub idempotency: Option<IdempotencyKey>,
 }
 
 /// What the sender of a direct message learns.

@@ -494,6 +494,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
     }
 
+    /// Sends `request` with the given `id`, as a client retrying it would, and returns its ack.
+    pub async fn ack_with_id(&mut self, mut request: Value, id: &str) -> Ack {
+        request["id"] = json!(id);
+        self.send_json(request).await;
+        match self
+            .next_matching(|event| reference_of(event) == Some(id))
+            .await
+        {
+            ServerEvent::Ack(ack) => ack,
+            other => panic!("expected an ack for {id}, got {other:?}"),
+        }
+    }
+
     /// Publishes a stored message and returns its offset.
     pub async fn publish(&mut self, room: &str, content: Value) -> u64 {
         let ack = self

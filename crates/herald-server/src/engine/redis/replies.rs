@@ -46,11 +46,53 @@ pub(super) fn text(value: Value) -> Option<String> {
     }
 }
 
-pub(super) fn room_position(reply: Value) -> Result<StreamPosition, StoreError> {
-    let [offset, epoch] = fields(reply).ok_or_else(|| unexpected("append"))?;
-    Ok(StreamPosition {
-        offset: Offset(int(&offset).ok_or_else(|| unexpected("append"))?),
-        epoch: Epoch(text(epoch).ok_or_else(|| unexpected("append"))?),
+/// The message id and timestamp a retried request's first attempt stored.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct FirstAttempt {
+    pub id: String,
+    pub ts: u64,
+}
+
+/// A room append's reply: the position, and for a request recorded earlier, its first
+/// attempt (whose position it is).
+pub(super) fn room_appended(
+    reply: Value,
+) -> Result<(StreamPosition, Option<FirstAttempt>), StoreError> {
+    let unexpected = || unexpected("append");
+    if let Value::Array(_) = reply {
+        let [offset, epoch] = fields(reply).ok_or_else(unexpected)?;
+        let position = StreamPosition {
+            offset: Offset(int(&offset).ok_or_else(unexpected)?),
+            epoch: Epoch(text(epoch).ok_or_else(unexpected)?),
+        };
+        return Ok((position, None));
+    }
+    let record = text(reply).ok_or_else(unexpected)?;
+    let mut parts = record.splitn(4, ' ');
+    let (Some(offset), Some(epoch), Some(ts), Some(id)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(unexpected());
+    };
+    let position = StreamPosition {
+        offset: Offset(offset.parse().map_err(|_| unexpected())?),
+        epoch: Epoch(epoch.to_owned()),
+    };
+    let first = FirstAttempt {
+        id: id.to_owned(),
+        ts: ts.parse().map_err(|_| unexpected())?,
+    };
+    Ok((position, Some(first)))
+}
+
+/// A direct message's claim: the message id and timestamp of the request's first attempt.
+pub(super) fn claimed(reply: Value) -> Result<FirstAttempt, StoreError> {
+    let unexpected = || unexpected("append");
+    let record = text(reply).ok_or_else(unexpected)?;
+    let (ts, id) = record.split_once(' ').ok_or_else(unexpected)?;
+    Ok(FirstAttempt {
+        id: id.to_owned(),
+        ts: ts.parse().map_err(|_| unexpected())?,
     })
 }
 

@@ -7,7 +7,10 @@
 //! (`epoch`, `last`; an inbox also `acked` and `uses`) under the same hash tag. An inbox has its
 //! device marks (`stream:marks`, a sorted set device -> mark) and their order of use
 //! (`stream:uses`); inboxes and conversations remember the ids of their recent messages
-//! (`stream:seen`, id -> offset) so a retried append is not stored twice.
+//! (`stream:seen`, id -> offset) so a retried append is not stored twice. A request that may
+//! be retried leaves a record (`retry:FINGERPRINT:…`, a string expiring after the request's
+//! window): under the room's hash tag, written by the room's append script; under the
+//! sender's, claimed before a direct message's inbox writes.
 //!
 //! # Invariants
 //! - Every write is one Lua script on one stream's keys (one Cluster shard): offsets come from
@@ -18,6 +21,10 @@
 //! - A direct message touches several users, so it is one idempotent script per recipient's
 //!   inbox, then one per conversation, each keyed by the message id: no transaction spans
 //!   users, and a retry completes what a failed attempt left undone without duplicates.
+//! - A request recorded within its window is answered with its first attempt's result on any
+//!   node: a room append returns the recorded position and stores and publishes nothing; a
+//!   direct message goes on under the first attempt's id and timestamp, so its per-recipient
+//!   scripts store nothing twice and complete what the first attempt left undone.
 //! - `append` sends its requests before it returns (see [`started`]), so appends reach Redis in
 //!   the order they were called; conversation writes start in that order too.
 //! - Retention finds streams with `SCAN` on the Redis, or on every primary of a Cluster.
@@ -36,14 +43,18 @@ use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRou
 use redis::{Script, ScriptInvocation, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use super::replies::{fields, inbox_offset, int, room_position, stored_messages, text, unexpected};
+use super::replies::{
+    FirstAttempt, claimed, fields, inbox_offset, int, room_appended, stored_messages, text,
+    unexpected,
+};
 use super::{Connection, Keys};
 use crate::config::RedisConfig;
 use crate::delivery::{Channel, ConnId, Delivery};
 use crate::engine::fanout;
 use crate::engine::store::{
-    Append, Appended, Committing, Epoch, InboxRead, NewMessage, Offset, Page, PruneReport,
-    Retention, Store, StoreError, StoreLimits, StreamBounds, StreamPosition, StreamRead,
+    Append, Appended, Committing, Epoch, IdempotencyKey, InboxRead, NewMessage, Offset, Page,
+    PruneReport, Retention, Store, StoreError, StoreLimits, StreamBounds, StreamPosition,
+    StreamRead,
 };
 use crate::engine::wire;
 
@@ -74,9 +85,12 @@ const META: &str = "stream:meta";
 const MARKS: &str = "stream:marks";
 const USES: &str = "stream:uses";
 const SEEN: &str = "stream:seen";
+/// Retry records: `retry:FINGERPRINT:…`, one hash per request (see `retry_suffix`).
+const RETRY: &str = "retry";
 
 struct Scripts {
     room_append: Script,
+    direct_claim: Script,
     inbox_append: Script,
     conversation_append: Script,
     read_after: Script,
@@ -90,6 +104,7 @@ struct Scripts {
 /// it does not know it (a restarted or flushed Redis).
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     room_append: Script::new(include_str!("scripts/room_append.lua")),
+    direct_claim: Script::new(include_str!("scripts/direct_claim.lua")),
     inbox_append: Script::new(include_str!("scripts/inbox_append.lua")),
     conversation_append: Script::new(include_str!("scripts/conversation_append.lua")),
     read_after: Script::new(include_str!("scripts/read_after.lua")),
@@ -137,6 +152,7 @@ impl RedisStore {
         let scripts = &*SCRIPTS;
         for script in [
             &scripts.room_append,
+            &scripts.direct_claim,
             &scripts.inbox_append,
             &scripts.conversation_append,
             &scripts.read_after,
@@ -219,6 +235,29 @@ impl RedisStore {
             .arg(message.ts);
         content_args(&mut invocation, &message.content);
         invocation
+    }
+
+    /// Claims a direct message's request for its sender (see `direct_claim.lua`) and, when an
+    /// earlier attempt claimed it, takes that attempt's message id and timestamp. Returns
+    /// whether it was earlier.
+    async fn claim_direct(&self, message: &mut NewMessage) -> Result<bool, StoreError> {
+        let Some(key) = &message.idempotency else {
+            return Ok(false);
+        };
+        let mut invocation = SCRIPTS.direct_claim.prepare_invoke();
+        invocation
+            .key(self.keys.user(&message.from, &retry_suffix(key, None)))
+            .arg(&message.id)
+            .arg(message.ts)
+            .arg(window_millis(key));
+        let first = claimed(self.run("append", invocation).await?)?;
+        if first.id == message.id {
+            return Ok(false);
+        }
+        let FirstAttempt { id, ts } = first;
+        message.id = id;
+        message.ts = ts;
+        Ok(true)
     }
 
     async fn start(
@@ -570,6 +609,24 @@ fn failed(operation: &'static str) -> impl Fn(redis::RedisError) -> StoreError {
     }
 }
 
+/// The key suffix of a request's retry record: the fingerprint (fixed length) first, then for
+/// a room the sender (a name holds no space) and a space, then the request id. Kept whole
+/// rather than hashed, so one user's records can never collide with another's.
+fn retry_suffix(key: &IdempotencyKey, user: Option<&str>) -> String {
+    let fingerprint = key.fingerprint;
+    match user {
+        Some(user) => format!("{RETRY}:{fingerprint:032x}:{user} {}", key.request),
+        None => format!("{RETRY}:{fingerprint:032x}:{}", key.request),
+    }
+}
+
+/// A retry record's lifetime: the key's window, at least a millisecond (`PEXPIRE` 0 deletes).
+fn window_millis(key: &IdempotencyKey) -> u64 {
+    u64::try_from(key.window.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
 /// `text` matched literally by a `SCAN` pattern.
 fn glob_escape(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
@@ -594,13 +651,14 @@ impl Store for RedisStore {
     }
 
     /// Stores the message and publishes its frames (one per stream, each with its offset)
-    /// through Redis pub/sub. Waits only for room among the appends in flight; the returned
-    /// future resolves once Redis has stored and published it. The requests are sent before
-    /// this returns, so appends are ordered as they were called. Each append completes in a
-    /// task of its own, even if the future is dropped or polled late.
+    /// through Redis pub/sub. Waits only for room among the appends in flight and, for a
+    /// direct message that may be retried, for its claim (whose message id the inbox writes
+    /// need); the returned future resolves once Redis has stored and published it. The
+    /// requests are sent before this returns, so appends are ordered as they were called. Each
+    /// append completes in a task of its own, even if the future is dropped or polled late.
     async fn append(
         &self,
-        append: Append,
+        mut append: Append,
         except: Option<ConnId>,
     ) -> Result<Committing, StoreError> {
         if self.closed.load(Ordering::Acquire) {
@@ -612,6 +670,10 @@ impl Store for RedisStore {
             .acquire_owned()
             .await
             .map_err(|_| StoreError::Closed)?;
+        let retried = match &mut append {
+            Append::Direct { message, .. } => self.claim_direct(message).await?,
+            Append::Room { .. } => false,
+        };
         let mut appended = awaiting_offsets(append);
         let frames = fanout::frames(&appended, except);
         match &appended {
@@ -630,12 +692,25 @@ impl Store for RedisStore {
                     .arg(&*message.from)
                     .arg(message.ts);
                 content_args(&mut invocation, &message.content);
+                if let Some(key) = &message.idempotency {
+                    let suffix = retry_suffix(key, Some(&message.from));
+                    invocation
+                        .key(self.keys.room(room, &suffix))
+                        .arg(window_millis(key));
+                }
                 let request = self.start(invocation).await;
                 Ok(spawned(permit, async move {
                     let reply = request.await.map_err(failed("append"))?;
-                    let position = room_position(reply)?;
-                    if let Appended::Room { position: at, .. } = &mut appended {
-                        *at = position;
+                    let (stored_at, first) = room_appended(reply)?;
+                    if let Appended::Room {
+                        position, message, ..
+                    } = &mut appended
+                    {
+                        *position = stored_at;
+                        if let Some(FirstAttempt { id, ts }) = first {
+                            message.id = id;
+                            message.ts = ts;
+                        }
                     }
                     Ok(appended)
                 }))
@@ -703,8 +778,11 @@ impl Store for RedisStore {
                             requests.push(start(&connection, invocation).await);
                         }
                     }
+                    // A retried request's first attempt published the sender's copy (or failed
+                    // before its inbox writes: pub/sub is at-most-once, and the sender's other
+                    // connections find the message in history).
                     let sender_copy = match sender_copy {
-                        Some(publish) if full.is_empty() && failure.is_none() => {
+                        Some(publish) if !retried && full.is_empty() && failure.is_none() => {
                             let mut connection = connection.clone();
                             Some(
                                 started(
