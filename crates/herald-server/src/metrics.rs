@@ -159,6 +159,14 @@ pub const CATALOGUE: &[Metric] = &[
         series: NO_LABELS,
     },
     Metric {
+        name: "herald_deflate_compressions_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Messages compressed by Herald for connections without server context takeover: \
+               one per message and window size, however many connections it goes to.",
+        series: NO_LABELS,
+    },
+    Metric {
         name: "herald_messages_accepted_total",
         kind: Kind::Counter,
         unit: None,
@@ -407,6 +415,7 @@ pub struct HotPath {
     pub binary_out: Counter,
     pub sent_bytes: Counter,
     pub received_bytes: Counter,
+    pub deflate_compressions: Counter,
 }
 
 /// A gauge handle for a long-lived task to keep: the recorder is installed first, since a handle
@@ -425,5 +434,6 @@ pub static HOT: LazyLock<HotPath> = LazyLock::new(|| {
         binary_out: metrics::counter!("herald_messages_out_total", "type" => "binary"),
         sent_bytes: metrics::counter!("herald_sent_bytes_total"),
         received_bytes: metrics::counter!("herald_received_bytes_total"),
+        deflate_compressions: metrics::counter!("herald_deflate_compressions_total"),
     }
 });

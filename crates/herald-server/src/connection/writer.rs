@@ -20,11 +20,12 @@ use futures::{Sink, SinkExt};
 use tokio::time::{Instant, sleep_until, timeout};
 use yawc::{Frame, WebSocketError};
 
+use crate::deflate::SharedDeflate;
 use crate::delivery::{OutFrame, Outgoing};
 use crate::hub::control::{CloseReason, ConnControl, Expiry, ExpiryKind, Side, instant_at};
 use crate::hub::outbox::Outbox;
 use crate::metrics::HOT;
-use crate::transport::WriteProgress;
+use crate::transport::{Outbound, WriteProgress};
 use herald_protocol::{CloseCode, RefreshNotice, ServerEvent};
 
 /// How long a Close frame may take to go out before the socket is simply dropped.
@@ -56,7 +57,7 @@ pub fn run<S>(
     timing: Timing,
 ) -> impl Future<Output = ()> + Send
 where
-    S: Sink<Frame, Error = WebSocketError> + Unpin + Send,
+    S: Sink<Outbound, Error = WebSocketError> + Unpin + Send,
 {
     // Made here, not in the block: a value moved from a capture to a local keeps both slots.
     let mut clock = Clock::new(timing);
@@ -104,7 +105,7 @@ where
                         // The expiry moved (a refresh): recompute the deadline.
                         Due::Nothing => continue,
                     };
-                    let send = sink.send(frame);
+                    let send = sink.send(frame.into());
                     let stall = clock.timing.write_timeout;
                     let sent = tokio::select! {
                         sent = Box::pin(unless_stalled(send, &progress, stall)) => sent,
@@ -251,7 +252,7 @@ async fn write_batch<S>(
     control: &ConnControl,
 ) -> Result<(), WebSocketError>
 where
-    S: Sink<Frame, Error = WebSocketError> + Unpin,
+    S: Sink<Outbound, Error = WebSocketError> + Unpin,
 {
     let (mut text, mut binary, mut bytes) = (0u64, 0u64, 0usize);
     for item in &mut frames {
@@ -262,7 +263,7 @@ where
             OutFrame::Text(_) => text += 1,
             OutFrame::Binary(_) => binary += 1,
         }
-        sink.feed(to_frame(frame)).await?;
+        sink.feed(to_outbound(frame, item.deflate.take())).await?;
     }
     // Counted before the flush: whoever has read these frames finds them in the stats.
     control.stats.sent(frames.len(), bytes);
@@ -282,38 +283,36 @@ where
     Ok(())
 }
 
-fn to_frame(frame: OutFrame) -> Frame {
-    match frame {
+fn to_outbound(frame: OutFrame, deflate: Option<Arc<SharedDeflate>>) -> Outbound {
+    let frame = match frame {
         OutFrame::Text(bytes) => Frame::text(bytes),
         OutFrame::Binary(bytes) => Frame::binary(bytes),
-    }
+    };
+    Outbound::new(frame, deflate)
 }
 
 /// Ends the connection: what is already queued goes out first (the errors that explain a
 /// policy close, say), except for a slow consumer, whose backlog is the problem.
 async fn close<S>(sink: &mut S, outbox: &Outbox, reason: CloseReason) -> Result<(), WebSocketError>
 where
-    S: Sink<Frame, Error = WebSocketError> + Unpin,
+    S: Sink<Outbound, Error = WebSocketError> + Unpin,
 {
     match reason {
         CloseReason::Send(code) => {
             if code != CloseCode::SLOW_CONSUMER {
                 for queued in outbox.take_now() {
-                    sink.feed(to_frame(queued.frame)).await?;
+                    sink.feed(to_outbound(queued.frame, queued.deflate)).await?;
                 }
             }
-            sink.send(Frame::close(
-                yawc::close::CloseCode::from(code.code),
-                code.reason,
-            ))
-            .await?;
+            sink.send(Frame::close(yawc::close::CloseCode::from(code.code), code.reason).into())
+                .await?;
         }
         CloseReason::Kicked { code, reason } => {
             // What was queued before the disconnect (a "you are banned" notice) goes first.
             for queued in outbox.take_now() {
-                sink.feed(to_frame(queued.frame)).await?;
+                sink.feed(to_outbound(queued.frame, queued.deflate)).await?;
             }
-            sink.send(Frame::close(yawc::close::CloseCode::from(code), &*reason))
+            sink.send(Frame::close(yawc::close::CloseCode::from(code), &*reason).into())
                 .await?;
         }
         // The reader already let the library answer the peer; just end the stream.
