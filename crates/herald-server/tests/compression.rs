@@ -830,6 +830,30 @@ mod cost {
         rate: f64,
     }
 
+    /// `docs/benchmarks.md`, #15 §3: plain and deflate deliveries of 2 KB messages to 1,000
+    /// subscribers, alternating in one run, with the ratio of server CPU per delivery.
+    #[tokio::test]
+    #[ignore = "measurement; see docs/benchmarks.md"]
+    async fn deflate_against_plain_cpu_per_delivery_at_1000_subscribers() {
+        let content = prose(2000);
+        println!("2 KB content, 1,000 subscribers × 100 messages; server CPU per delivery:");
+        for _ in 0..3 {
+            let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap();
+            let plain = fan_out(false, 1000, 100, &content).await;
+            let deflate = fan_out(true, 1000, 100, &content).await;
+            println!(
+                "  plain {:5.2} µs {:5.0} B | deflate {:5.2} µs {:5.0} B | ratio {:4.2} | load {}",
+                plain.cpu_micros,
+                plain.bytes,
+                deflate.cpu_micros,
+                deflate.bytes,
+                deflate.cpu_micros / plain.cpu_micros,
+                loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+            );
+            assert!(deflate.bytes < plain.bytes, "{} B", deflate.bytes);
+        }
+    }
+
     #[tokio::test]
     #[ignore = "measurement; see docs/conformance.md"]
     async fn server_cpu_per_delivery_with_and_without_deflate() {
