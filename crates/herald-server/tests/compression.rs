@@ -848,7 +848,11 @@ mod cost {
                 deflate.cpu_micros,
                 deflate.bytes,
                 deflate.cpu_micros / plain.cpu_micros,
-                loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+                loadavg
+                    .split_whitespace()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" "),
             );
             assert!(deflate.bytes < plain.bytes, "{} B", deflate.bytes);
         }
