@@ -103,7 +103,7 @@ async fn echo(mut socket: Socket) {
             OpCode::Binary => Frame::binary(frame.into_payload()),
             _ => continue,
         };
-        if socket.send(reply).await.is_err() {
+        if socket.send(reply.into()).await.is_err() {
             break;
         }
     }

@@ -567,7 +567,8 @@ pub struct CompressionConfig {
     #[serde(deserialize_with = "deflate_level")]
     pub level: u32,
     /// Reset the server's compressor after every message, so an idle connection keeps no
-    /// deflate state (it is borrowed from a shared pool per message). Imposed on every client.
+    /// deflate state and a fanned-out message is compressed once for every connection sharing
+    /// its window size. Imposed on every client.
     pub server_no_context_takeover: bool,
     /// Ask clients to reset their compressor after every message, so the server inflates with
     /// pooled state too. Imposed on every client; RFC 7692 lets the server require it.

@@ -8,6 +8,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::deflate::SharedDeflate;
+
 /// A connection id, unique across nodes: a random per-process base plus a counter, so two nodes
 /// collide only if their 2^64 ranges overlap within the counter's reach (negligible).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -91,6 +93,20 @@ impl OutFrame {
 pub struct Outgoing {
     pub frame: OutFrame,
     pub accepted: Instant,
+    /// The message's compressed forms, shared by its recipients; present on a fan-out's frames
+    /// when the node compresses and the message is large enough.
+    pub deflate: Option<Arc<SharedDeflate>>,
+}
+
+impl Outgoing {
+    /// A frame for one connection only: nobody shares its compressed form.
+    pub fn single(frame: OutFrame, accepted: Instant) -> Self {
+        Outgoing {
+            frame,
+            accepted,
+            deflate: None,
+        }
+    }
 }
 
 /// A fan-out destination, shared by every node through the broker.

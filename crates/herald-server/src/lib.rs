@@ -8,6 +8,8 @@
 //! - [`http`]: the router: WebSocket upgrade (`/ws`, `/ws/{room}`), the server API (`/api/`),
 //!   `/metrics`, `/health`, `/ready`, static files at `/`.
 //! - [`transport`]: how a request becomes a WebSocket, with which limits.
+//! - [`deflate`]: outgoing permessage-deflate without context takeover, compressed once per
+//!   message and window size and shared by its recipients.
 //! - [`connection`]: one client: reader, session (requests), writer (batching, heartbeat
 //!   deadline).
 //! - [`node`]: every operation (send, publish, join, history, …) joining the hub to the
@@ -29,6 +31,7 @@
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod deflate;
 pub mod delivery;
 pub mod engine;
 pub mod http;

@@ -159,6 +159,14 @@ pub const CATALOGUE: &[Metric] = &[
         series: NO_LABELS,
     },
     Metric {
+        name: "herald_deflate_compressions_total",
+        kind: Kind::Counter,
+        unit: None,
+        help: "Messages compressed by Herald for connections without server context takeover: \
+               one per message and window size, however many connections it goes to.",
+        series: NO_LABELS,
+    },
+    Metric {
         name: "herald_messages_accepted_total",
         kind: Kind::Counter,
         unit: None,
@@ -415,6 +423,7 @@ pub struct HotPath {
     /// `herald_engine_operation_seconds` of the two engine calls every message makes.
     pub broker_publish: Histogram,
     pub presence_online: Histogram,
+    pub deflate_compressions: Counter,
 }
 
 /// The `herald_engine_operation_seconds` histogram of one engine call.
@@ -448,5 +457,6 @@ pub static HOT: LazyLock<HotPath> = LazyLock::new(|| {
         accepted_room: metrics::counter!("herald_messages_accepted_total", "kind" => "room"),
         broker_publish: engine_operation("broker", "publish"),
         presence_online: engine_operation("presence", "online"),
+        deflate_compressions: metrics::counter!("herald_deflate_compressions_total"),
     }
 });

@@ -18,11 +18,15 @@
 //!   writes them only when a read would block, so a peer sending Pings without reading grew
 //!   that queue without end; this socket reads nothing more until the Pong it owes is written.
 //!
-//! Memory: a direction without context takeover borrows its deflate state from one process-wide
-//! [`DeflatePool`] for one message at a time, so an idle connection holds none.
-//! CPU: yawc compresses inside its `Sink` and has no way to send a frame compressed beforehand,
-//! so a message going to N deflate connections is compressed N times. The threshold keeps small
-//! messages out of it; `docs/conformance.md` ("Compression cost") gives the measured price.
+//! Outgoing compression without server context takeover (the default) is Herald's
+//! ([`crate::deflate`]): the socket compresses each [`Outbound`] message itself, or takes the
+//! form other recipients of the same message already compressed with the same terms, so a
+//! message going to N deflate connections is compressed once. yawc compresses nothing on such
+//! a connection; with server context takeover it compresses per connection, as before.
+//! Memory: yawc borrows its deflate state for incoming messages (and for outgoing ones with
+//! context takeover off) from one process-wide [`DeflatePool`] for one message at a time, and
+//! Herald's outgoing state is per worker thread, so an idle connection holds none.
+//! `docs/benchmarks.md` (#15 §3) gives the measured price per delivery.
 
 use std::fmt;
 use std::future::Future;
@@ -43,6 +47,7 @@ use yawc::{
 };
 
 use crate::config::{CompressionConfig, WINDOW_BITS};
+use crate::deflate::{DeflateParams, SharedDeflate};
 
 /// A server-side WebSocket as Herald runs it, on the upgraded HTTP connection.
 pub type Socket = ServerSocket<TokioIo<Upgraded>>;
@@ -326,6 +331,28 @@ pub struct ServerSocket<S> {
     guard: Arc<GuardState>,
     /// A Ping was handed on and yawc queued its Pong: the Pong goes out before the next read.
     pong_owed: bool,
+    /// Set when outgoing messages are compressed without context takeover: by this socket,
+    /// not by yawc.
+    deflate: Option<DeflateParams>,
+}
+
+/// A frame for a [`ServerSocket`] to send, with the compressed forms its message shares with
+/// other recipients, if it has any.
+pub struct Outbound {
+    frame: Frame,
+    shared: Option<Arc<SharedDeflate>>,
+}
+
+impl Outbound {
+    pub fn new(frame: Frame, shared: Option<Arc<SharedDeflate>>) -> Self {
+        Outbound { frame, shared }
+    }
+}
+
+impl From<Frame> for Outbound {
+    fn from(frame: Frame) -> Self {
+        Outbound::new(frame, None)
+    }
 }
 
 enum State {
@@ -341,7 +368,25 @@ enum State {
 impl<S: AsyncRead + AsyncWrite + Unpin> ServerSocket<S> {
     /// Starts the WebSocket on `io`, an upgraded connection, with the agreed `extensions`
     /// (the response's `Sec-WebSocket-Extensions`, if any).
-    pub fn new(io: S, extensions: Option<&str>, options: Options) -> Result<Self, WebSocketError> {
+    pub fn new(
+        io: S,
+        extensions: Option<&str>,
+        mut options: Options,
+    ) -> Result<Self, WebSocketError> {
+        let agreed = extensions.and_then(parse_offer);
+        let deflate = match (agreed, options.compression.as_mut()) {
+            (Some(agreed), Some(policy)) if agreed.server_no_context_takeover => {
+                let params = DeflateParams::new(
+                    policy.level.level(),
+                    agreed.server_max_window_bits.unwrap_or(FULL_WINDOW_BITS),
+                    policy.compression_threshold,
+                );
+                // Out of reach: this socket compresses, and yawc must not do it again.
+                policy.compression_threshold = usize::MAX;
+                Some(params)
+            }
+            _ => None,
+        };
         let guard = ControlFrameGuard::new(io);
         let state = guard.state();
         let inner =
@@ -351,6 +396,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerSocket<S> {
             state: State::Open,
             guard: state,
             pong_owed: false,
+            deflate,
         })
     }
 
@@ -438,7 +484,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for ServerSocket<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Frame> for ServerSocket<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Outbound> for ServerSocket<S> {
     type Error = WebSocketError;
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -449,10 +495,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Frame> for ServerSocket<S> {
         self.inner.poll_ready_unpin(cx)
     }
 
-    fn start_send(mut self: Pin<&mut Self>, frame: Frame) -> Result<(), Self::Error> {
+    fn start_send(mut self: Pin<&mut Self>, outbound: Outbound) -> Result<(), Self::Error> {
         if let State::Failed(_) = self.state {
             return Err(WebSocketError::ConnectionClosed);
         }
+        let frame = match &self.deflate {
+            Some(deflate) => deflate.prepare(outbound.frame, outbound.shared.as_deref()),
+            None => outbound.frame,
+        };
         self.inner.start_send_unpin(frame)
     }
 
@@ -914,7 +964,7 @@ mod tests {
             while let Some(frame) = socket.next().await {
                 if frame.opcode() == OpCode::Text {
                     let echo = Frame::text(frame.into_payload());
-                    socket.send(echo).await.unwrap();
+                    socket.send(echo.into()).await.unwrap();
                 }
             }
             // As Herald's writer does once the reader has stopped.

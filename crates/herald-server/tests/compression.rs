@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -77,6 +78,8 @@ struct WireFrame {
     compressed: bool,
     opcode: u8,
     wire_len: usize,
+    /// The payload as sent (compressed, if `compressed`).
+    payload: Vec<u8>,
 }
 
 /// yawc's client over a [`RecordingStream`].
@@ -90,9 +93,14 @@ impl DeflateClient {
     /// Connects with `options` (which decide the offer) and reads the welcome.
     async fn connect(server: &TestServer, user: &str, options: Options) -> DeflateClient {
         let url = server.url(&format!("/ws?token={}", server.token(user)));
+        DeflateClient::open(server.addr, &url, options).await
+    }
+
+    /// Connects to `url` on `addr` with `options` and reads the welcome.
+    async fn open(addr: SocketAddr, url: &str, options: Options) -> DeflateClient {
         let read = Arc::new(Mutex::new(Vec::new()));
         let io = RecordingStream {
-            inner: TcpStream::connect(server.addr).await.unwrap(),
+            inner: TcpStream::connect(addr).await.unwrap(),
             read: read.clone(),
         };
         let handshake = WebSocket::handshake_with_request(
@@ -149,6 +157,7 @@ impl DeflateClient {
                 compressed: rest[0] & 0x40 != 0,
                 opcode: rest[0] & 0x0F,
                 wire_len: len,
+                payload: rest[header..header + len].to_vec(),
             });
             rest = &rest[header + len..];
         }
@@ -429,6 +438,108 @@ async fn a_deflate_client_and_a_plain_client_each_get_the_same_direct_message() 
         .await;
     assert_eq!(content_of(&to_deflate), json!(large));
     assert_eq!(content_of(&to_plain), json!(large));
+}
+
+/// A `herald serve` process of its own, with compression on, presence off and anonymous users:
+/// its metrics count only what this test does.
+struct CompressingProcess {
+    _child: tokio::process::Child,
+    _data: tempfile::TempDir,
+    addr: SocketAddr,
+}
+
+impl CompressingProcess {
+    async fn start() -> CompressingProcess {
+        let data = tempfile::tempdir().unwrap();
+        let mut child = common::process::herald(data.path())
+            .args(["serve", "--anonymous", "--listen", "127.0.0.1:0"])
+            .args(["--log-format", "json"])
+            .env("HERALD_STORE_PATH", data.path())
+            .env("HERALD_COMPRESSION_ENABLED", "true")
+            .env("HERALD_PRESENCE_OFF", "*")
+            .spawn()
+            .unwrap();
+        let mut log = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+            child.stderr.take().unwrap(),
+        ));
+        let listening =
+            common::process::wait_for_log(&mut log, |entry| entry["address"].is_string()).await;
+        let addr = listening["address"].as_str().unwrap().parse().unwrap();
+        // The log pipe must keep draining, or a server that logs a lot would block on it.
+        tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+        CompressingProcess {
+            _child: child,
+            _data: data,
+            addr,
+        }
+    }
+
+    fn url(&self, user: &str) -> String {
+        format!("ws://{}/ws?user={user}", self.addr)
+    }
+
+    async fn compressions(&self) -> f64 {
+        let reply = common::fetch(format!("http://{}/metrics", self.addr), "GET", None, None).await;
+        common::Scrape::parse(&reply.body).value("herald_deflate_compressions_total")
+    }
+}
+
+#[tokio::test]
+async fn a_room_message_is_compressed_once_for_all_its_deflate_members_and_plain_ones_get_it_plain()
+{
+    const DEFLATE_MEMBERS: usize = 4;
+    let server = CompressingProcess::start().await;
+    let join = json!({"type": "join", "room": "fan"});
+    let mut deflate = Vec::new();
+    for n in 0..DEFLATE_MEMBERS {
+        let url = server.url(&format!("d{n}"));
+        let mut client = DeflateClient::open(server.addr, &url, deflate_offer()).await;
+        assert_eq!(client.extensions().as_deref(), Some(DEFAULT_AGREEMENT));
+        assert!(matches!(
+            client.request(join.clone()).await,
+            ServerEvent::Ack(_)
+        ));
+        deflate.push(client);
+    }
+    let mut plain = common::Client::open(&server.url("plain")).await;
+    assert!(matches!(plain.join("fan").await, ServerEvent::Ack(_)));
+    let mut publisher = common::Client::open(&server.url("publisher")).await;
+    assert!(matches!(publisher.join("fan").await, ServerEvent::Ack(_)));
+
+    let before = server.compressions().await;
+    let content = json!(chatty_text(2_000));
+    publisher.publish("fan", content.clone()).await;
+    let to_plain = plain
+        .next_matching(|e| matches!(e, ServerEvent::Message(_)))
+        .await;
+    assert_eq!(content_of(&to_plain), content);
+    let mut sent = Vec::new();
+    for client in &mut deflate {
+        let (event, _) = client.next_message().await;
+        assert_eq!(content_of(&event), content);
+        let frame = client.frames_received().pop().unwrap();
+        assert!(frame.compressed, "{frame:?}");
+        assert!(frame.wire_len < 2_000 / 4, "{} bytes", frame.wire_len);
+        sent.push(frame.payload);
+    }
+    assert!(
+        sent.windows(2).all(|pair| pair[0] == pair[1]),
+        "every deflate member got the same compressed bytes"
+    );
+    assert_eq!(
+        server.compressions().await - before,
+        1.0,
+        "one compression for {DEFLATE_MEMBERS} deflate members"
+    );
+
+    // Each message is compressed once: the second one once more.
+    let content = json!(chatty_text(3_000));
+    publisher.publish("fan", content.clone()).await;
+    for client in &mut deflate {
+        let (event, _) = client.next_message().await;
+        assert_eq!(content_of(&event), content);
+    }
+    assert_eq!(server.compressions().await - before, 2.0);
 }
 
 /// The measurements behind `docs/conformance.md`, "Compression cost": a `herald serve` process
@@ -717,6 +828,34 @@ mod cost {
         cpu_micros: f64,
         bytes: f64,
         rate: f64,
+    }
+
+    /// `docs/benchmarks.md`, #15 §3: plain and deflate deliveries of 2 KB messages to 1,000
+    /// subscribers, alternating in one run, with the ratio of server CPU per delivery.
+    #[tokio::test]
+    #[ignore = "measurement; see docs/benchmarks.md"]
+    async fn deflate_against_plain_cpu_per_delivery_at_1000_subscribers() {
+        let content = prose(2000);
+        println!("2 KB content, 1,000 subscribers × 100 messages; server CPU per delivery:");
+        for _ in 0..3 {
+            let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap();
+            let plain = fan_out(false, 1000, 100, &content).await;
+            let deflate = fan_out(true, 1000, 100, &content).await;
+            println!(
+                "  plain {:5.2} µs {:5.0} B | deflate {:5.2} µs {:5.0} B | ratio {:4.2} | load {}",
+                plain.cpu_micros,
+                plain.bytes,
+                deflate.cpu_micros,
+                deflate.bytes,
+                deflate.cpu_micros / plain.cpu_micros,
+                loadavg
+                    .split_whitespace()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+            assert!(deflate.bytes < plain.bytes, "{} B", deflate.bytes);
+        }
     }
 
     #[tokio::test]

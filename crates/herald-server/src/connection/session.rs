@@ -732,10 +732,7 @@ impl Session {
             ));
             return;
         }
-        let outgoing = Outgoing {
-            frame: OutFrame::Text(frame),
-            accepted: Instant::now(),
-        };
+        let outgoing = Outgoing::single(OutFrame::Text(frame), Instant::now());
         self.handle
             .send(outgoing, self.node.config().limits.write_timeout)
             .await;

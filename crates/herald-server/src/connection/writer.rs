@@ -12,6 +12,7 @@
 //! stops reading cannot hold the connection's memory for longer than that.
 
 use std::collections::VecDeque;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant as StdInstant};
@@ -20,11 +21,12 @@ use futures::{Sink, SinkExt};
 use tokio::time::{Instant, sleep_until, timeout};
 use yawc::{Frame, WebSocketError};
 
+use crate::deflate::SharedDeflate;
 use crate::delivery::{OutFrame, Outgoing};
 use crate::hub::control::{CloseReason, ConnControl, Expiry, ExpiryKind, Side, instant_at};
 use crate::hub::outbox::Outbox;
 use crate::metrics::HOT;
-use crate::transport::WriteProgress;
+use crate::transport::{Outbound, WriteProgress};
 use herald_protocol::{CloseCode, RefreshNotice, ServerEvent};
 
 /// How long a Close frame may take to go out before the socket is simply dropped.
@@ -56,7 +58,7 @@ pub fn run<S>(
     timing: Timing,
 ) -> impl Future<Output = ()> + Send
 where
-    S: Sink<Frame, Error = WebSocketError> + Unpin + Send,
+    S: Sink<Outbound, Error = WebSocketError> + Unpin + Send,
 {
     // Made here, not in the block: a value moved from a capture to a local keeps both slots.
     let mut clock = Clock::new(timing);
@@ -104,7 +106,7 @@ where
                         // The expiry moved (a refresh): recompute the deadline.
                         Due::Nothing => continue,
                     };
-                    let send = sink.send(frame);
+                    let send = sink.send(frame.into());
                     let stall = clock.timing.write_timeout;
                     let sent = tokio::select! {
                         sent = Box::pin(unless_stalled(send, &progress, stall)) => sent,
@@ -166,8 +168,10 @@ fn stalled(control: &ConnControl) -> CloseReason {
 struct Clock {
     timing: Timing,
     next_ping: Instant,
-    /// The token expiry a refresh notice was already sent for.
-    noticed_expiry: Option<Expiry>,
+    /// The token expiry (unix ms) a refresh notice was already sent for. Only token expiries
+    /// get a notice, so the instant alone tells them apart; 8 bytes where an `Option<Expiry>`
+    /// takes 16, in a struct every idle connection holds.
+    noticed_expiry: Option<NonZeroU64>,
 }
 
 /// What a wake-up of the writer's deadline calls for.
@@ -200,7 +204,7 @@ impl Clock {
         let expiry = control.expiry()?;
         let at = instant_at(now, expiry.at_unix_ms);
         let notice_at = (expiry.kind == ExpiryKind::TokenExpiry
-            && self.noticed_expiry != Some(expiry))
+            && self.noticed_expiry != NonZeroU64::new(expiry.at_unix_ms))
         .then(|| at.checked_sub(self.timing.refresh_notice).unwrap_or(at));
         Some((expiry, at, notice_at))
     }
@@ -229,7 +233,7 @@ impl Clock {
                 });
             }
             if notice_at.is_some_and(|notice_at| now >= notice_at) {
-                self.noticed_expiry = Some(expiry);
+                self.noticed_expiry = NonZeroU64::new(expiry.at_unix_ms);
                 let expires_in = at.saturating_duration_since(now).as_secs();
                 return Due::Send(Frame::text(
                     ServerEvent::Refresh(RefreshNotice { expires_in }).encode(),
@@ -251,7 +255,7 @@ async fn write_batch<S>(
     control: &ConnControl,
 ) -> Result<(), WebSocketError>
 where
-    S: Sink<Frame, Error = WebSocketError> + Unpin,
+    S: Sink<Outbound, Error = WebSocketError> + Unpin,
 {
     let (mut text, mut binary, mut bytes) = (0u64, 0u64, 0usize);
     for item in &mut frames {
@@ -262,7 +266,7 @@ where
             OutFrame::Text(_) => text += 1,
             OutFrame::Binary(_) => binary += 1,
         }
-        sink.feed(to_frame(frame)).await?;
+        sink.feed(to_outbound(frame, item.deflate.take())).await?;
     }
     // Counted before the flush: whoever has read these frames finds them in the stats.
     control.stats.sent(frames.len(), bytes);
@@ -282,18 +286,19 @@ where
     Ok(())
 }
 
-fn to_frame(frame: OutFrame) -> Frame {
-    match frame {
+fn to_outbound(frame: OutFrame, deflate: Option<Arc<SharedDeflate>>) -> Outbound {
+    let frame = match frame {
         OutFrame::Text(bytes) => Frame::text(bytes),
         OutFrame::Binary(bytes) => Frame::binary(bytes),
-    }
+    };
+    Outbound::new(frame, deflate)
 }
 
 /// Ends the connection: what is already queued goes out first (the errors that explain a
 /// policy close, say), except for a slow consumer, whose backlog is the problem.
 async fn close<S>(sink: &mut S, outbox: &Outbox, reason: CloseReason) -> Result<(), WebSocketError>
 where
-    S: Sink<Frame, Error = WebSocketError> + Unpin,
+    S: Sink<Outbound, Error = WebSocketError> + Unpin,
 {
     match reason {
         CloseReason::Send(code) => {
@@ -302,21 +307,18 @@ where
             // last offset it got, so neither is flushed.
             if code != CloseCode::SLOW_CONSUMER && code != CloseCode::SERVICE_RESTART {
                 for queued in outbox.take_now() {
-                    sink.feed(to_frame(queued.frame)).await?;
+                    sink.feed(to_outbound(queued.frame, queued.deflate)).await?;
                 }
             }
-            sink.send(Frame::close(
-                yawc::close::CloseCode::from(code.code),
-                code.reason,
-            ))
-            .await?;
+            sink.send(Frame::close(yawc::close::CloseCode::from(code.code), code.reason).into())
+                .await?;
         }
         CloseReason::Kicked { code, reason } => {
             // What was queued before the disconnect (a "you are banned" notice) goes first.
             for queued in outbox.take_now() {
-                sink.feed(to_frame(queued.frame)).await?;
+                sink.feed(to_outbound(queued.frame, queued.deflate)).await?;
             }
-            sink.send(Frame::close(yawc::close::CloseCode::from(code), &*reason))
+            sink.send(Frame::close(yawc::close::CloseCode::from(code), &*reason).into())
                 .await?;
         }
         // The reader already let the library answer the peer; just end the stream.

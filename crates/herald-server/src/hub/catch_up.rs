@@ -126,10 +126,7 @@ impl Replay {
                 continue;
             }
             self.last = message.offset;
-            let frame = Outgoing {
-                frame: encode_stored(message),
-                accepted: Instant::now(),
-            };
+            let frame = Outgoing::single(encode_stored(message), Instant::now());
             if !self.handle.send(frame, self.wait).await {
                 return false;
             }

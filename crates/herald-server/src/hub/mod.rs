@@ -146,7 +146,12 @@ impl ConnHandle {
     /// Like [`offer`](Self::offer), for a frame whose message was accepted at `accepted` (one
     /// clock read per message, not per recipient).
     pub fn offer_accepted_at(&self, frame: OutFrame, accepted: Instant) -> bool {
-        match self.inner.outbox.push(Outgoing { frame, accepted }) {
+        self.offer_outgoing(Outgoing::single(frame, accepted))
+    }
+
+    /// Queues a frame without waiting, as [`offer`](Self::offer) does.
+    fn offer_outgoing(&self, outgoing: Outgoing) -> bool {
+        match self.inner.outbox.push(outgoing) {
             Ok(()) => true,
             Err((Refused::Full, _)) => {
                 self.cut_off_slow();
@@ -237,7 +242,7 @@ impl ConnHandle {
         let held = std::mem::take(&mut catch_up.held);
         drop(catching_up);
         for (offset, held) in held {
-            if offset.is_none() && !self.offer_accepted_at(held.frame, held.accepted) {
+            if offset.is_none() && !self.offer_outgoing(held) {
                 break;
             }
         }
@@ -255,20 +260,14 @@ impl ConnHandle {
             .catching_up_count
             .store(catching_up.len(), Ordering::Release);
         for (_, held) in ended.held {
-            if !self.offer_accepted_at(held.frame, held.accepted) {
+            if !self.offer_outgoing(held) {
                 break;
             }
         }
     }
 
     /// Queues a live frame of one stream, or holds it while that stream is caught up on.
-    fn deliver(
-        &self,
-        key: StreamKeyRef<'_>,
-        frame: &OutFrame,
-        offset: Option<u64>,
-        accepted: Instant,
-    ) -> bool {
+    fn deliver(&self, key: StreamKeyRef<'_>, outgoing: &Outgoing, offset: Option<u64>) -> bool {
         if self.inner.catching_up_count.load(Ordering::Acquire) > 0 {
             let mut catching_up = self.lock_catching_up();
             if let Some(index) = catching_up.iter().position(|c| key.matches(&c.key)) {
@@ -288,14 +287,14 @@ impl ConnHandle {
                         None => {}
                     }
                     drop(catching_up);
-                    return self.offer_accepted_at(frame.clone(), accepted);
+                    return self.offer_outgoing(outgoing.clone());
                 }
                 if catch_up.skipping {
                     drop(catching_up);
-                    return offset.is_none() && self.offer_accepted_at(frame.clone(), accepted);
+                    return offset.is_none() && self.offer_outgoing(outgoing.clone());
                 }
                 // Held frames count against the same bounds as the outbox.
-                let held_bytes = catch_up.held_bytes + frame.len();
+                let held_bytes = catch_up.held_bytes + outgoing.frame.len();
                 if catch_up.held.len() >= self.inner.outbox.capacity()
                     || held_bytes > self.inner.outbox.byte_capacity()
                 {
@@ -304,17 +303,11 @@ impl ConnHandle {
                     return false;
                 }
                 catch_up.held_bytes = held_bytes;
-                catch_up.held.push((
-                    offset,
-                    Outgoing {
-                        frame: frame.clone(),
-                        accepted,
-                    },
-                ));
+                catch_up.held.push((offset, outgoing.clone()));
                 return true;
             }
         }
-        self.offer_accepted_at(frame.clone(), accepted)
+        self.offer_outgoing(outgoing.clone())
     }
 
     fn lock_catching_up(&self) -> std::sync::MutexGuard<'_, Vec<CatchUp>> {
@@ -358,11 +351,24 @@ pub struct Hub {
     rooms: DashMap<Arc<str>, HashMap<ConnId, ConnHandle>>,
     /// Registered connections; kept beside `conns` so the limit check is one atomic step.
     open: AtomicUsize,
+    /// The compression threshold when connections may compress (`compression.enabled`): a
+    /// fan-out of a message this large carries a
+    /// [`SharedDeflate`](crate::deflate::SharedDeflate) for its recipients.
+    shared_deflate_from: Option<usize>,
 }
 
 impl Hub {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A hub whose fan-outs of messages of `threshold` bytes or more let their recipients
+    /// share one compression per window size.
+    pub fn with_shared_deflate(threshold: usize) -> Self {
+        Hub {
+            shared_deflate_from: Some(threshold),
+            ..Self::default()
+        }
     }
 
     /// Adds a connection, enforcing the node and per-user limits atomically. Returns whether it
@@ -457,18 +463,11 @@ impl Hub {
         let Some(members) = self.rooms.get(room) else {
             return 0;
         };
-        let accepted = Instant::now();
+        let outgoing = self.outgoing(&delivery.frame, members.len());
         members
             .values()
             .filter(|handle| Some(handle.id()) != delivery.except)
-            .filter(|handle| {
-                handle.deliver(
-                    StreamKeyRef::Room(room),
-                    &delivery.frame,
-                    delivery.offset,
-                    accepted,
-                )
-            })
+            .filter(|handle| handle.deliver(StreamKeyRef::Room(room), &outgoing, delivery.offset))
             .count()
     }
 
@@ -477,29 +476,38 @@ impl Hub {
         let Some(conns) = self.users.get(user) else {
             return 0;
         };
-        let accepted = Instant::now();
+        let outgoing = self.outgoing(&delivery.frame, conns.len());
         conns
             .iter()
             .filter(|handle| Some(handle.id()) != delivery.except)
-            .filter(|handle| {
-                handle.deliver(
-                    StreamKeyRef::Inbox,
-                    &delivery.frame,
-                    delivery.offset,
-                    accepted,
-                )
-            })
+            .filter(|handle| handle.deliver(StreamKeyRef::Inbox, &outgoing, delivery.offset))
             .count()
     }
 
     /// Queues a frame for every local connection but `except`.
     pub fn deliver_to_all(&self, frame: &OutFrame, except: Option<ConnId>) -> usize {
-        let accepted = Instant::now();
+        let outgoing = self.outgoing(frame, self.conns.len());
         self.conns
             .iter()
             .filter(|handle| Some(handle.id()) != except)
-            .filter(|handle| handle.offer_accepted_at(frame.clone(), accepted))
+            .filter(|handle| handle.offer_outgoing(outgoing.clone()))
             .count()
+    }
+
+    /// What each of `recipients` connections gets queued for `frame`: the frame, the moment it
+    /// reached the hub (one clock read per message, not per recipient) and, for a message
+    /// large enough to be compressed going to several connections, the compressed forms its
+    /// recipients share.
+    fn outgoing(&self, frame: &OutFrame, recipients: usize) -> Outgoing {
+        let deflate = self
+            .shared_deflate_from
+            .filter(|&threshold| recipients > 1 && frame.len() >= threshold)
+            .map(|_| Arc::default());
+        Outgoing {
+            frame: frame.clone(),
+            accepted: Instant::now(),
+            deflate,
+        }
     }
 
     /// Asks every local connection of a user to close. Returns how many were asked.

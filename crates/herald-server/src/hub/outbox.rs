@@ -220,10 +220,10 @@ mod tests {
     use std::time::Instant;
 
     fn frame(text: &'static str) -> Outgoing {
-        Outgoing {
-            frame: OutFrame::Text(bytes::Bytes::from_static(text.as_bytes())),
-            accepted: Instant::now(),
-        }
+        Outgoing::single(
+            OutFrame::Text(bytes::Bytes::from_static(text.as_bytes())),
+            Instant::now(),
+        )
     }
 
     fn texts(frames: VecDeque<Outgoing>) -> Vec<String> {

@@ -227,11 +227,16 @@ impl Node {
         let presence: Arc<dyn Presence> = Arc::new(TimedPresence(presence));
         let presence_window =
             PresenceWindow::start(&config.presence, broker.clone(), presence.clone());
+        let hub = if config.compression.enabled {
+            Hub::with_shared_deflate(config.compression.threshold)
+        } else {
+            Hub::new()
+        };
         let node = Arc::new(Node {
             id,
             config,
             auth,
-            hub: Hub::new(),
+            hub,
             subscriptions: Subscriptions::new(broker.clone()),
             broker,
             presence,
