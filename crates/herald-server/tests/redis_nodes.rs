@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::redis::{RedisCluster, RedisServer, nodes, on_redis, wait_for_ready};
-use common::{EVENT_TIMEOUT, TestServer, content_json, reference_of};
+use common::{TestServer, content_json, reference_of};
 use herald_protocol::{ErrorCode, ServerEvent};
 use herald_server::config::EngineBackend;
 use serde_json::json;
