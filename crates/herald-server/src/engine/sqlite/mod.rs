@@ -402,6 +402,7 @@ mod tests {
                 from: Arc::from("alice"),
                 ts: n,
                 content: Payload::Json(RawValue::from_string(n.to_string()).unwrap()),
+                idempotency: None,
             };
             let append = Append::Room {
                 room: Arc::from("lobby"),
