@@ -85,6 +85,14 @@ impl OutFrame {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The frame's bytes, and whether it is a binary frame.
+    pub fn parts(&self) -> (&Bytes, bool) {
+        match self {
+            OutFrame::Text(bytes) => (bytes, false),
+            OutFrame::Binary(bytes) => (bytes, true),
+        }
+    }
 }
 
 /// A frame in one connection's outbox, with the moment its message reached the hub, from which

@@ -148,10 +148,7 @@ pub fn encode_delivery(delivery: &Delivery) -> Bytes {
 /// were. It is complete once the backend appends the decimal offset to it. `None` when the
 /// frame holds no placeholder.
 pub fn encode_delivery_awaiting_offset(delivery: &Delivery) -> Option<Bytes> {
-    let (bytes, binary) = match &delivery.frame {
-        OutFrame::Text(bytes) => (bytes, false),
-        OutFrame::Binary(bytes) => (bytes, true),
-    };
+    let (bytes, binary) = delivery.frame.parts();
     let digits_at = placeholder_digits(bytes, binary)?;
     let mut out = envelope_head(
         delivery,
@@ -226,10 +223,7 @@ const OFFSET_FIELD_OPENING: &[u8] = b",\"offset\":";
 impl OffsetTemplate {
     /// `None` when the frame holds no placeholder offset field after another field.
     pub fn new(frame: OutFrame) -> Option<OffsetTemplate> {
-        let (bytes, binary) = match &frame {
-            OutFrame::Text(bytes) => (bytes, false),
-            OutFrame::Binary(bytes) => (bytes, true),
-        };
+        let (bytes, binary) = frame.parts();
         let digits_at = placeholder_digits(bytes, binary)?;
         let field_at = digits_at.checked_sub(OFFSET_FIELD_OPENING.len())?;
         if &bytes[field_at..digits_at] != OFFSET_FIELD_OPENING {
@@ -240,10 +234,7 @@ impl OffsetTemplate {
 
     /// The frame with `offset` in place of the placeholder, or without the offset field.
     pub fn with_offset(&self, offset: Option<u64>) -> OutFrame {
-        let (bytes, binary) = match &self.frame {
-            OutFrame::Text(bytes) => (bytes, false),
-            OutFrame::Binary(bytes) => (bytes, true),
-        };
+        let (bytes, binary) = self.frame.parts();
         let mut buffer = [0u8; PLACEHOLDER_DIGITS + 1];
         let (cut_from, inserted): (usize, &[u8]) = match offset {
             Some(offset) => (self.digits_at, decimal(offset, &mut buffer)),

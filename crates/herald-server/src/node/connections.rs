@@ -103,13 +103,14 @@ impl Node {
         let query: ConnectionQuery = serde_json::from_slice(question).ok()?;
         let hub = self.hub();
         let mut handles = match (&query.id, &query.user) {
-            (Some(id), _) => hub.connection(*id).into_iter().collect(),
+            (Some(id), user) => hub
+                .connection(*id)
+                .into_iter()
+                .filter(|handle| user.as_deref().is_none_or(|user| **handle.user() == *user))
+                .collect(),
             (None, Some(user)) => hub.user_connections(user),
             (None, None) => hub.snapshot(),
         };
-        if let Some(user) = &query.user {
-            handles.retain(|handle| **handle.user() == *user.as_str());
-        }
         handles.sort_unstable_by_key(ConnHandle::id);
         let truncated = handles.len() > query.limit;
         handles.truncate(query.limit);

@@ -261,12 +261,7 @@ impl Node {
             }
         };
         if change.user_changed {
-            self.presence_window
-                .record(presence_window::RoomChange {
-                    room: room.clone(),
-                    user: handle.user().clone(),
-                    present: true,
-                })
+            self.record_presence(room.clone(), handle.user().clone(), true)
                 .await;
         }
         Ok(change)
@@ -286,15 +281,21 @@ impl Node {
             .leave(room, handle.user(), handle.id())
             .await?;
         if change.user_changed {
-            self.presence_window
-                .record(presence_window::RoomChange {
-                    room: room.clone(),
-                    user: handle.user().clone(),
-                    present: false,
-                })
+            self.record_presence(room.clone(), handle.user().clone(), false)
                 .await;
         }
         Ok(change)
+    }
+
+    /// Queues a user's entering (`present`) or leaving for the room's next `presence_diff`.
+    async fn record_presence(&self, room: Arc<str>, user: Arc<str>, present: bool) {
+        self.presence_window
+            .record(presence_window::RoomChange {
+                room,
+                user,
+                present,
+            })
+            .await;
     }
 
     async fn leave_hub(&self, handle: &ConnHandle, room: &Arc<str>) {
@@ -347,23 +348,11 @@ impl Node {
 #[async_trait::async_trait]
 impl PresenceHandler for Node {
     async fn expired(&self, room: &str, user: &str, _count: u64) {
-        self.presence_window
-            .record(presence_window::RoomChange {
-                room: room.into(),
-                user: user.into(),
-                present: false,
-            })
-            .await;
+        self.record_presence(room.into(), user.into(), false).await;
     }
 
     async fn reappeared(&self, room: &str, user: &str, _count: u64) {
-        self.presence_window
-            .record(presence_window::RoomChange {
-                room: room.into(),
-                user: user.into(),
-                present: true,
-            })
-            .await;
+        self.record_presence(room.into(), user.into(), true).await;
     }
 
     /// Rooms are read before connections (a connection registers before it joins, so each

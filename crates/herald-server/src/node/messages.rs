@@ -16,11 +16,7 @@ impl Node {
         to: Vec<String>,
         content: Payload,
     ) -> Result<DirectOutcome, EngineError> {
-        let origin = Origin {
-            user: from,
-            conn: from_conn,
-            idempotency: None,
-        };
+        let origin = Origin::once(from, from_conn);
         self.send_direct_queued(origin, to, content).await?.await
     }
 
@@ -109,11 +105,7 @@ impl Node {
         echo: bool,
         persist: bool,
     ) -> Result<Published, EngineError> {
-        let origin = Origin {
-            user: from,
-            conn: from_conn,
-            idempotency: None,
-        };
+        let origin = Origin::once(from, from_conn);
         self.publish_queued(origin, room, content, echo, persist)
             .await?
             .await

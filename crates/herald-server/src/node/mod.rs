@@ -105,6 +105,17 @@ pub struct Origin<'a> {
     pub idempotency: Option<IdempotencyKey>,
 }
 
+impl<'a> Origin<'a> {
+    /// A sender whose request is not retried (the server API, a request without an `id`).
+    pub fn once(user: &'a Arc<str>, conn: Option<ConnId>) -> Self {
+        Origin {
+            user,
+            conn,
+            idempotency: None,
+        }
+    }
+}
+
 /// What the sender of a direct message learns.
 #[derive(Debug, Clone)]
 pub struct DirectOutcome {
