@@ -253,6 +253,13 @@ pub const CATALOGUE: &[Metric] = &[
         series: NO_LABELS,
     },
     Metric {
+        name: "herald_store_wal_restart_seconds",
+        kind: Kind::Histogram,
+        unit: Some(Unit::Seconds),
+        help: "Time the store's writer is held while it starts the WAL over, about once a second under writes.",
+        series: NO_LABELS,
+    },
+    Metric {
         name: "herald_store_pruned_total",
         kind: Kind::Counter,
         unit: None,

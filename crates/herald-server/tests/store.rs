@@ -1141,6 +1141,66 @@ async fn while_redis_is_down_an_append_fails_as_unavailable_and_nothing_acknowle
     assert_eq!(texts, [r#""kept""#, r#""after""#]);
 }
 
+/// SQLite-specific: under appends that never pause, the writer still starts the WAL over about
+/// once a second, each time after the checkpointer has caught up (so the restart, which holds
+/// every append, has little left to copy), and nothing appended meanwhile is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_unbroken_appends_the_wal_starts_over_after_the_checkpointer_caught_up() {
+    let folder = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqliteStore::open(
+            folder.path(),
+            Synchronous::Normal,
+            StoreLimits::default(),
+            recording_broker().0,
+        )
+        .unwrap(),
+    );
+    let restarts = || store.stats().wal_restarts.load(Ordering::Relaxed);
+    // Keep 256 appends queued until the WAL has been started over twice.
+    let mut in_flight = std::collections::VecDeque::new();
+    let mut appended = 0u64;
+    while restarts() < 2 {
+        while in_flight.len() < 256 {
+            let append = Append::Room {
+                room: format!("r{}", appended % 64).into(),
+                message: message("p", appended, "x"),
+            };
+            in_flight.push_back(store.append(append, None).await.unwrap());
+            appended += 1;
+        }
+        in_flight.pop_front().unwrap().await.unwrap();
+    }
+    for wait in in_flight {
+        wait.await.unwrap();
+    }
+    assert_eq!(
+        store
+            .stats()
+            .wal_restarts_unprepared
+            .load(Ordering::Relaxed),
+        0,
+        "a restart did not wait for the checkpointer to catch up"
+    );
+    let stored: u64 = futures::future::join_all((0..64).map(|room| {
+        let store = store.clone();
+        async move {
+            store
+                .room_bounds(&format!("r{room}"))
+                .await
+                .unwrap()
+                .top
+                .offset
+                .0
+        }
+    }))
+    .await
+    .into_iter()
+    .sum();
+    assert_eq!(stored, appended, "every append is in its room once");
+    store.close().await;
+}
+
 /// SQLite-specific: it watches the writer's step counter to append while a pass is running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_are_not_held_up_behind_a_long_pruning_pass() {

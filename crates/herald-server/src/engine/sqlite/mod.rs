@@ -153,7 +153,7 @@ impl SqliteStore {
         };
         let writer_conn = connect()?;
         schema::configure_writer(&writer_conn).map_err(|e| open_error(&path, e.to_string()))?;
-        let checkpointer = connect()?;
+        let checkpointer_conn = connect()?;
         schema::prepare(&writer_conn).map_err(|reason| open_error(&path, reason))?;
         let readers = (0..READERS)
             .map(|_| {
@@ -171,17 +171,17 @@ impl SqliteStore {
         unacked.set(users.iter().map(|user| (user.as_str(), true)));
         let stats = Arc::new(WriterStats::default());
         let (commands, receiver) = mpsc::channel(WRITER_QUEUE);
-        let (stop_checkpoints, checkpoints_stopped) = std::sync::mpsc::channel::<()>();
-        let checkpoints = std::thread::Builder::new()
+        let (checkpoints, asks) = checkpoint::channel();
+        let checkpointer = std::thread::Builder::new()
             .name("herald-store-checkpointer".into())
-            .spawn(move || checkpoint::run(checkpointer, checkpoints_stopped))
+            .spawn(move || checkpoint::run(checkpointer_conn, asks))
             .map_err(|e| open_error(&path, format!("cannot start the checkpointer thread: {e}")))?;
         let writer = Writer::new(
             writer_conn,
             lock,
             stats.clone(),
             fanout::publish_in_commit_order(broker),
-            stop_checkpoints,
+            checkpoints,
             unacked.clone(),
             limits,
         );
@@ -195,7 +195,7 @@ impl SqliteStore {
             readers: ReaderPool::new(readers),
             path,
             stats,
-            threads: Mutex::new(vec![thread, checkpoints]),
+            threads: Mutex::new(vec![thread, checkpointer]),
         })
     }
 

@@ -5,7 +5,9 @@
 //! in queue order, to the publishing task in one message (one wake-up per commit, not one per
 //! message). Under load a commit carries hundreds of messages, so the cost of
 //! a commit (an fsync with `synchronous = FULL`) is shared by all of them; with one message
-//! waiting it commits at once, so an idle server adds no latency.
+//! waiting it commits at once, so an idle server adds no latency. Under load, commits start at
+//! most every [`COMMIT_SPACING`], so that without an fsync to wait for they still carry many
+//! messages.
 //!
 //! Pruning runs here too, as small steps (each its own short transaction) taken only while no
 //! command waits: an append never waits for more than one step.
@@ -30,6 +32,7 @@ use rusqlite::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::UnackedInboxes;
+use super::checkpoint::Checkpoints;
 use super::schema::{FLOOR, conversation_name, inbox_name, room_name};
 use crate::engine::fanout::{AwaitingCommit, CommitBatch, Committed};
 use crate::engine::store::{
@@ -49,6 +52,13 @@ const KEPT_STREAMS: usize = MAX_CACHED_STREAMS / 2;
 
 /// How often the writer restarts the WAL between two batches (see `checkpoint.rs`).
 const WAL_RESTART_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long the writer waits for the checkpointer to catch up before restarting anyway: the
+/// WAL must not grow without bound behind a checkpointer held up by a slow disk.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(5);
+
+/// Under load, the least time between the starts of two commits (see [`Writer::pace_commits`]).
+const COMMIT_SPACING: Duration = Duration::from_millis(2);
 
 /// Most rows one pruning step deletes, and most streams it looks at.
 const PRUNE_STEP_ROWS: u64 = 1000;
@@ -88,6 +98,10 @@ pub struct WriterStats {
     pub prune_steps: AtomicU64,
     /// Nanoseconds spent restarting the WAL.
     pub wal_restart_ns: AtomicU64,
+    /// WAL restarts, and among them those made without waiting for the checkpointer to catch
+    /// up (it took longer than [`CATCH_UP_LIMIT`], or had stopped).
+    pub wal_restarts: AtomicU64,
+    pub wal_restarts_unprepared: AtomicU64,
 }
 
 struct StreamState {
@@ -178,9 +192,14 @@ pub struct Writer {
     stats: Arc<WriterStats>,
     /// The publishing task's queue: each commit's appends go there as one batch.
     committed: mpsc::Sender<CommitBatch>,
-    /// Dropped with the writer: the checkpointer then runs a last checkpoint and stops.
-    _checkpointer: std::sync::mpsc::Sender<()>,
+    checkpoints: Checkpoints,
     last_wal_restart: Instant,
+    /// When the writer asked the checkpointer to catch up for the next restart.
+    restart_asked: Option<Instant>,
+    /// When the last batch was taken, and how many commands it held (see
+    /// [`Writer::pace_commits`]).
+    last_batch_taken: Instant,
+    last_batch_len: usize,
     /// Users whose inbox holds unacknowledged entries, kept in step with each commit.
     unacked: Arc<UnackedInboxes>,
     limits: StoreLimits,
@@ -192,7 +211,7 @@ impl Writer {
         lock: File,
         stats: Arc<WriterStats>,
         committed: mpsc::Sender<CommitBatch>,
-        checkpointer: std::sync::mpsc::Sender<()>,
+        checkpoints: Checkpoints,
         unacked: Arc<UnackedInboxes>,
         limits: StoreLimits,
     ) -> Writer {
@@ -203,8 +222,11 @@ impl Writer {
             prune: VecDeque::new(),
             stats,
             committed,
-            _checkpointer: checkpointer,
+            checkpoints,
             last_wal_restart: Instant::now(),
+            restart_asked: None,
+            last_batch_taken: Instant::now(),
+            last_batch_len: 0,
             unacked,
             limits,
         }
@@ -231,6 +253,7 @@ impl Writer {
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                 }
             };
+            self.pace_commits();
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match commands.try_recv() {
@@ -238,6 +261,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.last_batch_len = batch.len();
             depth.set(commands.len() as f64);
             let mut writes = Vec::with_capacity(batch.len());
             for command in batch {
@@ -261,12 +285,7 @@ impl Writer {
                 self.write_batch(writes);
                 cached.set(self.streams.slots.len() as f64);
             }
-            if self.last_wal_restart.elapsed() >= WAL_RESTART_INTERVAL {
-                let started = Instant::now();
-                super::checkpoint::checkpoint(&self.conn, "RESTART");
-                add_elapsed(&self.stats.wal_restart_ns, started);
-                self.last_wal_restart = Instant::now();
-            }
+            self.restart_wal_when_due();
             if closed_by.is_some() {
                 break 'serve;
             }
@@ -277,6 +296,52 @@ impl Writer {
         if let Some(reply) = closed_by {
             let _ = reply.send(());
         }
+    }
+
+    /// Under load, waits before taking a batch until [`COMMIT_SPACING`] has passed since the
+    /// previous one was taken. Without an fsync to wait for (`synchronous = "normal"`, or a
+    /// disk whose fsync is quick) the writer would otherwise commit every few messages as they
+    /// trickle in, and a commit's own cost (a WAL frame and checksum for every page it dirties,
+    /// the wake-ups) would be shared by few: at 20k direct messages/s, commits carried 6–8.
+    /// Load is read from the previous batch: one that held a single command says the writer
+    /// keeps up, so a message after a quiet spell never waits.
+    fn pace_commits(&mut self) {
+        if let Some(wait) = linger(self.last_batch_len, self.last_batch_taken.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        self.last_batch_taken = Instant::now();
+    }
+
+    /// Between two batches: once [`WAL_RESTART_INTERVAL`] has passed, asks the checkpointer to
+    /// catch up, and restarts the WAL at the first batch boundary after it has, so that the
+    /// restart, which holds every append, only copies and fsyncs the last few milliseconds of
+    /// commits (see `checkpoint.rs`).
+    fn restart_wal_when_due(&mut self) {
+        if self.last_wal_restart.elapsed() < WAL_RESTART_INTERVAL {
+            return;
+        }
+        let prepared = match self.restart_asked {
+            None if self.checkpoints.ask() => {
+                self.restart_asked = Some(Instant::now());
+                return;
+            }
+            None => false,
+            Some(_) if self.checkpoints.caught_up() => true,
+            Some(asked) if asked.elapsed() < CATCH_UP_LIMIT => return,
+            Some(_) => false,
+        };
+        let started = Instant::now();
+        super::checkpoint::checkpoint(&self.conn, "RESTART");
+        add_elapsed(&self.stats.wal_restart_ns, started);
+        metrics::histogram!("herald_store_wal_restart_seconds").record(started.elapsed());
+        self.stats.wal_restarts.fetch_add(1, Ordering::Relaxed);
+        if !prepared {
+            self.stats
+                .wal_restarts_unprepared
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.last_wal_restart = Instant::now();
+        self.restart_asked = None;
     }
 
     fn write_batch(&mut self, writes: Vec<Command>) {
@@ -449,6 +514,17 @@ impl Writer {
             }
         }
     }
+}
+
+/// How long the writer waits before taking its next batch, given the size of the previous one
+/// and the time since it was taken (see [`Writer::pace_commits`]).
+fn linger(previous_batch: usize, since_previous: Duration) -> Option<Duration> {
+    if previous_batch <= 1 {
+        return None;
+    }
+    COMMIT_SPACING
+        .checked_sub(since_previous)
+        .filter(|wait| !wait.is_zero())
 }
 
 fn add_elapsed(counter: &AtomicU64, since: Instant) {
@@ -948,6 +1024,20 @@ mod tests {
             lowest_device_mark: None,
             used: 0,
         }
+    }
+
+    #[test]
+    fn the_writer_lingers_only_after_a_batch_of_several_and_never_past_the_spacing() {
+        // A single command last time: the writer keeps up, a new message is taken at once.
+        assert_eq!(linger(0, Duration::ZERO), None);
+        assert_eq!(linger(1, Duration::from_micros(100)), None);
+        // Under load: wait out the rest of the spacing, and nothing once it has passed.
+        assert_eq!(
+            linger(40, Duration::from_micros(500)),
+            Some(COMMIT_SPACING - Duration::from_micros(500))
+        );
+        assert_eq!(linger(40, COMMIT_SPACING), None);
+        assert_eq!(linger(40, COMMIT_SPACING * 2), None);
     }
 
     #[test]
