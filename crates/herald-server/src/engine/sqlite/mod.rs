@@ -184,7 +184,8 @@ impl SqliteStore {
             checkpoints,
             unacked.clone(),
             limits,
-        );
+        )
+        .paced_for(synchronous);
         let thread = std::thread::Builder::new()
             .name("herald-store-writer".into())
             .spawn(move || writer.run(receiver))

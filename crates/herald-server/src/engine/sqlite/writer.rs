@@ -5,9 +5,9 @@
 //! in queue order, to the publishing task in one message (one wake-up per commit, not one per
 //! message). Under load a commit carries hundreds of messages, so the cost of
 //! a commit (an fsync with `synchronous = FULL`) is shared by all of them; with one message
-//! waiting it commits at once, so an idle server adds no latency. Under load, commits start at
-//! most every [`COMMIT_SPACING`], so that without an fsync to wait for they still carry many
-//! messages.
+//! waiting it commits at once, so an idle server adds no latency. With `synchronous = "normal"`,
+//! under load, commits start at most every [`COMMIT_SPACING`], so that without an fsync to wait
+//! for they still carry many messages.
 //!
 //! Pruning runs here too, as small steps (each its own short transaction) taken only while no
 //! command waits: an append never waits for more than one step.
@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::UnackedInboxes;
 use super::checkpoint::Checkpoints;
-use super::schema::{FLOOR, conversation_name, inbox_name, room_name};
+use super::schema::{FLOOR, Synchronous, conversation_name, inbox_name, room_name};
 use crate::engine::fanout::{AwaitingCommit, CommitBatch, Committed};
 use crate::engine::store::{
     Append, Appended, Epoch, Offset, PruneReport, Retention, StoreError, StoreLimits,
@@ -57,7 +57,8 @@ const WAL_RESTART_INTERVAL: Duration = Duration::from_secs(1);
 /// WAL must not grow without bound behind a checkpointer held up by a slow disk.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(5);
 
-/// Under load, the least time between the starts of two commits (see [`Writer::pace_commits`]).
+/// With `synchronous = "normal"`, under load, the least time between the starts of two commits
+/// (see [`Writer::pace_commits`]).
 const COMMIT_SPACING: Duration = Duration::from_millis(2);
 
 /// Most rows one pruning step deletes, and most streams it looks at.
@@ -196,6 +197,10 @@ pub struct Writer {
     last_wal_restart: Instant,
     /// When the writer asked the checkpointer to catch up for the next restart.
     restart_asked: Option<Instant>,
+    /// Whether commits are paced: only when they do not wait for an fsync, which spaces them
+    /// by itself (pacing `full` commits as well only added latency: p50 1.9 → 3.5 ms at 20k
+    /// direct messages/s, for no CPU saved).
+    paced: bool,
     /// When the last batch was taken, and how many commands it held (see
     /// [`Writer::pace_commits`]).
     last_batch_taken: Instant,
@@ -225,11 +230,19 @@ impl Writer {
             checkpoints,
             last_wal_restart: Instant::now(),
             restart_asked: None,
+            paced: false,
             last_batch_taken: Instant::now(),
             last_batch_len: 0,
             unacked,
             limits,
         }
+    }
+
+    /// Paces commits under load when they do not wait for an fsync (see
+    /// [`Writer::pace_commits`]).
+    pub fn paced_for(mut self, synchronous: Synchronous) -> Writer {
+        self.paced = synchronous == Synchronous::Normal;
+        self
     }
 
     /// Runs until a `Close` command or until every sender is gone.
@@ -298,14 +311,17 @@ impl Writer {
         }
     }
 
-    /// Under load, waits before taking a batch until [`COMMIT_SPACING`] has passed since the
-    /// previous one was taken. Without an fsync to wait for (`synchronous = "normal"`, or a
-    /// disk whose fsync is quick) the writer would otherwise commit every few messages as they
-    /// trickle in, and a commit's own cost (a WAL frame and checksum for every page it dirties,
-    /// the wake-ups) would be shared by few: at 20k direct messages/s, commits carried 6–8.
-    /// Load is read from the previous batch: one that held a single command says the writer
-    /// keeps up, so a message after a quiet spell never waits.
+    /// With `synchronous = "normal"`, under load, waits before taking a batch until
+    /// [`COMMIT_SPACING`] has passed since the previous one was taken. With no fsync to wait
+    /// for, the writer would otherwise commit every few messages as they trickle in, and a
+    /// commit's own cost (a WAL frame and checksum for every page it dirties, the wake-ups)
+    /// would be shared by few: at 20k direct messages/s, commits carried 6–8, and pacing saves
+    /// about 15% of the server's CPU there. Load is read from the previous batch: one that held
+    /// a single command says the writer keeps up, so a message after a quiet spell never waits.
     fn pace_commits(&mut self) {
+        if !self.paced {
+            return;
+        }
         if let Some(wait) = linger(self.last_batch_len, self.last_batch_taken.elapsed()) {
             std::thread::sleep(wait);
         }
