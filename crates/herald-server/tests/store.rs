@@ -1141,13 +1141,9 @@ async fn while_redis_is_down_an_append_fails_as_unavailable_and_nothing_acknowle
     assert_eq!(texts, [r#""kept""#, r#""after""#]);
 }
 
-/// SQLite-specific: under appends that never pause, the writer still starts the WAL over about
-/// once a second, each time after the checkpointer has caught up (so the restart, which holds
-/// every append, has little left to copy), and nothing appended meanwhile is lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn under_unbroken_appends_the_wal_starts_over_after_the_checkpointer_caught_up() {
-    let folder = tempfile::tempdir().unwrap();
-    let store = Arc::new(
+/// A SQLite store in `folder` with default limits, `synchronous = "normal"`.
+fn open_sqlite(folder: &TempDir) -> Arc<SqliteStore> {
+    Arc::new(
         SqliteStore::open(
             folder.path(),
             Synchronous::Normal,
@@ -1155,7 +1151,16 @@ async fn under_unbroken_appends_the_wal_starts_over_after_the_checkpointer_caugh
             recording_broker().0,
         )
         .unwrap(),
-    );
+    )
+}
+
+/// SQLite-specific: under appends that never pause, the writer still starts the WAL over about
+/// once a second, each time after the checkpointer has caught up (so the restart, which holds
+/// every append, has little left to copy), and nothing appended meanwhile is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_unbroken_appends_the_wal_starts_over_after_the_checkpointer_caught_up() {
+    let folder = tempfile::tempdir().unwrap();
+    let store = open_sqlite(&folder);
     let restarts = || store.stats().wal_restarts.load(Ordering::Relaxed);
     // Keep 256 appends queued until the WAL has been started over twice.
     let mut in_flight = std::collections::VecDeque::new();
@@ -1205,15 +1210,7 @@ async fn under_unbroken_appends_the_wal_starts_over_after_the_checkpointer_caugh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_are_not_held_up_behind_a_long_pruning_pass() {
     let folder = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        SqliteStore::open(
-            folder.path(),
-            Synchronous::Normal,
-            StoreLimits::default(),
-            recording_broker().0,
-        )
-        .unwrap(),
-    );
+    let store = open_sqlite(&folder);
     // A backlog of 30,000 messages, appended without waiting for each commit.
     let mut waits = Vec::new();
     for n in 0..30_000u64 {
