@@ -12,33 +12,41 @@
 //! Pruning runs here too, as small steps (each its own short transaction) taken only while no
 //! command waits: an append never waits for more than one step.
 //!
+//! This file holds the loop (batching, commit pacing, WAL restarts, the hand-off);
+//! [`batch`] the statements of one transaction, [`streams`] the cached stream states they
+//! read and advance, and [`prune`] the retention passes' steps.
+//!
 //! # Invariants
 //! - `streams` mirrors the committed `streams` table for the streams it holds, except during a
 //!   batch; a failed batch clears it, so it is reloaded from the file.
 //! - A stream's row (and so its id) is created by the first batch that touches it; message rows
 //!   refer to that id.
-//! - Offsets are assigned here and nowhere else, one stream at a time, each exactly once.
+//! - Offsets are assigned here ([`Batch::bump`]) and nowhere else, one stream at a time, each
+//!   exactly once.
 
-use std::collections::{HashMap, VecDeque};
+mod batch;
+mod prune;
+mod streams;
+
+use std::collections::VecDeque;
 use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use herald_protocol::Payload;
-use rusqlite::{
-    CachedStatement, Connection, OptionalExtension, Transaction, TransactionBehavior, params,
-};
+use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::UnackedInboxes;
 use super::checkpoint::Checkpoints;
-use super::schema::{FLOOR, Synchronous, conversation_name, inbox_name, room_name};
+use super::schema::{Synchronous, inbox_name};
 use crate::engine::fanout::{AwaitingCommit, CommitBatch, Committed};
 use crate::engine::store::{
-    Append, Appended, Epoch, Offset, PruneReport, Retention, StoreError, StoreLimits,
-    StreamPosition,
+    Append, Appended, Offset, PruneReport, Retention, StoreError, StoreLimits,
 };
+use batch::Batch;
+use prune::{PruneJob, prune_some};
+use streams::Streams;
 
 /// Most commands in one transaction.
 const MAX_BATCH: usize = 4096;
@@ -60,10 +68,6 @@ const CATCH_UP_LIMIT: Duration = Duration::from_secs(5);
 /// With `synchronous = "normal"`, under load, the least time between the starts of two commits
 /// (see [`Writer::pace_commits`]).
 const COMMIT_SPACING: Duration = Duration::from_millis(2);
-
-/// Most rows one pruning step deletes, and most streams it looks at.
-const PRUNE_STEP_ROWS: u64 = 1000;
-const PRUNE_STEP_STREAMS: i64 = 64;
 
 pub enum Command {
     Append(Append, AwaitingCommit),
@@ -103,76 +107,6 @@ pub struct WriterStats {
     /// up (it took longer than [`CATCH_UP_LIMIT`], or had stopped).
     pub wal_restarts: AtomicU64,
     pub wal_restarts_unprepared: AtomicU64,
-}
-
-struct StreamState {
-    /// The stream's row in `streams`, which message rows refer to.
-    id: i64,
-    epoch: String,
-    last: u64,
-    acked: u64,
-    /// Inboxes: the lowest device mark, if any device has one.
-    lowest_device_mark: Option<u64>,
-    /// The last batch that touched the stream ([`Streams::batch`]).
-    used: u64,
-}
-
-impl StreamState {
-    /// Entries at or below this were acknowledged by every reader (see the store contract).
-    fn floor(&self) -> u64 {
-        self.lowest_device_mark
-            .map_or(self.acked, |lowest| lowest.min(self.acked))
-    }
-}
-
-/// The streams the writer has touched, by name. States sit in a vector so a batch can list the
-/// ones it changed by index.
-#[derive(Default)]
-struct Streams {
-    slots: HashMap<String, usize>,
-    states: Vec<StreamState>,
-    /// Batches written so far: how recently a stream was used.
-    batch: u64,
-}
-
-impl Streams {
-    fn insert(&mut self, name: String, mut state: StreamState) -> usize {
-        state.used = self.batch;
-        let slot = self.states.len();
-        self.states.push(state);
-        self.slots.insert(name, slot);
-        slot
-    }
-
-    /// Called between batches (slots are only held within one): keeps the `keep` most recently
-    /// used streams, and drops states whose stream pruning removed.
-    fn keep_recent(&mut self, keep: usize) {
-        let mut states: Vec<Option<StreamState>> = std::mem::take(&mut self.states)
-            .into_iter()
-            .map(Some)
-            .collect();
-        let mut named: Vec<(String, usize)> = self.slots.drain().collect();
-        named.sort_unstable_by_key(|(_, slot)| {
-            std::cmp::Reverse(states[*slot].as_ref().map_or(0, |state| state.used))
-        });
-        named.truncate(keep);
-        for (name, slot) in named {
-            if let Some(state) = states[slot].take() {
-                let used = state.used;
-                let slot = self.insert(name, state);
-                self.states[slot].used = used;
-            }
-        }
-    }
-}
-
-struct PruneJob {
-    retention: Retention,
-    now_ms: u64,
-    /// The id of the last stream fully pruned in this pass.
-    cursor: i64,
-    report: PruneReport,
-    reply: oneshot::Sender<Result<PruneReport, StoreError>>,
 }
 
 /// An ack waiting for its batch: the user, the device, the offset, and where the mark after
@@ -547,500 +481,9 @@ fn add_elapsed(counter: &AtomicU64, since: Instant) {
     counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
-/// The writes of one transaction, with its statements prepared once.
-struct Batch<'a> {
-    streams: &'a mut Streams,
-    limits: StoreLimits,
-    /// Streams changed in this batch (indexes into `streams.states`), written back before the
-    /// commit.
-    dirty: Vec<usize>,
-    /// The name of the stream being looked up, reused so lookups do not allocate.
-    name: String,
-    tx: &'a Transaction<'a>,
-    select_stream: CachedStatement<'a>,
-    insert_stream: CachedStatement<'a>,
-    update_stream: CachedStatement<'a>,
-    insert_room: CachedStatement<'a>,
-    insert_direct: CachedStatement<'a>,
-    insert_conversation: CachedStatement<'a>,
-    insert_inbox: CachedStatement<'a>,
-}
-
-impl<'a> Batch<'a> {
-    fn new(
-        tx: &'a Transaction<'a>,
-        streams: &'a mut Streams,
-        limits: StoreLimits,
-    ) -> rusqlite::Result<Batch<'a>> {
-        Ok(Batch {
-            streams,
-            limits,
-            dirty: Vec::new(),
-            name: String::new(),
-            tx,
-            select_stream: tx.prepare_cached(
-                "SELECT id, epoch, last_pos, acked,
-                     (SELECT min(m.acked) FROM inbox_marks m WHERE m.stream = streams.id)
-                 FROM streams WHERE name = ?1",
-            )?,
-            insert_stream: tx.prepare_cached(
-                "INSERT INTO streams (name, epoch, last_pos, acked) VALUES (?1, ?2, 0, 0)",
-            )?,
-            update_stream: tx
-                .prepare_cached("UPDATE streams SET last_pos = ?2, acked = ?3 WHERE id = ?1")?,
-            insert_room: tx.prepare_cached(
-                "INSERT INTO room_messages (stream, pos, id, sender, ts, is_binary, content)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?,
-            insert_direct: tx.prepare_cached(
-                "INSERT INTO direct_messages (id, sender, recipients, ts, is_binary, content)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?,
-            insert_conversation: tx.prepare_cached(
-                "INSERT INTO conversations (stream, pos, message) VALUES (?1, ?2, ?3)",
-            )?,
-            insert_inbox: tx
-                .prepare_cached("INSERT INTO inbox (stream, pos, message) VALUES (?1, ?2, ?3)")?,
-        })
-    }
-
-    /// The slot of the stream named `self.name`: cached, read from the file, or created.
-    fn slot(&mut self) -> rusqlite::Result<usize> {
-        if let Some(&slot) = self.streams.slots.get(self.name.as_str()) {
-            self.streams.states[slot].used = self.streams.batch;
-            return Ok(slot);
-        }
-        let stored = self
-            .select_stream
-            .query_row([self.name.as_str()], |row| {
-                Ok(StreamState {
-                    id: row.get(0)?,
-                    epoch: row.get(1)?,
-                    last: row.get::<_, i64>(2)? as u64,
-                    acked: row.get::<_, i64>(3)? as u64,
-                    lowest_device_mark: row.get::<_, Option<i64>>(4)?.map(|mark| mark as u64),
-                    used: 0,
-                })
-            })
-            .optional()?;
-        let state = match stored {
-            Some(state) => state,
-            None => {
-                let epoch = Epoch::random().0;
-                self.insert_stream
-                    .execute(params![self.name.as_str(), epoch])?;
-                StreamState {
-                    id: self.tx.last_insert_rowid(),
-                    epoch,
-                    last: 0,
-                    acked: 0,
-                    lowest_device_mark: None,
-                    used: 0,
-                }
-            }
-        };
-        Ok(self.streams.insert(self.name.clone(), state))
-    }
-
-    /// Assigns the next offset of a stream; returns the stream's id and the offset.
-    fn bump(&mut self, slot: usize) -> (i64, u64) {
-        let state = &mut self.streams.states[slot];
-        state.last += 1;
-        self.dirty.push(slot);
-        (state.id, state.last)
-    }
-
-    fn append(&mut self, append: Append) -> rusqlite::Result<Result<Appended, StoreError>> {
-        match append {
-            Append::Room { room, message } => {
-                room_name(&mut self.name, &room);
-                let slot = self.slot()?;
-                let (stream, pos) = self.bump(slot);
-                let (is_binary, content) = content_bytes(&message.content);
-                self.insert_room.execute(params![
-                    stream,
-                    pos as i64,
-                    message.id,
-                    &*message.from,
-                    message.ts as i64,
-                    is_binary,
-                    content
-                ])?;
-                Ok(Ok(Appended::Room {
-                    room,
-                    message,
-                    position: StreamPosition {
-                        offset: Offset(pos),
-                        epoch: Epoch(self.streams.states[slot].epoch.clone()),
-                    },
-                }))
-            }
-            Append::Direct {
-                to,
-                recipients,
-                message,
-            } => {
-                let mut inbox = Vec::with_capacity(recipients.len());
-                if recipients.is_empty() {
-                    return Ok(Ok(Appended::Direct { to, message, inbox }));
-                }
-                let full = self.full_inboxes(&recipients)?;
-                if !full.is_empty() {
-                    return Ok(Err(StoreError::InboxFull {
-                        users: full,
-                        limit: self.limits.max_inbox_messages,
-                    }));
-                }
-                // Stored once; each conversation and inbox entry points at it.
-                let (is_binary, content) = content_bytes(&message.content);
-                self.insert_direct.execute(params![
-                    message.id,
-                    &*message.from,
-                    // A list of plain strings always serializes.
-                    serde_json::to_string(&to).unwrap_or_default(),
-                    message.ts as i64,
-                    is_binary,
-                    content
-                ])?;
-                let seq = self.tx.last_insert_rowid();
-                for recipient in recipients {
-                    conversation_name(&mut self.name, &message.from, &recipient);
-                    let slot = self.slot()?;
-                    let (stream, pos) = self.bump(slot);
-                    self.insert_conversation
-                        .execute(params![stream, pos as i64, seq])?;
-                    inbox_name(&mut self.name, &recipient);
-                    let slot = self.slot()?;
-                    let (stream, pos) = self.bump(slot);
-                    self.insert_inbox
-                        .execute(params![stream, pos as i64, seq])?;
-                    inbox.push((recipient, Offset(pos)));
-                }
-                Ok(Ok(Appended::Direct { to, message, inbox }))
-            }
-        }
-    }
-
-    /// The recipients whose inbox already holds `max_inbox_messages` entries above its floor.
-    fn full_inboxes(&mut self, recipients: &[String]) -> rusqlite::Result<Vec<String>> {
-        let limit = self.limits.max_inbox_messages;
-        let mut full = Vec::new();
-        if limit == 0 {
-            return Ok(full);
-        }
-        for recipient in recipients {
-            inbox_name(&mut self.name, recipient);
-            let slot = self.slot()?;
-            let state = &self.streams.states[slot];
-            if state.last - state.floor() >= limit {
-                full.push(recipient.clone());
-            }
-        }
-        Ok(full)
-    }
-
-    fn ack(
-        &mut self,
-        user: &str,
-        device: Option<&str>,
-        offset: Offset,
-    ) -> rusqlite::Result<Result<Offset, StoreError>> {
-        inbox_name(&mut self.name, user);
-        let slot = self.slot()?;
-        let state = &self.streams.states[slot];
-        if offset.0 > state.last {
-            return Ok(Err(StoreError::AckBeyondInbox {
-                requested: offset.0,
-                newest: state.last,
-            }));
-        }
-        let device_mark = match device {
-            Some(device) => Some(self.ack_device(slot, device, offset.0)?),
-            None => None,
-        };
-        let state = &mut self.streams.states[slot];
-        if offset.0 > state.acked {
-            state.acked = offset.0;
-            self.dirty.push(slot);
-        }
-        Ok(Ok(Offset(device_mark.unwrap_or(state.acked))))
-    }
-
-    /// Raises one device's mark to `offset` (from the inbox's floor for a device without
-    /// one, evicting the least recently used mark when the user has the most allowed); returns
-    /// the device's mark after.
-    fn ack_device(&mut self, slot: usize, device: &str, offset: u64) -> rusqlite::Result<u64> {
-        let state = &self.streams.states[slot];
-        let (stream, floor) = (state.id, state.floor());
-        let known: Option<i64> = self
-            .tx
-            .prepare_cached("SELECT acked FROM inbox_marks WHERE stream = ?1 AND device = ?2")?
-            .query_row(params![stream, device], |row| row.get(0))
-            .optional()?;
-        if known.is_none() {
-            let marks: i64 = self
-                .tx
-                .prepare_cached("SELECT count(*) FROM inbox_marks WHERE stream = ?1")?
-                .query_row([stream], |row| row.get(0))?;
-            if marks as usize >= self.limits.max_devices_per_user {
-                let evicted: Option<String> = self
-                    .tx
-                    .prepare_cached(
-                        "DELETE FROM inbox_marks WHERE stream = ?1 AND device =
-                         (SELECT device FROM inbox_marks WHERE stream = ?1
-                          ORDER BY used_ms, acked, device LIMIT 1)
-                         RETURNING device",
-                    )?
-                    .query_row([stream], |row| row.get(0))
-                    .optional()?;
-                tracing::info!(
-                    stream,
-                    ?evicted,
-                    "store.max_devices_per_user reached: the least recently used device mark was dropped"
-                );
-            }
-        }
-        let mark = (known.map_or(floor, |mark| mark as u64)).max(offset);
-        self.tx
-            .prepare_cached(
-                "INSERT INTO inbox_marks (stream, device, acked, used_ms) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (stream, device) DO UPDATE SET acked = ?3, used_ms = ?4",
-            )?
-            .execute(params![stream, device, mark as i64, unix_millis()])?;
-        let lowest: Option<i64> = self
-            .tx
-            .prepare_cached("SELECT min(acked) FROM inbox_marks WHERE stream = ?1")?
-            .query_row([stream], |row| row.get(0))?;
-        self.streams.states[slot].lowest_device_mark = lowest.map(|mark| mark as u64);
-        Ok(mark)
-    }
-
-    /// Writes every changed stream's state.
-    fn flush(&mut self) -> rusqlite::Result<()> {
-        self.dirty.sort_unstable();
-        self.dirty.dedup();
-        for &slot in &self.dirty {
-            let state = &self.streams.states[slot];
-            self.update_stream
-                .execute(params![state.id, state.last as i64, state.acked as i64])?;
-        }
-        Ok(())
-    }
-}
-
-fn unix_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as i64)
-}
-
-fn content_bytes(content: &Payload) -> (bool, &[u8]) {
-    match content {
-        Payload::Json(raw) => (false, raw.get().as_bytes()),
-        Payload::Binary(bytes) => (true, &bytes[..]),
-    }
-}
-
-/// One pruning step: looks at up to [`PRUNE_STEP_STREAMS`] streams after the job's cursor and
-/// deletes at most [`PRUNE_STEP_ROWS`] rows, and the streams it left empty by age (their names
-/// go to `removed`). Returns whether the pass is complete.
-fn prune_some(
-    conn: &mut Connection,
-    job: &mut PruneJob,
-    removed: &mut Vec<String>,
-) -> rusqlite::Result<bool> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let streams: Vec<(i64, String, u64, u64)> = tx
-        .prepare_cached(&format!(
-            "SELECT id, name, last_pos, {FLOOR} FROM streams WHERE id > ?1 ORDER BY id LIMIT ?2"
-        ))?
-        .query_map(params![job.cursor, PRUNE_STEP_STREAMS], |row| {
-            Ok((
-                row.get(0)?,
-                row.get(1)?,
-                row.get::<_, i64>(2)? as u64,
-                row.get::<_, i64>(3)? as u64,
-            ))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    if streams.is_empty() {
-        // Every stream is done: the direct messages no entry keeps any more go last.
-        let finished = prune_direct_messages(&tx, job)?;
-        tx.commit()?;
-        return Ok(finished);
-    }
-    let mut budget = PRUNE_STEP_ROWS;
-    for (id, name, last, acked) in streams {
-        let finished = prune_stream(&tx, job, id, &name, last, acked, &mut budget)?;
-        if !finished {
-            break;
-        }
-        if remove_if_expired(&tx, job, id, &name, last, acked)? {
-            removed.push(name);
-        }
-        job.cursor = id;
-        if budget == 0 {
-            break;
-        }
-    }
-    tx.commit()?;
-    Ok(false)
-}
-
-/// Deletes the prefix of one stream that retention no longer covers, within `budget` rows.
-/// Returns whether nothing more is left to delete in it.
-fn prune_stream(
-    tx: &Transaction<'_>,
-    job: &mut PruneJob,
-    id: i64,
-    name: &str,
-    last: u64,
-    acked: u64,
-    budget: &mut u64,
-) -> rusqlite::Result<bool> {
-    let retention = job.retention;
-    let older_than = |age: Duration| {
-        (!age.is_zero()).then(|| job.now_ms.saturating_sub(age.as_millis() as u64) as i64)
-    };
-    let (table, cut_by_rule, age_limit) = if name.starts_with("r/") {
-        let by_count = if retention.room_max_messages > 0 {
-            last.saturating_sub(retention.room_max_messages)
-        } else {
-            0
-        };
-        (
-            "room_messages",
-            by_count,
-            older_than(retention.room_max_age),
-        )
-    } else if name.starts_with("u/") {
-        // Acknowledged entries were delivered: the conversation keeps the message itself.
-        ("inbox", acked, older_than(retention.inbox_max_age))
-    } else if name.starts_with("c/") {
-        ("conversations", 0, older_than(retention.inbox_max_age))
-    } else {
-        return Ok(true);
-    };
-    let mut cut = cut_by_rule;
-    if let Some(limit) = age_limit {
-        // Timestamps follow offsets (both come from the accepting node in order), so the old
-        // messages are the oldest offsets: look at the oldest `budget` rows only. An entry whose
-        // message is gone counts as old.
-        let oldest = if table == "room_messages" {
-            format!("SELECT pos, ts FROM {table} WHERE stream = ?1 ORDER BY pos LIMIT ?2")
-        } else {
-            format!(
-                "SELECT e.pos, d.ts FROM (SELECT pos, message FROM {table} WHERE stream = ?1
-                 ORDER BY pos LIMIT ?2) e LEFT JOIN direct_messages d ON d.seq = e.message"
-            )
-        };
-        let by_age: Option<i64> = tx
-            .prepare_cached(&format!(
-                "SELECT max(pos) FROM ({oldest}) WHERE ts IS NULL OR ts < ?3"
-            ))?
-            .query_row(params![id, *budget as i64, limit], |row| row.get(0))?;
-        cut = cut.max(by_age.unwrap_or(0) as u64);
-    }
-    if cut == 0 || *budget == 0 {
-        return Ok(cut == 0);
-    }
-    let deleted = tx
-        .prepare_cached(&format!(
-            "DELETE FROM {table} WHERE stream = ?1 AND pos IN
-             (SELECT pos FROM {table} WHERE stream = ?1 AND pos <= ?2 ORDER BY pos LIMIT ?3)"
-        ))?
-        .execute(params![id, cut as i64, *budget as i64])? as u64;
-    *budget -= deleted;
-    match table {
-        "room_messages" => job.report.room_messages += deleted,
-        "inbox" => job.report.inbox_entries += deleted,
-        _ => job.report.direct_messages += deleted,
-    }
-    Ok(*budget > 0)
-}
-
-/// Removes an inbox or a conversation that retention emptied by age: its row (so its epoch and
-/// offsets go; a later message starts a new epoch) and its device marks. Without this, every
-/// name a direct message was ever sent to would keep rows forever. An inbox emptied because its
-/// entries were acknowledged stays, and so do rooms: connected clients count on their offsets
-/// going on.
-fn remove_if_expired(
-    tx: &Transaction<'_>,
-    job: &mut PruneJob,
-    id: i64,
-    name: &str,
-    last: u64,
-    floor: u64,
-) -> rusqlite::Result<bool> {
-    let retention = job.retention;
-    let (table, age) = if name.starts_with("u/") {
-        if floor >= last {
-            return Ok(false);
-        }
-        ("inbox", retention.inbox_max_age)
-    } else if name.starts_with("c/") {
-        ("conversations", retention.inbox_max_age)
-    } else {
-        return Ok(false);
-    };
-    if age.is_zero() || last == 0 {
-        return Ok(false);
-    }
-    let holds_entries: bool = tx
-        .prepare_cached(&format!(
-            "SELECT EXISTS (SELECT 1 FROM {table} WHERE stream = ?1)"
-        ))?
-        .query_row([id], |row| row.get(0))?;
-    if holds_entries {
-        return Ok(false);
-    }
-    tx.prepare_cached("DELETE FROM inbox_marks WHERE stream = ?1")?
-        .execute([id])?;
-    tx.prepare_cached("DELETE FROM streams WHERE id = ?1")?
-        .execute([id])?;
-    job.report.empty_streams += 1;
-    Ok(true)
-}
-
-/// Deletes up to [`PRUNE_STEP_ROWS`] of the oldest direct messages older than the inbox age
-/// limit (their conversation and inbox entries went before them). The newest row always stays,
-/// so `seq` numbers are never reused. Returns whether nothing more is left to delete.
-fn prune_direct_messages(tx: &Transaction<'_>, job: &PruneJob) -> rusqlite::Result<bool> {
-    let age = job.retention.inbox_max_age;
-    if age.is_zero() {
-        return Ok(true);
-    }
-    let limit = job.now_ms.saturating_sub(age.as_millis() as u64) as i64;
-    let cut: Option<i64> = tx
-        .prepare_cached(
-            "SELECT max(seq) FROM (SELECT seq, ts FROM direct_messages
-             WHERE seq < (SELECT max(seq) FROM direct_messages) ORDER BY seq LIMIT ?1)
-             WHERE ts < ?2",
-        )?
-        .query_row(params![PRUNE_STEP_ROWS as i64, limit], |row| row.get(0))?;
-    let Some(cut) = cut else {
-        return Ok(true);
-    };
-    let deleted = tx
-        .prepare_cached("DELETE FROM direct_messages WHERE seq <= ?1")?
-        .execute([cut])? as u64;
-    Ok(deleted < PRUNE_STEP_ROWS)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn state(id: i64) -> StreamState {
-        StreamState {
-            id,
-            epoch: String::new(),
-            last: 0,
-            acked: 0,
-            lowest_device_mark: None,
-            used: 0,
-        }
-    }
 
     #[test]
     fn the_writer_lingers_only_after_a_batch_of_several_and_never_past_the_spacing() {
@@ -1054,38 +497,5 @@ mod tests {
         );
         assert_eq!(linger(40, COMMIT_SPACING), None);
         assert_eq!(linger(40, COMMIT_SPACING * 2), None);
-    }
-
-    #[test]
-    fn past_its_bound_the_stream_cache_keeps_the_most_recently_used_streams() {
-        let mut streams = Streams::default();
-        for id in 0..10 {
-            streams.batch += 1;
-            streams.insert(format!("c/{id}"), state(id));
-        }
-        // A stream touched again is recent, whenever it was created.
-        let first = streams.slots["c/0"];
-        streams.states[first].used = streams.batch;
-        streams.keep_recent(4);
-        assert_eq!(streams.slots.len(), 4);
-        assert_eq!(streams.states.len(), 4, "no state left without its name");
-        let mut kept: Vec<i64> = streams
-            .slots
-            .values()
-            .map(|slot| streams.states[*slot].id)
-            .collect();
-        kept.sort_unstable();
-        assert_eq!(kept, [0, 7, 8, 9]);
-    }
-
-    #[test]
-    fn states_of_pruned_streams_go_with_the_next_trim() {
-        let mut streams = Streams::default();
-        for id in 0..3 {
-            streams.insert(format!("c/{id}"), state(id));
-        }
-        streams.slots.remove("c/1");
-        streams.keep_recent(10);
-        assert_eq!(streams.states.len(), 2);
     }
 }
