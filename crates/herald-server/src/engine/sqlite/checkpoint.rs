@@ -7,7 +7,7 @@
 //! WAL while the writer was idle, the writer's next transaction starts the WAL over from its
 //! beginning; under sustained writes that moment never comes (a restarting checkpoint from
 //! this thread starves behind the writer's back-to-back transactions), so the writer itself
-//! restarts the WAL between two batches, about once a second (see `writer.rs`).
+//! restarts the WAL between two batches, about once a second (see `writer/mod.rs`).
 //!
 //! A restart holds the writer while it copies what is left of the WAL and fsyncs the database,
 //! and an fsync costs about 15 µs per dirty page on the VM disk: restarting at a random moment,
