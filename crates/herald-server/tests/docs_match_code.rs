@@ -166,12 +166,12 @@ fn numbers_the_docs_quote_are_the_ones_in_the_code() {
         (
             "docs/architecture.md",
             "a {}-byte read buffer".into(),
-            constant("transport.rs", "READ_BUFFER_BYTES"),
+            constant("transport/mod.rs", "READ_BUFFER_BYTES"),
         ),
         (
             "docs/architecture.md",
             "a write buffer that starts at {} bytes".into(),
-            constant("transport.rs", "WRITE_BUFFER_BYTES"),
+            constant("transport/mod.rs", "WRITE_BUFFER_BYTES"),
         ),
         (
             "docs/architecture.md",
