@@ -563,13 +563,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// Proves that nothing is queued for this client: a ping's pong is the next event.
     pub async fn expect_nothing_queued(&mut self) {
+        self.expect_nothing_queued_but(|_| false).await;
+    }
+
+    /// Proves that nothing but events `allowed` accepts is queued for this client: they may
+    /// come before a ping's pong, anything else fails the test.
+    pub async fn expect_nothing_queued_but(&mut self, allowed: impl Fn(&ServerEvent) -> bool) {
         self.send_json(json!({"type": "ping", "id": "nothing-queued"}))
             .await;
-        let next = self.next_event().await;
-        assert!(
-            matches!(&next, ServerEvent::Pong(pong) if pong.reference.as_deref() == Some("nothing-queued")),
-            "expected nothing before the pong, got {next:?}"
-        );
+        loop {
+            let next = self.next_event().await;
+            if matches!(&next, ServerEvent::Pong(pong) if pong.reference.as_deref() == Some("nothing-queued"))
+            {
+                return;
+            }
+            assert!(
+                allowed(&next),
+                "expected nothing before the pong, got {next:?}"
+            );
+        }
     }
 }
 

@@ -282,8 +282,8 @@ impl Writer {
         };
         let started = Instant::now();
         super::checkpoint::checkpoint(&self.conn, "RESTART");
-        add_elapsed(&self.stats.wal_restart_ns, started);
-        metrics::histogram!("herald_store_wal_restart_seconds").record(started.elapsed());
+        let took = add_elapsed(&self.stats.wal_restart_ns, started);
+        metrics::histogram!("herald_store_wal_restart_seconds").record(took);
         self.stats.wal_restarts.fetch_add(1, Ordering::Relaxed);
         if !prepared {
             self.stats
@@ -477,8 +477,11 @@ fn linger(previous_batch: usize, since_previous: Duration) -> Option<Duration> {
         .filter(|wait| !wait.is_zero())
 }
 
-fn add_elapsed(counter: &AtomicU64, since: Instant) {
-    counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+/// Adds the time since `since` to `counter`, and returns it.
+fn add_elapsed(counter: &AtomicU64, since: Instant) -> Duration {
+    let elapsed = since.elapsed();
+    counter.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    elapsed
 }
 
 #[cfg(test)]
