@@ -257,10 +257,9 @@ impl PresenceConfig {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-
     use super::*;
     use crate::config::Config;
+    use crate::config::tests::{load_error, load_file};
 
     #[test]
     fn presence_keys_are_checked_and_named() {
@@ -269,14 +268,10 @@ mod tests {
             ("window = \"11s\"", "presence.window"),
             ("off = [\"live-[\"]", "presence.off"),
         ] {
-            let mut file = tempfile::NamedTempFile::new().unwrap();
-            writeln!(file, "[presence]\n{text}").unwrap();
-            let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+            let error = load_error(&format!("[presence]\n{text}"));
             assert!(error.contains(key), "{text}: {error}");
         }
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        writeln!(file, "[presence]\noff = \"live-*, stage-?\"").unwrap();
-        let config = Config::load(Some(file.path()), []).unwrap();
+        let config = load_file("[presence]\noff = \"live-*, stage-?\"").unwrap();
         let off = config.presence.off_matcher().unwrap();
         assert!(off.is_match("live-final") && off.is_match("stage-1"));
         assert!(!off.is_match("lobby") && !off.is_match("stage-10"));
@@ -284,22 +279,17 @@ mod tests {
 
     #[test]
     fn store_keys_are_read_from_file_and_environment() {
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        writeln!(
-            file,
-            "[store]\npath = \"/var/lib/herald\"\nsynchronous = \"normal\"\nroom_max_age = \"0s\"\nroom_max_messages = 50"
+        let config = load_file(
+            "[store]\npath = \"/var/lib/herald\"\nsynchronous = \"normal\"\nroom_max_age = \"0s\"\nroom_max_messages = 50",
         )
         .unwrap();
-        let config = Config::load(Some(file.path()), []).unwrap();
         assert_eq!(config.store.path, PathBuf::from("/var/lib/herald"));
         assert_eq!(config.store.synchronous, Synchronous::Normal);
         assert_eq!(config.store.room_max_messages, 50);
         assert!(config.store.room_max_age.is_zero());
         assert_eq!(Config::default().store.path, PathBuf::from("./data"));
 
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        writeln!(file, "[store]\nsynchronous = \"sometimes\"").unwrap();
-        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        let error = load_error("[store]\nsynchronous = \"sometimes\"");
         assert!(error.contains("synchronous"), "{error}");
     }
 }

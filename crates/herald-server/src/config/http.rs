@@ -212,23 +212,18 @@ fn window_bits<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u8, D::Erro
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-
     use super::*;
-    use crate::config::Config;
+    use crate::config::tests::{load_error, load_file};
 
     #[test]
     fn api_tls_and_static_sections_are_read() {
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        writeln!(
-            file,
+        let config = load_file(
             "[api]\nkeys = \"first-key-0123456789, second-key-0123456789\"\n\
              [tls]\ncert = \"/etc/herald/cert.pem\"\nkey = \"/etc/herald/key.pem\"\n\
              [static]\ndir = \"public\"\nmax_age = \"1h\"\n\
-             [server]\nshutdown_delay = \"5s\""
+             [server]\nshutdown_delay = \"5s\"",
         )
         .unwrap();
-        let config = Config::load(Some(file.path()), []).unwrap();
         assert_eq!(
             config.api.keys,
             ["first-key-0123456789", "second-key-0123456789"]
@@ -242,14 +237,10 @@ mod tests {
 
     #[test]
     fn short_api_keys_and_half_tls_settings_are_refused() {
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        writeln!(file, "[api]\nkeys = [\"short\"]").unwrap();
-        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        let error = load_error("[api]\nkeys = [\"short\"]");
         assert!(error.contains("api.keys"), "{error}");
 
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        writeln!(file, "[tls]\ncert = \"/etc/herald/cert.pem\"").unwrap();
-        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        let error = load_error("[tls]\ncert = \"/etc/herald/cert.pem\"");
         assert!(error.contains("tls.key"), "{error}");
     }
 }

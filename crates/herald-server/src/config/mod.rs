@@ -225,6 +225,18 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// Loads `text` as the config file, with no flags.
+    pub(super) fn load_file(text: &str) -> Result<Config, ConfigError> {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "{text}").unwrap();
+        Config::load(Some(file.path()), [])
+    }
+
+    /// The error that loading `text` as the config file gives, as its message.
+    pub(super) fn load_error(text: &str) -> String {
+        load_file(text).unwrap_err().to_string()
+    }
+
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
@@ -253,24 +265,16 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        writeln!(file, "[limits]\nmax_message_bytes = \"lots\"").unwrap();
-        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        let error = load_error("[limits]\nmax_message_bytes = \"lots\"");
         assert!(error.contains("max_message_bytes"), "{error}");
 
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        writeln!(file, "[heartbeat]\ninterval = \"0s\"").unwrap();
-        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        let error = load_error("[heartbeat]\ninterval = \"0s\"");
         assert!(error.contains("heartbeat.interval"), "{error}");
 
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        writeln!(file, "[limits]\nmax_mesage_bytes = 1").unwrap();
-        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        let error = load_error("[limits]\nmax_mesage_bytes = 1");
         assert!(error.contains("max_mesage_bytes"), "{error}");
 
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        writeln!(file, "[limits]\nidempotency_window = \"25h\"").unwrap();
-        let error = Config::load(Some(file.path()), []).unwrap_err().to_string();
+        let error = load_error("[limits]\nidempotency_window = \"25h\"");
         assert!(error.contains("limits.idempotency_window"), "{error}");
     }
 
