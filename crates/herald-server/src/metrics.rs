@@ -260,6 +260,13 @@ pub const CATALOGUE: &[Metric] = &[
         series: NO_LABELS,
     },
     Metric {
+        name: "herald_store_merge_step_seconds",
+        kind: Kind::Histogram,
+        unit: Some(Unit::Seconds),
+        help: "Time the store's writer is held by one step of merging staged direct-message entries into their tables.",
+        series: NO_LABELS,
+    },
+    Metric {
         name: "herald_store_pruned_total",
         kind: Kind::Counter,
         unit: None,

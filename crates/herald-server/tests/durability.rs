@@ -119,6 +119,11 @@ async fn acknowledged_messages_survive_kill_9() {
     let message = bob.next_message_event().await;
     assert_eq!(Some(&message.id), direct.id.as_ref());
     assert_eq!(content_json(&message), json!("kept"));
+    // Its conversation entry, like its inbox entry, may have been staged and not yet merged
+    // when the process died (`engine/sqlite/staging.rs`): the next start merges it.
+    let conversation = bob.history(json!({"with": "alice"})).await;
+    let ids: Vec<Option<&String>> = conversation.messages.iter().map(|m| Some(&m.id)).collect();
+    assert_eq!(ids, [direct.id.as_ref()]);
     let page = bob.history(json!({"room": "lobby"})).await;
     let offsets: Vec<u64> = page.messages.iter().map(|m| m.offset.unwrap()).collect();
     assert_eq!(offsets, acked);

@@ -9,6 +9,7 @@ pub mod backup;
 mod checkpoint;
 mod read;
 pub mod schema;
+pub mod staging;
 mod writer;
 
 use std::collections::HashSet;
@@ -30,6 +31,7 @@ use crate::engine::store::{
 };
 use read::{ReadKind, ReaderPool};
 pub use schema::Synchronous;
+use staging::{MergeTuning, Merger, Staged};
 pub use writer::WriterStats;
 use writer::{Command, Writer};
 
@@ -112,6 +114,8 @@ impl UnackedInboxes {
 pub struct SqliteStore {
     commands: mpsc::Sender<Command>,
     unacked: Arc<UnackedInboxes>,
+    /// The entries the writer staged, which reads of conversations and inboxes add to theirs.
+    staged: Arc<Staged>,
     readers: ReaderPool,
     path: PathBuf,
     stats: Arc<WriterStats>,
@@ -129,6 +133,18 @@ impl SqliteStore {
         synchronous: Synchronous,
         limits: StoreLimits,
         broker: Arc<dyn Broker>,
+    ) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_tuned(folder, synchronous, limits, broker, MergeTuning::default())
+    }
+
+    /// [`SqliteStore::open`] with merges of staged entries sized by `merges` (tests make them
+    /// small and frequent).
+    pub fn open_tuned(
+        folder: &Path,
+        synchronous: Synchronous,
+        limits: StoreLimits,
+        broker: Arc<dyn Broker>,
+        merges: MergeTuning,
     ) -> Result<SqliteStore, StoreError> {
         let open_error = |path: &Path, reason: String| StoreError::Open {
             path: path.display().to_string(),
@@ -151,10 +167,13 @@ impl SqliteStore {
             schema::configure(&conn, synchronous).map_err(|e| open_error(&path, e.to_string()))?;
             Ok(conn)
         };
-        let writer_conn = connect()?;
+        let mut writer_conn = connect()?;
         schema::configure_writer(&writer_conn).map_err(|e| open_error(&path, e.to_string()))?;
         let checkpointer_conn = connect()?;
         schema::prepare(&writer_conn).map_err(|reason| open_error(&path, reason))?;
+        // Entries a previous run staged and never merged (it stopped, or crashed): no list
+        // tells readers about them, so they move to their tables before the first read.
+        staging::merge_all(&mut writer_conn).map_err(|e| open_error(&path, e.to_string()))?;
         let readers = (0..READERS)
             .map(|_| {
                 let conn = connect()?;
@@ -169,7 +188,7 @@ impl SqliteStore {
         let users = schema::unacked_inboxes(&writer_conn, MAX_TRACKED_INBOXES + 1)
             .map_err(|e| open_error(&path, e.to_string()))?;
         unacked.set(users.iter().map(|user| (user.as_str(), true)));
-        let stats = Arc::new(WriterStats::default());
+        let staged = Arc::new(Staged::default());
         let (commands, receiver) = mpsc::channel(WRITER_QUEUE);
         let (checkpoints, asks) = checkpoint::channel();
         let checkpointer = std::thread::Builder::new()
@@ -179,13 +198,14 @@ impl SqliteStore {
         let writer = Writer::new(
             writer_conn,
             lock,
-            stats.clone(),
             fanout::publish_in_commit_order(broker),
             checkpoints,
             unacked.clone(),
+            Merger::new(staged.clone(), merges, synchronous),
             limits,
         )
         .paced_for(synchronous);
+        let stats = writer.stats();
         let thread = std::thread::Builder::new()
             .name("herald-store-writer".into())
             .spawn(move || writer.run(receiver))
@@ -193,6 +213,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             commands,
             unacked,
+            staged,
             readers: ReaderPool::new(readers),
             path,
             stats,
@@ -288,9 +309,10 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Page, StoreError> {
         let (user, with) = (user.to_owned(), with.to_owned());
+        let staged = self.staged.clone();
         self.readers
             .read(ReadKind::Heavy, "conversation history", move |tx| {
-                read::conversation_history(tx, &user, &with, before, limit)
+                read::conversation_history(tx, &staged, &user, &with, before, limit)
             })
             .await
     }
@@ -308,9 +330,10 @@ impl Store for SqliteStore {
     ) -> Result<InboxRead, StoreError> {
         let user = user.to_owned();
         let device = device.map(str::to_owned);
+        let staged = self.staged.clone();
         self.readers
             .read(ReadKind::Light, "read inbox", move |tx| {
-                read::read_inbox(tx, &user, device.as_deref(), after, limit)
+                read::read_inbox(tx, &staged, &user, device.as_deref(), after, limit)
             })
             .await
     }

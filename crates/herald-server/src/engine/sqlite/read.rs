@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::schema::{conversation_name, inbox_name, room_name};
+use super::staging::{Staged, StagedEntry};
 use crate::engine::store::{
     Epoch, InboxRead, Offset, Page, StoreError, StoredMessage, StreamBounds, StreamPosition,
     StreamRead,
@@ -147,7 +148,8 @@ pub fn backend(operation: &'static str, error: rusqlite::Error) -> StoreError {
 struct Stream {
     /// 0 when the stream has no row yet: no message row refers to it.
     id: i64,
-    /// The newest offset and the epoch (zero and unset for a stream never written).
+    /// The newest offset and the epoch (zero and unset for a stream never written). The
+    /// offset is exact for rooms only (see `schema.rs`); reads of the others use the epoch.
     top: StreamPosition,
     acked: Offset,
 }
@@ -251,45 +253,72 @@ pub fn room_history(
 
 pub fn conversation_history(
     tx: &rusqlite::Transaction<'_>,
+    staged: &Staged,
     user: &str,
     with: &str,
     before: Option<Offset>,
     limit: usize,
 ) -> Result<Page, StoreError> {
-    let stream = stream(tx, |name| conversation_name(name, user, with))
-        .map_err(|e| backend("conversation history", e))?;
-    let rows = tx
-        .prepare_cached(&format!(
-            "SELECT {DIRECT_COLUMNS} FROM conversations e CROSS JOIN direct_messages d
-             ON d.seq = e.message WHERE e.stream = ?1 AND e.pos < ?2
-             ORDER BY e.pos DESC LIMIT ?3"
-        ))
-        .and_then(|mut statement| {
-            statement
-                .query_map(
-                    params![stream.id, upper(before), limit as i64 + 1],
-                    direct_row,
-                )?
-                .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .map_err(|e| backend("conversation history", e))?;
+    let mut name = String::new();
+    conversation_name(&mut name, user, with);
+    // Before the first query, which takes the snapshot (see `staging.rs`).
+    let candidates = staged.of(&name);
+    let failed = |e| backend("conversation history", e);
+    let stream = stream(tx, |buffer| buffer.clone_from(&name)).map_err(failed)?;
+    // Newest first, the staged entries (the stream's newest) ahead of the table's.
+    let upper = upper(before);
+    let in_table = newest_in_table(tx, "conversations", &stream, &candidates).map_err(failed)?;
+    let mut rows = staged_rows(
+        tx,
+        &stream,
+        candidates
+            .iter()
+            .rev()
+            .filter(|entry| entry.pos > in_table && (entry.pos as i64) < upper),
+        limit + 1,
+    )
+    .map_err(failed)?;
+    if rows.len() <= limit {
+        let stored = tx
+            .prepare_cached(&format!(
+                "SELECT {DIRECT_COLUMNS} FROM conversations e CROSS JOIN direct_messages d
+                 ON d.seq = e.message WHERE e.stream = ?1 AND e.pos < ?2
+                 ORDER BY e.pos DESC LIMIT ?3"
+            ))
+            .and_then(|mut statement| {
+                statement
+                    .query_map(
+                        params![stream.id, upper, (limit + 1 - rows.len()) as i64],
+                        direct_row,
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(failed)?;
+        rows.extend(stored);
+    }
     page(stream.top.epoch, rows, limit)
 }
 
 pub fn read_inbox(
     tx: &rusqlite::Transaction<'_>,
+    staged: &Staged,
     user: &str,
     device: Option<&str>,
     after: Offset,
     limit: usize,
 ) -> Result<InboxRead, StoreError> {
-    let stream = stream(tx, |name| inbox_name(name, user)).map_err(|e| backend("read inbox", e))?;
+    let mut name = String::new();
+    inbox_name(&mut name, user);
+    // Before the first query, which takes the snapshot (see `staging.rs`).
+    let candidates = staged.of(&name);
+    let failed = |e| backend("read inbox", e);
+    let stream = stream(tx, |buffer| buffer.clone_from(&name)).map_err(failed)?;
     let (acked, device_has_mark) = match device {
         None => (stream.acked, false),
-        Some(device) => device_mark(tx, &stream, device).map_err(|e| backend("read inbox", e))?,
+        Some(device) => device_mark(tx, &stream, device).map_err(failed)?,
     };
     let from = after.max(acked);
-    let rows = tx
+    let mut rows = tx
         .prepare_cached(&format!(
             "SELECT {DIRECT_COLUMNS} FROM inbox e CROSS JOIN direct_messages d
              ON d.seq = e.message WHERE e.stream = ?1 AND e.pos > ?2
@@ -300,12 +329,69 @@ pub fn read_inbox(
                 .query_map(params![stream.id, from.0 as i64, limit as i64], direct_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
-        .map_err(|e| backend("read inbox", e))?;
+        .map_err(failed)?;
+    if rows.len() < limit {
+        // The staged entries are the inbox's newest: they follow the table's.
+        let in_table = newest_in_table(tx, "inbox", &stream, &candidates).map_err(failed)?;
+        let newer = candidates
+            .iter()
+            .filter(|entry| entry.pos > from.0.max(in_table));
+        let staged = staged_rows(tx, &stream, newer, limit - rows.len()).map_err(failed)?;
+        rows.extend(staged);
+    }
     Ok(InboxRead {
         acked,
         device_has_mark,
         messages: rows.into_iter().collect::<Result<_, _>>()?,
     })
+}
+
+/// The offset of the stream's newest entry in `table` (0 if none), when there are staged
+/// `candidates`: those at or below it were merged already (see `staging.rs`).
+fn newest_in_table(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    stream: &Stream,
+    candidates: &[StagedEntry],
+) -> rusqlite::Result<u64> {
+    if candidates.is_empty() {
+        return Ok(0);
+    }
+    let newest: Option<i64> = tx
+        .prepare_cached(&format!("SELECT max(pos) FROM {table} WHERE stream = ?1"))?
+        .query_row([stream.id], |row| row.get(0))?;
+    Ok(newest.unwrap_or(0) as u64)
+}
+
+/// Up to `limit` of the `candidates` (a stream's staged entries above its table's newest, as
+/// listed before the snapshot, in the order wanted) that this snapshot holds in
+/// `staged_entries`; those it does not were merged before it, and its read of the stream's
+/// table finds them. A row is checked by stream and offset too: rows are numbered afresh after
+/// a merge emptied the table.
+fn staged_rows<'a>(
+    tx: &rusqlite::Transaction<'_>,
+    stream: &Stream,
+    candidates: impl Iterator<Item = &'a StagedEntry>,
+    limit: usize,
+) -> rusqlite::Result<Vec<Decoded>> {
+    let mut rows = Vec::new();
+    if limit == 0 {
+        return Ok(rows);
+    }
+    let mut statement = tx.prepare_cached(&format!(
+        "SELECT {DIRECT_COLUMNS} FROM staged_entries e CROSS JOIN direct_messages d
+         ON d.seq = e.message WHERE e.seq = ?1 AND e.stream = ?2 AND e.pos = ?3"
+    ))?;
+    for entry in candidates {
+        let row = statement
+            .query_row(params![entry.row, stream.id, entry.pos as i64], direct_row)
+            .optional()?;
+        rows.extend(row);
+        if rows.len() == limit {
+            break;
+        }
+    }
+    Ok(rows)
 }
 
 /// The mark `device` reads from (its own, or the inbox's floor while it has none) and whether

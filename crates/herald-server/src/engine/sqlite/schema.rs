@@ -14,12 +14,18 @@
 //!   two unrelated places per recipient; these rows are a few bytes, so those places are few
 //!   pages, and each commit writes fewer of them.
 //!
+//! - `staged_entries (seq)`: new conversation and inbox entries, appended in commit order until
+//!   a merge moves them to `conversations` and `inbox` (see `staging.rs`).
+//!
 //! `room_messages`, `conversations` and `inbox` are `WITHOUT ROWID`, clustered on their primary
 //! key, so a stream's rows sit together and a page of history is one range scan.
 //!
 //! # Invariants
-//! - `streams.last_pos` is the newest offset ever assigned in the stream, whatever pruning
-//!   removed since.
+//! - A room's `streams.last_pos` is the newest offset ever assigned in it, whatever pruning
+//!   removed since. A conversation's or an inbox's newest offset is the highest of its
+//!   `last_pos` and its entries' offsets ([`NEWEST`]): appends do not write the row (at one
+//!   update per entry, that was a tenth of the writer's work); acks write it whole, and pruning
+//!   raises `last_pos` to the newest entry before it deletes entries.
 //! - `direct_messages.seq` is never reused: pruning never removes the newest row, so a new row
 //!   always gets a number above every entry's `message`.
 
@@ -119,6 +125,16 @@ CREATE TABLE inbox_marks (
     used_ms INTEGER NOT NULL,
     PRIMARY KEY (stream, device)
 ) WITHOUT ROWID;
+",
+    // 3: conversation and inbox entries staged before their merge (`staging.rs`).
+    "
+CREATE TABLE staged_entries (
+    seq INTEGER PRIMARY KEY,
+    inbox INTEGER NOT NULL,
+    stream INTEGER NOT NULL,
+    pos INTEGER NOT NULL,
+    message INTEGER NOT NULL
+);
 ",
 ];
 
@@ -258,10 +274,16 @@ pub fn room_name(name: &mut String, room: &str) {
 pub const FLOOR: &str = "min(streams.acked, coalesce((SELECT min(m.acked) FROM inbox_marks m
      WHERE m.stream = streams.id), streams.acked))";
 
-/// Up to `limit` users whose inbox has entries beyond their floor.
+/// A stream's newest offset (see the invariants above), once no entry is staged. An SQL
+/// expression over a `streams` row.
+pub const NEWEST: &str = "max(streams.last_pos, coalesce(
+     (SELECT max(pos) FROM inbox WHERE stream = streams.id),
+     (SELECT max(pos) FROM conversations WHERE stream = streams.id), 0))";
+
+/// Up to `limit` users whose inbox has entries beyond their floor (with no entry staged).
 pub fn unacked_inboxes(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<String>> {
     let mut statement = conn.prepare(&format!(
-        "SELECT name FROM streams WHERE name LIKE 'u/%' AND last_pos > {FLOOR} LIMIT ?1"
+        "SELECT name FROM streams WHERE name LIKE 'u/%' AND {NEWEST} > {FLOOR} LIMIT ?1"
     ))?;
     let names = statement.query_map([limit as i64], |row| row.get::<_, String>(0))?;
     names

@@ -1,5 +1,6 @@
 //! One transaction's writes: finding or creating each stream's row ([`Batch::slot`]),
-//! assigning offsets ([`Batch::bump`]), inserting room and direct messages, acks with their
+//! assigning offsets ([`Batch::bump`]), inserting room and direct messages (staging their
+//! conversation and inbox entries, see `staging.rs`), acks with their
 //! device marks, and the changed stream rows written back before the commit
 //! ([`Batch::flush`]). The writer's loop decides what goes into a batch and commits it; this is
 //! only what runs inside the transaction.
@@ -9,6 +10,7 @@ use rusqlite::{CachedStatement, OptionalExtension, Transaction, params};
 
 use super::streams::{StreamState, Streams};
 use crate::engine::sqlite::schema::{conversation_name, inbox_name, room_name};
+use crate::engine::sqlite::staging::{Staged, Unmerged};
 use crate::engine::store::{
     Append, Appended, Epoch, Offset, StoreError, StoreLimits, StreamPosition,
 };
@@ -16,33 +18,41 @@ use crate::engine::store::{
 /// The writes of one transaction, with its statements prepared once.
 pub(super) struct Batch<'a> {
     streams: &'a mut Streams,
+    /// The entries staged by earlier batches, which a stream's newest offset counts.
+    staged_before: &'a Staged,
     limits: StoreLimits,
-    /// Streams changed in this batch (indexes into `streams.states`), written back before the
-    /// commit.
+    /// Streams whose row changed in this batch (indexes into `streams.states`), written back
+    /// before the commit: rooms given new offsets, inboxes acknowledged. Conversations and
+    /// inboxes given new entries are not: their newest offset is their newest entry's.
     dirty: Vec<usize>,
     /// The name of the stream being looked up, reused so lookups do not allocate.
     name: String,
+    /// The conversation and inbox entries this batch staged, by stream name, for
+    /// [`crate::engine::sqlite::staging::Staged`] once the batch has committed.
+    pub(super) staged: Vec<(String, Unmerged)>,
     tx: &'a Transaction<'a>,
     select_stream: CachedStatement<'a>,
     insert_stream: CachedStatement<'a>,
     update_stream: CachedStatement<'a>,
     insert_room: CachedStatement<'a>,
     insert_direct: CachedStatement<'a>,
-    insert_conversation: CachedStatement<'a>,
-    insert_inbox: CachedStatement<'a>,
+    insert_staged: CachedStatement<'a>,
 }
 
 impl<'a> Batch<'a> {
     pub(super) fn new(
         tx: &'a Transaction<'a>,
         streams: &'a mut Streams,
+        staged_before: &'a Staged,
         limits: StoreLimits,
     ) -> rusqlite::Result<Batch<'a>> {
         Ok(Batch {
             streams,
+            staged_before,
             limits,
             dirty: Vec::new(),
             name: String::new(),
+            staged: Vec::new(),
             tx,
             select_stream: tx.prepare_cached(
                 "SELECT id, epoch, last_pos, acked,
@@ -62,11 +72,9 @@ impl<'a> Batch<'a> {
                 "INSERT INTO direct_messages (id, sender, recipients, ts, is_binary, content)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?,
-            insert_conversation: tx.prepare_cached(
-                "INSERT INTO conversations (stream, pos, message) VALUES (?1, ?2, ?3)",
+            insert_staged: tx.prepare_cached(
+                "INSERT INTO staged_entries (inbox, stream, pos, message) VALUES (?1, ?2, ?3, ?4)",
             )?,
-            insert_inbox: tx
-                .prepare_cached("INSERT INTO inbox (stream, pos, message) VALUES (?1, ?2, ?3)")?,
         })
     }
 
@@ -90,7 +98,10 @@ impl<'a> Batch<'a> {
             })
             .optional()?;
         let state = match stored {
-            Some(state) => state,
+            Some(mut state) => {
+                state.last = state.last.max(self.newest_entry(state.id)?);
+                state
+            }
             None => {
                 let epoch = Epoch::random().0;
                 self.insert_stream
@@ -108,11 +119,31 @@ impl<'a> Batch<'a> {
         Ok(self.streams.insert(self.name.clone(), state))
     }
 
+    /// The offset of the newest entry, staged or in its table, of the conversation or inbox
+    /// named `self.name` (0 for a room, or with no entry).
+    fn newest_entry(&mut self, stream: i64) -> rusqlite::Result<u64> {
+        let table = if self.name.starts_with("u/") {
+            "inbox"
+        } else if self.name.starts_with("c/") {
+            "conversations"
+        } else {
+            return Ok(0);
+        };
+        if let Some(staged) = self.staged_before.newest(&self.name) {
+            // Staged entries are a stream's newest.
+            return Ok(staged);
+        }
+        let newest: Option<i64> = self
+            .tx
+            .prepare_cached(&format!("SELECT max(pos) FROM {table} WHERE stream = ?1"))?
+            .query_row([stream], |row| row.get(0))?;
+        Ok(newest.unwrap_or(0) as u64)
+    }
+
     /// Assigns the next offset of a stream; returns the stream's id and the offset.
     fn bump(&mut self, slot: usize) -> (i64, u64) {
         let state = &mut self.streams.states[slot];
         state.last += 1;
-        self.dirty.push(slot);
         (state.id, state.last)
     }
 
@@ -125,6 +156,7 @@ impl<'a> Batch<'a> {
                 room_name(&mut self.name, &room);
                 let slot = self.slot()?;
                 let (stream, pos) = self.bump(slot);
+                self.dirty.push(slot);
                 let (is_binary, content) = content_bytes(&message.content);
                 self.insert_room.execute(params![
                     stream,
@@ -175,19 +207,32 @@ impl<'a> Batch<'a> {
                 for recipient in recipients {
                     conversation_name(&mut self.name, &message.from, &recipient);
                     let slot = self.slot()?;
-                    let (stream, pos) = self.bump(slot);
-                    self.insert_conversation
-                        .execute(params![stream, pos as i64, seq])?;
+                    self.stage(slot, false, seq)?;
                     inbox_name(&mut self.name, &recipient);
                     let slot = self.slot()?;
-                    let (stream, pos) = self.bump(slot);
-                    self.insert_inbox
-                        .execute(params![stream, pos as i64, seq])?;
+                    let pos = self.stage(slot, true, seq)?;
                     inbox.push((recipient, Offset(pos)));
                 }
                 Ok(Ok(Appended::Direct { to, message, inbox }))
             }
         }
+    }
+
+    /// Gives the stream named `self.name` (at `slot`) its next offset, with an entry pointing
+    /// at direct message `message`, staged (see `staging.rs`); returns the offset.
+    fn stage(&mut self, slot: usize, inbox: bool, message: i64) -> rusqlite::Result<u64> {
+        let (stream, pos) = self.bump(slot);
+        self.insert_staged
+            .execute(params![inbox, stream, pos as i64, message])?;
+        let entry = Unmerged {
+            inbox,
+            stream,
+            pos,
+            message,
+            row: self.tx.last_insert_rowid(),
+        };
+        self.staged.push((self.name.clone(), entry));
+        Ok(pos)
     }
 
     /// The recipients whose inbox already holds `max_inbox_messages` entries above its floor.

@@ -12,13 +12,17 @@
 //! Pruning runs here too, as small steps (each its own short transaction) taken only while no
 //! command waits: an append never waits for more than one step.
 //!
-//! This file holds the loop (batching, commit pacing, WAL restarts, the hand-off);
+//! Direct messages' conversation and inbox entries are staged, and merged into their tables in
+//! slices between batches (`staging.rs`).
+//!
+//! This file holds the loop (batching, commit pacing, WAL restarts, merges, the hand-off);
 //! [`batch`] the statements of one transaction, [`streams`] the cached stream states they
 //! read and advance, and [`prune`] the retention passes' steps.
 //!
 //! # Invariants
-//! - `streams` mirrors the committed `streams` table for the streams it holds, except during a
-//!   batch; a failed batch clears it, so it is reloaded from the file.
+//! - `streams` holds, for the streams it caches, what the committed file and the staged
+//!   entries say (a conversation's or an inbox's newest offset is its newest entry's, see
+//!   `schema.rs`), except during a batch; a failed batch clears it, so it is reloaded.
 //! - A stream's row (and so its id) is created by the first batch that touches it; message rows
 //!   refer to that id.
 //! - Offsets are assigned here ([`Batch::bump`]) and nowhere else, one stream at a time, each
@@ -40,6 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::UnackedInboxes;
 use super::checkpoint::Checkpoints;
 use super::schema::{Synchronous, inbox_name};
+use super::staging::{Merger, Unmerged};
 use crate::engine::fanout::{AwaitingCommit, CommitBatch, Committed};
 use crate::engine::store::{
     Append, Appended, Offset, PruneReport, Retention, StoreError, StoreLimits,
@@ -107,6 +112,9 @@ pub struct WriterStats {
     /// up (it took longer than [`CATCH_UP_LIMIT`], or had stopped).
     pub wal_restarts: AtomicU64,
     pub wal_restarts_unprepared: AtomicU64,
+    /// Merges of the staged entries finished, and the nanoseconds their steps took.
+    pub merges: AtomicU64,
+    pub merge_ns: AtomicU64,
 }
 
 /// An ack waiting for its batch: the user, the device, the offset, and where the mark after
@@ -141,17 +149,24 @@ pub struct Writer {
     last_batch_len: usize,
     /// Users whose inbox holds unacknowledged entries, kept in step with each commit.
     unacked: Arc<UnackedInboxes>,
+    /// The staged entries, and their merges (see `staging.rs`).
+    merger: Merger,
+    /// Set when a merge step failed, until the next batch: the writer then waits for commands
+    /// instead of retrying while idle.
+    merge_failed: bool,
     limits: StoreLimits,
 }
 
 impl Writer {
+    /// A writer that stages direct messages' entries and merges them with `merger` (whose
+    /// index the readers share, see `staging.rs`).
     pub fn new(
         conn: Connection,
         lock: File,
-        stats: Arc<WriterStats>,
         committed: mpsc::Sender<CommitBatch>,
         checkpoints: Checkpoints,
         unacked: Arc<UnackedInboxes>,
+        merger: Merger,
         limits: StoreLimits,
     ) -> Writer {
         Writer {
@@ -159,7 +174,7 @@ impl Writer {
             _lock: lock,
             streams: Streams::default(),
             prune: VecDeque::new(),
-            stats,
+            stats: Arc::default(),
             committed,
             checkpoints,
             last_wal_restart: Instant::now(),
@@ -168,6 +183,8 @@ impl Writer {
             last_batch_taken: Instant::now(),
             last_batch_len: 0,
             unacked,
+            merger,
+            merge_failed: false,
             limits,
         }
     }
@@ -179,13 +196,20 @@ impl Writer {
         self
     }
 
+    /// Where the writer's time goes, shared with the store.
+    pub fn stats(&self) -> Arc<WriterStats> {
+        self.stats.clone()
+    }
+
     /// Runs until a `Close` command or until every sender is gone.
     pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut closed_by = None;
         let depth = crate::metrics::gauge("herald_store_writer_queue_depth");
         let cached = crate::metrics::gauge("herald_store_cached_streams");
         'serve: loop {
-            let first = if self.prune.is_empty() {
+            // Work taken only while no command waits: the rest of a merge, then pruning.
+            let merging = self.merger.due() && !self.merge_failed;
+            let first = if self.prune.is_empty() && !merging {
                 match commands.blocking_recv() {
                     Some(command) => command,
                     None => break,
@@ -194,7 +218,11 @@ impl Writer {
                 match commands.try_recv() {
                     Ok(command) => command,
                     Err(mpsc::error::TryRecvError::Empty) => {
-                        self.prune_step();
+                        if merging {
+                            self.merge_step();
+                        } else {
+                            self.prune_step();
+                        }
                         continue;
                     }
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
@@ -231,9 +259,12 @@ impl Writer {
             if !writes.is_empty() {
                 self.write_batch(writes);
                 cached.set(self.streams.slots.len() as f64);
+                self.merge_failed = false;
             }
+            self.merge_step();
             self.restart_wal_when_due();
             if closed_by.is_some() {
+                self.merge_all();
                 break 'serve;
             }
         }
@@ -320,7 +351,9 @@ impl Writer {
         let started = Instant::now();
         let outcome = self.transact(appends, &acks);
         match outcome {
-            Ok((appended, acked)) => {
+            Ok((appended, acked, staged)) => {
+                // Before anything is answered or delivered: a reader must find these entries.
+                self.merger.committed(staged);
                 // Before the callbacks: a message's fan-out must not overtake its user's mark.
                 self.mark_unacked(appended.iter().flatten(), &acks);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -404,12 +437,13 @@ impl Writer {
     ) -> rusqlite::Result<(
         Vec<Result<Appended, StoreError>>,
         Vec<Result<Offset, StoreError>>,
+        Vec<(String, Unmerged)>,
     )> {
         let started = Instant::now();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut batch = Batch::new(&tx, &mut self.streams, self.limits)?;
+        let mut batch = Batch::new(&tx, &mut self.streams, self.merger.staged(), self.limits)?;
         let mut appended = Vec::with_capacity(appends.len());
         for append in appends {
             appended.push(batch.append(append)?);
@@ -419,15 +453,59 @@ impl Writer {
             acked.push(batch.ack(user, device.as_deref(), *offset)?);
         }
         batch.flush()?;
+        let staged = std::mem::take(&mut batch.staged);
         drop(batch);
         add_elapsed(&self.stats.statement_ns, started);
         let committing = Instant::now();
         tx.commit()?;
         add_elapsed(&self.stats.commit_ns, committing);
-        Ok((appended, acked))
+        Ok((appended, acked, staged))
+    }
+
+    /// Takes one step of the merge under way or due, if any (see `staging.rs`).
+    fn merge_step(&mut self) {
+        if !self.merger.due() {
+            return;
+        }
+        let started = Instant::now();
+        match self.merger.step(&mut self.conn) {
+            Ok(None) => {}
+            Ok(Some(finished)) => {
+                let took = add_elapsed(&self.stats.merge_ns, started);
+                metrics::histogram!("herald_store_merge_step_seconds").record(took);
+                if finished {
+                    self.stats.merges.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(error) => {
+                self.merge_failed = true;
+                tracing::error!(%error, "merging staged entries failed; will retry");
+            }
+        }
+    }
+
+    /// Merges every staged entry at once (before pruning, and at close).
+    fn merge_all(&mut self) {
+        let started = Instant::now();
+        match self.merger.merge_all(&mut self.conn) {
+            Ok(0) => {}
+            Ok(_) => {
+                add_elapsed(&self.stats.merge_ns, started);
+                self.stats.merges.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                tracing::error!(%error, "merging staged entries failed; they stay staged");
+            }
+        }
     }
 
     fn prune_step(&mut self) {
+        if self.prune.is_empty() {
+            return;
+        }
+        // Pruning reads and deletes entries in their tables, and may remove a stream: none of
+        // them may wait in staging.
+        self.merge_all();
         let Some(job) = self.prune.front_mut() else {
             return;
         };

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
-use crate::engine::sqlite::schema::FLOOR;
+use crate::engine::sqlite::schema::{FLOOR, NEWEST};
 use crate::engine::store::{PruneReport, Retention, StoreError};
 
 /// Most rows one pruning step deletes, and most streams it looks at.
@@ -35,7 +35,7 @@ pub(super) fn prune_some(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let streams: Vec<(i64, String, u64, u64)> = tx
         .prepare_cached(&format!(
-            "SELECT id, name, last_pos, {FLOOR} FROM streams WHERE id > ?1 ORDER BY id LIMIT ?2"
+            "SELECT id, name, {NEWEST}, {FLOOR} FROM streams WHERE id > ?1 ORDER BY id LIMIT ?2"
         ))?
         .query_map(params![job.cursor, PRUNE_STEP_STREAMS], |row| {
             Ok((
@@ -126,6 +126,11 @@ fn prune_stream(
     }
     if cut == 0 || *budget == 0 {
         return Ok(cut == 0);
+    }
+    if table != "room_messages" {
+        // The newest entry may be among those deleted: its offset must stay taken.
+        tx.prepare_cached("UPDATE streams SET last_pos = ?2 WHERE id = ?1 AND last_pos < ?2")?
+            .execute(params![id, last as i64])?;
     }
     let deleted = tx
         .prepare_cached(&format!(
