@@ -1256,6 +1256,22 @@ async fn direct_messages_read_back_whole_while_their_entries_are_merged_and_afte
                     "a gap or a repeat in {} entries",
                     offsets.len()
                 );
+                // The newest page of the conversation, more than is staged at once: no gap, no
+                // repeat, nothing acknowledged missing.
+                let page = store
+                    .conversation_history("alice", "bob", None, 2_000)
+                    .await;
+                let offsets: Vec<u64> = page.unwrap().messages.iter().map(|m| m.offset.0).collect();
+                let newest = offsets.last().copied().unwrap_or(0);
+                assert!(
+                    newest >= before,
+                    "an acknowledged message is missing from the history"
+                );
+                let first = newest + 1 - offsets.len() as u64;
+                assert!(
+                    offsets == (first..=newest).collect::<Vec<_>>(),
+                    "a gap in the history"
+                );
                 reads += 1;
             }
             reads

@@ -261,12 +261,13 @@ pub fn conversation_history(
 ) -> Result<Page, StoreError> {
     let mut name = String::new();
     conversation_name(&mut name, user, with);
-    // Before the first query, which takes the snapshot (see `staging.rs`).
-    let candidates = staged.of(&name);
+    let upper = upper(before);
+    // Before the first query, which takes the snapshot (see `staging.rs`). Those at or below
+    // the table's newest are dropped below, so the page's worth above it is among these.
+    let candidates = staged.newest_below(&name, upper as u64, limit + 1);
     let failed = |e| backend("conversation history", e);
     let stream = stream(tx, |buffer| buffer.clone_from(&name)).map_err(failed)?;
     // Newest first, the staged entries (the stream's newest) ahead of the table's.
-    let upper = upper(before);
     let in_table = newest_in_table(tx, "conversations", &stream, &candidates).map_err(failed)?;
     let mut rows = staged_rows(
         tx,
@@ -309,8 +310,10 @@ pub fn read_inbox(
 ) -> Result<InboxRead, StoreError> {
     let mut name = String::new();
     inbox_name(&mut name, user);
-    // Before the first query, which takes the snapshot (see `staging.rs`).
-    let candidates = staged.of(&name);
+    // Before the first query, which takes the snapshot (see `staging.rs`); the mark is not
+    // known yet, so every staged entry above `after` (those the table holds too are dropped
+    // below).
+    let candidates = staged.above(&name, after.0);
     let failed = |e| backend("read inbox", e);
     let stream = stream(tx, |buffer| buffer.clone_from(&name)).map_err(failed)?;
     let (acked, device_has_mark) = match device {
@@ -535,6 +538,59 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), read)
             .await
             .expect("the read got a connection")
+    }
+
+    /// During a merge an entry can be in its table and still in `staged_entries`: a read lists
+    /// it once, pages included.
+    #[test]
+    fn an_entry_both_merged_and_still_staged_is_read_once() {
+        let folder = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(folder.path().join("herald.db")).unwrap();
+        super::super::schema::prepare(&conn).unwrap();
+        conn.execute_batch(
+            r#"INSERT INTO streams (id, name, epoch, last_pos, acked)
+                 VALUES (1, 'u/bob', 'e', 0, 0), (2, 'c/alice,bob', 'e', 0, 0);
+             INSERT INTO direct_messages (seq, id, sender, recipients, ts, is_binary, content)
+                 VALUES (1, 'm1', 'alice', '["bob"]', 1, 0, CAST('1' AS BLOB)),
+                        (2, 'm2', 'alice', '["bob"]', 2, 0, CAST('2' AS BLOB)),
+                        (3, 'm3', 'alice', '["bob"]', 3, 0, CAST('3' AS BLOB)),
+                        (4, 'm4', 'alice', '["bob"]', 4, 0, CAST('4' AS BLOB));
+             -- 1 and 2 merged, 2 not yet deleted from staging; 3 and 4 staged
+             INSERT INTO inbox VALUES (1, 1, 1), (1, 2, 2);
+             INSERT INTO conversations VALUES (2, 1, 1), (2, 2, 2);
+             INSERT INTO staged_entries (seq, inbox, stream, pos, message)
+                 VALUES (10, 1, 1, 2, 2), (11, 0, 2, 2, 2), (12, 1, 1, 3, 3),
+                        (13, 0, 2, 3, 3), (14, 1, 1, 4, 4), (15, 0, 2, 4, 4);"#,
+        )
+        .unwrap();
+        let staged = Staged::default();
+        for (name, first_row) in [("u/bob", 10), ("c/alice,bob", 11)] {
+            staged.add((0..3).map(|n| {
+                let entry = StagedEntry {
+                    pos: n as u64 + 2,
+                    row: first_row + 2 * n,
+                };
+                (name.to_owned(), entry)
+            }));
+        }
+        let tx = conn.transaction().unwrap();
+        let offsets = |messages: &[StoredMessage]| -> Vec<u64> {
+            messages.iter().map(|m| m.offset.0).collect()
+        };
+        let inbox = |after, limit| {
+            let read = read_inbox(&tx, &staged, "bob", None, Offset(after), limit).unwrap();
+            offsets(&read.messages)
+        };
+        assert_eq!(inbox(0, 10), [1, 2, 3, 4]);
+        assert_eq!(inbox(0, 3), [1, 2, 3]);
+        assert_eq!(inbox(1, 2), [2, 3]);
+        let history = |before, limit| {
+            let page = conversation_history(&tx, &staged, "alice", "bob", before, limit).unwrap();
+            (offsets(&page.messages), page.more)
+        };
+        assert_eq!(history(None, 10), (vec![1, 2, 3, 4], false));
+        assert_eq!(history(None, 3), (vec![2, 3, 4], true));
+        assert_eq!(history(Some(Offset(4)), 10), (vec![1, 2, 3], false));
     }
 
     #[tokio::test]

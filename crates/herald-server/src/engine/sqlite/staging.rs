@@ -28,7 +28,7 @@
 //! - Above the newest entry of a stream's table, the stream's entries are all staged, in offset
 //!   order (offsets only grow, and a merge inserts a stream's entries oldest first).
 //! - A reader copies a stream's staged list before its read transaction takes its snapshot (see
-//!   [`Staged::of`]).
+//!   [`Staged::above`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -61,7 +61,7 @@ impl Staged {
     }
 
     /// Records a committed batch's staged entries.
-    fn add(&self, entries: impl IntoIterator<Item = (String, StagedEntry)>) {
+    pub(super) fn add(&self, entries: impl IntoIterator<Item = (String, StagedEntry)>) {
         let mut streams = self.lock();
         for (name, entry) in entries {
             streams.entry(name).or_default().push(entry);
@@ -91,12 +91,28 @@ impl Staged {
         self.lock().clear();
     }
 
-    /// The staged entries of one stream. A reader calls this before its read transaction takes
-    /// its snapshot (before its first query): whatever a merge moved since is then in the
-    /// clustered table of that snapshot, and whatever is committed after was not answered
-    /// before the read began.
-    pub fn of(&self, name: &str) -> Vec<StagedEntry> {
-        self.lock().get(name).cloned().unwrap_or_default()
+    /// A stream's staged entries with an offset above `after`. A reader calls this before its
+    /// read transaction takes its snapshot (before its first query): whatever a merge moved
+    /// since is then in the clustered table of that snapshot, and whatever is committed after
+    /// was not answered before the read began.
+    pub fn above(&self, name: &str, after: u64) -> Vec<StagedEntry> {
+        let streams = self.lock();
+        let Some(entries) = streams.get(name) else {
+            return Vec::new();
+        };
+        let start = entries.partition_point(|entry| entry.pos <= after);
+        entries[start..].to_vec()
+    }
+
+    /// Like [`Staged::above`]: the newest `count` entries of a stream with an offset below
+    /// `before`, oldest first.
+    pub fn newest_below(&self, name: &str, before: u64, count: usize) -> Vec<StagedEntry> {
+        let streams = self.lock();
+        let Some(entries) = streams.get(name) else {
+            return Vec::new();
+        };
+        let end = entries.partition_point(|entry| entry.pos < before);
+        entries[end.saturating_sub(count)..end].to_vec()
     }
 }
 
@@ -385,13 +401,20 @@ mod tests {
             ("c/alice,bob".into(), entry(7, 2)),
         ]);
         staged.add(vec![("u/bob".into(), entry(2, 3))]);
-        assert_eq!(staged.of("u/bob"), [entry(1, 1), entry(2, 3)]);
-        assert_eq!(staged.of("u/carol"), []);
-        assert_eq!(staged.newest("u/bob"), Some(2));
+        staged.add(vec![("u/bob".into(), entry(3, 4))]);
+        assert_eq!(
+            staged.above("u/bob", 0),
+            [entry(1, 1), entry(2, 3), entry(3, 4)]
+        );
+        assert_eq!(staged.above("u/bob", 2), [entry(3, 4)]);
+        assert_eq!(staged.above("u/carol", 0), []);
+        assert_eq!(staged.newest_below("u/bob", 3, 1), [entry(2, 3)]);
+        assert_eq!(staged.newest_below("u/bob", u64::MAX, 10).len(), 3);
+        assert_eq!(staged.newest("u/bob"), Some(3));
         staged.forget_through(2);
-        assert_eq!(staged.of("u/bob"), [entry(2, 3)]);
-        assert_eq!(staged.of("c/alice,bob"), []);
+        assert_eq!(staged.above("u/bob", 0), [entry(2, 3), entry(3, 4)]);
+        assert_eq!(staged.above("c/alice,bob", 0), []);
         staged.clear();
-        assert_eq!(staged.of("u/bob"), []);
+        assert_eq!(staged.above("u/bob", 0), []);
     }
 }
