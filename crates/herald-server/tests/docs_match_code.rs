@@ -176,12 +176,12 @@ fn numbers_the_docs_quote_are_the_ones_in_the_code() {
         (
             "docs/architecture.md",
             "up to {} wait for their commit".into(),
-            constant("connection/session.rs", "MAX_PIPELINED"),
+            constant("connection/session/answers.rs", "MAX_PIPELINED"),
         ),
         (
             "docs/architecture.md",
             "up to {} stored messages wait for their commit".into(),
-            constant("connection/session.rs", "MAX_PIPELINED"),
+            constant("connection/session/answers.rs", "MAX_PIPELINED"),
         ),
         (
             "docs/architecture.md",
