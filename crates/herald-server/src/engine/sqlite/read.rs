@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::value::RawValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::schema::{conversation_name, inbox_name, room_name};
+use super::schema::{conversation_name, inbox_name, newest_in_table, room_name};
 use super::staging::{Staged, StagedEntry};
 use crate::engine::store::{
     Epoch, InboxRead, Offset, Page, StoreError, StoredMessage, StreamBounds, StreamPosition,
@@ -268,7 +268,7 @@ pub fn conversation_history(
     let failed = |e| backend("conversation history", e);
     let stream = stream(tx, |buffer| buffer.clone_from(&name)).map_err(failed)?;
     // Newest first, the staged entries (the stream's newest) ahead of the table's.
-    let in_table = newest_in_table(tx, "conversations", &stream, &candidates).map_err(failed)?;
+    let in_table = merged_through(tx, "conversations", &stream, &candidates).map_err(failed)?;
     let mut rows = staged_rows(
         tx,
         &stream,
@@ -335,7 +335,7 @@ pub fn read_inbox(
         .map_err(failed)?;
     if rows.len() < limit {
         // The staged entries are the inbox's newest: they follow the table's.
-        let in_table = newest_in_table(tx, "inbox", &stream, &candidates).map_err(failed)?;
+        let in_table = merged_through(tx, "inbox", &stream, &candidates).map_err(failed)?;
         let newer = candidates
             .iter()
             .filter(|entry| entry.pos > from.0.max(in_table));
@@ -349,9 +349,9 @@ pub fn read_inbox(
     })
 }
 
-/// The offset of the stream's newest entry in `table` (0 if none), when there are staged
-/// `candidates`: those at or below it were merged already (see `staging.rs`).
-fn newest_in_table(
+/// The offset of the stream's newest entry in `table`, when there are staged `candidates`
+/// (0 when there are none): those at or below it were merged already (see `staging.rs`).
+fn merged_through(
     tx: &rusqlite::Transaction<'_>,
     table: &str,
     stream: &Stream,
@@ -360,10 +360,7 @@ fn newest_in_table(
     if candidates.is_empty() {
         return Ok(0);
     }
-    let newest: Option<i64> = tx
-        .prepare_cached(&format!("SELECT max(pos) FROM {table} WHERE stream = ?1"))?
-        .query_row([stream.id], |row| row.get(0))?;
-    Ok(newest.unwrap_or(0) as u64)
+    newest_in_table(tx, table, stream.id)
 }
 
 /// Up to `limit` of the `candidates` (a stream's staged entries above its table's newest, as

@@ -280,6 +280,25 @@ pub const NEWEST: &str = "max(streams.last_pos, coalesce(
      (SELECT max(pos) FROM inbox WHERE stream = streams.id),
      (SELECT max(pos) FROM conversations WHERE stream = streams.id), 0))";
 
+/// The table holding the entries of the inbox or conversation named `name`; none for a room.
+pub fn entry_table(name: &str) -> Option<&'static str> {
+    if name.starts_with("u/") {
+        Some("inbox")
+    } else if name.starts_with("c/") {
+        Some("conversations")
+    } else {
+        None
+    }
+}
+
+/// The offset of a stream's newest entry in `table` (its staged ones aside), 0 with none.
+pub fn newest_in_table(conn: &Connection, table: &str, stream: i64) -> rusqlite::Result<u64> {
+    let newest: Option<i64> = conn
+        .prepare_cached(&format!("SELECT max(pos) FROM {table} WHERE stream = ?1"))?
+        .query_row([stream], |row| row.get(0))?;
+    Ok(newest.unwrap_or(0) as u64)
+}
+
 /// Up to `limit` users whose inbox has entries beyond their floor (with no entry staged).
 pub fn unacked_inboxes(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<String>> {
     let mut statement = conn.prepare(&format!(

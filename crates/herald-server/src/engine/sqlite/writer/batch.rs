@@ -9,7 +9,9 @@ use herald_protocol::Payload;
 use rusqlite::{CachedStatement, OptionalExtension, Transaction, params};
 
 use super::streams::{StreamState, Streams};
-use crate::engine::sqlite::schema::{conversation_name, inbox_name, room_name};
+use crate::engine::sqlite::schema::{
+    conversation_name, entry_table, inbox_name, newest_in_table, room_name,
+};
 use crate::engine::sqlite::staging::{Staged, Unmerged};
 use crate::engine::store::{
     Append, Appended, Epoch, Offset, StoreError, StoreLimits, StreamPosition,
@@ -122,22 +124,14 @@ impl<'a> Batch<'a> {
     /// The offset of the newest entry, staged or in its table, of the conversation or inbox
     /// named `self.name` (0 for a room, or with no entry).
     fn newest_entry(&mut self, stream: i64) -> rusqlite::Result<u64> {
-        let table = if self.name.starts_with("u/") {
-            "inbox"
-        } else if self.name.starts_with("c/") {
-            "conversations"
-        } else {
+        let Some(table) = entry_table(&self.name) else {
             return Ok(0);
         };
-        if let Some(staged) = self.staged_before.newest(&self.name) {
+        match self.staged_before.newest(&self.name) {
             // Staged entries are a stream's newest.
-            return Ok(staged);
+            Some(staged) => Ok(staged),
+            None => newest_in_table(self.tx, table, stream),
         }
-        let newest: Option<i64> = self
-            .tx
-            .prepare_cached(&format!("SELECT max(pos) FROM {table} WHERE stream = ?1"))?
-            .query_row([stream], |row| row.get(0))?;
-        Ok(newest.unwrap_or(0) as u64)
     }
 
     /// Assigns the next offset of a stream; returns the stream's id and the offset.
