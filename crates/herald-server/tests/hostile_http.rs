@@ -5,7 +5,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{API_KEY, TestServer, status_of};
+use common::{API_KEY, EVENT_TIMEOUT, TestServer, status_of};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const SECRET_TEXT: &str = "outside-the-web-folder";
 
@@ -105,4 +107,34 @@ async fn a_two_mebibyte_api_body_is_refused_with_413() {
     // The server is unharmed.
     let (status, _) = server.api("GET", "/api/rooms", None).await;
     assert_eq!(status, 200);
+}
+
+/// A client that writes its whole oversized body before reading reads the 413: the server reads
+/// and drops the rest of the body before replying. Replying after the first megabyte and closing
+/// with the rest unread would reset the connection, failing the client's write and losing the
+/// reply. Eight megabytes is more than loopback's socket buffers hold.
+#[tokio::test]
+async fn a_client_that_sends_a_whole_oversized_body_before_reading_gets_the_413() {
+    let server = TestServer::start().await;
+    let body = vec![b'x'; 8 * 1024 * 1024];
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        server.addr,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+        .write_all(&body)
+        .await
+        .expect("the server reads the whole body instead of resetting the connection");
+    let mut reply = Vec::new();
+    tokio::time::timeout(EVENT_TIMEOUT, stream.read_to_end(&mut reply))
+        .await
+        .expect("the reply comes")
+        .expect("the connection ends cleanly");
+    let reply = String::from_utf8_lossy(&reply);
+    assert_eq!(status_of(&reply), 413, "{reply}");
+    assert!(reply.contains("api.max_body_bytes"), "{reply}");
 }

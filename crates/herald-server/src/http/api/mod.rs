@@ -18,6 +18,7 @@ pub mod users;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -27,6 +28,7 @@ use axum::response::{IntoResponse, Response};
 use herald_protocol::names::check_name;
 use http::request::Parts;
 use http::{HeaderValue, StatusCode, header};
+use axum::body::HttpBody as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -104,6 +106,33 @@ fn key_matches(keys: &[String], presented: &str) -> bool {
         .into()
 }
 
+/// The most of an oversized body's remainder read and dropped before its 413 goes out, and the
+/// longest that may take (see [`discard_rest`]).
+const DISCARD_LIMIT: u64 = 16 * 1024 * 1024;
+const DISCARD_TIME: Duration = Duration::from_secs(5);
+
+/// Reads and drops what is left of a body over the limit, so that the client reads the 413.
+/// Replying while the client still sends, then closing with its bytes unread, makes the kernel
+/// reset the connection: the client's write fails with a broken pipe and the reply is lost
+/// (web servers' "lingering close" does the same). A body declared larger than
+/// [`DISCARD_LIMIT`], or one still arriving after [`DISCARD_TIME`], is not waited for.
+async fn discard_rest(mut body: Body) {
+    if body.size_hint().lower() > DISCARD_LIMIT {
+        return;
+    }
+    let mut left = DISCARD_LIMIT;
+    let _ = tokio::time::timeout(DISCARD_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            let read = frame.data_ref().map_or(0, |data| data.len() as u64);
+            left = left.saturating_sub(read);
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// A JSON body, read up to `api.max_body_bytes`; a type error names the field (`to[2]`).
 pub struct ApiJson<T>(pub T);
 
@@ -112,10 +141,11 @@ impl<T: DeserializeOwned> FromRequest<Arc<Node>> for ApiJson<T> {
 
     async fn from_request(request: Request, node: &Arc<Node>) -> Result<Self, Self::Rejection> {
         let limit = node.config().api.max_body_bytes;
-        let body: Body = request.into_body();
-        let bytes = match Limited::new(body, limit).collect().await {
+        let mut body: Body = request.into_body();
+        let bytes = match Limited::new(&mut body, limit).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+                discard_rest(body).await;
                 return Err(HttpError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("the body is larger than api.max_body_bytes ({limit} bytes)"),
