@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::body::HttpBody as _;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State};
 use axum::middleware::Next;
@@ -28,7 +29,6 @@ use axum::response::{IntoResponse, Response};
 use herald_protocol::names::check_name;
 use http::request::Parts;
 use http::{HeaderValue, StatusCode, header};
-use axum::body::HttpBody as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
