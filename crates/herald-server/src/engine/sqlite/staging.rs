@@ -96,23 +96,29 @@ impl Staged {
     /// since is then in the clustered table of that snapshot, and whatever is committed after
     /// was not answered before the read began.
     pub fn above(&self, name: &str, after: u64) -> Vec<StagedEntry> {
-        let streams = self.lock();
-        let Some(entries) = streams.get(name) else {
-            return Vec::new();
-        };
-        let start = entries.partition_point(|entry| entry.pos <= after);
-        entries[start..].to_vec()
+        self.copy_part(name, |entries| {
+            &entries[entries.partition_point(|entry| entry.pos <= after)..]
+        })
     }
 
     /// Like [`Staged::above`]: the newest `count` entries of a stream with an offset below
     /// `before`, oldest first.
     pub fn newest_below(&self, name: &str, before: u64, count: usize) -> Vec<StagedEntry> {
-        let streams = self.lock();
-        let Some(entries) = streams.get(name) else {
-            return Vec::new();
-        };
-        let end = entries.partition_point(|entry| entry.pos < before);
-        entries[end.saturating_sub(count)..end].to_vec()
+        self.copy_part(name, |entries| {
+            let end = entries.partition_point(|entry| entry.pos < before);
+            &entries[end.saturating_sub(count)..end]
+        })
+    }
+
+    /// A copy of the `part` of a stream's staged entries (in offset order) a reader needs.
+    fn copy_part(
+        &self,
+        name: &str,
+        part: impl FnOnce(&[StagedEntry]) -> &[StagedEntry],
+    ) -> Vec<StagedEntry> {
+        self.lock()
+            .get(name)
+            .map_or_else(Vec::new, |entries| part(entries).to_vec())
     }
 }
 
