@@ -8,7 +8,7 @@ use std::time::Duration;
 use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
-use crate::engine::sqlite::schema::{FLOOR, NEWEST};
+use crate::engine::sqlite::schema::{FLOOR, NEWEST, entry_table};
 use crate::engine::store::{PruneReport, Retention, StoreError};
 
 /// Most rows one pruning step deletes, and most streams it looks at.
@@ -160,18 +160,11 @@ fn remove_if_expired(
     last: u64,
     floor: u64,
 ) -> rusqlite::Result<bool> {
-    let retention = job.retention;
-    let (table, age) = if name.starts_with("u/") {
-        if floor >= last {
-            return Ok(false);
-        }
-        ("inbox", retention.inbox_max_age)
-    } else if name.starts_with("c/") {
-        ("conversations", retention.inbox_max_age)
-    } else {
+    let Some(table) = entry_table(name) else {
         return Ok(false);
     };
-    if age.is_zero() || last == 0 {
+    let acked_through_the_end = table == "inbox" && floor >= last;
+    if acked_through_the_end || job.retention.inbox_max_age.is_zero() || last == 0 {
         return Ok(false);
     }
     let holds_entries: bool = tx
