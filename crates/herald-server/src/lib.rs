@@ -110,7 +110,7 @@ pub fn embedded_node(
     let broker: Arc<dyn Broker> = Arc::new(TimedBroker(Arc::new(MemoryBroker::new())));
     let store = SqliteStore::open(
         &config.store.path,
-        config.store.synchronous,
+        config.store.durability(),
         config.store.limits(),
         broker.clone(),
     )?;

@@ -35,6 +35,11 @@ pub struct StoreConfig {
     /// `full` (fsync each commit: survives power loss) or `normal` (survives a crash or
     /// `kill -9` of the process, not a power loss; faster).
     pub synchronous: Synchronous,
+    /// Under load, the least time between the starts of two commits, so that each commit (and
+    /// its fsync) carries more messages; an acknowledgement waits up to this much longer. `0s`:
+    /// commit as soon as the previous commit is done. An idle server never waits.
+    #[serde(with = "duration")]
+    pub commit_spacing: Duration,
     /// Messages kept per room; older ones are pruned. 0 keeps all.
     pub room_max_messages: u64,
     /// Age after which room messages are pruned. `0s` keeps them forever.
@@ -65,6 +70,7 @@ impl Default for StoreConfig {
         StoreConfig {
             path: PathBuf::from("./data"),
             synchronous: Synchronous::Full,
+            commit_spacing: crate::engine::sqlite::DEFAULT_COMMIT_SPACING,
             room_max_messages: 10_000,
             room_max_age: Duration::from_secs(30 * 24 * 3600),
             inbox_max_age: Duration::from_secs(30 * 24 * 3600),
@@ -86,6 +92,13 @@ impl StoreConfig {
         }
     }
 
+    pub fn durability(&self) -> crate::engine::sqlite::Durability {
+        crate::engine::sqlite::Durability {
+            synchronous: self.synchronous,
+            commit_spacing: self.commit_spacing,
+        }
+    }
+
     pub fn limits(&self) -> crate::engine::store::StoreLimits {
         crate::engine::store::StoreLimits {
             max_devices_per_user: self.max_devices_per_user,
@@ -103,6 +116,15 @@ impl StoreConfig {
                 reason: "must be greater than zero".into(),
             });
         }
+        if self.commit_spacing > MAX_COMMIT_SPACING {
+            return Err(ConfigError::Key {
+                key: "store.commit_spacing",
+                reason: format!(
+                    "must be at most {}: every acknowledgement may wait that long",
+                    humantime::format_duration(MAX_COMMIT_SPACING)
+                ),
+            });
+        }
         if self.path.as_os_str().is_empty() {
             return Err(ConfigError::Key {
                 key: "store.path",
@@ -112,6 +134,10 @@ impl StoreConfig {
         Ok(())
     }
 }
+
+/// The longest `store.commit_spacing` accepted: past it, pacing only adds latency (a commit of
+/// a few hundred messages already shares its fsync well).
+const MAX_COMMIT_SPACING: Duration = Duration::from_millis(100);
 
 /// The Redis shared by every node when `engine.backend = "redis"`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -280,9 +306,14 @@ mod tests {
     #[test]
     fn store_keys_are_read_from_file_and_environment() {
         let config = load_file(
-            "[store]\npath = \"/var/lib/herald\"\nsynchronous = \"normal\"\nroom_max_age = \"0s\"\nroom_max_messages = 50",
+            "[store]\npath = \"/var/lib/herald\"\nsynchronous = \"normal\"\nroom_max_age = \"0s\"\nroom_max_messages = 50\ncommit_spacing = \"500us\"",
         )
         .unwrap();
+        assert_eq!(config.store.commit_spacing, Duration::from_micros(500));
+        assert_eq!(
+            config.store.durability().commit_spacing,
+            Duration::from_micros(500)
+        );
         assert_eq!(config.store.path, PathBuf::from("/var/lib/herald"));
         assert_eq!(config.store.synchronous, Synchronous::Normal);
         assert_eq!(config.store.room_max_messages, 50);
@@ -291,5 +322,20 @@ mod tests {
 
         let error = load_error("[store]\nsynchronous = \"sometimes\"");
         assert!(error.contains("synchronous"), "{error}");
+    }
+
+    #[test]
+    fn commit_spacing_may_be_zero_and_not_past_its_bound() {
+        let config = load_file("[store]\ncommit_spacing = \"0s\"").unwrap();
+        assert!(config.store.durability().commit_spacing.is_zero());
+        assert_eq!(
+            Config::default().store.commit_spacing,
+            Duration::from_millis(2)
+        );
+        let error = load_error("[store]\ncommit_spacing = \"1s\"");
+        assert!(
+            error.contains("store.commit_spacing") && error.contains("at most 100ms"),
+            "{error}"
+        );
     }
 }

@@ -17,6 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::Connection;
@@ -32,8 +33,27 @@ use crate::engine::store::{
 use read::{ReadKind, ReaderPool};
 pub use schema::Synchronous;
 use staging::{MergeTuning, Merger, Staged};
-pub use writer::WriterStats;
 use writer::{Command, Writer};
+pub use writer::{DEFAULT_COMMIT_SPACING, WriterStats};
+
+/// When commits reach the disk and how they are grouped (`store.synchronous` and
+/// `store.commit_spacing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    pub synchronous: Synchronous,
+    /// Under load, the least time between the starts of two commits; zero: commit as soon as
+    /// the previous commit is done (see `writer/mod.rs`).
+    pub commit_spacing: Duration,
+}
+
+impl From<Synchronous> for Durability {
+    fn from(synchronous: Synchronous) -> Durability {
+        Durability {
+            synchronous,
+            commit_spacing: DEFAULT_COMMIT_SPACING,
+        }
+    }
+}
 
 /// The database file inside the data folder.
 pub const DATABASE_FILE: &str = "herald.db";
@@ -130,22 +150,26 @@ impl SqliteStore {
     /// runtime (the publishing task starts here).
     pub fn open(
         folder: &Path,
-        synchronous: Synchronous,
+        durability: impl Into<Durability>,
         limits: StoreLimits,
         broker: Arc<dyn Broker>,
     ) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_tuned(folder, synchronous, limits, broker, MergeTuning::default())
+        SqliteStore::open_tuned(folder, durability, limits, broker, MergeTuning::default())
     }
 
     /// [`SqliteStore::open`] with merges of staged entries sized by `merges` (tests make them
     /// small and frequent).
     pub fn open_tuned(
         folder: &Path,
-        synchronous: Synchronous,
+        durability: impl Into<Durability>,
         limits: StoreLimits,
         broker: Arc<dyn Broker>,
         merges: MergeTuning,
     ) -> Result<SqliteStore, StoreError> {
+        let Durability {
+            synchronous,
+            commit_spacing,
+        } = durability.into();
         let open_error = |path: &Path, reason: String| StoreError::Open {
             path: path.display().to_string(),
             reason,
@@ -204,7 +228,7 @@ impl SqliteStore {
             Merger::new(staged.clone(), merges, synchronous),
             limits,
         )
-        .paced_for(synchronous);
+        .with_commit_spacing(commit_spacing);
         let stats = writer.stats();
         let thread = std::thread::Builder::new()
             .name("herald-store-writer".into())

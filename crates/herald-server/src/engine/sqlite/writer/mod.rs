@@ -5,9 +5,9 @@
 //! in queue order, to the publishing task in one message (one wake-up per commit, not one per
 //! message). Under load a commit carries hundreds of messages, so the cost of
 //! a commit (an fsync with `synchronous = FULL`) is shared by all of them; with one message
-//! waiting it commits at once, so an idle server adds no latency. With `synchronous = "normal"`,
-//! under load, commits start at most every [`COMMIT_SPACING`], so that without an fsync to wait
-//! for they still carry many messages.
+//! waiting it commits at once, so an idle server adds no latency. Under load, commits start at
+//! most every `store.commit_spacing` ([`DEFAULT_COMMIT_SPACING`]), so that a fast disk's fsync,
+//! or none with `synchronous = "normal"`, does not leave each commit a few messages.
 //!
 //! Pruning runs here too, as small steps (each its own short transaction) taken only while no
 //! command waits: an append never waits for more than one step.
@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::UnackedInboxes;
 use super::checkpoint::Checkpoints;
-use super::schema::{Synchronous, inbox_name};
+use super::schema::inbox_name;
 use super::staging::{Merger, Unmerged};
 use crate::engine::fanout::{AwaitingCommit, CommitBatch, Committed};
 use crate::engine::store::{
@@ -70,9 +70,9 @@ const WAL_RESTART_INTERVAL: Duration = Duration::from_secs(1);
 /// WAL must not grow without bound behind a checkpointer held up by a slow disk.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(5);
 
-/// With `synchronous = "normal"`, under load, the least time between the starts of two commits
-/// (see [`Writer::pace_commits`]).
-const COMMIT_SPACING: Duration = Duration::from_millis(2);
+/// Under load, the least time between the starts of two commits unless the configuration says
+/// otherwise (`store.commit_spacing`, see [`Writer::pace_commits`]).
+pub const DEFAULT_COMMIT_SPACING: Duration = Duration::from_millis(2);
 
 pub enum Command {
     Append(Append, AwaitingCommit),
@@ -139,10 +139,8 @@ pub struct Writer {
     last_wal_restart: Instant,
     /// When the writer asked the checkpointer to catch up for the next restart.
     restart_asked: Option<Instant>,
-    /// Whether commits are paced: only when they do not wait for an fsync, which spaces them
-    /// by itself (pacing `full` commits as well only added latency: p50 1.9 → 3.5 ms at 20k
-    /// direct messages/s, for no CPU saved).
-    paced: bool,
+    /// The least time between the starts of two commits under load; zero: no pacing.
+    commit_spacing: Duration,
     /// When the last batch was taken, and how many commands it held (see
     /// [`Writer::pace_commits`]).
     last_batch_taken: Instant,
@@ -179,7 +177,7 @@ impl Writer {
             checkpoints,
             last_wal_restart: Instant::now(),
             restart_asked: None,
-            paced: false,
+            commit_spacing: DEFAULT_COMMIT_SPACING,
             last_batch_taken: Instant::now(),
             last_batch_len: 0,
             unacked,
@@ -189,10 +187,10 @@ impl Writer {
         }
     }
 
-    /// Paces commits under load when they do not wait for an fsync (see
-    /// [`Writer::pace_commits`]).
-    pub fn paced_for(mut self, synchronous: Synchronous) -> Writer {
-        self.paced = synchronous == Synchronous::Normal;
+    /// Under load, starts commits at most every `spacing` (zero: as soon as the previous one is
+    /// done; see [`Writer::pace_commits`]).
+    pub fn with_commit_spacing(mut self, spacing: Duration) -> Writer {
+        self.commit_spacing = spacing;
         self
     }
 
@@ -276,18 +274,22 @@ impl Writer {
         }
     }
 
-    /// With `synchronous = "normal"`, under load, waits before taking a batch until
-    /// [`COMMIT_SPACING`] has passed since the previous one was taken. With no fsync to wait
-    /// for, the writer would otherwise commit every few messages as they trickle in, and a
-    /// commit's own cost (a WAL frame and checksum for every page it dirties, the wake-ups)
-    /// would be shared by few: at 20k direct messages/s, commits carried 6–8, and pacing saves
-    /// about 15% of the server's CPU there. Load is read from the previous batch: one that held
-    /// a single command says the writer keeps up, so a message after a quiet spell never waits.
+    /// Under load, waits before taking a batch until the commit spacing has passed since the
+    /// previous one was taken. A commit's own cost (the fsync with `synchronous = "full"`, a WAL
+    /// frame and checksum for every page it dirties, the wake-ups) is then shared by more
+    /// messages. Without it, commits follow the disk: with no fsync to wait for (`normal`),
+    /// commits carried 6–8 messages at 20k direct messages/s, and pacing saves about 15% of the
+    /// server's CPU there; with `full` on a disk that syncs in 0.2 ms, commits carried 2 messages
+    /// in rooms of ten at 2,000 messages/s and 8–18 at 10–30k direct messages/s, and pacing saves
+    /// 13–22% of the CPU for 0.7–1.4 ms more at p50 (docs/benchmarks.md). Load is read from the
+    /// previous batch: one that held a single command says the writer keeps up, so a message
+    /// after a quiet spell never waits.
     fn pace_commits(&mut self) {
-        if !self.paced {
+        if self.commit_spacing.is_zero() {
             return;
         }
-        if let Some(wait) = linger(self.last_batch_len, self.last_batch_taken.elapsed()) {
+        let since_previous = self.last_batch_taken.elapsed();
+        if let Some(wait) = linger(self.commit_spacing, self.last_batch_len, since_previous) {
             std::thread::sleep(wait);
         }
         self.last_batch_taken = Instant::now();
@@ -546,11 +548,11 @@ impl Writer {
 
 /// How long the writer waits before taking its next batch, given the size of the previous one
 /// and the time since it was taken (see [`Writer::pace_commits`]).
-fn linger(previous_batch: usize, since_previous: Duration) -> Option<Duration> {
+fn linger(spacing: Duration, previous_batch: usize, since_previous: Duration) -> Option<Duration> {
     if previous_batch <= 1 {
         return None;
     }
-    COMMIT_SPACING
+    spacing
         .checked_sub(since_previous)
         .filter(|wait| !wait.is_zero())
 }
@@ -569,14 +571,17 @@ mod tests {
     #[test]
     fn the_writer_lingers_only_after_a_batch_of_several_and_never_past_the_spacing() {
         // A single command last time: the writer keeps up, a new message is taken at once.
-        assert_eq!(linger(0, Duration::ZERO), None);
-        assert_eq!(linger(1, Duration::from_micros(100)), None);
+        let spacing = DEFAULT_COMMIT_SPACING;
+        assert_eq!(linger(spacing, 0, Duration::ZERO), None);
+        assert_eq!(linger(spacing, 1, Duration::from_micros(100)), None);
         // Under load: wait out the rest of the spacing, and nothing once it has passed.
         assert_eq!(
-            linger(40, Duration::from_micros(500)),
-            Some(COMMIT_SPACING - Duration::from_micros(500))
+            linger(spacing, 40, Duration::from_micros(500)),
+            Some(spacing - Duration::from_micros(500))
         );
-        assert_eq!(linger(40, COMMIT_SPACING), None);
-        assert_eq!(linger(40, COMMIT_SPACING * 2), None);
+        assert_eq!(linger(spacing, 40, spacing), None);
+        assert_eq!(linger(spacing, 40, spacing * 2), None);
+        // No spacing: never.
+        assert_eq!(linger(Duration::ZERO, 40, Duration::ZERO), None);
     }
 }
