@@ -138,3 +138,31 @@ async fn a_client_that_sends_a_whole_oversized_body_before_reading_gets_the_413(
     assert_eq!(status_of(&reply), 413, "{reply}");
     assert!(reply.contains("api.max_body_bytes"), "{reply}");
 }
+
+/// The same for a caller whose key is refused: its 401 is read, not lost to a reset, whatever
+/// the body it was still sending.
+#[tokio::test]
+async fn a_caller_with_a_wrong_key_that_sends_a_whole_large_body_before_reading_gets_the_401() {
+    let server = TestServer::start().await;
+    let body = vec![b'x'; 8 * 1024 * 1024];
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer not-the-key\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        server.addr,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+        .write_all(&body)
+        .await
+        .expect("the server reads the whole body instead of resetting the connection");
+    let mut reply = Vec::new();
+    tokio::time::timeout(EVENT_TIMEOUT, stream.read_to_end(&mut reply))
+        .await
+        .expect("the reply comes")
+        .expect("the connection ends cleanly");
+    let reply = String::from_utf8_lossy(&reply);
+    assert_eq!(status_of(&reply), 401, "{reply}");
+    assert!(reply.contains("invalid API key"), "{reply}");
+}

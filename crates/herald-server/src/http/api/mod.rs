@@ -48,6 +48,8 @@ pub async fn authenticate(State(node): State<Arc<Node>>, request: Request, next:
     let response = match check_key(&node.config().api.keys, request.headers()) {
         Ok(()) => next.run(request).await,
         Err(refusal) => {
+            // As for an oversized body: a caller still sending reads its 401 (`discard_rest`).
+            discard_rest(request.into_body()).await;
             let mut response = refusal.into_response();
             response
                 .headers_mut()
@@ -111,7 +113,8 @@ fn key_matches(keys: &[String], presented: &str) -> bool {
 const DISCARD_LIMIT: u64 = 16 * 1024 * 1024;
 const DISCARD_TIME: Duration = Duration::from_secs(5);
 
-/// Reads and drops what is left of a body over the limit, so that the client reads the 413.
+/// Reads and drops what is left of a body that will not be used (one over the limit, or a
+/// refused caller's), so that the client reads the 413 or the 401.
 /// Replying while the client still sends, then closing with its bytes unread, makes the kernel
 /// reset the connection: the client's write fails with a broken pipe and the reply is lost
 /// (web servers' "lingering close" does the same). A body declared larger than
