@@ -13,7 +13,9 @@
 //! - a room's window opens at its first pending change and is never extended, so no change
 //!   waits longer than `presence.window` (plus the time to drain the queue);
 //! - `count` is read from the presence engine when the diff is built, so it is never older
-//!   than the changes listed (changes still in the queue then go in the next diff).
+//!   than the changes listed (changes still in the queue then go in the next diff);
+//! - at shutdown ([`PresenceWindow::close`], before the engines close) every pending change
+//!   goes out at once: members on other nodes learn that this node's users left.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -23,7 +25,9 @@ use std::time::Duration;
 use globset::GlobSet;
 use herald_protocol::{PresenceDiff, ServerEvent};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::PresenceConfig;
 use crate::delivery::{Channel, Delivery, OutFrame};
@@ -50,10 +54,15 @@ pub struct PresenceWindow {
     changes: mpsc::Sender<RoomChange>,
     /// Rooms that send no presence events (`presence.off`).
     off: GlobSet,
+    /// Tells the task to send every pending diff now and end (see [`PresenceWindow::close`]).
+    closing: CancellationToken,
+    /// The task, awaited by `close`. std Mutex: taken once, never across an `.await`.
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl PresenceWindow {
-    /// Starts the task; it ends once the handle is dropped and the queue is drained.
+    /// Starts the task; it ends with [`PresenceWindow::close`], or once the handle is dropped
+    /// and the queue is drained.
     /// `presence.off` is checked when the configuration loads; a configuration built in code
     /// with an invalid pattern gets presence in every room.
     pub fn start(
@@ -72,8 +81,30 @@ impl PresenceWindow {
             rooms: HashMap::new(),
             due: VecDeque::new(),
         };
-        tokio::spawn(rooms.run(queue, broker, presence));
-        PresenceWindow { changes, off }
+        let closing = CancellationToken::new();
+        let task = tokio::spawn(rooms.run(queue, closing.clone(), broker, presence));
+        PresenceWindow {
+            changes,
+            off,
+            closing,
+            task: std::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    /// Sends every pending diff now, the changes already queued included, and ends the task.
+    /// Called at shutdown once the connections are gone and before the engines close: their
+    /// leaves are the last changes, and members on other nodes must see them now rather than
+    /// never (a diff after the broker closed is lost). Changes recorded afterwards are dropped.
+    pub async fn close(&self) {
+        self.closing.cancel();
+        let task = self
+            .task
+            .lock()
+            .expect("never poisoned: no panic while held")
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 
     /// Whether the room sends presence events at all.
@@ -110,6 +141,7 @@ impl PendingRooms {
     async fn run(
         mut self,
         mut queue: mpsc::Receiver<RoomChange>,
+        closing: CancellationToken,
         broker: Arc<dyn Broker>,
         presence: Arc<dyn Presence>,
     ) {
@@ -131,6 +163,13 @@ impl PendingRooms {
                     }
                 }
                 () = sleep_until(next_due), if next_due.is_some() => {}
+                () = closing.cancelled() => {
+                    let now = Instant::now();
+                    while let Ok(change) = queue.try_recv() {
+                        self.add(change, now);
+                    }
+                    break;
+                }
             }
             let now = Instant::now();
             while let Some((at, _)) = self.due.front()

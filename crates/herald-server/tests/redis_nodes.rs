@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::redis::{RedisCluster, RedisServer, nodes, on_redis, wait_for_ready};
-use common::{TestServer, content_json, reference_of};
+use common::redis::{RedisCluster, RedisServer, nodes, nodes_with, on_redis, wait_for_ready};
+use common::{TestServer, content_json, presence_on, reference_of};
 use herald_protocol::{ErrorCode, ServerEvent};
 use herald_server::config::EngineBackend;
 use serde_json::json;
@@ -228,6 +228,34 @@ async fn members_counts_and_online_are_answered_cluster_wide() {
     assert_eq!(status, 200, "{rooms}");
     assert_eq!(rooms["rooms"][0]["room"], "club", "{rooms}");
     assert_eq!(rooms["rooms"][0]["count"], 3, "{rooms}");
+}
+
+/// A node shutting down sends its users' leaves at once, whatever its presence window: members
+/// on the other nodes see them go, with the count that remains, instead of a room that still
+/// shows them until its next change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_on_other_nodes_see_the_users_of_a_node_that_shuts_down_leave() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    // The leaving node's window is long: its last diff can only come from the shutdown.
+    let mut nodes = nodes_with(&redis, 2, |config| {
+        presence_on(config);
+        if config.server.node_id == "node0" {
+            config.presence.window = Duration::from_secs(5);
+        }
+    })
+    .await;
+    let leaving = nodes.remove(0);
+    let mut alice = leaving.connect("alice").await;
+    alice.join("club").await;
+    let mut bob = nodes[0].connect("bob").await;
+    bob.join("club").await;
+    bob.diff_listing("club", "bob", true).await;
+
+    leaving.stop().await;
+    let diff = bob.diff_listing("club", "alice", false).await;
+    assert_eq!(diff.count, 1, "{diff:?}");
 }
 
 /// Only the node holding a connection knows its traffic: any node lists every node's

@@ -49,6 +49,7 @@ async fn graceful_shutdown_sends_1001_to_a_connection_still_authenticating() {
 /// An operator reads every warning as a problem: a clean stop of the real binary logs none.
 /// Retention passes run back to back, and each visits ten thousand streams in small steps, so
 /// one is under way when shutdown begins: the passes use the store, so they must stop before it
+/// closes. Alice is in a room: her leave is the last presence diff, sent before the broker
 /// closes.
 #[tokio::test]
 async fn a_clean_sigterm_of_the_binary_logs_no_warning() {
@@ -79,6 +80,7 @@ async fn a_clean_sigterm_of_the_binary_logs_no_warning() {
     .mint("alice", false, None, std::time::Duration::from_secs(60))
     .unwrap();
     let mut alice = common::Client::open(&format!("ws://{address}/ws?token={token}")).await;
+    alice.join("lobby").await;
     // Each direct message adds an inbox and a conversation per recipient: 10,000 streams.
     for batch in 0..50 {
         let to: Vec<String> = (0..100).map(|n| format!("u{batch}x{n}")).collect();

@@ -23,13 +23,15 @@ impl Node {
         self.pruned.subscribe()
     }
 
-    /// Stops the background tasks, then flushes and closes the store, removes this node's
-    /// presence entries and closes the broker. Called once the connections are gone. In that
-    /// order, a retention pass never meets a closed store.
+    /// Stops the background tasks, sends the pending presence diffs (the connections' leaves
+    /// among them), then flushes and closes the store, removes this node's presence entries
+    /// and closes the broker. Called once the connections are gone. In that order, a retention
+    /// pass never meets a closed store, and the last diffs still have engines to go through.
     pub async fn close(&self) {
         self.shutdown.cancel();
         self.background.close();
         self.background.wait().await;
+        self.presence_window.close().await;
         self.store.close().await;
         self.presence.close().await;
         self.broker.close().await;
