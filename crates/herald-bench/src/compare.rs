@@ -364,6 +364,7 @@ mod tests {
         report.scenario = "join-storm".to_owned();
         report.join_storm = Some(crate::report::JoinStorm {
             members: 1000,
+            room_members: 1000,
             pipelined: false,
             acked: 1000,
             all_acked_s: Some(0.5),

@@ -118,6 +118,17 @@ enum Command {
         /// Longest the storm may take; members not in by then are reported missing.
         #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
         deadline: Duration,
+        /// This process's members are users storm-K… (a room split over several processes).
+        #[arg(long, default_value_t = 0, value_name = "K")]
+        first_member: usize,
+        /// The count that means the room is full, every process's members together
+        /// (default: --subscribers).
+        #[arg(long, value_name = "N")]
+        room_members: Option<usize>,
+        /// Once every connection is ready, print "join-storm: ready for SIGUSR1" on stderr and
+        /// send the joins when SIGUSR1 comes (several processes starting one storm together).
+        #[arg(long)]
+        go_on_signal: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -309,12 +320,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             subscribers,
             pipelined,
             deadline,
+            first_member,
+            room_members,
+            go_on_signal,
             common,
         } => (
             Scenario::JoinStorm(JoinStormParams {
                 subscribers,
                 pipelined,
                 deadline,
+                first_member,
+                room_members,
+                go_on_signal,
             }),
             common,
         ),

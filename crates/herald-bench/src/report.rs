@@ -192,7 +192,10 @@ pub struct SoakTraffic {
 /// the moment every member sent its join, or with `pipelined`, the first connect.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JoinStorm {
+    /// This process's members, and the room's (several processes, one room: `bench/big-room`).
     pub members: usize,
+    #[serde(default)]
+    pub room_members: usize,
     /// Each member joined as soon as it was ready (handshakes inside the storm).
     pub pipelined: bool,
     /// Members whose join was acknowledged, and when the last was.

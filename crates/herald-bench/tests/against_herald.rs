@@ -5,10 +5,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{closed_port, options, start_herald, start_herald_listening};
+use std::process::Stdio;
+
+use common::{SECRET, closed_port, options, start_herald, start_herald_listening};
 use herald_bench::report::RunReport;
-use herald_bench::scenario::join_storm::JoinStormParams;
+use herald_bench::scenario::join_storm::{JoinStormParams, READY_LINE};
 use herald_bench::scenario::{self, RunError, Scenario, Target};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
 
 fn assert_every_message_arrived(report: &RunReport) {
     assert!(!report.steps.is_empty(), "{report:#?}");
@@ -222,6 +226,7 @@ async fn a_join_storm_ends_when_every_member_is_acked_and_told_the_full_count() 
             subscribers: 60,
             pipelined: false,
             deadline: Duration::from_secs(30),
+            ..JoinStormParams::default()
         }),
     )
     .await
@@ -248,6 +253,7 @@ async fn a_pipelined_join_storm_over_several_targets_forms_one_room() {
             subscribers: 40,
             pipelined: true,
             deadline: Duration::from_secs(30),
+            ..JoinStormParams::default()
         }),
     )
     .await
@@ -256,6 +262,78 @@ async fn a_pipelined_join_storm_over_several_targets_forms_one_room() {
     assert!(storm.pipelined);
     assert_eq!(storm.told_full_count, 40, "{:?}", report.errors);
     assert!(storm.all_in_s.is_some());
+}
+
+/// A room bigger than one process's open files is formed by several tool processes (as
+/// `bench/big-room` runs them): each holds its own slice of the users, counts the room full at
+/// the total, and joins on SIGUSR1 once it said it is ready. Two real `herald-bench` processes
+/// of 30 members each: each member must be told a count of 60, which only the two slices
+/// together (distinct users, one room) make.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_storm_split_over_two_processes_forms_one_room_when_signalled() {
+    let herald = start_herald().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut parts = Vec::new();
+    for part in 0..2 {
+        let output = dir.path().join(format!("part{part}.json"));
+        let first_member = (part * 30).to_string();
+        let mut tool = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
+            .args([
+                "join-storm",
+                "--subscribers",
+                "30",
+                "--first-member",
+                &first_member,
+            ])
+            .args([
+                "--room-members",
+                "60",
+                "--go-on-signal",
+                "--deadline",
+                "30s",
+                "--quiet",
+            ])
+            .args(["--target", &herald.addr.to_string(), "--secret", SECRET])
+            .arg("--output")
+            .arg(&output)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(tool.stderr.take().unwrap()).lines();
+        parts.push((tool, stderr, output));
+    }
+    for (_, stderr, _) in &mut parts {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), stderr.next_line())
+                .await
+                .expect("the tool says it is ready")
+                .unwrap()
+                .expect("the tool says it is ready before it exits");
+            if line == READY_LINE {
+                break;
+            }
+        }
+    }
+    for (tool, _, _) in &parts {
+        let pid = tool.id().expect("the tool is still running") as libc::pid_t;
+        // SAFETY: kill(2) on a child this test spawned and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+    }
+    for (mut tool, _, output) in parts {
+        let status = tokio::time::timeout(Duration::from_secs(60), tool.wait())
+            .await
+            .expect("the storm ends")
+            .unwrap();
+        assert!(status.success(), "{status}");
+        let report: RunReport = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
+        let storm = report.join_storm.unwrap();
+        assert_eq!((storm.members, storm.room_members), (30, 60));
+        assert_eq!(storm.acked, 30, "{:?}", report.errors);
+        assert_eq!(storm.told_full_count, 30, "{:?}", report.errors);
+        assert!(storm.all_in_s.is_some());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,6 +347,7 @@ async fn a_join_storm_that_cannot_form_reports_who_is_missing() {
             subscribers: 4,
             pipelined: false,
             deadline: Duration::from_secs(5),
+            ..JoinStormParams::default()
         }),
     )
     .await

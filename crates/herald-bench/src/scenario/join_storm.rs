@@ -6,6 +6,11 @@
 //! at once (the storm starts at that instant, so handshakes are left out). With `pipelined`,
 //! each connection joins as soon as it is ready and the clock starts with the first connect:
 //! users arriving, handshakes included.
+//!
+//! A room bigger than one process's open files holds is formed by several tool processes, each
+//! with its own slice of the members (`first_member`), all counting the room full at the total
+//! (`room_members`) and sending their joins when they get SIGUSR1 (`go_on_signal`) once every
+//! process has said it is ready: `bench/big-room` runs them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +41,32 @@ pub struct JoinStormParams {
     pub pipelined: bool,
     /// Longest the storm may take; members not in by then are counted as missing.
     pub deadline: Duration,
+    /// This process's members are users `storm-{first_member}`… (several processes, one room).
+    pub first_member: usize,
+    /// The count that means the room is full: every process's members together. `None`: this
+    /// process's `subscribers`.
+    pub room_members: Option<usize>,
+    /// Once every connection is ready, say so on stderr and send the joins on SIGUSR1 (the
+    /// storm's start) instead of at once.
+    pub go_on_signal: bool,
 }
+
+impl Default for JoinStormParams {
+    /// `herald-bench join-storm`'s defaults: 10,000 members joining at once, 120 s at most.
+    fn default() -> Self {
+        JoinStormParams {
+            subscribers: 10_000,
+            pipelined: false,
+            deadline: Duration::from_secs(120),
+            first_member: 0,
+            room_members: None,
+            go_on_signal: false,
+        }
+    }
+}
+
+/// What a split storm prints on stderr when its connections are ready for the signal.
+pub const READY_LINE: &str = "join-storm: ready for SIGUSR1";
 
 /// What one member saw, as instants.
 #[derive(Default)]
@@ -70,12 +100,34 @@ pub(crate) async fn run(run: &Run, params: &JoinStormParams) -> Result<RunReport
             "join-storm needs at least 1 subscriber".into(),
         ));
     }
-    let tokens = (0..params.subscribers)
+    let room_members = params.room_members.unwrap_or(params.subscribers);
+    if room_members < params.subscribers {
+        return Err(RunError::Invalid(format!(
+            "--room-members ({room_members}) is below this process's --subscribers ({})",
+            params.subscribers
+        )));
+    }
+    if params.go_on_signal && params.pipelined {
+        return Err(RunError::Invalid(
+            "--go-on-signal starts joins that wait for every connection: not with --pipelined"
+                .into(),
+        ));
+    }
+    // Installed before any connection is ready, so a signal sent as soon as the ready line
+    // shows never meets the default action (which ends the process).
+    let mut go_signal = if params.go_on_signal {
+        let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+            .map_err(|e| RunError::Invalid(format!("cannot wait for SIGUSR1: {e}")))?;
+        Some(signal)
+    } else {
+        None
+    };
+    let tokens = (params.first_member..params.first_member + params.subscribers)
         .map(|i| run.tokens.mint(&format!("storm-{i}")))
         .collect::<Result<Vec<_>, _>>()?;
     let storm = Arc::new(Storm {
         env: run.env.clone(),
-        members: params.subscribers as u64,
+        members: room_members as u64,
         go: CancellationToken::new(),
         start: std::sync::OnceLock::new(),
         presence_frames: AtomicU64::new(0),
@@ -130,6 +182,17 @@ pub(crate) async fn run(run: &Run, params: &JoinStormParams) -> Result<RunReport
                         .phase(format!("join-storm: {ready}/{total} connections ready"));
                 }
                 if ready == total && !params.pipelined {
+                    if let Some(signal) = go_signal.as_mut() {
+                        eprintln!("{READY_LINE}");
+                        let waited = tokio::time::timeout(params.deadline, signal.recv()).await;
+                        if waited.is_err() {
+                            close_all(&storm.stop, tasks).await;
+                            return Err(RunError::Invalid(format!(
+                                "no SIGUSR1 within {:?} of being ready",
+                                params.deadline
+                            )));
+                        }
+                    }
                     rss_connected = run.server_rss_kib();
                     server_meter = run.server.clone().map(CpuMeter::start).transpose()?;
                     client_meter = Some(CpuMeter::start(Proc::Myself)?);
@@ -186,6 +249,7 @@ pub(crate) async fn run(run: &Run, params: &JoinStormParams) -> Result<RunReport
     };
     report.join_storm = Some(JoinStorm {
         members: total,
+        room_members,
         pipelined: params.pipelined,
         acked: acks.len(),
         all_acked_s,
