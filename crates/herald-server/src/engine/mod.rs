@@ -20,9 +20,11 @@ pub mod store;
 pub mod timed;
 pub mod wire;
 
-/// An engine that could not do its job (a backend unreachable, a command refused).
+/// An engine that could not do its job (a backend unreachable, a command refused). Shown with
+/// the backend's own words after the message (`presence engine: join: timed out`), so that a
+/// log line says why.
 #[derive(Debug, thiserror::Error)]
-#[error("{engine} engine: {message}")]
+#[error("{engine} engine: {message}{}", because(.cause))]
 pub struct EngineError {
     pub engine: &'static str,
     pub message: String,
@@ -32,8 +34,15 @@ pub struct EngineError {
     /// The backend may succeed if asked again later (a connection lost, a timeout): the client
     /// is told to retry rather than that its request is wrong.
     pub temporary: bool,
-    #[source]
-    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// What the backend said. Part of the text rather than a `source`, so that a chain
+    /// printed whole (`{:#}` at startup) names it once.
+    pub cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+fn because(cause: &Option<Box<dyn std::error::Error + Send + Sync>>) -> String {
+    cause
+        .as_ref()
+        .map_or_else(String::new, |cause| format!(": {cause}"))
 }
 
 impl EngineError {
@@ -43,7 +52,7 @@ impl EngineError {
             message: message.into(),
             limit_exceeded: false,
             temporary: false,
-            source: None,
+            cause: None,
         }
     }
 
@@ -65,7 +74,7 @@ impl EngineError {
             || error.is_cluster_error();
         EngineError {
             temporary,
-            source: Some(Box::new(error)),
+            cause: Some(Box::new(error)),
             ..EngineError::new(engine, message)
         }
     }
@@ -80,5 +89,26 @@ impl From<store::StoreError> for EngineError {
             temporary,
             ..EngineError::new("store", error.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redis_failure_is_shown_with_what_redis_said() {
+        let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+        let error = EngineError::from_redis("presence", "join", ::redis::RedisError::from(timeout));
+        assert!(error.temporary);
+        assert!(
+            error.to_string().starts_with("presence engine: join: ")
+                && error.to_string().ends_with("timed out"),
+            "{error}"
+        );
+        assert_eq!(
+            EngineError::new("store", "closed").to_string(),
+            "store engine: closed"
+        );
     }
 }
