@@ -438,6 +438,19 @@ pub struct HotPath {
     pub broker_publish: Histogram,
     pub presence_online: Histogram,
     pub deflate_compressions: Counter,
+    /// `herald_messages_in_total` of the two requests that carry messages.
+    pub send_in: Counter,
+    pub publish_in: Counter,
+}
+
+/// Counts one request by its type in `herald_messages_in_total`: from a kept handle for the
+/// requests every message makes, from the registry for the rest.
+pub fn count_request(kind: &'static str) {
+    match kind {
+        "send" => HOT.send_in.increment(1),
+        "publish" => HOT.publish_in.increment(1),
+        _ => metrics::counter!("herald_messages_in_total", "type" => kind).increment(1),
+    }
 }
 
 /// The `herald_engine_operation_seconds` histogram of one engine call.
@@ -472,5 +485,7 @@ pub static HOT: LazyLock<HotPath> = LazyLock::new(|| {
         broker_publish: engine_operation("broker", "publish"),
         presence_online: engine_operation("presence", "online"),
         deflate_compressions: metrics::counter!("herald_deflate_compressions_total"),
+        send_in: metrics::counter!("herald_messages_in_total", "type" => "send"),
+        publish_in: metrics::counter!("herald_messages_in_total", "type" => "publish"),
     }
 });

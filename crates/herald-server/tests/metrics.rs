@@ -28,6 +28,8 @@ async fn metrics_move_when_traffic_flows() {
         .next_matching(|e| matches!(e, ServerEvent::Message(_)))
         .await;
     assert!(matches!(event, ServerEvent::Message(_)));
+    bob.request(json!({"type": "send", "to": ["alice"], "content": "hi"}))
+        .await;
     // Past the burst of 4 (join and publish used 2 of alice's), pings are rate-limited.
     for _ in 0..5 {
         alice.send_raw(WsMessage::text(r#"{"type":"ping"}"#)).await;
@@ -43,6 +45,7 @@ async fn metrics_move_when_traffic_flows() {
     assert!(after.value("herald_connections") >= 2.0);
     assert!(moved(r#"herald_messages_in_total{type="join"}"#) >= 2.0);
     assert!(moved(r#"herald_messages_in_total{type="publish"}"#) >= 1.0);
+    assert!(moved(r#"herald_messages_in_total{type="send"}"#) >= 1.0);
     // welcome ×2, join acks ×2, the publish ack, bob's copy, alice's rate-limit error
     assert!(moved(r#"herald_messages_out_total{type="text"}"#) >= 7.0);
     assert!(moved(r#"herald_messages_accepted_total{kind="room"}"#) >= 1.0);

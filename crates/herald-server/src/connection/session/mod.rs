@@ -125,7 +125,7 @@ impl Session {
         let kind = parsed
             .as_ref()
             .map_or("invalid", |request| request.body.kind());
-        metrics::counter!("herald_messages_in_total", "type" => kind).increment(1);
+        crate::metrics::count_request(kind);
         match self.rate_limit() {
             Limited::No => {}
             Limited::TooOften => return Flow::Close(CloseCode::POLICY_VIOLATION),
