@@ -11,14 +11,16 @@
 //! - a user is listed at most once per diff, with where they were at the end of the window
 //!   (the last change received wins);
 //! - a room's window opens at its first pending change and is never extended, so no change
-//!   waits longer than `presence.window` (plus the time to drain the queue);
+//!   waits longer than `presence.window` (plus the time to drain the queue), or
+//!   `presence.count_window` in a room whose last diff carried only the count (a big room,
+//!   where each diff is a frame to every member);
 //! - `count` is read from the presence engine when the diff is built, so it is never older
 //!   than the changes listed (changes still in the queue then go in the next diff);
 //! - at shutdown ([`PresenceWindow::close`], before the engines close) every pending change
 //!   goes out at once: members on other nodes learn that this node's users left.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,9 +79,12 @@ impl PresenceWindow {
         let (changes, queue) = mpsc::channel(CHANGE_QUEUE);
         let rooms = PendingRooms {
             window: config.window,
+            count_window: config.count_window,
             max_listed: config.max_members_listed,
             rooms: HashMap::new(),
             due: VecDeque::new(),
+            due_counts: VecDeque::new(),
+            counted: HashSet::new(),
         };
         let closing = CancellationToken::new();
         let task = tokio::spawn(rooms.run(queue, closing.clone(), broker, presence));
@@ -130,11 +135,15 @@ struct Pending {
 
 struct PendingRooms {
     window: Duration,
+    count_window: Duration,
     max_listed: u64,
     rooms: HashMap<Arc<str>, Pending>,
-    /// Rooms in the order their windows end: every window has the same length, so the order
-    /// they opened in is the order they end in.
+    /// Rooms in the order their windows end, one queue per window length: within a queue every
+    /// window has the same length, so the order they opened in is the order they end in.
     due: VecDeque<(Instant, Arc<str>)>,
+    due_counts: VecDeque<(Instant, Arc<str>)>,
+    /// Rooms whose last diff carried only the count: their next window is `count_window`.
+    counted: HashSet<Arc<str>>,
 }
 
 impl PendingRooms {
@@ -151,7 +160,7 @@ impl PendingRooms {
         };
         let mut batch = Vec::with_capacity(DRAIN_BATCH);
         loop {
-            let next_due = self.due.front().map(|(at, _)| *at);
+            let next_due = self.next_due();
             tokio::select! {
                 received = queue.recv_many(&mut batch, DRAIN_BATCH) => {
                     if received == 0 {
@@ -172,23 +181,45 @@ impl PendingRooms {
                 }
             }
             let now = Instant::now();
-            while let Some((at, _)) = self.due.front()
-                && *at <= now
-            {
-                let (_, room) = self.due.pop_front().expect("front was just seen");
+            while let Some(room) = self.pop_due(Some(now)) {
                 self.flush(room, &engines).await;
             }
         }
-        while let Some((_, room)) = self.due.pop_front() {
+        while let Some(room) = self.pop_due(None) {
             self.flush(room, &engines).await;
         }
+    }
+
+    /// When the next window ends, in either queue.
+    fn next_due(&self) -> Option<Instant> {
+        let lists = self.due.front().map(|(at, _)| *at);
+        let counts = self.due_counts.front().map(|(at, _)| *at);
+        lists.into_iter().chain(counts).min()
+    }
+
+    /// The room whose window ends first, if it ends by `now` (any, with `None`).
+    fn pop_due(&mut self, now: Option<Instant>) -> Option<Arc<str>> {
+        let due = self.next_due()?;
+        if now.is_some_and(|now| due > now) {
+            return None;
+        }
+        let queue = match self.due.front() {
+            Some((at, _)) if *at == due => &mut self.due,
+            _ => &mut self.due_counts,
+        };
+        queue.pop_front().map(|(_, room)| room)
     }
 
     fn add(&mut self, change: RoomChange, now: Instant) {
         let pending = match self.rooms.entry(change.room) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
-                self.due.push_back((now + self.window, entry.key().clone()));
+                let room = entry.key().clone();
+                if self.counted.contains(&room) {
+                    self.due_counts.push_back((now + self.count_window, room));
+                } else {
+                    self.due.push_back((now + self.window, room));
+                }
                 entry.insert(Pending {
                     users: HashMap::new(),
                 })
@@ -209,8 +240,10 @@ impl PendingRooms {
             }
         };
         let (joined, left) = if count > self.max_listed {
+            self.counted.insert(room.clone());
             (None, None)
         } else {
+            self.counted.remove(&room);
             let mut joined = Vec::new();
             let mut left = Vec::new();
             for (user, present) in pending.users {

@@ -161,3 +161,43 @@ async fn below_max_members_listed_every_member_derives_the_exact_member_list() {
         }
     }
 }
+
+/// Above `presence.max_members_listed` every diff is a frame to every member, so once a room's
+/// diff has carried only the count, its next window is `presence.count_window`: two joins a
+/// tenth of a second apart, more than `presence.window`, reach the members as one count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_members_listed_counts_are_gathered_over_the_count_window() {
+    let server = TestServer::start_with(|c| {
+        common::presence_on(c);
+        c.presence.max_members_listed = 2;
+        c.presence.count_window = Duration::from_secs(2);
+    })
+    .await;
+    let mut watcher = server.connect(&name(0)).await;
+    watcher.join("r").await;
+    let mut others = Vec::new();
+    for n in 1..3 {
+        let mut client = server.connect(&name(n)).await;
+        client.join("r").await;
+        others.push(client);
+    }
+    let mut diff = watcher.next_diff("r").await;
+    while diff.count < 3 {
+        diff = watcher.next_diff("r").await;
+    }
+    assert_eq!(
+        (diff.joined, diff.left),
+        (None, None),
+        "only the count above 2"
+    );
+
+    let mut fourth = server.connect(&name(3)).await;
+    fourth.join("r").await;
+    // Longer than `presence.window` (20 ms here), well within the count window.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut fifth = server.connect(&name(4)).await;
+    fifth.join("r").await;
+    let diff = watcher.next_diff("r").await;
+    assert_eq!(diff.count, 5, "both joins in one count: {diff:?}");
+    assert_eq!((diff.joined, diff.left), (None, None));
+}

@@ -229,6 +229,10 @@ pub struct PresenceConfig {
     pub window: Duration,
     /// Above this many users a room's `presence_diff` carries only the count.
     pub max_members_listed: u64,
+    /// The window of a room whose last diff carried only the count: in a big room every diff
+    /// is a frame to every member, so counts go out less often than lists.
+    #[serde(with = "duration")]
+    pub count_window: Duration,
     /// Glob patterns (`live-*`) of rooms that send no `presence_diff` at all.
     #[serde(deserialize_with = "list")]
     pub off: Vec<String>,
@@ -242,6 +246,7 @@ impl Default for PresenceConfig {
         PresenceConfig {
             window: Duration::from_millis(200),
             max_members_listed: 1000,
+            count_window: Duration::from_secs(1),
             off: Vec::new(),
         }
     }
@@ -271,6 +276,16 @@ impl PresenceConfig {
                 ),
             });
         }
+        if self.count_window < self.window || self.count_window > MAX_PRESENCE_WINDOW {
+            return Err(ConfigError::Key {
+                key: "presence.count_window",
+                reason: format!(
+                    "must be at least presence.window ({}) and at most {}",
+                    humantime::format_duration(self.window),
+                    humantime::format_duration(MAX_PRESENCE_WINDOW)
+                ),
+            });
+        }
         if let Err(error) = self.off_matcher() {
             return Err(ConfigError::Key {
                 key: "presence.off",
@@ -292,6 +307,8 @@ mod tests {
         for (text, key) in [
             ("window = \"0s\"", "presence.window"),
             ("window = \"11s\"", "presence.window"),
+            ("count_window = \"100ms\"", "presence.count_window"),
+            ("count_window = \"11s\"", "presence.count_window"),
             ("off = [\"live-[\"]", "presence.off"),
         ] {
             let error = load_error(&format!("[presence]\n{text}"));
