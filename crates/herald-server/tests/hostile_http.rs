@@ -109,17 +109,15 @@ async fn a_two_mebibyte_api_body_is_refused_with_413() {
     assert_eq!(status, 200);
 }
 
-/// A client that writes its whole oversized body before reading reads the 413: the server reads
-/// and drops the rest of the body before replying. Replying after the first megabyte and closing
-/// with the rest unread would reset the connection, failing the client's write and losing the
-/// reply. Eight megabytes is more than loopback's socket buffers hold.
-#[tokio::test]
-async fn a_client_that_sends_a_whole_oversized_body_before_reading_gets_the_413() {
-    let server = TestServer::start().await;
+/// Posts eight megabytes to `/api/publish` with `key`, writing the whole body before reading,
+/// and returns the reply. Eight megabytes is more than loopback's socket buffers hold: a server
+/// that replied and closed with the body unread would reset the connection, failing the write
+/// and losing the reply.
+async fn reply_to_a_body_written_whole_first(server: &TestServer, key: &str) -> String {
     let body = vec![b'x'; 8 * 1024 * 1024];
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let head = format!(
-        "POST /api/publish HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {API_KEY}\r\n\
+        "POST /api/publish HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {key}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         server.addr,
         body.len()
@@ -134,7 +132,15 @@ async fn a_client_that_sends_a_whole_oversized_body_before_reading_gets_the_413(
         .await
         .expect("the reply comes")
         .expect("the connection ends cleanly");
-    let reply = String::from_utf8_lossy(&reply);
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+/// A client that writes its whole oversized body before reading reads the 413: the server reads
+/// and drops the rest of the body before replying.
+#[tokio::test]
+async fn a_client_that_sends_a_whole_oversized_body_before_reading_gets_the_413() {
+    let server = TestServer::start().await;
+    let reply = reply_to_a_body_written_whole_first(&server, API_KEY).await;
     assert_eq!(status_of(&reply), 413, "{reply}");
     assert!(reply.contains("api.max_body_bytes"), "{reply}");
 }
@@ -144,25 +150,7 @@ async fn a_client_that_sends_a_whole_oversized_body_before_reading_gets_the_413(
 #[tokio::test]
 async fn a_caller_with_a_wrong_key_that_sends_a_whole_large_body_before_reading_gets_the_401() {
     let server = TestServer::start().await;
-    let body = vec![b'x'; 8 * 1024 * 1024];
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    let head = format!(
-        "POST /api/publish HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer not-the-key\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        server.addr,
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream
-        .write_all(&body)
-        .await
-        .expect("the server reads the whole body instead of resetting the connection");
-    let mut reply = Vec::new();
-    tokio::time::timeout(EVENT_TIMEOUT, stream.read_to_end(&mut reply))
-        .await
-        .expect("the reply comes")
-        .expect("the connection ends cleanly");
-    let reply = String::from_utf8_lossy(&reply);
+    let reply = reply_to_a_body_written_whole_first(&server, "not-the-key").await;
     assert_eq!(status_of(&reply), 401, "{reply}");
     assert!(reply.contains("invalid API key"), "{reply}");
 }
