@@ -281,7 +281,7 @@ impl Writer {
     /// commits carried 6–8 messages at 20k direct messages/s, and pacing saves about 15% of the
     /// server's CPU there; with `full` on a disk that syncs in 0.2 ms, commits carried 2 messages
     /// in rooms of ten at 2,000 messages/s and 8–18 at 10–30k direct messages/s, and pacing saves
-    /// 13–22% of the CPU for 0.7–1.4 ms more at p50 (docs/benchmarks.md). Load is read from the
+    /// 12–27% of the CPU for 0.7–1.4 ms more at p50 (docs/benchmarks.md). Load is read from the
     /// previous batch: one that held a single command says the writer keeps up, so a message
     /// after a quiet spell never waits.
     fn pace_commits(&mut self) {
