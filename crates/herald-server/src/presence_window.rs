@@ -19,8 +19,9 @@
 //! - at shutdown ([`PresenceWindow::close`], before the engines close) every pending change
 //!   goes out at once: members on other nodes learn that this node's users left.
 
+use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,8 +83,7 @@ impl PresenceWindow {
             count_window: config.count_window,
             max_listed: config.max_members_listed,
             rooms: HashMap::new(),
-            due: VecDeque::new(),
-            due_counts: VecDeque::new(),
+            due: BinaryHeap::new(),
             counted: HashSet::new(),
         };
         let closing = CancellationToken::new();
@@ -138,10 +138,9 @@ struct PendingRooms {
     count_window: Duration,
     max_listed: u64,
     rooms: HashMap<Arc<str>, Pending>,
-    /// Rooms in the order their windows end, one queue per window length: within a queue every
-    /// window has the same length, so the order they opened in is the order they end in.
-    due: VecDeque<(Instant, Arc<str>)>,
-    due_counts: VecDeque<(Instant, Arc<str>)>,
+    /// Rooms by when their windows end, soonest first (windows have two lengths, so the order
+    /// they opened in is not the order they end in).
+    due: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
     /// Rooms whose last diff carried only the count: their next window is `count_window`.
     counted: HashSet<Arc<str>>,
 }
@@ -190,11 +189,9 @@ impl PendingRooms {
         }
     }
 
-    /// When the next window ends, in either queue.
+    /// When the next window ends.
     fn next_due(&self) -> Option<Instant> {
-        let lists = self.due.front().map(|(at, _)| *at);
-        let counts = self.due_counts.front().map(|(at, _)| *at);
-        lists.into_iter().chain(counts).min()
+        self.due.peek().map(|Reverse((at, _))| *at)
     }
 
     /// The room whose window ends first, if it ends by `now` (any, with `None`).
@@ -203,11 +200,7 @@ impl PendingRooms {
         if now.is_some_and(|now| due > now) {
             return None;
         }
-        let queue = match self.due.front() {
-            Some((at, _)) if *at == due => &mut self.due,
-            _ => &mut self.due_counts,
-        };
-        queue.pop_front().map(|(_, room)| room)
+        self.due.pop().map(|Reverse((_, room))| room)
     }
 
     fn add(&mut self, change: RoomChange, now: Instant) {
@@ -215,11 +208,12 @@ impl PendingRooms {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
                 let room = entry.key().clone();
-                if self.counted.contains(&room) {
-                    self.due_counts.push_back((now + self.count_window, room));
+                let window = if self.counted.contains(&room) {
+                    self.count_window
                 } else {
-                    self.due.push_back((now + self.window, room));
-                }
+                    self.window
+                };
+                self.due.push(Reverse((now + window, room)));
                 entry.insert(Pending {
                     users: HashMap::new(),
                 })
