@@ -347,7 +347,7 @@ mod tests {
         assert!(config.store.durability().commit_spacing.is_zero());
         assert_eq!(
             Config::default().store.commit_spacing,
-            Duration::from_millis(2)
+            Duration::from_millis(5)
         );
         let error = load_error("[store]\ncommit_spacing = \"1s\"");
         assert!(

@@ -71,8 +71,12 @@ const WAL_RESTART_INTERVAL: Duration = Duration::from_secs(1);
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(5);
 
 /// Under load, the least time between the starts of two commits unless the configuration says
-/// otherwise (`store.commit_spacing`, see [`Writer::pace_commits`]).
-pub const DEFAULT_COMMIT_SPACING: Duration = Duration::from_millis(2);
+/// otherwise (`store.commit_spacing`, see [`Writer::pace_commits`]). 5 ms, not 2: at 2 ms a
+/// commit in rooms of ten at 2,000 messages/s carried 4 messages, and its fsync was a fifth of
+/// the server's CPU; at 5 ms it carries 10, for a third less CPU per delivery there (6–14% per
+/// direct message at 10–40k/s) and 2 ms more at p50 (docs/benchmarks.md). Kafka's producers
+/// came to the same default (`linger.ms` = 5).
+pub const DEFAULT_COMMIT_SPACING: Duration = Duration::from_millis(5);
 
 pub enum Command {
     Append(Append, AwaitingCommit),
@@ -280,10 +284,10 @@ impl Writer {
     /// messages. Without it, commits follow the disk: with no fsync to wait for (`normal`),
     /// commits carried 6–8 messages at 20k direct messages/s, and pacing saves about 15% of the
     /// server's CPU there; with `full` on a disk that syncs in 0.2 ms, commits carried 2 messages
-    /// in rooms of ten at 2,000 messages/s and 8–18 at 10–30k direct messages/s, and pacing saves
-    /// 12–27% of the CPU for 0.7–1.4 ms more at p50 (docs/benchmarks.md). Load is read from the
-    /// previous batch: one that held a single command says the writer keeps up, so a message
-    /// after a quiet spell never waits.
+    /// in rooms of ten at 2,000 messages/s and 8–18 at 10–30k direct messages/s; spaced 2 ms
+    /// they took 12–27% less CPU, and 5 ms (the default) takes a third off what was left in
+    /// rooms (docs/benchmarks.md). Load is read from the previous batch: one that held a single
+    /// command says the writer keeps up, so a message after a quiet spell never waits.
     fn pace_commits(&mut self) {
         if self.commit_spacing.is_zero() {
             return;
