@@ -13,7 +13,12 @@
 //! - a room's window opens at its first pending change and is never extended, so no change
 //!   waits longer than `presence.window` (plus the time to drain the queue), or
 //!   `presence.count_window` in a room whose last diff carried only the count (a big room,
-//!   where each diff is a frame to every member);
+//!   where each diff is a frame to every member; plus the claim's round trip and
+//!   [`CLAIM_MARGIN`]);
+//! - a count-only room's window is claimed through the presence engine
+//!   ([`Presence::claim_count`]), so that one node per window sends the count: the node that
+//!   wins reads the count [`CLAIM_MARGIN`] after its claim ends; a node that finds the claim
+//!   held drops its changes until the claim ends, since that count covers them;
 //! - `count` is read from the presence engine when the diff is built, so it is never older
 //!   than the changes listed (changes still in the queue then go in the next diff);
 //! - at shutdown ([`PresenceWindow::close`], before the engines close) every pending change
@@ -21,10 +26,11 @@
 
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::join_all;
 use globset::GlobSet;
 use herald_protocol::{PresenceDiff, ServerEvent};
 use tokio::sync::mpsc;
@@ -35,13 +41,17 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PresenceConfig;
 use crate::delivery::{Channel, Delivery, OutFrame};
 use crate::engine::broker::Broker;
-use crate::engine::presence::Presence;
+use crate::engine::presence::{CountClaim, Presence};
 
 /// Changes waiting for the task; a full queue makes joins and leaves wait for room.
 const CHANGE_QUEUE: usize = 8192;
 
 /// Changes taken from the queue per wakeup.
 const DRAIN_BATCH: usize = 512;
+
+/// How long after its claim ends the node that won a count window reads the count: a change
+/// another node made just before the claim ended (and dropped, as covered) is then in it.
+const CLAIM_MARGIN: Duration = Duration::from_millis(10);
 
 /// A user entering or leaving a room, as the presence engine reported it.
 #[derive(Debug)]
@@ -84,7 +94,8 @@ impl PresenceWindow {
             max_listed: config.max_members_listed,
             rooms: HashMap::new(),
             due: BinaryHeap::new(),
-            counted: HashSet::new(),
+            counted: HashMap::new(),
+            unclaimed: Vec::new(),
         };
         let closing = CancellationToken::new();
         let task = tokio::spawn(rooms.run(queue, closing.clone(), broker, presence));
@@ -139,10 +150,14 @@ struct PendingRooms {
     max_listed: u64,
     rooms: HashMap<Arc<str>, Pending>,
     /// Rooms by when their windows end, soonest first (windows have two lengths, so the order
-    /// they opened in is not the order they end in).
+    /// they opened in is not the order they end in). A count-only room's is pushed once it is
+    /// claimed; one whose claim another node holds has none.
     due: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
-    /// Rooms whose last diff carried only the count: their next window is `count_window`.
-    counted: HashSet<Arc<str>>,
+    /// Rooms whose last diff carried only the count: their next window is `count_window`, and
+    /// claimed. With the time until which another node's claim covers this node's changes.
+    counted: HashMap<Arc<str>, Option<Instant>>,
+    /// Count-only rooms whose window opened in this batch, waiting for their claim.
+    unclaimed: Vec<Arc<str>>,
 }
 
 impl PendingRooms {
@@ -169,12 +184,17 @@ impl PendingRooms {
                     for change in batch.drain(..) {
                         self.add(change, now);
                     }
+                    self.claim(&engines).await;
                 }
                 () = sleep_until(next_due), if next_due.is_some() => {}
                 () = closing.cancelled() => {
                     let now = Instant::now();
                     while let Ok(change) = queue.try_recv() {
                         self.add(change, now);
+                    }
+                    // Closing: every pending change goes out now, claimed or not.
+                    for room in std::mem::take(&mut self.unclaimed) {
+                        self.schedule(room, now);
                     }
                     break;
                 }
@@ -204,22 +224,63 @@ impl PendingRooms {
     }
 
     fn add(&mut self, change: RoomChange, now: Instant) {
+        let counted = self.counted.get(&change.room).copied();
+        if counted
+            .flatten()
+            .is_some_and(|covered_until| now < covered_until)
+        {
+            // Another node's count, read after its claim ends, covers this change.
+            return;
+        }
         let pending = match self.rooms.entry(change.room) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
                 let room = entry.key().clone();
-                let window = if self.counted.contains(&room) {
-                    self.count_window
+                if counted.is_some() {
+                    self.unclaimed.push(room);
                 } else {
-                    self.window
-                };
-                self.due.push(Reverse((now + window, room)));
+                    self.due.push(Reverse((now + self.window, room)));
+                }
                 entry.insert(Pending {
                     users: HashMap::new(),
                 })
             }
         };
         pending.users.insert(change.user, change.present);
+    }
+
+    /// Claims the count windows opened by the last batch: a room this node won (or could not
+    /// ask about: a duplicate count is harmless, a missing one is not) is sent after its
+    /// window; a room another node holds drops its changes, which that node's count covers.
+    async fn claim(&mut self, engines: &Engines<'_>) {
+        if self.unclaimed.is_empty() {
+            return;
+        }
+        let rooms = std::mem::take(&mut self.unclaimed);
+        let window = self.count_window;
+        let claims = join_all(rooms.iter().map(|room| async move {
+            let asked = Instant::now();
+            (asked, engines.presence.claim_count(room, window).await)
+        }))
+        .await;
+        for (room, (asked, claim)) in rooms.into_iter().zip(claims) {
+            match claim {
+                Ok(CountClaim::HeldFor(left)) if left > CLAIM_MARGIN => {
+                    self.counted.insert(room.clone(), Some(asked + left));
+                    self.rooms.remove(&room);
+                }
+                Ok(_) => self.schedule(room, Instant::now() + CLAIM_MARGIN),
+                Err(error) => {
+                    tracing::warn!(%room, %error, "count window not claimed: sending it anyway");
+                    self.schedule(room, Instant::now() + CLAIM_MARGIN);
+                }
+            }
+        }
+    }
+
+    /// Ends a count-only room's window `count_window` after `from`.
+    fn schedule(&mut self, room: Arc<str>, from: Instant) {
+        self.due.push(Reverse((from + self.count_window, room)));
     }
 
     async fn flush(&mut self, room: Arc<str>, engines: &Engines<'_>) {
@@ -234,7 +295,7 @@ impl PendingRooms {
             }
         };
         let (joined, left) = if count > self.max_listed {
-            self.counted.insert(room.clone());
+            self.counted.insert(room.clone(), None);
             (None, None)
         } else {
             self.counted.remove(&room);

@@ -17,7 +17,7 @@ use herald_server::config::RedisConfig;
 use herald_server::delivery::ConnId;
 use herald_server::engine::memory::MemoryPresence;
 use herald_server::engine::presence::{
-    LocalEntry, Presence, PresenceHandler, RoomChange, RoomCount,
+    CountClaim, LocalEntry, Presence, PresenceHandler, RoomChange, RoomCount,
 };
 use herald_server::engine::redis::presence::RedisPresence;
 use tokio::sync::mpsc;
@@ -382,6 +382,49 @@ async fn a_node_restarted_under_the_same_id_does_not_keep_its_previous_entries_a
         .expect("the previous incarnation's entries expire");
     assert_eq!(expired, Some(("r".into(), "alice".into(), 1)));
     assert_eq!(after.presence.members("r").await.unwrap(), users(&["bob"]));
+}
+
+/// One node per room wins a count window; the others learn for how long it is held. With one
+/// process there is nobody to share with: every claim wins.
+#[tokio::test]
+async fn a_count_window_is_won_by_one_node_until_it_ends() {
+    let window = Duration::from_millis(300);
+    for backend in Backend::all().await {
+        let a = backend.node("node-a").await;
+        let b = backend.node("node-b").await;
+        let name = backend.name();
+        assert_eq!(
+            a.presence.claim_count("r", window).await.unwrap(),
+            CountClaim::Won
+        );
+        let held = b.presence.claim_count("r", window).await.unwrap();
+        let claimed_again = a.presence.claim_count("r", window).await.unwrap();
+        let other_room = b.presence.claim_count("s", window).await.unwrap();
+        assert_eq!(
+            other_room,
+            CountClaim::Won,
+            "{name}: rooms are claimed apart"
+        );
+        let Backend::Redis(..) = backend else {
+            assert_eq!((held, claimed_again), (CountClaim::Won, CountClaim::Won));
+            continue;
+        };
+        let CountClaim::HeldFor(left) = held else {
+            panic!("{name}: the window is a's, b got {held:?}");
+        };
+        assert!(left <= window && !left.is_zero(), "{name}: {left:?}");
+        assert!(
+            matches!(claimed_again, CountClaim::HeldFor(_)),
+            "{name}: one claim per window"
+        );
+        // Once the window has passed (Redis counts whole milliseconds), the next claim wins.
+        tokio::time::sleep(left + Duration::from_millis(2)).await;
+        assert_eq!(
+            b.presence.claim_count("r", window).await.unwrap(),
+            CountClaim::Won,
+            "{name}: a new window"
+        );
+    }
 }
 
 #[tokio::test]

@@ -258,6 +258,51 @@ async fn members_on_other_nodes_see_the_users_of_a_node_that_shuts_down_leave() 
     assert_eq!(diff.count, 1, "{diff:?}");
 }
 
+/// Past `max_members_listed` a room's diffs carry only its count; the nodes claim each count
+/// window, so members get one count for changes made on two nodes at once, not one per node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_room_on_two_nodes_gets_one_count_for_both_nodes_changes() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let nodes = nodes_with(&redis, 3, |config| {
+        presence_on(config);
+        config.presence.max_members_listed = 2;
+        config.presence.count_window = Duration::from_millis(500);
+        if config.server.node_id == "node2" {
+            // Its diff comes well after any the first two nodes send for the same changes.
+            config.presence.window = Duration::from_millis(300);
+        }
+    })
+    .await;
+    // One change at a time, each diff awaited, until both nodes have sent a count-only diff
+    // (and so claim their next windows) and no window is open.
+    let mut watcher = nodes[0].connect("watcher").await;
+    watcher.join("big").await;
+    watcher.diff_listing("big", "watcher", true).await;
+    let mut members = Vec::new();
+    for (n, node) in [1, 0, 1].into_iter().enumerate() {
+        let mut member = nodes[node].connect(&format!("m{n}")).await;
+        member.join("big").await;
+        let diff = watcher.next_diff("big").await;
+        assert_eq!(diff.count, n as u64 + 2, "{diff:?}");
+        members.push(member);
+    }
+
+    // A join on each node at once: one window, claimed by one of them.
+    let (mut first, mut second) = (nodes[0].connect("m3").await, nodes[1].connect("m4").await);
+    tokio::join!(first.join("big"), second.join("big"));
+    let diff = watcher.next_diff("big").await;
+    assert_eq!((diff.count, diff.joined, diff.left), (6, None, None));
+    let mut last = nodes[2].connect("m5").await;
+    last.join("big").await;
+    let diff = watcher.next_diff("big").await;
+    assert_eq!(
+        diff.count, 7,
+        "one count for the two joins, then the next join's: {diff:?}"
+    );
+}
+
 /// Only the node holding a connection knows its traffic: any node lists every node's
 /// connections by asking them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,8 +20,11 @@
 //!   left does not outlive it. For that, the node removes a connection from its own records
 //!   before it calls `leave` or `disconnect` (and adds it before `join` or `connect`).
 //! - [`Presence::close`] removes this node's entries on a clean shutdown.
+//! - [`Presence::claim_count`] names one node per room and count window to send the room's
+//!   count, for every node's changes made before its claim ends.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -42,6 +45,16 @@ pub struct RoomChange {
 pub struct RoomCount {
     pub room: String,
     pub users: u64,
+}
+
+/// Who sends a big room's count for the window starting now (see [`Presence::claim_count`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountClaim {
+    /// This node: it reads the count once the window has passed and sends it.
+    Won,
+    /// Another node, for about this much longer: the count it reads after that covers every
+    /// change made on this node until then.
+    HeldFor(Duration),
 }
 
 /// One connection open on this node, with the rooms it is in: the entries the node owns.
@@ -80,6 +93,13 @@ pub trait Presence: Send + Sync {
     async fn members(&self, room: &str) -> Result<Vec<String>, EngineError>;
     /// How many users are in the room now.
     async fn count(&self, room: &str) -> Result<u64, EngineError>;
+    /// Claims, for `window`, the sending of `room`'s count-only `presence_diff`: the first node
+    /// to claim it wins, and its count, read once the window has passed, covers the changes
+    /// every node made while the claim held. A room spread over N nodes then sends one count
+    /// per window instead of N. A single-process backend always wins.
+    async fn claim_count(&self, _room: &str, _window: Duration) -> Result<CountClaim, EngineError> {
+        Ok(CountClaim::Won)
+    }
     async fn connect(&self, user: &str, conn: ConnId) -> Result<(), EngineError>;
     async fn disconnect(&self, user: &str, conn: ConnId) -> Result<(), EngineError>;
     /// For each user, whether they have an open connection anywhere.

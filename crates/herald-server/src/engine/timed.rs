@@ -4,14 +4,14 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::EngineError;
 use super::broker::{Answers, Broker, DeliveryHandler};
-use super::presence::{Presence, PresenceHandler, RoomChange, RoomCount};
+use super::presence::{CountClaim, Presence, PresenceHandler, RoomChange, RoomCount};
 use crate::delivery::{Channel, ConnId, Control, Delivery};
 
 async fn timed<T>(
@@ -99,6 +99,10 @@ impl Presence for TimedPresence {
 
     async fn count(&self, room: &str) -> Result<u64, EngineError> {
         timed("presence", "count", self.0.count(room)).await
+    }
+
+    async fn claim_count(&self, room: &str, window: Duration) -> Result<CountClaim, EngineError> {
+        timed("presence", "claim_count", self.0.claim_count(room, window)).await
     }
 
     async fn connect(&self, user: &str, conn: ConnId) -> Result<(), EngineError> {

@@ -16,6 +16,8 @@
 //!   lease runs out and another takes over (removals that already happened are not repeated,
 //!   so each leave is still reported once).
 //! - `{global}:rooms` set of rooms with users, for `rooms()`.
+//! - `{room:R}:count-claim` string, expiring after `presence.count_window`: the node that sends
+//!   the big room's count for that window (see [`Presence::claim_count`]).
 //!
 //! Refreshing the node's liveness instead of each entry keeps the heartbeat one command
 //! whatever the number of connections. A node reaps others only after it has itself been
@@ -50,7 +52,9 @@ use super::{Connection, Keys, connect};
 use crate::config::RedisConfig;
 use crate::delivery::ConnId;
 use crate::engine::EngineError;
-use crate::engine::presence::{LocalEntry, Presence, PresenceHandler, RoomChange, RoomCount};
+use crate::engine::presence::{
+    CountClaim, LocalEntry, Presence, PresenceHandler, RoomChange, RoomCount,
+};
 
 /// A dead node's entries removed at once while reaping, and connections re-asserted at once.
 const REAP_CHUNK: usize = 256;
@@ -110,6 +114,15 @@ end
 return false
 ";
 
+/// KEYS: the room's count claim. ARGV: node, window ms. Returns -1 when this node claimed the
+/// window, else the milliseconds left to the claim another node holds.
+const CLAIM_COUNT: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return -1
+end
+return redis.call('PTTL', KEYS[1])
+";
+
 pub struct RedisPresence {
     inner: Arc<Inner>,
     /// Stops the heartbeat when the presence is dropped, as a crash would (entries stay).
@@ -126,6 +139,7 @@ struct Inner {
     leave: Script,
     heartbeat: Script,
     claim: Script,
+    claim_count: Script,
     // Weak: the node owns its presence, so a strong reference back would leak both.
     handler: OnceLock<Weak<dyn PresenceHandler>>,
     stop: CancellationToken,
@@ -161,6 +175,7 @@ impl RedisPresence {
             leave: Script::new(LEAVE),
             heartbeat: Script::new(HEARTBEAT),
             claim: Script::new(CLAIM),
+            claim_count: Script::new(CLAIM_COUNT),
             handler: OnceLock::new(),
             stop: stop.clone(),
             heartbeat_task: Mutex::new(None),
@@ -599,6 +614,24 @@ impl Presence for RedisPresence {
             .query_async(&mut self.inner.conn())
             .await
             .map_err(failed("count"))
+    }
+
+    async fn claim_count(&self, room: &str, window: Duration) -> Result<CountClaim, EngineError> {
+        let left: i64 = self
+            .inner
+            .claim_count
+            .key(self.inner.keys.room(room, "count-claim"))
+            .arg(&self.inner.node)
+            .arg(window.as_millis().max(1) as u64)
+            .invoke_async(&mut self.inner.conn())
+            .await
+            .map_err(failed("claim_count"))?;
+        Ok(match u64::try_from(left) {
+            Ok(left) => CountClaim::HeldFor(Duration::from_millis(left)),
+            // -1: claimed. (-2, the claim gone between the two commands, cannot happen in a
+            // script; a claim without expiry is never written.)
+            Err(_) => CountClaim::Won,
+        })
     }
 
     async fn connect(&self, user: &str, conn: ConnId) -> Result<(), EngineError> {
