@@ -483,6 +483,55 @@ async fn on_a_three_master_cluster_presence_is_decided_once_and_read_from_any_no
     );
 }
 
+/// A leave and a disconnect that fail (Redis refusing writes, as with a connection that drops
+/// between a join and its rollback) leave entries the node no longer holds: once Redis takes
+/// writes again the node removes them, and the room is told once that the user left.
+#[tokio::test]
+async fn entries_whose_removal_failed_are_removed_once_redis_takes_writes_again() {
+    let Some(backend) = Backend::redis().await else {
+        return;
+    };
+    let Backend::Redis(server, _) = &backend else {
+        unreachable!()
+    };
+    let mut a = backend.node("node-a").await;
+    let mut b = backend.node("node-b").await;
+    a.hold("alice", ConnId(1), &["r"]).await;
+    b.hold("bob", ConnId(2), &["r"]).await;
+
+    // The node forgets the connection first, as it does, then fails to remove its entries.
+    a.handler.entries.lock().unwrap().clear();
+    let mut redis = server.client().await;
+    let refuse_writes = |replicas: u32| {
+        let mut config = redis::cmd("CONFIG");
+        config.arg("SET").arg("min-replicas-to-write").arg(replicas);
+        config
+    };
+    refuse_writes(1).exec_async(&mut redis).await.unwrap();
+    let left = a.presence.leave("r", "alice", ConnId(1)).await;
+    let disconnected = a.presence.disconnect("alice", ConnId(1)).await;
+    refuse_writes(0).exec_async(&mut redis).await.unwrap();
+    assert!(
+        left.is_err() && disconnected.is_err(),
+        "{left:?} {disconnected:?}"
+    );
+    assert_eq!(
+        b.presence.members("r").await.unwrap(),
+        users(&["alice", "bob"])
+    );
+
+    let expired = tokio::time::timeout(TTL, a.expired.recv())
+        .await
+        .expect("removed within a heartbeat");
+    assert_eq!(expired, Some(("r".into(), "alice".into(), 1)));
+    assert_eq!(b.presence.members("r").await.unwrap(), users(&["bob"]));
+    assert_eq!(
+        b.presence.online(&users(&["alice", "bob"])).await.unwrap(),
+        [false, true]
+    );
+    assert!(a.expired.try_recv().is_err() && b.expired.try_recv().is_err());
+}
+
 #[tokio::test]
 async fn after_redis_loses_the_entries_each_node_re_asserts_its_own_and_each_user_reappears_once() {
     let Some(backend) = Backend::redis().await else {

@@ -34,10 +34,15 @@
 //! finished), each index entry before its entry. A re-assertion runs beside the heartbeat,
 //! which keeps beating meanwhile. Writes are idempotent (`HSETNX` in the join script, `HSET`
 //! of the same value), so re-asserting what Redis still holds changes nothing and announces
-//! nobody. What stays out of reach: a reaper stalled past its lease (`presence_ttl`) while
-//! another finished the same node may still remove entries re-asserted after that.
+//! nobody. A re-assertion also runs after a leave or disconnect failed, and ends by removing
+//! the entries of the node's index that its connections no longer hold: a join whose rollback
+//! never reached Redis would otherwise keep its user in the room until the node dies. What
+//! stays out of reach: a reaper stalled past its lease (`presence_ttl`) while another finished
+//! the same node may still remove entries re-asserted after that; and a connection that leaves
+//! and joins the same room again while the index is compared may lose its new entry.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -140,6 +145,9 @@ struct Inner {
     heartbeat: Script,
     claim: Script,
     claim_count: Script,
+    /// A leave or disconnect failed: Redis may keep an entry this node no longer holds. The
+    /// next heartbeat that succeeds re-asserts, and a re-assertion removes such entries.
+    removal_failed: AtomicBool,
     // Weak: the node owns its presence, so a strong reference back would leak both.
     handler: OnceLock<Weak<dyn PresenceHandler>>,
     stop: CancellationToken,
@@ -176,6 +184,7 @@ impl RedisPresence {
             heartbeat: Script::new(HEARTBEAT),
             claim: Script::new(CLAIM),
             claim_count: Script::new(CLAIM_COUNT),
+            removal_failed: AtomicBool::new(false),
             handler: OnceLock::new(),
             stop: stop.clone(),
             heartbeat_task: Mutex::new(None),
@@ -378,7 +387,9 @@ impl Inner {
                      its entries"
                 );
             }
-            reassert_wanted |= beat.registered || healthy_since.is_none();
+            reassert_wanted |= beat.registered
+                || healthy_since.is_none()
+                || self.removal_failed.swap(false, Ordering::Relaxed);
             healthy_since.get_or_insert_with(Instant::now);
             if let Some(task) = reasserting.take_if(|task| task.is_finished()) {
                 match task.await {
@@ -453,7 +464,44 @@ impl Inner {
                 self.disconnect_user(&entry.user, &conn).await?;
             }
         }
-        Ok(())
+        self.remove_unheld(handler.as_ref()).await
+    }
+
+    /// Removes the entries of this node's index that its records no longer hold: a leave or
+    /// disconnect that never reached Redis (a join whose rollback failed as the connection to
+    /// Redis dropped) would otherwise keep a user in a room, or online, until the node dies.
+    /// The index is read before the records, so an entry written since is in them (the node
+    /// adds a connection to its records before it writes the entry).
+    async fn remove_unheld(&self, handler: &dyn PresenceHandler) -> Result<(), EngineError> {
+        let (rooms, connections) = self.index(&self.node).await?;
+        let held = handler.local_entries();
+        let held_connections: HashSet<String> =
+            held.iter().map(|entry| entry.conn.to_string()).collect();
+        let held_rooms: HashSet<String> = held
+            .iter()
+            .flat_map(|entry| {
+                let conn = entry.conn.to_string();
+                entry.rooms.iter().map(move |room| room_field(&conn, room))
+            })
+            .collect();
+        let rooms: Vec<_> = rooms
+            .into_iter()
+            .filter(|(field, _)| !held_rooms.contains(field))
+            .collect();
+        let connections: Vec<_> = connections
+            .into_iter()
+            .filter(|(conn, _)| !held_connections.contains(conn))
+            .collect();
+        if !rooms.is_empty() || !connections.is_empty() {
+            tracing::warn!(
+                node = %self.node,
+                rooms = rooms.len(),
+                connections = connections.len(),
+                "presence: removing entries this node no longer holds (a removal had failed)"
+            );
+        }
+        self.remove_room_entries(&self.node, &rooms).await?;
+        self.remove_connections(&self.node, &connections).await
     }
 
     async fn reassert_entry(
@@ -499,12 +547,33 @@ impl Inner {
 
     /// Removes every entry `node` owns, telling the handler about each user who left a room.
     async fn remove_entries(&self, node: &str) -> Result<(), EngineError> {
+        let (rooms, connections) = self.index(node).await?;
+        self.remove_room_entries(node, &rooms).await?;
+        self.remove_connections(node, &connections).await
+    }
+
+    /// `node`'s index: its room entries (connection ‖ room → user), then its connections
+    /// (connection → user).
+    async fn index(&self, node: &str) -> Result<(IndexEntries, IndexEntries), EngineError> {
+        let mut connection = self.conn();
+        let mut read = async |suffix| -> Result<IndexEntries, EngineError> {
+            redis::cmd("HGETALL")
+                .arg(self.keys.node(node, suffix))
+                .query_async(&mut connection)
+                .await
+                .map_err(failed("read a node's entries"))
+        };
+        let rooms = read("rooms").await?;
+        Ok((rooms, read("users").await?))
+    }
+
+    /// Removes room entries of `node`'s index, telling the handler about each user who left.
+    async fn remove_room_entries(
+        &self,
+        node: &str,
+        entries: &[(String, String)],
+    ) -> Result<(), EngineError> {
         let rooms_index = self.keys.node(node, "rooms");
-        let entries: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(&rooms_index)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(failed("read a node's entries"))?;
         let handler = self.handler.get().and_then(Weak::upgrade);
         for chunk in entries.chunks(REAP_CHUNK) {
             let removals = chunk.iter().map(|(field, user)| async {
@@ -522,12 +591,16 @@ impl Inner {
                 .into_iter()
                 .collect::<Result<(), _>>()?;
         }
+        Ok(())
+    }
+
+    /// Removes connections of `node`'s index, and their users' entries.
+    async fn remove_connections(
+        &self,
+        node: &str,
+        entries: &[(String, String)],
+    ) -> Result<(), EngineError> {
         let users_index = self.keys.node(node, "users");
-        let entries: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(&users_index)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(failed("read a node's entries"))?;
         for chunk in entries.chunks(REAP_CHUNK) {
             let removals = chunk.iter().map(|(conn, user)| async {
                 self.hdel(self.keys.user(user, "conns"), conn).await?;
@@ -541,6 +614,9 @@ impl Inner {
         Ok(())
     }
 }
+
+/// Fields and values of a node's index hash.
+type IndexEntries = Vec<(String, String)>;
 
 /// Takes a lock no holder can leave poisoned (it only stores or takes a handle).
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -591,7 +667,11 @@ impl Presence for RedisPresence {
         _user: &str,
         conn: ConnId,
     ) -> Result<RoomChange, EngineError> {
-        let (user_changed, count) = self.inner.leave_own_room(room, &conn.to_string()).await?;
+        let (user_changed, count) = self
+            .inner
+            .leave_own_room(room, &conn.to_string())
+            .await
+            .inspect_err(|_| self.inner.removal_failed.store(true, Ordering::Relaxed))?;
         Ok(RoomChange {
             user_changed,
             count,
@@ -639,7 +719,10 @@ impl Presence for RedisPresence {
     }
 
     async fn disconnect(&self, user: &str, conn: ConnId) -> Result<(), EngineError> {
-        self.inner.disconnect_user(user, &conn.to_string()).await
+        self.inner
+            .disconnect_user(user, &conn.to_string())
+            .await
+            .inspect_err(|_| self.inner.removal_failed.store(true, Ordering::Relaxed))
     }
 
     async fn online(&self, users: &[String]) -> Result<Vec<bool>, EngineError> {
