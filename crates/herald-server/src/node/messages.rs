@@ -17,25 +17,33 @@ impl Node {
         content: Payload,
     ) -> Result<DirectOutcome, EngineError> {
         let origin = Origin::once(from, from_conn);
-        self.send_direct_queued(origin, to, content).await?.await
+        self.send_direct_queued(origin, to, content, true)
+            .await?
+            .await
     }
 
     /// [`send_direct`](Self::send_direct) in two steps, as
-    /// [`publish_queued`](Self::publish_queued).
+    /// [`publish_queued`](Self::publish_queued). Without `answered` (a request without `id`
+    /// gets no ack) the outcome's `online` and `offline` are left empty: nobody reads them, and
+    /// finding them is a presence read per message.
     pub async fn send_direct_queued(
         &self,
         origin: Origin<'_>,
         to: Vec<String>,
         content: Payload,
+        answered: bool,
     ) -> Result<
         impl Future<Output = Result<DirectOutcome, EngineError>> + Send + 'static,
         EngineError,
     > {
-        let online_flags = self.presence.online(&to).await?;
-        let (online, offline): (Vec<_>, Vec<_>) =
-            to.iter().zip(online_flags).partition(|(_, online)| *online);
-        let online: Vec<String> = online.into_iter().map(|(user, _)| user.clone()).collect();
-        let offline: Vec<String> = offline.into_iter().map(|(user, _)| user.clone()).collect();
+        let (mut online, mut offline) = (Vec::new(), Vec::new());
+        if answered {
+            let online_flags = self.presence.online(&to).await?;
+            for (user, is_online) in to.iter().zip(online_flags) {
+                let list = if is_online { &mut online } else { &mut offline };
+                list.push(user.clone());
+            }
+        }
 
         let mut recipients: Vec<String> = Vec::with_capacity(to.len());
         for user in &to {

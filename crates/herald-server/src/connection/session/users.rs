@@ -40,7 +40,7 @@ impl Session {
         };
         let committing = self
             .node
-            .send_direct_queued(origin, to, content)
+            .send_direct_queued(origin, to, content, id.is_some())
             .await
             .map_err(|e| internal(e, &id))?;
         self.answer_when_committed(committing, id, recorder, |outcome| Ack {
