@@ -26,11 +26,12 @@
 
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use globset::GlobSet;
 use herald_protocol::{PresenceDiff, ServerEvent};
 use tokio::sync::mpsc;
@@ -96,6 +97,7 @@ impl PresenceWindow {
             due: BinaryHeap::new(),
             counted: HashMap::new(),
             unclaimed: Vec::new(),
+            claiming: HashSet::new(),
         };
         let closing = CancellationToken::new();
         let task = tokio::spawn(rooms.run(queue, closing.clone(), broker, presence));
@@ -156,8 +158,10 @@ struct PendingRooms {
     /// Rooms whose last diff carried only the count: their next window is `count_window`, and
     /// claimed. With the time until which another node's claim covers this node's changes.
     counted: HashMap<Arc<str>, Option<Instant>>,
-    /// Count-only rooms whose window opened in this batch, waiting for their claim.
+    /// Count-only rooms whose window opened in this batch: their claim is still to ask.
     unclaimed: Vec<Arc<str>>,
+    /// Count-only rooms whose claim is asked and not answered yet.
+    claiming: HashSet<Arc<str>>,
 }
 
 impl PendingRooms {
@@ -173,6 +177,9 @@ impl PendingRooms {
             presence: presence.as_ref(),
         };
         let mut batch = Vec::with_capacity(DRAIN_BATCH);
+        // Claims are answered beside the queue, never holding it: under load a claim's round
+        // trip can take seconds, and a full queue holds every join and leave of the node.
+        let mut claims = FuturesUnordered::new();
         loop {
             let next_due = self.next_due();
             tokio::select! {
@@ -184,7 +191,13 @@ impl PendingRooms {
                     for change in batch.drain(..) {
                         self.add(change, now);
                     }
-                    self.claim(&engines).await;
+                    for room in self.unclaimed.drain(..) {
+                        self.claiming.insert(room.clone());
+                        claims.push(ask_claim(engines.presence, room, self.count_window));
+                    }
+                }
+                Some((room, asked, claim)) = claims.next(), if !claims.is_empty() => {
+                    self.settle(room, asked, claim);
                 }
                 () = sleep_until(next_due), if next_due.is_some() => {}
                 () = closing.cancelled() => {
@@ -193,7 +206,8 @@ impl PendingRooms {
                         self.add(change, now);
                     }
                     // Closing: every pending change goes out now, claimed or not.
-                    for room in std::mem::take(&mut self.unclaimed) {
+                    let unanswered: Vec<_> = self.claiming.drain().collect();
+                    for room in unanswered.into_iter().chain(std::mem::take(&mut self.unclaimed)) {
                         self.schedule(room, now);
                     }
                     break;
@@ -249,31 +263,27 @@ impl PendingRooms {
         pending.users.insert(change.user, change.present);
     }
 
-    /// Claims the count windows opened by the last batch: a room this node won (or could not
+    /// Acts on a count window's claim, asked at `asked`: a room this node won (or could not
     /// ask about: a duplicate count is harmless, a missing one is not) is sent after its
     /// window; a room another node holds drops its changes, which that node's count covers.
-    async fn claim(&mut self, engines: &Engines<'_>) {
-        if self.unclaimed.is_empty() {
-            return;
+    fn settle(
+        &mut self,
+        room: Arc<str>,
+        asked: Instant,
+        claim: Result<CountClaim, crate::engine::EngineError>,
+    ) {
+        if !self.claiming.remove(&room) {
+            return; // closing: already scheduled
         }
-        let rooms = std::mem::take(&mut self.unclaimed);
-        let window = self.count_window;
-        let claims = join_all(rooms.iter().map(|room| async move {
-            let asked = Instant::now();
-            (asked, engines.presence.claim_count(room, window).await)
-        }))
-        .await;
-        for (room, (asked, claim)) in rooms.into_iter().zip(claims) {
-            match claim {
-                Ok(CountClaim::HeldFor(left)) if left > CLAIM_MARGIN => {
-                    self.counted.insert(room.clone(), Some(asked + left));
-                    self.rooms.remove(&room);
-                }
-                Ok(_) => self.schedule(room, Instant::now() + CLAIM_MARGIN),
-                Err(error) => {
-                    tracing::warn!(%room, %error, "count window not claimed: sending it anyway");
-                    self.schedule(room, Instant::now() + CLAIM_MARGIN);
-                }
+        match claim {
+            Ok(CountClaim::HeldFor(left)) if left > CLAIM_MARGIN => {
+                self.counted.insert(room.clone(), Some(asked + left));
+                self.rooms.remove(&room);
+            }
+            Ok(_) => self.schedule(room, Instant::now() + CLAIM_MARGIN),
+            Err(error) => {
+                tracing::warn!(%room, %error, "count window not claimed: sending it anyway");
+                self.schedule(room, Instant::now() + CLAIM_MARGIN);
             }
         }
     }
@@ -325,6 +335,21 @@ impl PendingRooms {
             tracing::warn!(%channel, %error, "presence diff not published");
         }
     }
+}
+
+/// Asks for `room`'s count window; answers with when it was asked.
+async fn ask_claim(
+    presence: &dyn Presence,
+    room: Arc<str>,
+    window: Duration,
+) -> (
+    Arc<str>,
+    Instant,
+    Result<CountClaim, crate::engine::EngineError>,
+) {
+    let asked = Instant::now();
+    let claim = presence.claim_count(&room, window).await;
+    (room, asked, claim)
 }
 
 struct Engines<'a> {
