@@ -118,6 +118,14 @@ impl Backend {
         }
     }
 
+    /// A client of the Redis backend's server, for the faults a test makes.
+    async fn redis_client(&self) -> redis::aio::MultiplexedConnection {
+        match self {
+            Backend::Redis(server, _) => server.client().await,
+            Backend::Memory(_) => unreachable!("only the Redis backend has a server"),
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Backend::Memory(_) => "memory",
@@ -291,9 +299,6 @@ async fn a_dead_nodes_entries_expire_and_the_survivors_report_each_leave_once() 
     let Some(backend) = Backend::redis().await else {
         return;
     };
-    let Backend::Redis(server, config) = &backend else {
-        unreachable!()
-    };
     let mut a = backend.node("node-a").await;
     let mut c = backend.node("node-c").await;
     let b = backend.node("node-b").await;
@@ -330,8 +335,8 @@ async fn a_dead_nodes_entries_expire_and_the_survivors_report_each_leave_once() 
     assert!(reported.contains(&("r2".into(), "alice".into(), 0)));
 
     // Reaping ends by releasing its claim on the dead node; every report came before that.
-    let mut raw = server.client().await;
-    let reaping = format!("{}:{{global}}:reaping", config.key_prefix);
+    let mut raw = backend.redis_client().await;
+    let reaping = format!("{}:{{global}}:reaping", key_prefix(&backend));
     tokio::time::timeout(EVENT_TIMEOUT, async {
         loop {
             let claimed: u64 = redis::cmd("ZCARD")
@@ -491,9 +496,6 @@ async fn entries_whose_removal_failed_are_removed_once_redis_takes_writes_again(
     let Some(backend) = Backend::redis().await else {
         return;
     };
-    let Backend::Redis(server, _) = &backend else {
-        unreachable!()
-    };
     let mut a = backend.node("node-a").await;
     let mut b = backend.node("node-b").await;
     a.hold("alice", ConnId(1), &["r"]).await;
@@ -501,7 +503,7 @@ async fn entries_whose_removal_failed_are_removed_once_redis_takes_writes_again(
 
     // The node forgets the connection first, as it does, then fails to remove its entries.
     a.handler.entries.lock().unwrap().clear();
-    let mut redis = server.client().await;
+    let mut redis = backend.redis_client().await;
     let refuse_writes = |replicas: u32| {
         let mut config = redis::cmd("CONFIG");
         config.arg("SET").arg("min-replicas-to-write").arg(replicas);
@@ -537,9 +539,6 @@ async fn after_redis_loses_the_entries_each_node_re_asserts_its_own_and_each_use
     let Some(backend) = Backend::redis().await else {
         return;
     };
-    let Backend::Redis(server, _) = &backend else {
-        unreachable!()
-    };
     let mut a = backend.node("node-a").await;
     let mut b = backend.node("node-b").await;
     a.hold("alice", ConnId(1), &["r1", "r2"]).await;
@@ -547,7 +546,7 @@ async fn after_redis_loses_the_entries_each_node_re_asserts_its_own_and_each_use
     b.hold("bob", ConnId(3), &["r1"]).await;
 
     redis::cmd("FLUSHALL")
-        .exec_async(&mut server.client().await)
+        .exec_async(&mut backend.redis_client().await)
         .await
         .unwrap();
 
@@ -572,7 +571,7 @@ async fn after_redis_loses_the_entries_each_node_re_asserts_its_own_and_each_use
 
     // Every entry is back, the second connection of alice too (no event tells when that one
     // is written: its user was already back).
-    let mut raw = server.client().await;
+    let mut raw = backend.redis_client().await;
     tokio::time::timeout(EVENT_TIMEOUT, async {
         while a.presence.connections("alice").await.unwrap().len() < 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;
