@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::PresenceConfig;
 use crate::delivery::{Channel, Delivery, OutFrame};
+use crate::engine::EngineError;
 use crate::engine::broker::Broker;
 use crate::engine::presence::{CountClaim, Presence};
 
@@ -96,8 +97,6 @@ impl PresenceWindow {
             rooms: HashMap::new(),
             due: BinaryHeap::new(),
             counted: HashMap::new(),
-            unclaimed: Vec::new(),
-            claiming: HashSet::new(),
         };
         let closing = CancellationToken::new();
         let task = tokio::spawn(rooms.run(queue, closing.clone(), broker, presence));
@@ -153,15 +152,11 @@ struct PendingRooms {
     rooms: HashMap<Arc<str>, Pending>,
     /// Rooms by when their windows end, soonest first (windows have two lengths, so the order
     /// they opened in is not the order they end in). A count-only room's is pushed once it is
-    /// claimed; one whose claim another node holds has none.
+    /// claimed: a pending room without one is waiting for its claim's answer.
     due: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
     /// Rooms whose last diff carried only the count: their next window is `count_window`, and
     /// claimed. With the time until which another node's claim covers this node's changes.
     counted: HashMap<Arc<str>, Option<Instant>>,
-    /// Count-only rooms whose window opened in this batch: their claim is still to ask.
-    unclaimed: Vec<Arc<str>>,
-    /// Count-only rooms whose claim is asked and not answered yet.
-    claiming: HashSet<Arc<str>>,
 }
 
 impl PendingRooms {
@@ -189,11 +184,9 @@ impl PendingRooms {
                     }
                     let now = Instant::now();
                     for change in batch.drain(..) {
-                        self.add(change, now);
-                    }
-                    for room in self.unclaimed.drain(..) {
-                        self.claiming.insert(room.clone());
-                        claims.push(ask_claim(engines.presence, room, self.count_window));
+                        if let Some(room) = self.add(change, now) {
+                            claims.push(ask_claim(engines.presence, room, self.count_window));
+                        }
                     }
                 }
                 Some((room, asked, claim)) = claims.next(), if !claims.is_empty() => {
@@ -206,10 +199,7 @@ impl PendingRooms {
                         self.add(change, now);
                     }
                     // Closing: every pending change goes out now, claimed or not.
-                    let unanswered: Vec<_> = self.claiming.drain().collect();
-                    for room in unanswered.into_iter().chain(std::mem::take(&mut self.unclaimed)) {
-                        self.schedule(room, now);
-                    }
+                    self.schedule_unclaimed(now);
                     break;
                 }
             }
@@ -237,21 +227,24 @@ impl PendingRooms {
         self.due.pop().map(|Reverse((_, room))| room)
     }
 
-    fn add(&mut self, change: RoomChange, now: Instant) {
+    /// Adds a change to its room's window; returns the room when this opened a count window,
+    /// whose claim is to be asked.
+    fn add(&mut self, change: RoomChange, now: Instant) -> Option<Arc<str>> {
         let counted = self.counted.get(&change.room).copied();
         if counted
             .flatten()
             .is_some_and(|covered_until| now < covered_until)
         {
             // Another node's count, read after its claim ends, covers this change.
-            return;
+            return None;
         }
+        let mut opened = None;
         let pending = match self.rooms.entry(change.room) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
                 let room = entry.key().clone();
                 if counted.is_some() {
-                    self.unclaimed.push(room);
+                    opened = Some(room);
                 } else {
                     self.due.push(Reverse((now + self.window, room)));
                 }
@@ -261,20 +254,13 @@ impl PendingRooms {
             }
         };
         pending.users.insert(change.user, change.present);
+        opened
     }
 
     /// Acts on a count window's claim, asked at `asked`: a room this node won (or could not
     /// ask about: a duplicate count is harmless, a missing one is not) is sent after its
     /// window; a room another node holds drops its changes, which that node's count covers.
-    fn settle(
-        &mut self,
-        room: Arc<str>,
-        asked: Instant,
-        claim: Result<CountClaim, crate::engine::EngineError>,
-    ) {
-        if !self.claiming.remove(&room) {
-            return; // closing: already scheduled
-        }
+    fn settle(&mut self, room: Arc<str>, asked: Instant, claim: Result<CountClaim, EngineError>) {
         match claim {
             Ok(CountClaim::HeldFor(left)) if left > CLAIM_MARGIN => {
                 self.counted.insert(room.clone(), Some(asked + left));
@@ -291,6 +277,22 @@ impl PendingRooms {
     /// Ends a count-only room's window `count_window` after `from`.
     fn schedule(&mut self, room: Arc<str>, from: Instant) {
         self.due.push(Reverse((from + self.count_window, room)));
+    }
+
+    /// Schedules the pending rooms still waiting for their claim's answer (those with no
+    /// window end yet), at shutdown.
+    fn schedule_unclaimed(&mut self, from: Instant) {
+        let scheduled: HashSet<&Arc<str>> =
+            self.due.iter().map(|Reverse((_, room))| room).collect();
+        let unclaimed: Vec<Arc<str>> = self
+            .rooms
+            .keys()
+            .filter(|room| !scheduled.contains(room))
+            .cloned()
+            .collect();
+        for room in unclaimed {
+            self.schedule(room, from);
+        }
     }
 
     async fn flush(&mut self, room: Arc<str>, engines: &Engines<'_>) {
@@ -342,11 +344,7 @@ async fn ask_claim(
     presence: &dyn Presence,
     room: Arc<str>,
     window: Duration,
-) -> (
-    Arc<str>,
-    Instant,
-    Result<CountClaim, crate::engine::EngineError>,
-) {
+) -> (Arc<str>, Instant, Result<CountClaim, EngineError>) {
     let asked = Instant::now();
     let claim = presence.claim_count(&room, window).await;
     (room, asked, claim)
