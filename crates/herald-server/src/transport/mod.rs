@@ -5,7 +5,7 @@
 //!
 //! The library is `yawc`: it validates frames, reassembles fragments, checks UTF-8, answers Ping
 //! and Close, closes with 1009 when a frame or a reassembled message reaches the size limit, and
-//! runs permessage-deflate (RFC 7692). Herald adds three things around it:
+//! runs permessage-deflate (RFC 7692). Herald adds four things around it:
 //!
 //! - **Negotiation** (`negotiation.rs`). yawc reads `Sec-WebSocket-Extensions` as one offer,
 //!   declines a header holding several, and may accept a window size it cannot keep. Herald
@@ -19,6 +19,8 @@
 //!   the 1000 its own `close` adds. It also keeps yawc's Pongs bounded: yawc queues one per Ping
 //!   and writes them only when a read would block, so a peer sending Pings without reading grew
 //!   that queue without end; this socket reads nothing more until the Pong it owes is written.
+//! - **[`ReadAhead`](read_ahead::ReadAhead)** (`read_ahead.rs`), under the guard: a frame that
+//!   arrives when yawc's small read buffer is nearly used up is read in one system call, not two.
 //!
 //! Outgoing compression without server context takeover (the default) is Herald's
 //! ([`crate::deflate`]): the socket compresses each [`Outbound`] message itself, or takes the
@@ -32,6 +34,7 @@
 
 mod control_guard;
 mod negotiation;
+mod read_ahead;
 mod socket;
 #[cfg(test)]
 mod test_frames;
