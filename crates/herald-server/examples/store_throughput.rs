@@ -233,7 +233,7 @@ async fn run_store(args: &Args, store: Arc<dyn Store>) {
                         message,
                     },
                 };
-                pending.push_back(store.append(append, None).await.unwrap());
+                pending.push_back(store.append(append, None).await);
                 if pending.len() >= in_flight {
                     pending.pop_front().unwrap().await.unwrap();
                 }

@@ -113,3 +113,46 @@ async fn a_burst_of_direct_messages_keeps_its_order() {
         assert_eq!(message.offset, Some(n));
     }
 }
+
+/// More than a connection may have in flight (256), so the reader also waits for commits.
+const UNANSWERED_BURST: u64 = 600;
+
+#[tokio::test]
+async fn messages_without_id_get_no_answer_yet_keep_their_order_and_precede_what_follows() {
+    let server = TestServer::start_with(|config| {
+        config.limits.messages_per_second = 100_000;
+        config.limits.burst = 100_000;
+    })
+    .await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    let commits_before = server
+        .scrape()
+        .await
+        .value("herald_store_commit_seconds_count");
+    for n in 1..=UNANSWERED_BURST {
+        alice
+            .send_json(json!({"type": "send", "to": ["bob"], "content": n}))
+            .await;
+    }
+    // A read right behind them finds every one committed.
+    let newest = alice.history(json!({"with": "bob", "limit": 1})).await;
+    assert_eq!(content_json(&newest.messages[0]), json!(UNANSWERED_BURST));
+    // Nothing answered the messages themselves.
+    alice.expect_nothing_queued().await;
+
+    for n in 1..=UNANSWERED_BURST {
+        let message = bob.next_message_event().await;
+        assert_eq!(content_json(&message), json!(n));
+        assert_eq!(message.offset, Some(n));
+    }
+    let commits = server
+        .scrape()
+        .await
+        .value("herald_store_commit_seconds_count")
+        - commits_before;
+    assert!(
+        commits < UNANSWERED_BURST as f64 / 2.0,
+        "{UNANSWERED_BURST} messages took {commits} commits"
+    );
+}

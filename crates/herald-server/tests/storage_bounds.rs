@@ -51,6 +51,29 @@ async fn a_send_to_a_full_inbox_is_refused_naming_the_user_until_it_is_acknowled
 }
 
 #[tokio::test]
+async fn a_send_without_id_to_a_full_inbox_is_refused_all_the_same() {
+    let server = server_with_inboxes_of(1).await;
+    let mut alice = server.connect("alice").await;
+    alice
+        .ack(json!({"type": "send", "to": ["bob"], "content": 1}))
+        .await;
+    alice
+        .send_json(json!({"type": "send", "to": ["bob"], "content": 2}))
+        .await;
+    let ServerEvent::Error(error) = alice.next_event().await else {
+        panic!("an error expected")
+    };
+    assert_eq!(error.code, ErrorCode::LimitExceeded);
+    assert!(error.message.contains("bob"), "{}", error.message);
+    assert_eq!(error.reference, None);
+    // The connection goes on.
+    let ack = alice
+        .ack(json!({"type": "send", "to": ["carol"], "content": 3}))
+        .await;
+    assert_eq!(ack.offsets.unwrap()["carol"], 1);
+}
+
+#[tokio::test]
 async fn the_server_api_answers_a_send_to_a_full_inbox_with_429_naming_the_user() {
     let server = server_with_inboxes_of(1).await;
     let send = json!({"to": ["made-up-name"], "content": "x", "from": "spammer"});

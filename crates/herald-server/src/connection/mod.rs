@@ -238,7 +238,7 @@ async fn admit(start: Box<Start>) -> Option<(SplitStream<Socket>, Arc<ConnContro
     tracing::debug!(conn = %handle.id(), user = %identity.user, %client, "connected");
     metrics::counter!("herald_connects_total").increment(1);
 
-    let mut session = Session::new(node, handle, identity, device, control.clone());
+    let mut session = Session::new(node, handle, identity, device);
     session.join_initial(rooms).await;
     Some((stream, control, session))
 }
@@ -259,7 +259,9 @@ fn read_requests(
             let frame = tokio::select! {
                 biased;
                 _ = control.closed(Side::Reader) => break,
-                () = session.next_commit(), if session.is_committing() => continue,
+                () = session.next_commit(), if session.is_answering() || !session.may_read() => {
+                    continue
+                }
                 frame = stream.next(), if session.may_read() => frame,
             };
             let Some(frame) = frame else {

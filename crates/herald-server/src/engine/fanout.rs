@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use herald_protocol::{Message, Payload, ServerEvent};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::delivery::{Channel, ConnId, Delivery, OutFrame};
 use crate::engine::broker::Broker;
-use crate::engine::store::{Appended, NewMessage, StoreError};
+use crate::engine::store::{Appended, NewMessage, OnCommit, StoreError};
 use crate::engine::wire::{self, OffsetTemplate};
 
 /// Commits (each a batch of messages) waiting for the publishing task. The writer waits when it
@@ -112,9 +112,9 @@ pub fn frames(appended: &Appended, except: Option<ConnId>) -> Vec<(Channel, Deli
 pub struct AwaitingCommit {
     /// The connection that must not get a copy (the sender's, or the publisher's without echo).
     pub except: Option<ConnId>,
-    /// Told once the frames are with the broker, so the sender's ack, and whatever the sender
+    /// Called once the frames are with the broker, so the sender's ack, and whatever the sender
     /// does next (a leave, say), comes after the message's delivery.
-    pub done: oneshot::Sender<Result<Appended, StoreError>>,
+    pub then: OnCommit,
 }
 
 /// A committed (or failed) append on its way to the broker.
@@ -150,7 +150,7 @@ async fn publish(broker: Arc<dyn Broker>, mut queue: mpsc::Receiver<CommitBatch>
                     }
                 }
             }
-            let _ = committed.waiting.done.send(committed.result);
+            committed.waiting.then.call(committed.result);
         }
     }
 }

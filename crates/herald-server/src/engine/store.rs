@@ -7,10 +7,10 @@
 //!   no reuse, for as long as the stream's [`Epoch`] lasts. A new epoch (a recreated database)
 //!   restarts the offsets, so a client's `(offset, epoch)` position from another epoch is
 //!   reported as not recoverable instead of being silently misread.
-//! - Append and publish are one operation: [`Store::append`] stores the message and hands its
-//!   frames ([`fanout::frames`](super::fanout::frames)) to the deployment's broker, and the
-//!   future it returns resolves only once both are done, so the sender is told only about a
-//!   durable, delivered message. Each stream's frames are published in offset order, whichever
+//! - Append and publish are one operation: [`Store::append_then`] stores the message and hands
+//!   its frames ([`fanout::frames`](super::fanout::frames)) to the deployment's broker, and
+//!   reports the outcome only once both are done, so the sender is told only about a durable,
+//!   delivered message. Each stream's frames are published in offset order, whichever
 //!   node appends (a networked store assigns the offset and publishes in one atomic step), which
 //!   is what lets a catching-up connection drop what it already replayed by offset alone.
 //! - A direct message is stored in the conversation of the sender with each recipient and
@@ -148,6 +148,41 @@ pub enum Appended {
 /// An append on its way: resolves once the message is stored and published, or has failed.
 pub type Committing = futures::future::BoxFuture<'static, Result<Appended, StoreError>>;
 
+/// What an append calls once the message is stored and published, or has failed: exactly
+/// once, on the store's side (the embedded store's publishing task, a networked store's
+/// append task), so no task of the caller's waits for it. Dropped uncalled (a store that
+/// stopped holding it), it is called with [`StoreError::Closed`]. It must not block.
+pub struct OnCommit(Option<Box<dyn FnOnce(Outcome) + Send>>);
+
+/// What an append comes to.
+type Outcome = Result<Appended, StoreError>;
+
+impl OnCommit {
+    pub fn new(then: impl FnOnce(Result<Appended, StoreError>) + Send + 'static) -> Self {
+        OnCommit(Some(Box::new(then)))
+    }
+
+    pub fn call(mut self, outcome: Result<Appended, StoreError>) {
+        if let Some(then) = self.0.take() {
+            then(outcome);
+        }
+    }
+}
+
+impl Drop for OnCommit {
+    fn drop(&mut self) {
+        if let Some(then) = self.0.take() {
+            then(Err(StoreError::Closed));
+        }
+    }
+}
+
+impl fmt::Debug for OnCommit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OnCommit")
+    }
+}
+
 /// A message read back from a stream.
 #[derive(Debug, Clone)]
 pub struct StoredMessage {
@@ -276,14 +311,22 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Queues an append that publishes the message's frames, skipping the connection `except`
-    /// (see the contract). Waits only while the store's bounded queue is full; appends queued
-    /// one after another by one caller commit and publish in that order. Fails at once when
-    /// the store is closed.
-    async fn append(
-        &self,
-        append: Append,
-        except: Option<ConnId>,
-    ) -> Result<Committing, StoreError>;
+    /// (see the contract), and calls `then` with its outcome once it is stored and published.
+    /// Waits only while the store's bounded queue is full; appends queued one after another by
+    /// one caller commit, publish and call `then` in that order. A closed store calls `then`
+    /// at once with [`StoreError::Closed`].
+    async fn append_then(&self, append: Append, except: Option<ConnId>, then: OnCommit);
+
+    /// [`append_then`](Store::append_then) with its outcome as a future, which a closed store
+    /// resolves at once.
+    async fn append(&self, append: Append, except: Option<ConnId>) -> Committing {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let then = OnCommit::new(move |result| {
+            let _ = done.send(result);
+        });
+        self.append_then(append, except, then).await;
+        Box::pin(async move { outcome.await.unwrap_or(Err(StoreError::Closed)) })
+    }
 
     /// The room's messages with offsets in `after+1 ..`, at most `limit`, with the bounds.
     async fn read_room(
@@ -347,5 +390,42 @@ pub trait Store: Send + Sync {
     /// Whether the backend answers now (for readiness checks).
     async fn ready(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    fn recording() -> (OnCommit, Arc<Mutex<Vec<String>>>) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let record = calls.clone();
+        let then = OnCommit::new(move |outcome: Result<Appended, StoreError>| {
+            let outcome = outcome.map(|_| "stored".to_owned());
+            record
+                .lock()
+                .unwrap()
+                .push(outcome.unwrap_or_else(|error| error.to_string()));
+        });
+        (then, calls)
+    }
+
+    #[test]
+    fn an_on_commit_dropped_uncalled_reports_the_store_closed() {
+        let (then, calls) = recording();
+        drop(then);
+        assert_eq!(*calls.lock().unwrap(), [StoreError::Closed.to_string()]);
+    }
+
+    #[test]
+    fn an_on_commit_called_is_called_once() {
+        let (then, calls) = recording();
+        then.call(Err(StoreError::Unavailable {
+            operation: "append",
+            reason: "down".into(),
+        }));
+        assert_eq!(calls.lock().unwrap().len(), 1);
     }
 }

@@ -103,6 +103,11 @@ impl ConnHandle {
         self.inner.outbox.byte_capacity()
     }
 
+    /// The connection's lifecycle and counters, shared with its reader and writer.
+    pub fn control(&self) -> &Arc<ConnControl> {
+        &self.inner.control
+    }
+
     pub fn stats(&self) -> &ConnStats {
         &self.inner.control.stats
     }

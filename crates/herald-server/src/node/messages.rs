@@ -4,6 +4,8 @@
 
 use bytes::Bytes;
 
+use crate::engine::store::OnCommit;
+
 use super::*;
 
 impl Node {
@@ -17,64 +19,36 @@ impl Node {
         content: Payload,
     ) -> Result<DirectOutcome, EngineError> {
         let origin = Origin::once(from, from_conn);
-        self.send_direct_queued(origin, to, content, true)
-            .await?
-            .await
+        self.send_direct_queued(origin, to, content).await?.await
     }
 
     /// [`send_direct`](Self::send_direct) in two steps, as
-    /// [`publish_queued`](Self::publish_queued). Without `answered` (a request without `id`
-    /// gets no ack) the outcome's `online` and `offline` are left empty: nobody reads them, and
-    /// finding them is a presence read per message.
+    /// [`publish_queued`](Self::publish_queued).
     pub async fn send_direct_queued(
         &self,
         origin: Origin<'_>,
         to: Vec<String>,
         content: Payload,
-        answered: bool,
     ) -> Result<
         impl Future<Output = Result<DirectOutcome, EngineError>> + Send + 'static,
         EngineError,
     > {
         let (mut online, mut offline) = (Vec::new(), Vec::new());
-        if answered {
-            let online_flags = self.presence.online(&to).await?;
-            for (user, is_online) in to.iter().zip(online_flags) {
-                let list = if is_online { &mut online } else { &mut offline };
-                list.push(user.clone());
-            }
+        let online_flags = self.presence.online(&to).await?;
+        for (user, is_online) in to.iter().zip(online_flags) {
+            let list = if is_online { &mut online } else { &mut offline };
+            list.push(user.clone());
         }
-
-        let mut recipients: Vec<String> = Vec::with_capacity(to.len());
-        for user in &to {
-            if !recipients.contains(user) {
-                recipients.push(user.clone());
-            }
-        }
-        let message = NewMessage {
-            id: uuid::Uuid::now_v7().to_string(),
-            from: origin.user.clone(),
-            ts: unix_millis(),
-            content,
-            idempotency: origin.idempotency,
-        };
-        let committed = self
-            .append_queued(
-                Append::Direct {
-                    to,
-                    recipients,
-                    message,
-                },
-                origin.conn,
-            )
-            .await?;
+        let append = direct_append(&origin, to, content);
+        let committing = self.store.append(append, origin.conn).await;
         Ok(async move {
-            let Receipt::Direct { id, inbox } = committed.await? else {
+            let appended = committing.await?;
+            let Appended::Direct { message, inbox, .. } = appended else {
                 return Err(EngineError::new("store", "a direct append returned a room"));
             };
-            crate::metrics::HOT.accepted_direct.increment(1);
+            accepted(&crate::metrics::HOT.accepted_direct);
             Ok(DirectOutcome {
-                id,
+                id: message.id,
                 online,
                 offline,
                 offsets: inbox
@@ -85,21 +59,21 @@ impl Node {
         })
     }
 
-    /// Queues an append on the store (waiting only for room in its queue) and returns what
-    /// resolves once it has committed and been handed to the broker: appends queued one after
-    /// another commit, and fan out, in that order.
-    async fn append_queued(
+    /// A direct message whose sender is not answered (a request without `id`, which gets no
+    /// ack): `then` is told how it went once it has committed and been delivered, by the
+    /// store, so that no task waits for it (and no presence read finds the ack's `online`).
+    pub async fn send_direct_then(
         &self,
-        append: Append,
-        except: Option<ConnId>,
-    ) -> Result<impl Future<Output = Result<Receipt, EngineError>> + Send + 'static, EngineError>
-    {
-        let committing = self.store.append(append, except).await?;
-        Ok(async move {
-            let appended = committing.await?;
-            crate::metrics::HOT.messages_stored.increment(1);
-            Ok(Receipt::of(&appended))
-        })
+        origin: Origin<'_>,
+        to: Vec<String>,
+        content: Payload,
+        then: impl FnOnce(Result<(), EngineError>) + Send + 'static,
+    ) {
+        let append = direct_append(&origin, to, content);
+        let accepted_direct = &crate::metrics::HOT.accepted_direct;
+        self.store
+            .append_then(append, origin.conn, told(accepted_direct, then))
+            .await;
     }
 
     /// Publishes to a room. With `echo` false the publishing connection is skipped. With
@@ -133,13 +107,7 @@ impl Node {
     ) -> Result<impl Future<Output = Result<Published, EngineError>> + Send + 'static, EngineError>
     {
         let except = if echo { None } else { origin.conn };
-        let message = NewMessage {
-            id: uuid::Uuid::now_v7().to_string(),
-            from: origin.user.clone(),
-            ts: unix_millis(),
-            content,
-            idempotency: origin.idempotency,
-        };
+        let message = new_message(&origin, content);
         if !persist {
             let frame = encode(room_header(&message, room, None), message.content);
             self.publish_frame(Channel::Room(room.clone()), frame, except)
@@ -151,25 +119,46 @@ impl Node {
             };
             return Ok(Either::Left(std::future::ready(Ok(published))));
         }
-        let committed = self
-            .append_queued(
-                Append::Room {
-                    room: room.clone(),
-                    message,
-                },
-                except,
-            )
-            .await?;
+        let append = Append::Room {
+            room: room.clone(),
+            message,
+        };
+        let committing = self.store.append(append, except).await;
         Ok(Either::Right(async move {
-            let Receipt::Room { id, position } = committed.await? else {
+            let appended = committing.await?;
+            let Appended::Room {
+                message, position, ..
+            } = appended
+            else {
                 return Err(EngineError::new("store", "a room append returned a direct"));
             };
-            crate::metrics::HOT.accepted_room.increment(1);
+            accepted(&crate::metrics::HOT.accepted_room);
             Ok(Published {
-                id,
+                id: message.id,
                 position: Some(position),
             })
         }))
+    }
+
+    /// A stored room message whose publisher is not answered, as
+    /// [`send_direct_then`](Self::send_direct_then).
+    pub async fn publish_stored_then(
+        &self,
+        origin: Origin<'_>,
+        room: &Arc<str>,
+        content: Payload,
+        echo: bool,
+        then: impl FnOnce(Result<(), EngineError>) + Send + 'static,
+    ) {
+        let except = if echo { None } else { origin.conn };
+        let append = Append::Room {
+            room: room.clone(),
+            message: new_message(&origin, content),
+        };
+        let accepted_room = &crate::metrics::HOT.accepted_room;
+        self.store
+            .append_then(append, except, told(accepted_room, then))
+            .await;
     }
 
     /// A page of a room's history: the newest `limit` messages older than `before`. The limit
@@ -351,4 +340,50 @@ fn history_page(page: crate::engine::store::Page) -> HistoryPage {
         messages: page.messages.into_iter().map(history_message).collect(),
         more: page.more,
     }
+}
+
+/// A new message from `origin`, with its id and time.
+fn new_message(origin: &Origin<'_>, content: Payload) -> NewMessage {
+    NewMessage {
+        id: uuid::Uuid::now_v7().to_string(),
+        from: origin.user.clone(),
+        ts: unix_millis(),
+        content,
+        idempotency: origin.idempotency.clone(),
+    }
+}
+
+/// The append of a direct message to `to` (as given: `to` goes into the frames), storing it
+/// once per distinct recipient.
+fn direct_append(origin: &Origin<'_>, to: Vec<String>, content: Payload) -> Append {
+    let mut recipients: Vec<String> = Vec::with_capacity(to.len());
+    for user in &to {
+        if !recipients.contains(user) {
+            recipients.push(user.clone());
+        }
+    }
+    Append::Direct {
+        to,
+        recipients,
+        message: new_message(origin, content),
+    }
+}
+
+/// Counts a message stored and accepted.
+fn accepted(kind: &metrics::Counter) {
+    crate::metrics::HOT.messages_stored.increment(1);
+    kind.increment(1);
+}
+
+/// The store's callback for an unanswered append: counts it, then tells `then`.
+fn told(
+    kind: &'static metrics::Counter,
+    then: impl FnOnce(Result<(), EngineError>) + Send + 'static,
+) -> OnCommit {
+    OnCommit::new(move |outcome| {
+        if outcome.is_ok() {
+            accepted(kind);
+        }
+        then(outcome.map(drop).map_err(EngineError::from));
+    })
 }

@@ -175,35 +175,6 @@ pub struct HistoryPage {
     pub more: bool,
 }
 
-/// What the sender of a stored message learns once it is committed.
-enum Receipt {
-    Room {
-        id: String,
-        position: StreamPosition,
-    },
-    Direct {
-        id: String,
-        inbox: Vec<(String, Offset)>,
-    },
-}
-
-impl Receipt {
-    fn of(appended: &Appended) -> Receipt {
-        match appended {
-            Appended::Room {
-                message, position, ..
-            } => Receipt::Room {
-                id: message.id.clone(),
-                position: position.clone(),
-            },
-            Appended::Direct { message, inbox, .. } => Receipt::Direct {
-                id: message.id.clone(),
-                inbox: inbox.clone(),
-            },
-        }
-    }
-}
-
 /// Why a connection could not be attached to the node.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

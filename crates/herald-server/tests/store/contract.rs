@@ -50,7 +50,7 @@ async fn a_streams_frames_are_published_in_offset_order_under_concurrent_appends
                         room: "busy".into(),
                         message: message("p", 1, &format!("{task}-{n}")),
                     };
-                    waits.push(store.append(append, None).await.unwrap());
+                    waits.push(store.append(append, None).await);
                 }
                 for wait in waits {
                     wait.await.unwrap();

@@ -43,7 +43,7 @@ async fn appends_from_two_nodes_interleave_with_offsets_one_apart_in_each_nodes_
             }
             let mut offsets = Vec::new();
             for append in committing {
-                match append.unwrap().await.unwrap() {
+                match append.await.unwrap() {
                     Appended::Room { position, .. } => offsets.push(position.offset.0),
                     other => panic!("{other:?}"),
                 }
@@ -76,7 +76,7 @@ async fn pipelined_direct_messages_keep_their_order_in_inboxes_and_conversations
                 recipients: vec!["bob".into(), "carol".into()],
                 message: message("alice", n, &n.to_string()),
             };
-            committing.push(store.append(append, None).await.unwrap());
+            committing.push(store.append(append, None).await);
         }
         for append in committing {
             append.await.unwrap();
@@ -131,7 +131,7 @@ async fn appends_past_the_stores_queue_complete_while_the_caller_polls_none() {
             .await
             .unwrap_or_else(|_| panic!("{name}: append waited for a slot its caller holds"));
         for append in committing {
-            append.unwrap().await.unwrap();
+            append.await.unwrap();
         }
         let bounds = store.room_bounds("deep").await.unwrap();
         assert_eq!(bounds.top.offset, Offset(APPENDS as u64), "{name}");
@@ -158,7 +158,7 @@ async fn on_a_redis_cluster_appends_reads_retries_and_retention_work_across_shar
         }
     }
     for append in committing {
-        append.unwrap().await.unwrap();
+        append.await.unwrap();
     }
     for room in &rooms {
         let read = store.read_room(room, Offset(0), 100).await.unwrap();

@@ -174,7 +174,7 @@ pub async fn append(store: &dyn Store, append: Append) -> Appended {
 }
 
 pub async fn try_append(store: &dyn Store, append: Append) -> Result<Appended, StoreError> {
-    store.append(append, None).await?.await
+    store.append(append, None).await.await
 }
 
 pub async fn to_room(store: &dyn Store, room: &str, ts: u64, text: &str) -> u64 {

@@ -1,9 +1,15 @@
 //! How a session answers its requests: at once (a large reply within the connection's byte
 //! budget), or, for stored messages, queued in order until each commits, with a retry answered
-//! by its first attempt's ack.
+//! by its first attempt's ack; stored messages without `id`, which get no answer, are only
+//! counted.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Instant;
+
+use futures::task::AtomicWaker;
 
 use herald_protocol::{Ack, ErrorCode, ErrorEvent, Payload, ProtocolError, ServerEvent};
 
@@ -17,24 +23,108 @@ use crate::idempotency::{Claim, Recorder, Target};
 /// reader stops reading until one commits.
 const MAX_PIPELINED: usize = 256;
 
+/// Stored messages sent without `id`, still committing. Such a request gets no ack, so the
+/// session only counts them and their commits do not wake it (a wake and a poll of the whole
+/// connection per message). The store reports each outcome here, from its side; a failure is
+/// answered from there, with an error frame.
+pub(super) struct Unanswered {
+    handle: ConnHandle,
+    in_flight: AtomicUsize,
+    /// The session's task while it waits for the count to fall.
+    waiting: AtomicWaker,
+}
+
+impl Unanswered {
+    fn settle(&self, outcome: Result<(), EngineError>) {
+        if let Err(error) = outcome {
+            answer_failure(&self.handle, error, None);
+        }
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.waiting.wake();
+    }
+
+    fn count(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+}
+
 impl Session {
-    /// True while stored messages wait for their commit.
-    pub fn is_committing(&self) -> bool {
+    /// True while stored messages with an answer to send wait for their commit.
+    pub fn is_answering(&self) -> bool {
         !self.committing.is_empty()
     }
 
     /// Whether the reader may take another request: not while [`MAX_PIPELINED`] messages wait.
     pub fn may_read(&self) -> bool {
-        self.committing.len() < MAX_PIPELINED
+        self.committing.len() + self.unanswered_count() < MAX_PIPELINED
     }
 
-    /// Waits for the oldest queued message to commit and answers it. Messages commit in the
-    /// order they were queued, so waiting on the oldest is waiting on the next.
+    /// Waits for the oldest queued answer and sends it; with none queued, for one of the
+    /// unanswered messages to commit. Messages commit in the order they were queued, so waiting
+    /// on the oldest is waiting on the next.
     pub async fn next_commit(&mut self) {
         if let Some(answer) = self.committing.front_mut() {
             answer.await;
             self.committing.pop_front();
+            return;
         }
+        let in_flight = self.unanswered_count();
+        if in_flight > 0 {
+            // Boxed, as it is rare: every idle connection's future holds this one's state
+            // (`an_idle_connection_future_fits_its_memory_budget`).
+            Box::pin(self.unanswered_below(in_flight)).await;
+        }
+    }
+
+    /// Waits until every stored message queued so far has committed, and sends their answers.
+    pub async fn all_committed(&mut self) {
+        while let Some(answer) = self.committing.front_mut() {
+            answer.await;
+            self.committing.pop_front();
+        }
+        self.unanswered_below(1).await;
+    }
+
+    /// What the store calls with the outcome of a stored message sent without `id` (see
+    /// [`Unanswered`]), counted from now.
+    pub(super) fn unanswered(&mut self) -> impl FnOnce(Result<(), EngineError>) + Send + 'static {
+        let handle = &self.handle;
+        let unanswered = self
+            .unanswered
+            .get_or_insert_with(|| {
+                Arc::new(Unanswered {
+                    handle: handle.clone(),
+                    in_flight: AtomicUsize::new(0),
+                    waiting: AtomicWaker::new(),
+                })
+            })
+            .clone();
+        unanswered.in_flight.fetch_add(1, Ordering::AcqRel);
+        move |outcome| unanswered.settle(outcome)
+    }
+
+    fn unanswered_count(&self) -> usize {
+        self.unanswered
+            .as_ref()
+            .map_or(0, |unanswered| unanswered.count())
+    }
+
+    async fn unanswered_below(&mut self, count: usize) {
+        let Some(unanswered) = &self.unanswered else {
+            return;
+        };
+        poll_fn(|cx| {
+            if unanswered.count() < count {
+                return Poll::Ready(());
+            }
+            unanswered.waiting.register(cx.waker());
+            if unanswered.count() < count {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
     }
 
     /// Queues the answer to a stored message's request: `ack` once it has committed (when the
@@ -60,11 +150,7 @@ impl Session {
                         answer(&handle, &ServerEvent::Ack(ack));
                     }
                 }
-                Err(error) if error.limit_exceeded => answer_error(
-                    &handle,
-                    ProtocolError::new(ErrorCode::LimitExceeded, error.message, id),
-                ),
-                Err(error) => answer_error(&handle, internal(error, &id)),
+                Err(error) => answer_failure(&handle, error, id),
             }
         }));
     }
@@ -172,6 +258,17 @@ fn answer_error(handle: &ConnHandle, error: ProtocolError) {
             reference: error.id,
         }),
     );
+}
+
+/// Answers a stored message that failed: a full inbox as `limit_exceeded`, anything else as
+/// `internal`.
+fn answer_failure(handle: &ConnHandle, error: EngineError, id: Option<String>) {
+    let error = if error.limit_exceeded {
+        ProtocolError::new(ErrorCode::LimitExceeded, error.message, id)
+    } else {
+        internal(error, &id)
+    };
+    answer_error(handle, error);
 }
 
 pub(super) fn internal(error: EngineError, id: &Option<String>) -> ProtocolError {

@@ -30,6 +30,7 @@ use crate::engine::store::{Epoch, Offset};
 use crate::hub::ConnHandle;
 use crate::hub::control::ConnControl;
 use crate::node::{Node, Recovery};
+use answers::Unanswered;
 
 /// Whether a frame was over the rate limit.
 enum Limited {
@@ -50,7 +51,6 @@ pub enum Flow {
 pub struct Session {
     node: Arc<Node>,
     handle: ConnHandle,
-    control: Arc<ConnControl>,
     identity: Identity,
     /// The device named at the handshake (`?device=`): its acks move its own inbox mark.
     device: Option<Arc<str>>,
@@ -61,6 +61,8 @@ pub struct Session {
     /// Stored messages (publishes, direct messages) queued on the store, oldest first, each
     /// answering its request once committed (see [`Session::next_commit`]).
     committing: VecDeque<Answer>,
+    /// Stored messages without `id` still committing; made at the first one.
+    unanswered: Option<Arc<Unanswered>>,
 }
 
 /// A request's answer still to come, sent by the future itself.
@@ -82,7 +84,6 @@ impl Session {
         handle: ConnHandle,
         identity: Identity,
         device: Option<Arc<str>>,
-        control: Arc<ConnControl>,
     ) -> Self {
         let limits = &node.config().limits;
         // Config validation guarantees both are positive.
@@ -95,13 +96,13 @@ impl Session {
         Session {
             node,
             handle,
-            control,
             identity,
             device,
             rooms: HashSet::new(),
             limiter,
             limited_in_row: 0,
             committing: VecDeque::new(),
+            unanswered: None,
         }
     }
 
@@ -110,7 +111,7 @@ impl Session {
     }
 
     pub fn control(&self) -> &Arc<ConnControl> {
-        &self.control
+        self.handle.control()
     }
 
     pub async fn on_text(&mut self, frame: &[u8]) -> Flow {
@@ -188,9 +189,7 @@ impl Session {
             request.body,
             RequestBody::Publish { persist: true, .. } | RequestBody::Send { .. }
         ) {
-            while self.is_committing() {
-                self.next_commit().await;
-            }
+            self.all_committed().await;
         }
         let id = request.id;
         match request.body {
@@ -268,7 +267,7 @@ impl Session {
                 tracing::warn!(conn = %self.handle.id(), %room, %error, "leave on refresh failed");
             }
         }
-        self.control.set_expiry(token_expiry(&identity));
+        self.control().set_expiry(token_expiry(&identity));
         self.identity = identity;
         Ok(id.map(|reference| {
             ServerEvent::Ack(Ack {
@@ -282,9 +281,7 @@ impl Session {
     pub async fn finish(mut self) {
         // Messages still committing are stored whether or not their acks can go out; waiting
         // for them records their acks, so a retry from the client gets them.
-        while let Some(answer) = self.committing.pop_front() {
-            answer.await;
-        }
+        self.all_committed().await;
         for room in std::mem::take(&mut self.rooms) {
             if let Err(error) = self.node.leave(&self.handle, &room).await {
                 tracing::warn!(conn = %self.handle.id(), %room, %error, "leave on disconnect failed");

@@ -110,6 +110,14 @@ impl Session {
         } else {
             None
         };
+        if persist && id.is_none() {
+            let then = self.unanswered();
+            let origin = Origin::once(&self.identity.user, Some(self.handle.id()));
+            self.node
+                .publish_stored_then(origin, &room, content, echo, then)
+                .await;
+            return Ok(None);
+        }
         let origin = Origin {
             user: &self.identity.user,
             conn: Some(self.handle.id()),

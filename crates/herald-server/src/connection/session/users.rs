@@ -33,6 +33,12 @@ impl Session {
         let Ok(recorder) = self.claim(&id, "send", Target::Users(&to), &content) else {
             return Ok(None);
         };
+        if id.is_none() {
+            let then = self.unanswered();
+            let origin = Origin::once(&self.identity.user, Some(self.handle.id()));
+            self.node.send_direct_then(origin, to, content, then).await;
+            return Ok(None);
+        }
         let origin = Origin {
             user: &self.identity.user,
             conn: Some(self.handle.id()),
@@ -40,7 +46,7 @@ impl Session {
         };
         let committing = self
             .node
-            .send_direct_queued(origin, to, content, id.is_some())
+            .send_direct_queued(origin, to, content)
             .await
             .map_err(|e| internal(e, &id))?;
         self.answer_when_committed(committing, id, recorder, |outcome| Ack {

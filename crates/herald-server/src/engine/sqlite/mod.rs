@@ -27,7 +27,7 @@ use crate::delivery::ConnId;
 use crate::engine::broker::Broker;
 use crate::engine::fanout::{self, AwaitingCommit};
 use crate::engine::store::{
-    Append, Committing, InboxRead, Offset, Page, PruneReport, Retention, Store, StoreError,
+    Append, InboxRead, Offset, OnCommit, Page, PruneReport, Retention, Store, StoreError,
     StoreLimits, StreamBounds, StreamRead,
 };
 use read::{ReadKind, ReaderPool};
@@ -275,17 +275,11 @@ fn lock_exclusively(lock: &File) -> Result<(), String> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn append(
-        &self,
-        append: Append,
-        except: Option<ConnId>,
-    ) -> Result<Committing, StoreError> {
-        let (done, published) = oneshot::channel();
-        self.command(Command::Append(append, AwaitingCommit { except, done }))
-            .await?;
-        Ok(Box::pin(async move {
-            published.await.map_err(|_| StoreError::Closed)?
-        }))
+    async fn append_then(&self, append: Append, except: Option<ConnId>, then: OnCommit) {
+        // A closed store drops the command, and with it `then`, which reports `Closed`.
+        let _ = self
+            .command(Command::Append(append, AwaitingCommit { except, then }))
+            .await;
     }
 
     async fn read_room(
@@ -456,7 +450,7 @@ mod tests {
                 room: Arc::from("lobby"),
                 message,
             };
-            committing.push(store.append(append, None).await.unwrap());
+            committing.push(store.append(append, None).await);
         }
         for (n, committing) in committing.into_iter().enumerate() {
             let Appended::Room { position, .. } = committing.await.unwrap() else {

@@ -10,7 +10,9 @@ use futures::future::join_all;
 use herald_protocol::Payload;
 use redis::{ScriptInvocation, Value};
 
-use super::requests::{failed, spawned, start, started};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::requests::{failed, start, started};
 use super::retries::{retry_suffix, window_millis};
 use super::{MARKS, META, RedisStore, SCRIPTS, SEEN, STREAM};
 use crate::delivery::{Channel, ConnId, Delivery};
@@ -27,13 +29,15 @@ const IDS_REMEMBERED: u64 = 1024;
 const IDS_LIFETIME_SECS: u64 = 24 * 3600;
 
 impl RedisStore {
-    /// Stores and publishes a message: [`Store::append`](crate::engine::store::Store::append)
-    /// of this store, whose doc says what it waits for and what it guarantees.
+    /// Stores and publishes a message:
+    /// [`Store::append_then`](crate::engine::store::Store::append_then) of this store, whose doc
+    /// says what it waits for and what it guarantees. Returns the rest of the append, to run
+    /// in a task of its own (see [`spawned`](super::requests::spawned)) with the permit that holds its place.
     pub(super) async fn start_append(
         &self,
         mut append: Append,
         except: Option<ConnId>,
-    ) -> Result<Committing, StoreError> {
+    ) -> Result<(OwnedSemaphorePermit, Committing), StoreError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(StoreError::Closed);
         }
@@ -72,7 +76,7 @@ impl RedisStore {
                         .arg(window_millis(key));
                 }
                 let request = self.start(invocation).await;
-                Ok(spawned(permit, async move {
+                let work = async move {
                     let reply = request.await.map_err(failed("append"))?;
                     let (stored_at, first) = room_appended(reply)?;
                     if let Appended::Room {
@@ -86,10 +90,11 @@ impl RedisStore {
                         }
                     }
                     Ok(appended)
-                }))
+                };
+                Ok((permit, work.boxed()))
             }
             Appended::Direct { inbox, .. } if inbox.is_empty() => {
-                Ok(futures::future::ready(Ok(appended)).boxed())
+                Ok((permit, futures::future::ready(Ok(appended)).boxed()))
             }
             Appended::Direct { to, message, inbox } => {
                 let to = serde_json::to_string(to).map_err(|error| StoreError::Backend {
@@ -126,7 +131,7 @@ impl RedisStore {
                 let limit = self.limits.max_inbox_messages;
                 // The turn is passed on as soon as the inbox replies are in: the message's
                 // own task (see `spawned`) waits for them, however late the caller polls.
-                Ok(spawned(permit, async move {
+                let work = async move {
                     let replies = join_all(inbox_requests).await;
                     let mut stored = Vec::with_capacity(replies.len());
                     let mut full = Vec::new();
@@ -188,7 +193,8 @@ impl RedisStore {
                         return Err(StoreError::InboxFull { users: full, limit });
                     }
                     Ok(appended)
-                }))
+                };
+                Ok((permit, work.boxed()))
             }
         }
     }

@@ -49,7 +49,7 @@ use super::{Connection, Keys};
 use crate::config::RedisConfig;
 use crate::delivery::ConnId;
 use crate::engine::store::{
-    Append, Committing, InboxRead, Offset, Page, PruneReport, Retention, Store, StoreError,
+    Append, InboxRead, Offset, OnCommit, Page, PruneReport, Retention, Store, StoreError,
     StoreLimits, StreamBounds, StreamRead,
 };
 use requests::failed;
@@ -198,15 +198,14 @@ impl Store for RedisStore {
     /// Stores the message and publishes its frames (one per stream, each with its offset)
     /// through Redis pub/sub. Waits only for room among the appends in flight and, for a
     /// direct message that may be retried, for its claim (whose message id the inbox writes
-    /// need); the returned future resolves once Redis has stored and published it. The
-    /// requests are sent before this returns, so appends are ordered as they were called. Each
-    /// append completes in a task of its own, even if the future is dropped or polled late.
-    async fn append(
-        &self,
-        append: Append,
-        except: Option<ConnId>,
-    ) -> Result<Committing, StoreError> {
-        self.start_append(append, except).await
+    /// need); `then` is called once Redis has stored and published it. The requests are sent
+    /// before this returns, so appends are ordered as they were called. Each append completes
+    /// in a task of its own.
+    async fn append_then(&self, append: Append, except: Option<ConnId>, then: OnCommit) {
+        match self.start_append(append, except).await {
+            Ok((permit, work)) => requests::spawned(permit, work, then),
+            Err(error) => then.call(Err(error)),
+        }
     }
 
     async fn read_room(

@@ -6,10 +6,10 @@ use std::task::Poll;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use redis::{ScriptInvocation, Value};
-use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{Connection, RedisStore};
-use crate::engine::store::{Appended, Committing, StoreError};
+use crate::engine::store::{Committing, OnCommit, StoreError};
 
 impl RedisStore {
     pub(super) async fn start(
@@ -21,28 +21,15 @@ impl RedisStore {
 }
 
 /// Runs the rest of an append (waiting for Redis's replies) in a task of its own, which holds
-/// the append's place in the queue until Redis has answered. Tied to the caller's polling
-/// instead, a caller waiting for room in the queue while it holds unpolled appends (a
-/// pipelining session) would never free it.
-pub(super) fn spawned(
-    permit: OwnedSemaphorePermit,
-    work: impl Future<Output = Result<Appended, StoreError>> + Send + 'static,
-) -> Committing {
-    let (done, outcome) = oneshot::channel();
+/// the append's place in the queue until Redis has answered, then calls `then`. Tied to the
+/// caller's polling instead, a caller waiting for room in the queue while it holds unpolled
+/// appends (a pipelining session) would never free it.
+pub(super) fn spawned(permit: OwnedSemaphorePermit, work: Committing, then: OnCommit) {
     tokio::spawn(async move {
         let result = work.await;
         drop(permit);
-        let _ = done.send(result);
+        then.call(result);
     });
-    async move {
-        outcome.await.unwrap_or_else(|_| {
-            Err(StoreError::Backend {
-                operation: "append",
-                reason: "the append's task ended without an outcome".into(),
-            })
-        })
-    }
-    .boxed()
 }
 
 /// Sends a script's request now: see [`started`].
