@@ -42,6 +42,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use herald_protocol::Payload;
+use tokio::sync::oneshot;
 
 use crate::delivery::ConnId;
 
@@ -152,28 +153,41 @@ pub type Committing = futures::future::BoxFuture<'static, Result<Appended, Store
 /// once, on the store's side (the embedded store's publishing task, a networked store's
 /// append task), so no task of the caller's waits for it. Dropped uncalled (a store that
 /// stopped holding it), it is called with [`StoreError::Closed`]. It must not block.
-pub struct OnCommit(Option<Box<dyn FnOnce(Outcome) + Send>>);
+pub struct OnCommit(Then);
 
 /// What an append comes to.
 type Outcome = Result<Appended, StoreError>;
 
+enum Then {
+    Call(Box<dyn FnOnce(Outcome) + Send>),
+    /// For [`Store::append`]'s future: no closure to allocate.
+    Reply(oneshot::Sender<Outcome>),
+    Called,
+}
+
 impl OnCommit {
-    pub fn new(then: impl FnOnce(Result<Appended, StoreError>) + Send + 'static) -> Self {
-        OnCommit(Some(Box::new(then)))
+    pub fn new(then: impl FnOnce(Outcome) + Send + 'static) -> Self {
+        OnCommit(Then::Call(Box::new(then)))
     }
 
-    pub fn call(mut self, outcome: Result<Appended, StoreError>) {
-        if let Some(then) = self.0.take() {
-            then(outcome);
+    pub fn call(mut self, outcome: Outcome) {
+        self.take(outcome);
+    }
+
+    fn take(&mut self, outcome: Outcome) {
+        match std::mem::replace(&mut self.0, Then::Called) {
+            Then::Call(then) => then(outcome),
+            Then::Reply(reply) => {
+                let _ = reply.send(outcome);
+            }
+            Then::Called => {}
         }
     }
 }
 
 impl Drop for OnCommit {
     fn drop(&mut self) {
-        if let Some(then) = self.0.take() {
-            then(Err(StoreError::Closed));
-        }
+        self.take(Err(StoreError::Closed));
     }
 }
 
@@ -317,17 +331,6 @@ pub trait Store: Send + Sync {
     /// at once with [`StoreError::Closed`].
     async fn append_then(&self, append: Append, except: Option<ConnId>, then: OnCommit);
 
-    /// [`append_then`](Store::append_then) with its outcome as a future, which a closed store
-    /// resolves at once.
-    async fn append(&self, append: Append, except: Option<ConnId>) -> Committing {
-        let (done, outcome) = tokio::sync::oneshot::channel();
-        let then = OnCommit::new(move |result| {
-            let _ = done.send(result);
-        });
-        self.append_then(append, except, then).await;
-        Box::pin(async move { outcome.await.unwrap_or(Err(StoreError::Closed)) })
-    }
-
     /// The room's messages with offsets in `after+1 ..`, at most `limit`, with the bounds.
     async fn read_room(
         &self,
@@ -390,6 +393,17 @@ pub trait Store: Send + Sync {
     /// Whether the backend answers now (for readiness checks).
     async fn ready(&self) -> bool {
         true
+    }
+}
+
+impl dyn Store + '_ {
+    /// [`append_then`](Store::append_then) with its outcome as a future, which a closed store
+    /// resolves at once. Not a trait method: this future is not boxed again.
+    pub async fn append(&self, append: Append, except: Option<ConnId>) -> Committing {
+        let (reply, outcome) = oneshot::channel();
+        let then = OnCommit(Then::Reply(reply));
+        self.append_then(append, except, then).await;
+        Box::pin(async move { outcome.await.unwrap_or(Err(StoreError::Closed)) })
     }
 }
 

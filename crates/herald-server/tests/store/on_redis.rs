@@ -35,11 +35,7 @@ async fn appends_from_two_nodes_interleave_with_offsets_one_apart_in_each_nodes_
         tokio::spawn(async move {
             let mut committing = Vec::new();
             for n in 0..300 {
-                committing.push(
-                    store
-                        .append(room_append("shared", &n.to_string()), None)
-                        .await,
-                );
+                committing.push(queue(&store, room_append("shared", &n.to_string())).await);
             }
             let mut offsets = Vec::new();
             for append in committing {
@@ -154,7 +150,7 @@ async fn on_a_redis_cluster_appends_reads_retries_and_retention_work_across_shar
     let mut committing = Vec::new();
     for n in 0..10 {
         for room in &rooms {
-            committing.push(store.append(room_append(room, &n.to_string()), None).await);
+            committing.push(queue(&store, room_append(room, &n.to_string())).await);
         }
     }
     for append in committing {

@@ -61,7 +61,7 @@ async fn under_unbroken_appends_the_wal_starts_over_after_the_checkpointer_caugh
                 room: format!("r{}", appended % 64).into(),
                 message: message("p", appended, "x"),
             };
-            in_flight.push_back(store.append(append, None).await);
+            in_flight.push_back(queue(&*store, append).await);
             appended += 1;
         }
         in_flight.pop_front().unwrap().await.unwrap();
@@ -156,7 +156,7 @@ async fn direct_messages_read_back_whole_while_their_entries_are_merged_and_afte
                 recipients: vec!["bob".into()],
                 message: message("alice", n, &format!("m{n}")),
             };
-            waits.push(store.append(append, None).await);
+            waits.push(queue(&*store, append).await);
         }
         for wait in waits {
             wait.await.unwrap();
@@ -235,7 +235,7 @@ async fn offsets_go_on_for_a_stream_the_writer_forgot_whose_entries_are_still_st
             recipients: to,
             message: message("sender", 1, "x"),
         };
-        waits.push(store.append(append, None).await);
+        waits.push(queue(&*store, append).await);
     }
     for wait in waits {
         wait.await.unwrap();
@@ -274,7 +274,7 @@ async fn appends_are_not_held_up_behind_a_long_pruning_pass() {
             room: "backlog".into(),
             message: message("p", n, "x"),
         };
-        waits.push(store.append(append, None).await);
+        waits.push(queue(&*store, append).await);
     }
     for wait in waits {
         wait.await.unwrap();
@@ -295,7 +295,7 @@ async fn appends_are_not_held_up_behind_a_long_pruning_pass() {
         room: "other".into(),
         message: message("p", 0, "urgent"),
     };
-    store.append(urgent, None).await.await.unwrap();
+    queue(&*store, urgent).await.await.unwrap();
     // Steps delete 1,000 rows each: most of the backlog is still there when the append is done.
     let bounds = store.room_bounds("backlog").await.unwrap();
     assert!(

@@ -13,7 +13,9 @@ use herald_server::engine::memory::MemoryBroker;
 use herald_server::engine::redis::Keys;
 use herald_server::engine::redis::store::RedisStore;
 use herald_server::engine::sqlite::{SqliteStore, Synchronous};
-use herald_server::engine::store::{Append, Appended, NewMessage, Store, StoreError, StoreLimits};
+use herald_server::engine::store::{
+    Append, Appended, Committing, NewMessage, Store, StoreError, StoreLimits,
+};
 use herald_server::engine::wire::{self, Envelope};
 use serde_json::value::RawValue;
 use tempfile::TempDir;
@@ -169,6 +171,11 @@ pub fn message(from: &str, ts: u64, text: &str) -> NewMessage {
 }
 
 /// Appends and waits until it is stored and published.
+/// Queues an append on any store, as a session does: what resolves once it is committed.
+pub async fn queue(store: &dyn Store, append: Append) -> Committing {
+    store.append(append, None).await
+}
+
 pub async fn append(store: &dyn Store, append: Append) -> Appended {
     try_append(store, append).await.unwrap()
 }

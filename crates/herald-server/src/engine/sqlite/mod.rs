@@ -450,7 +450,7 @@ mod tests {
                 room: Arc::from("lobby"),
                 message,
             };
-            committing.push(store.append(append, None).await);
+            committing.push((&store as &dyn Store).append(append, None).await);
         }
         for (n, committing) in committing.into_iter().enumerate() {
             let Appended::Room { position, .. } = committing.await.unwrap() else {
