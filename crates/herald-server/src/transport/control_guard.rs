@@ -1,5 +1,6 @@
 //! [`ControlFrameGuard`]: the byte stream under yawc, read frame header by frame header, so a
-//! control frame over 125 bytes fails the connection; it also counts the bytes written.
+//! control frame over 125 bytes fails the connection; it also counts the bytes written, and
+//! reads ahead of yawc's small buffer (`read_ahead.rs`).
 
 use std::io;
 use std::pin::Pin;
@@ -8,6 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::read_ahead::ReadAhead;
 
 /// Fails a connection whose peer sends a control frame with more than 125 bytes of payload
 /// (RFC 6455 §5.5). yawc checks this for Ping only, and echoes such a Close as a normal one.
@@ -21,6 +24,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// It also counts the bytes written, so the writer can tell a stalled socket from a slow one.
 pub struct ControlFrameGuard<S> {
     inner: S,
+    /// Reads the socket in full when yawc has little room (see `read_ahead.rs`).
+    ahead: ReadAhead,
     scanner: HeaderScanner,
     state: Arc<GuardState>,
 }
@@ -49,6 +54,7 @@ impl<S> ControlFrameGuard<S> {
     pub fn new(inner: S) -> Self {
         ControlFrameGuard {
             inner,
+            ahead: ReadAhead::default(),
             scanner: HeaderScanner::default(),
             state: Arc::default(),
         }
@@ -76,7 +82,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ControlFrameGuard<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let start = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        ready!(this.ahead.poll_read(&mut this.inner, cx, buf))?;
         if this.scanner.scan(&mut buf.filled_mut()[start..]) {
             this.state.tripped.store(true, Ordering::Relaxed);
         }

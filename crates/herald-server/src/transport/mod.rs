@@ -19,8 +19,8 @@
 //!   the 1000 its own `close` adds. It also keeps yawc's Pongs bounded: yawc queues one per Ping
 //!   and writes them only when a read would block, so a peer sending Pings without reading grew
 //!   that queue without end; this socket reads nothing more until the Pong it owes is written.
-//! - **[`ReadAhead`](read_ahead::ReadAhead)** (`read_ahead.rs`), under the guard: a frame that
-//!   arrives when yawc's small read buffer is nearly used up is read in one system call, not two.
+//! - **Read-ahead** (`read_ahead.rs`), in the guard's reads: a frame that arrives when yawc's
+//!   small read buffer is nearly used up is read in one system call, not two.
 //!
 //! Outgoing compression without server context takeover (the default) is Herald's
 //! ([`crate::deflate`]): the socket compresses each [`Outbound`] message itself, or takes the
@@ -153,4 +153,18 @@ pub fn upgrade<B>(
         ServerSocket::new(io, extensions, options)
     };
     Ok((response, socket))
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection's socket lives, split in two, in one allocation with its lock and
+    /// counts; at 984 bytes it takes jemalloc's 1 KiB size class, and 32 bytes more (the first
+    /// read-ahead) moved every idle connection to the next one: 4.18–4.20 → 4.40 KiB per
+    /// connection (`docs/benchmarks.md`, idle memory).
+    #[test]
+    fn a_socket_fits_its_size_class() {
+        let socket = std::mem::size_of::<Socket>();
+        assert!(socket <= 984, "a socket takes {socket} bytes");
+    }
 }

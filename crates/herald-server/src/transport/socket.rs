@@ -14,10 +14,9 @@ use yawc::{Frame, OpCode, Options, Role, WebSocket, WebSocketError};
 
 use super::control_guard::{ControlFrameGuard, GuardState, WriteProgress};
 use super::negotiation::{FULL_WINDOW_BITS, parse_offer};
-use super::read_ahead::ReadAhead;
 use crate::deflate::{DeflateParams, SharedDeflate};
 
-/// yawc's server WebSocket over a [`ControlFrameGuard`] and a [`ReadAhead`], closing the way RFC 6455 §7 says.
+/// yawc's server WebSocket over a [`ControlFrameGuard`], closing the way RFC 6455 §7 says.
 ///
 /// yawc leaves two gaps this wrapper fills:
 /// - It queues its echo of the peer's Close and writes it on the next read, not on flush or
@@ -28,7 +27,7 @@ use crate::deflate::{DeflateParams, SharedDeflate};
 ///   1000. This stream stops reading at the error, never lets that queue out, and makes its
 ///   `close` send the code [`failure_code`] gives: 1002, 1007 or 1009.
 pub struct ServerSocket<S> {
-    inner: WebSocket<ControlFrameGuard<ReadAhead<S>>>,
+    inner: WebSocket<ControlFrameGuard<S>>,
     state: State,
     /// What the guard saw: whether a protocol error is its doing, and the bytes written.
     guard: Arc<GuardState>,
@@ -90,7 +89,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerSocket<S> {
             }
             _ => None,
         };
-        let guard = ControlFrameGuard::new(ReadAhead::new(io));
+        let guard = ControlFrameGuard::new(io);
         let state = guard.state();
         let inner =
             WebSocket::from_stream_with_extensions(guard, Role::Server, extensions, options)?;
