@@ -10,6 +10,14 @@ use serde_json::json;
 
 const BURST: u64 = 40;
 
+/// The store's commits so far.
+async fn commits(server: &TestServer) -> f64 {
+    server
+        .scrape()
+        .await
+        .value("herald_store_commit_seconds_count")
+}
+
 #[tokio::test]
 async fn a_burst_of_publishes_shares_commits_and_keeps_its_order() {
     let server = TestServer::start_with(common::presence_on).await;
@@ -17,10 +25,7 @@ async fn a_burst_of_publishes_shares_commits_and_keeps_its_order() {
     let mut bob = server.connect("bob").await;
     alice.join("lobby").await;
     bob.join("lobby").await;
-    let commits_before = server
-        .scrape()
-        .await
-        .value("herald_store_commit_seconds_count");
+    let commits_before = commits(&server).await;
 
     // The whole burst is written before any answer is read; then a leave, which must take
     // effect after every publish before it.
@@ -69,11 +74,7 @@ async fn a_burst_of_publishes_shares_commits_and_keeps_its_order() {
     let left = bob.diff_listing("lobby", "alice", false).await;
     assert_eq!(left.count, 1);
 
-    let commits = server
-        .scrape()
-        .await
-        .value("herald_store_commit_seconds_count")
-        - commits_before;
+    let commits = commits(&server).await - commits_before;
     assert!(
         commits < BURST as f64,
         "{BURST} publishes took {commits} commits: each waited for the one before"
@@ -126,10 +127,7 @@ async fn messages_without_id_get_no_answer_yet_keep_their_order_and_precede_what
     .await;
     let mut alice = server.connect("alice").await;
     let mut bob = server.connect("bob").await;
-    let commits_before = server
-        .scrape()
-        .await
-        .value("herald_store_commit_seconds_count");
+    let commits_before = commits(&server).await;
     for n in 1..=UNANSWERED_BURST {
         alice
             .send_json(json!({"type": "send", "to": ["bob"], "content": n}))
@@ -146,11 +144,7 @@ async fn messages_without_id_get_no_answer_yet_keep_their_order_and_precede_what
         assert_eq!(content_json(&message), json!(n));
         assert_eq!(message.offset, Some(n));
     }
-    let commits = server
-        .scrape()
-        .await
-        .value("herald_store_commit_seconds_count")
-        - commits_before;
+    let commits = commits(&server).await - commits_before;
     assert!(
         commits < UNANSWERED_BURST as f64 / 2.0,
         "{UNANSWERED_BURST} messages took {commits} commits"
