@@ -39,8 +39,11 @@ impl Node {
             let list = if is_online { &mut online } else { &mut offline };
             list.push(user.clone());
         }
-        let append = direct_append(&origin, to, content);
-        let committing = self.store.append(append, origin.conn).await;
+        let except = origin.conn;
+        let committing = self
+            .store
+            .append(direct_append(origin, to, content), except)
+            .await;
         Ok(async move {
             let appended = committing.await?;
             let Appended::Direct { message, inbox, .. } = appended else {
@@ -69,10 +72,11 @@ impl Node {
         content: Payload,
         then: impl FnOnce(Result<(), EngineError>) + Send + 'static,
     ) {
-        let append = direct_append(&origin, to, content);
+        let except = origin.conn;
+        let append = direct_append(origin, to, content);
         let accepted_direct = &crate::metrics::HOT.accepted_direct;
         self.store
-            .append_then(append, origin.conn, told(accepted_direct, then))
+            .append_then(append, except, told(accepted_direct, then))
             .await;
     }
 
@@ -107,7 +111,7 @@ impl Node {
     ) -> Result<impl Future<Output = Result<Published, EngineError>> + Send + 'static, EngineError>
     {
         let except = if echo { None } else { origin.conn };
-        let message = new_message(&origin, content);
+        let message = new_message(origin, content);
         if !persist {
             let frame = encode(room_header(&message, room, None), message.content);
             self.publish_frame(Channel::Room(room.clone()), frame, except)
@@ -153,7 +157,7 @@ impl Node {
         let except = if echo { None } else { origin.conn };
         let append = Append::Room {
             room: room.clone(),
-            message: new_message(&origin, content),
+            message: new_message(origin, content),
         };
         let accepted_room = &crate::metrics::HOT.accepted_room;
         self.store
@@ -343,19 +347,19 @@ fn history_page(page: crate::engine::store::Page) -> HistoryPage {
 }
 
 /// A new message from `origin`, with its id and time.
-fn new_message(origin: &Origin<'_>, content: Payload) -> NewMessage {
+fn new_message(origin: Origin<'_>, content: Payload) -> NewMessage {
     NewMessage {
         id: uuid::Uuid::now_v7().to_string(),
         from: origin.user.clone(),
         ts: unix_millis(),
         content,
-        idempotency: origin.idempotency.clone(),
+        idempotency: origin.idempotency,
     }
 }
 
 /// The append of a direct message to `to` (as given: `to` goes into the frames), storing it
 /// once per distinct recipient.
-fn direct_append(origin: &Origin<'_>, to: Vec<String>, content: Payload) -> Append {
+fn direct_append(origin: Origin<'_>, to: Vec<String>, content: Payload) -> Append {
     let mut recipients: Vec<String> = Vec::with_capacity(to.len());
     for user in &to {
         if !recipients.contains(user) {

@@ -32,7 +32,8 @@ impl RedisStore {
     /// Stores and publishes a message:
     /// [`Store::append_then`](crate::engine::store::Store::append_then) of this store, whose doc
     /// says what it waits for and what it guarantees. Returns the rest of the append, to run
-    /// in a task of its own (see [`spawned`](super::requests::spawned)) with the permit that holds its place.
+    /// in a task of its own (see [`spawned`](super::requests::spawned)) with the permit that
+    /// holds its place.
     pub(super) async fn start_append(
         &self,
         mut append: Append,
